@@ -1,0 +1,143 @@
+r"""The one autograd Function behind every combination.
+
+Forward returns ``(combined, per_pose)``. Backward receives
+``comb_grad`` :math:`= \partial L/\partial G` and ``pose_grads``
+:math:`= \partial L/\partial y_i`, forms
+:math:`c_i = \texttt{comb\_grad}\cdot\partial h/\partial y_i + \texttt{pose\_grads}_i`,
+and asks the strategy's :class:`~combframe.PoseGradients` for
+:math:`\sum_i c_i\,\partial y_i/\partial\theta`, which it splits back into one
+gradient per parameter. A plugin's ``*CombinationFunc`` only changes the leading
+arguments (the combination's hyperparameters instead of a combination object); its
+``setup_context`` and ``backward`` are these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from combframe._combination import BaseCombination, as_pred_vector
+from combframe._errors import CombinationError, StrategyError
+from combframe._gradients import PoseGradients, StoredGradients, validate_grad_dict
+
+__all__ = ["CombinationFunction"]
+
+GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
+
+
+class CombinationFunction(torch.autograd.Function):
+    r"""Shared custom autograd Function for all combinations.
+
+    ``CombinationFunction.apply(combination, pred_list, grad_dict, param_names, *model_params)``
+    takes a combination object. A subclass that sets :attr:`combination_class` takes the
+    combination's hyperparameters instead, in the order of its ``Params`` fields, exactly
+    as mtenn's ``MaxCombinationFunc.apply(negate_preds, pred_scale, pred_list, ...)``.
+
+    ``grad_dict`` is either mtenn's mapping of parameter name to N detached per-pose
+    gradients, or a :class:`~combframe.PoseGradients` produced by a strategy.
+    """
+
+    #: Set by subclasses whose forward takes hyperparameters instead of a combination.
+    combination_class: ClassVar[type[BaseCombination] | None] = None
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        combination: BaseCombination,
+        pred_list: Sequence[Tensor] | Tensor,
+        grad_dict: GradSource,
+        param_names: Sequence[str],
+        *model_params: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        return combine_forward(combination, pred_list, grad_dict, param_names, model_params)
+
+    @classmethod
+    def _unpack(
+        cls, inputs: tuple[Any, ...]
+    ) -> tuple[int, BaseCombination, GradSource, Sequence[str], tuple[Tensor, ...]]:
+        """Split Function inputs into (leading count, combination, grads, names, params)."""
+        if cls.combination_class is None:
+            lead, combination = 1, inputs[0]
+        else:
+            lead = len(cls.combination_class.Params.model_fields)
+            combination = cls.combination_class(*inputs[:lead])
+        _, grad_dict, param_names, *model_params = inputs[lead:]
+        return lead, combination, grad_dict, param_names, tuple(model_params)
+
+    @classmethod
+    def setup_context(  # type: ignore[override]
+        cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
+    ) -> None:
+        lead, combination, grad_dict, param_names, model_params = cls._unpack(inputs)
+        combined, preds = output
+        needs = ctx.needs_input_grad[lead + 3 :]  # type: ignore[attr-defined]
+        ctx.lead = lead  # type: ignore[attr-defined]
+        ctx.needs = needs  # type: ignore[attr-defined]
+        ctx.combination = combination  # type: ignore[attr-defined]
+        if isinstance(grad_dict, PoseGradients):
+            ctx.source = grad_dict  # type: ignore[attr-defined]
+        elif any(needs):
+            ctx.source = StoredGradients.from_grad_dict(  # type: ignore[attr-defined]
+                grad_dict, param_names, model_params, preds.shape[0]
+            )
+        else:
+            ctx.source = None  # type: ignore[attr-defined]
+        ctx.save_for_backward(preds, combined)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        preds, combined = ctx.saved_tensors  # type: ignore[attr-defined]
+        lead: int = ctx.lead  # type: ignore[attr-defined]
+        needs: tuple[bool, ...] = ctx.needs  # type: ignore[attr-defined]
+        source: PoseGradients | None = ctx.source  # type: ignore[attr-defined]
+        combination: BaseCombination = ctx.combination  # type: ignore[attr-defined]
+        nones: tuple[None, ...] = (None,) * (lead + 3)
+        if source is None or not any(needs) or (comb_grad is None and pose_grads is None):
+            return nones + (None,) * len(needs)
+        if source.supports_pose_losses:
+            coeffs = pose_grads if comb_grad is None else comb_grad * combination.pose_weights(
+                preds, combined
+            )
+            if comb_grad is not None and pose_grads is not None:
+                coeffs = coeffs + pose_grads
+            assert coeffs is not None
+            flat = source.contract(coeffs)
+        else:
+            if pose_grads is not None and bool(pose_grads.ne(0).any()):
+                raise StrategyError(
+                    f"the {source.strategy!r} strategy is exact only for losses on the "
+                    "combined prediction, but the loss also depends on the per-pose "
+                    "predictions. Use strategy='store' or strategy='recompute' for such losses."
+                )
+            if comb_grad is None:
+                return nones + (None,) * len(needs)
+            flat = source.contract_combined(comb_grad, combination, preds, combined)
+        grads = source.layout.views(flat)
+        return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+
+
+def combine_forward(
+    combination: BaseCombination,
+    pred_list: Sequence[Tensor] | Tensor,
+    grad_dict: GradSource,
+    param_names: Sequence[str],
+    model_params: Sequence[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Validate the inputs and compute ``(h(y), y)``; shared by every Function's forward."""
+    preds = as_pred_vector(pred_list)
+    if not isinstance(grad_dict, PoseGradients):
+        validate_grad_dict(grad_dict, param_names, model_params, preds.shape[0])
+    elif grad_dict.layout.params and len(grad_dict.layout.params) != len(model_params):
+        raise CombinationError(
+            f"the gradient source holds {len(grad_dict.layout.params)} parameters but "
+            f"{len(model_params)} were passed"
+        )
+    combined = combination.value(preds)
+    return combined, preds

@@ -1,0 +1,76 @@
+r"""Boltzmann-weighted mean of the per-pose predictions.
+
+With :math:`\beta = 1/kT` and :math:`w = \operatorname{softmax}(-\beta y)`:
+
+.. math::
+
+    h(y) = \sum_j w_j y_j, \qquad
+    \frac{\partial h}{\partial y_i} = w_i\,\bigl(1 - \beta\,(y_i - h)\bigr).
+
+For the stream strategy the weights are written with features
+:math:`\phi_i = (1,\ y_i - c)` around a centre :math:`c` and coefficients
+:math:`\lambda = (1 + \beta(h - c),\ -\beta)`, which keeps the running sums well scaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+import combframe
+
+__all__ = ["BoltzmannCombination", "BoltzmannCombinationFunc", "BoltzmannParams"]
+
+
+class BoltzmannParams(combframe.CombinationParams):
+    """Parameters of :class:`BoltzmannCombination`."""
+
+    kT: float = Field(1.0, gt=0, description="Thermal energy kT, in the predictions' units.")
+
+
+class BoltzmannCombination(combframe.BaseCombination):
+    """Boltzmann-weighted mean over poses; see the module docstring for the math."""
+
+    name = "boltzmann"
+    Params = BoltzmannParams
+
+    def __init__(self, kT: float = 1.0) -> None:
+        super().__init__(kT=kT)
+
+    def value(self, preds: Tensor) -> Tensor:
+        weights = torch.softmax(-preds / self.kT, dim=0)
+        return (weights * preds).sum()
+
+    def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
+        weights = torch.softmax(-preds / self.kT, dim=0)
+        return weights * (1.0 - (preds - combined) / self.kT)
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        return -preds / self.kT, torch.stack([torch.ones_like(preds), preds - center], dim=-1)
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        beta = 1.0 / self.kT
+        return torch.stack([1.0 + beta * (combined - center), torch.full_like(combined, -beta)])
+
+
+class BoltzmannCombinationFunc(combframe.CombinationFunction):
+    """mtenn-compatible Function: ``apply(kT, pred_list, grad_dict, param_names, *model_params)``."""
+
+    combination_class = BoltzmannCombination
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        kT: float, pred_list: Any, grad_dict: Any, param_names: Any, *model_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return combframe.CombinationFunction.forward(
+            BoltzmannCombination(kT=kT), pred_list, grad_dict, param_names, *model_params
+        )
+
+
+@combframe.hookimpl
+def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
+    """Register :class:`BoltzmannCombination`."""
+    return [BoltzmannCombination]

@@ -1,0 +1,58 @@
+r"""Arithmetic mean of the per-pose predictions.
+
+.. math::
+
+    h(y) = \frac{1}{N}\sum_j y_j, \qquad \frac{\partial h}{\partial y_i} = \frac{1}{N}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import combframe
+
+__all__ = ["MeanCombination", "MeanCombinationFunc"]
+
+
+class MeanCombination(combframe.BaseCombination):
+    """Mean over poses; see the module docstring for the math."""
+
+    name = "mean"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def value(self, preds: Tensor) -> Tensor:
+        return preds.mean()
+
+    def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
+        return torch.full_like(preds, 1.0 / preds.shape[0])
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(preds), torch.ones_like(preds).unsqueeze(-1)
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        return torch.ones(1, dtype=combined.dtype, device=combined.device)
+
+
+class MeanCombinationFunc(combframe.CombinationFunction):
+    """mtenn-compatible Function: ``apply(pred_list, grad_dict, param_names, *model_params)``."""
+
+    combination_class = MeanCombination
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        pred_list: Any, grad_dict: Any, param_names: Any, *model_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return combframe.CombinationFunction.forward(
+            MeanCombination(), pred_list, grad_dict, param_names, *model_params
+        )
+
+
+@combframe.hookimpl
+def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
+    """Register :class:`MeanCombination`."""
+    return [MeanCombination]
