@@ -63,7 +63,7 @@ class Combination(Protocol):
         ...
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        r"""Return :math:`\partial h/\partial y_i`, shape ``(N,)``, given ``combined = h(preds)``."""
+        r"""Return :math:`\partial h/\partial y_i`, shape ``(N,)``, for ``combined = h(preds)``."""
         ...
 
 
@@ -89,7 +89,10 @@ class StreamingCombination(Combination, Protocol):
     """
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return log weights :math:`a` (shape of ``preds``) and features :math:`\phi` (``preds.shape + (k,)``)."""
+        r"""Return log weights :math:`a` and features :math:`\phi`.
+
+        ``a`` has the shape of ``preds``; ``phi`` has shape ``preds.shape + (k,)``.
+        """
         ...
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
@@ -147,7 +150,7 @@ class BaseCombination(torch.nn.Module):
         super().__setattr__(key, value)
 
     def hyperparameters(self) -> tuple[Any, ...]:
-        """The parameter values in ``Params`` field order (the leading Function arguments)."""
+        """Return the parameter values in ``Params`` field order."""
         return tuple(getattr(self.params, f) for f in type(self.params).model_fields)
 
     def to_config(self) -> dict[str, Any]:
@@ -181,7 +184,7 @@ class BaseCombination(torch.nn.Module):
         param_names: Sequence[str],
         *model_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """Combine per-pose predictions with the mtenn ``Combination.forward`` signature.
+        r"""Combine per-pose predictions with the mtenn ``Combination.forward`` signature.
 
         Parameters
         ----------
@@ -189,7 +192,7 @@ class BaseCombination(torch.nn.Module):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\\partial y_i/\\partial\\theta`.
+            :math:`\partial y_i/\partial\theta`.
         param_names
             Names of ``model_params``, in the same order; every name is a key of
             ``grad_dict``.
@@ -203,7 +206,10 @@ class BaseCombination(torch.nn.Module):
         """
         from combframe._function import CombinationFunction
 
-        return CombinationFunction.apply(self, pred_list, grad_dict, param_names, *model_params)  # type: ignore[no-any-return]
+        out: tuple[Tensor, Tensor] = CombinationFunction.apply(  # type: ignore[no-untyped-call]
+            self, pred_list, grad_dict, param_names, *model_params
+        )
+        return out
 
 
 def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:

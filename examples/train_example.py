@@ -16,7 +16,7 @@ model = combframe.MultiPoseModel(net, combframe.create_combination("max", pred_s
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 for epoch in range(20):
     total = 0.0
-    for x, y in zip(poses, targets):
+    for x, y in zip(poses, targets, strict=True):
         optimizer.zero_grad()
         combined, _ = model(list(x))
         loss = (combined - y) ** 2

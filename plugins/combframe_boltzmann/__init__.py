@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import Tensor
+from typing_extensions import override
 
 import combframe
 
@@ -36,32 +37,44 @@ class BoltzmannCombination(combframe.BaseCombination):
 
     name = "boltzmann"
     Params = BoltzmannParams
+    params: BoltzmannParams
 
     def __init__(self, kT: float = 1.0) -> None:
         super().__init__(kT=kT)
 
+    @override
     def value(self, preds: Tensor) -> Tensor:
-        weights = torch.softmax(-preds / self.kT, dim=0)
+        weights = torch.softmax(-preds / self.params.kT, dim=0)
         return (weights * preds).sum()
 
+    @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        weights = torch.softmax(-preds / self.kT, dim=0)
-        return weights * (1.0 - (preds - combined) / self.kT)
+        weights = torch.softmax(-preds / self.params.kT, dim=0)
+        return weights * (1.0 - (preds - combined) / self.params.kT)
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-        return -preds / self.kT, torch.stack([torch.ones_like(preds), preds - center], dim=-1)
+        r"""Log weights :math:`-\beta y` and features :math:`(1, y - c)`."""
+        return -preds / self.params.kT, torch.stack(
+            [torch.ones_like(preds), preds - center], dim=-1
+        )
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
-        beta = 1.0 / self.kT
+        r"""Coefficients :math:`(1 + \beta (h - c), -\beta)`."""
+        beta = 1.0 / self.params.kT
         return torch.stack([1.0 + beta * (combined - center), torch.full_like(combined, -beta)])
 
 
 class BoltzmannCombinationFunc(combframe.CombinationFunction):
-    """mtenn-compatible Function: ``apply(kT, pred_list, grad_dict, param_names, *model_params)``."""
+    """mtenn-compatible Function for :class:`BoltzmannCombination`.
+
+    ``apply(kT, pred_list, grad_dict, param_names, *model_params)`` returns
+    ``(combined, per_pose)``; setup_context and backward are the shared ones.
+    """
 
     combination_class = BoltzmannCombination
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override]
         kT: float, pred_list: Any, grad_dict: Any, param_names: Any, *model_params: Tensor
     ) -> tuple[Tensor, Tensor]:

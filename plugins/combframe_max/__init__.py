@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import Tensor
+from typing_extensions import override
 
 import combframe
 
@@ -36,34 +37,45 @@ class MaxCombination(combframe.BaseCombination):
 
     name = "max"
     Params = MaxParams
+    params: MaxParams
 
     def __init__(self, negate_preds: bool = True, pred_scale: float = 1000.0) -> None:
         super().__init__(negate_preds=negate_preds, pred_scale=pred_scale)
 
+    def _sign(self) -> float:
+        return -1.0 if self.params.negate_preds else 1.0
+
     def _scaled(self, preds: Tensor) -> Tensor:
-        sign = -1.0 if self.negate_preds else 1.0
-        return sign * self.pred_scale * preds
+        return (self._sign() * self.params.pred_scale) * preds
 
+    @override
     def value(self, preds: Tensor) -> Tensor:
-        sign = -1.0 if self.negate_preds else 1.0
-        return sign * torch.logsumexp(self._scaled(preds), dim=0) / self.pred_scale
+        return torch.logsumexp(self._scaled(preds), dim=0) * (self._sign() / self.params.pred_scale)
 
+    @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         return torch.softmax(self._scaled(preds), dim=0)
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        """Log weights :math:`s t y` and one constant feature."""
         return self._scaled(preds), torch.ones_like(preds).unsqueeze(-1)
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        """Return the single coefficient 1."""
         return torch.ones(1, dtype=combined.dtype, device=combined.device)
 
 
 class MaxCombinationFunc(combframe.CombinationFunction):
-    """mtenn-compatible Function: ``apply(negate_preds, pred_scale, pred_list, grad_dict, param_names, *model_params)``."""
+    """mtenn-compatible Function for :class:`MaxCombination`.
+
+    ``apply(negate_preds, pred_scale, pred_list, grad_dict, param_names, *model_params)``
+    returns ``(combined, per_pose)``; setup_context and backward are the shared ones.
+    """
 
     combination_class = MaxCombination
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override]
         negate_preds: bool,
         pred_scale: float,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 import combframe
 
@@ -25,16 +26,20 @@ class MeanCombination(combframe.BaseCombination):
     def __init__(self) -> None:
         super().__init__()
 
+    @override
     def value(self, preds: Tensor) -> Tensor:
         return preds.mean()
 
+    @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         return torch.full_like(preds, 1.0 / preds.shape[0])
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        """Equal log weights and one constant feature."""
         return torch.zeros_like(preds), torch.ones_like(preds).unsqueeze(-1)
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        """Return the single coefficient 1."""
         return torch.ones(1, dtype=combined.dtype, device=combined.device)
 
 
@@ -44,6 +49,7 @@ class MeanCombinationFunc(combframe.CombinationFunction):
     combination_class = MeanCombination
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override]
         pred_list: Any, grad_dict: Any, param_names: Any, *model_params: Tensor
     ) -> tuple[Tensor, Tensor]:
