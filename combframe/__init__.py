@@ -10,28 +10,48 @@ from combframe._combination import (
     CombinationParams,
     StreamingCombination,
 )
+from combframe._config import CombinationConfig, combination_config_schema
 from combframe._errors import (
     CombinationError,
     PluginValidationError,
+    PluginWarning,
     StrategyError,
     UnknownCombinationError,
 )
 from combframe._function import CombinationFunction
 from combframe._gradients import ParamLayout, PoseGradients
 from combframe._hookspecs import hookimpl, hookspec
+from combframe._migrate import from_mtenn_config, migrate_mtenn_config
 from combframe._model import MultiPoseModel
-from combframe._registry import create_combination, get_combination_class, list_combinations
+from combframe._registry import (
+    CombinationInfo,
+    ParameterInfo,
+    PluginLoadError,
+    create_combination,
+    describe_combinations,
+    get_combination_class,
+    list_combinations,
+    plugin_errors,
+    register_plugin,
+    reload_registry,
+    resolve_combination,
+)
 from combframe._strategies import Recompute, Store, Strategy, Stream
 
 __all__ = [
     "BaseCombination",
     "Combination",
+    "CombinationConfig",
     "CombinationError",
     "CombinationFunction",
+    "CombinationInfo",
     "CombinationParams",
     "MultiPoseModel",
     "ParamLayout",
+    "ParameterInfo",
+    "PluginLoadError",
     "PluginValidationError",
+    "PluginWarning",
     "PoseGradients",
     "Recompute",
     "Store",
@@ -41,11 +61,19 @@ __all__ = [
     "StreamingCombination",
     "UnknownCombinationError",
     "__version__",
+    "combination_config_schema",
     "create_combination",
+    "describe_combinations",
+    "from_mtenn_config",
     "get_combination_class",
     "hookimpl",
     "hookspec",
     "list_combinations",
+    "migrate_mtenn_config",
+    "plugin_errors",
+    "register_plugin",
+    "reload_registry",
+    "resolve_combination",
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CombinationError",
     "PluginValidationError",
+    "PluginWarning",
     "StrategyError",
     "UnknownCombinationError",
 ]
@@ -29,18 +30,34 @@ class UnknownCombinationError(LookupError):
         The names that are installed, sorted.
     suggestion
         The closest installed name, if any is close.
+    failed
+        Plugins that failed to load (named in the message, since the combination may
+        have come from one of them).
     """
 
-    def __init__(self, name: str, installed: list[str], suggestion: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        installed: list[str],
+        suggestion: str | None,
+        *,
+        failed: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.installed = installed
         self.suggestion = suggestion
+        self.failed = failed
         hint = f" Did you mean {suggestion!r}?" if suggestion else ""
         listing = ", ".join(repr(n) for n in installed) or "none"
+        broken = (
+            " Plugins that failed to load: " + ", ".join(repr(p) for p in failed) + "."
+            if failed
+            else ""
+        )
         super().__init__(
             f"unknown combination {name!r}.{hint} Installed combinations: {listing}. "
             "If the combination comes from a plugin, check that its package is installed "
-            "and not blocked (`combframe list` shows load errors)."
+            "and not blocked (`combframe list` shows load errors)." + broken
         )
 
     def __str__(self) -> str:
@@ -61,3 +78,10 @@ class PluginValidationError(Exception):
     def __init__(self, plugin: object, message: str) -> None:
         self.plugin = plugin
         super().__init__(message)
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or register and was skipped.
+
+    Set ``COMBFRAME_STRICT_PLUGINS=1`` to turn these warnings into errors.
+    """

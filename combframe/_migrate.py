@@ -1,0 +1,137 @@
+"""Migration from mtenn-style model configs to :class:`~combframe.CombinationConfig`.
+
+mtenn (and asapdiscovery configs built on it) describe the combination with flat
+fields of the model config:
+
+========================  ==================================  ==========================
+mtenn field               meaning                             combframe parameter
+========================  ==================================  ==========================
+``combination``           ``"mean"``, ``"max"`` (enum or str)  ``name``
+``max_comb_neg``          smooth min instead of max            ``negate_preds`` (max)
+``max_comb_scale``        sharpness of the smooth max          ``pred_scale`` (max)
+``boltzmann_comb_kT``     thermal energy of the Boltzmann mean ``kT`` (boltzmann)
+========================  ==================================  ==========================
+
+``boltzmann_comb_kT`` is combframe's name for the Boltzmann parameter in the same flat
+style (mtenn has no such field). Fields that belong to another combination are ignored,
+as mtenn ignores ``max_comb_*`` for a mean.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from combframe._combination import BaseCombination
+from combframe._config import CombinationConfig
+from combframe._errors import CombinationError
+from combframe._registry import current_registry
+
+__all__ = ["MTENN_PARAMETER_FIELDS", "from_mtenn_config", "migrate_mtenn_config"]
+
+#: For each combination, mtenn-style field -> combframe parameter.
+MTENN_PARAMETER_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
+    "max": {"max_comb_neg": "negate_preds", "max_comb_scale": "pred_scale"},
+    "boltzmann": {"boltzmann_comb_kT": "kT"},
+}
+_ALL_FIELDS: Final = frozenset(f for fields in MTENN_PARAMETER_FIELDS.values() for f in fields)
+_MISSING: Final = object()
+
+
+def _get(config: Any, field: str) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(field, _MISSING)
+    return getattr(config, field, _MISSING)
+
+
+def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig | None:
+    """Build a :class:`CombinationConfig` from mtenn-style model-config fields.
+
+    Parameters
+    ----------
+    config
+        A mapping (a parsed YAML/JSON model config) or an object with attributes (an
+        mtenn ``ModelConfigBase`` instance). Read: ``combination`` (a name, a string
+        enum member, or already a combframe config/mapping/module), and the parameter
+        fields in :data:`MTENN_PARAMETER_FIELDS` (``max_comb_neg``, ``max_comb_scale``,
+        ``boltzmann_comb_kT``); everything else is ignored.
+
+    Returns
+    -------
+    CombinationConfig or None
+        ``None`` when ``combination`` is missing or ``None`` (a single-pose model).
+
+    Raises
+    ------
+    UnknownCombinationError
+        If the combination name is not installed (the message suggests the closest).
+    CombinationError
+        If a parameter field is invalid; the message names the mtenn field, the
+        combframe parameter and the violated bound.
+
+    Examples
+    --------
+    >>> import combframe
+    >>> combframe.from_mtenn_config(
+    ...     {"combination": "max", "max_comb_neg": True, "max_comb_scale": 100.0}
+    ... )
+    CombinationConfig(name='max', negate_preds=True, pred_scale=100.0)
+    """
+    value = _get(config, "combination")
+    if value is _MISSING or value is None:
+        return None
+    if isinstance(value, CombinationConfig):
+        return value
+    if isinstance(value, BaseCombination):
+        return CombinationConfig.from_combination(value)
+    if isinstance(value, Mapping):
+        return CombinationConfig.model_validate(value)
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if not isinstance(value, str):
+        raise CombinationError(
+            f"mtenn field 'combination' must be a combination name such as 'max'; got {value!r}"
+        )
+    canonical, _ = current_registry().resolve(value)
+    fields = MTENN_PARAMETER_FIELDS.get(canonical, {})
+    params: dict[str, Any] = {}
+    for field, param in fields.items():
+        given = _get(config, field)
+        if given is not _MISSING and given is not None:
+            params[param] = given
+    try:
+        return CombinationConfig(name=canonical, **params)
+    except ValidationError as exc:
+        back = {param: field for field, param in fields.items()}
+        lines = []
+        for err in exc.errors():
+            param = str(err["loc"][0]) if err["loc"] else "?"
+            where = f"{back[param]} (-> {param})" if param in back else param
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        raise CombinationError(
+            f"cannot migrate the mtenn combination {value!r}: " + "; ".join(lines)
+        ) from exc
+
+
+def migrate_mtenn_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Rewrite an mtenn-style config mapping to the combframe form.
+
+    Returns a new dict in which ``combination`` is the ``{"name": ..., <params>}``
+    mapping of :func:`from_mtenn_config` and the mtenn parameter fields
+    (``max_comb_neg``, ``max_comb_scale``, ``boltzmann_comb_kT``) are removed; other keys
+    are kept as they are. Useful to upgrade YAML files once.
+
+    Examples
+    --------
+    >>> import combframe
+    >>> combframe.migrate_mtenn_config({"combination": "mean", "max_comb_scale": 1000, "lr": 0.1})
+    {'combination': {'name': 'mean'}, 'lr': 0.1}
+    """
+    combination = from_mtenn_config(config)
+    out = {k: v for k, v in config.items() if k not in _ALL_FIELDS}
+    if combination is not None or "combination" in config:
+        out["combination"] = None if combination is None else combination.model_dump(mode="json")
+    return out
