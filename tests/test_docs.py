@@ -1,0 +1,242 @@
+"""Every Python example in README.md and docs/ runs as written; doctests pass.
+
+Also installs the example plugin package of the plugin-author guide and checks that
+combframe discovers it through its entry point and that its gradients are exact.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import combframe
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+EXAMPLE_PACKAGE = DOCS / "examples" / "combframe-expavg"
+#: Pages whose examples need the example plugin installed; they run in a subprocess.
+NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-guide.md"}
+SHIPPED_PLUGINS = ("combframe_max", "combframe_mean", "combframe_boltzmann")
+
+# A fenced block: ```python, ```py or ```{code-block} python, up to the closing fence
+# of the same length. Directive options (":caption: ...") at its top are dropped.
+_FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*"
+    r"(?P<info>python|py|\{code-block\}[ \t]+python|\{code\}[ \t]+python)[ \t]*\n"
+    r"(?P<body>.*?)"
+    r"^(?P=indent)(?P=fence)[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
+
+
+def _markdown_files() -> list[Path]:
+    pages = [ROOT / "README.md"]
+    pages += sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+    return [p for p in pages if p.exists()]
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """Return ``(line number, code)`` of every Python code block in a Markdown text."""
+    blocks = []
+    for match in _FENCE.finditer(text):
+        body = textwrap.dedent(match.group("body"))
+        lines = body.splitlines()
+        for i, code_line in enumerate(lines):
+            if not code_line.startswith(":"):
+                break
+            lines[i] = ""  # a directive option; blanked so line numbers stay true
+        line = text.count("\n", 0, match.start("body")) + 1
+        blocks.append((line, "\n".join(lines) + "\n"))
+    return blocks
+
+
+def _with_page_lines(line: int, code: str) -> str:
+    """Pad ``code`` so that tracebacks give line numbers of the Markdown page."""
+    return "\n" * (line - 1) + code
+
+
+def _page_id(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+PAGES = [p for p in _markdown_files() if python_blocks(p.read_text(encoding="utf-8"))]
+
+
+def test_block_parser_finds_fences_and_directives() -> None:
+    text = (
+        "# T\n\n```python\nx = 1\n```\n\n```{code-block} python\n:caption: c\n\ny = 2\n```\n\n"
+        "```bash\nls\n```\n\n````python\nprint('```')\n````\n"
+    )
+    blocks = python_blocks(text)
+    assert [code.strip() for _, code in blocks] == ["x = 1", "y = 2", "print('```')"]
+    assert [line for line, _ in blocks] == [4, 8, 18]
+
+
+def test_readme_and_docs_have_examples() -> None:
+    found = {_page_id(p) for p in PAGES}
+    for required in ("README.md", "docs/index.md", "docs/plugin-guide.md"):
+        assert required in found, f"{required} has no Python example; found {sorted(found)}"
+
+
+def _run_blocks_in_process(path: Path, blocks: list[tuple[int, str]]) -> None:
+    namespace: dict[str, Any] = {"__name__": f"docs_example_{path.stem}"}
+    for line, code in blocks:
+        compiled = compile(_with_page_lines(line, code), _page_id(path), "exec")
+        exec(compiled, namespace)
+
+
+def _run_blocks_in_subprocess(path: Path, blocks: list[tuple[int, str]], site: Path) -> None:
+    # One script; every block compiled with its page and line so tracebacks point there.
+    script = "\n".join(
+        f"exec(compile({_with_page_lines(line, code)!r}, {_page_id(path)!r}, 'exec'))"
+        for line, code in blocks
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"{_page_id(path)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="session")
+def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example plugin package of the guide, pip-installed into a temp directory."""
+    target = tmp_path_factory.mktemp("example-site")
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    if importlib.util.find_spec("setuptools") is not None:
+        # Build with the setuptools at hand: fast and offline. Without one (fresh
+        # Python >= 3.12 environments), pip fetches it like any user's install would.
+        command += ["--no-build-isolation", "--no-index"]
+    proc = subprocess.run(
+        [*command, "--target", str(target), str(EXAMPLE_PACKAGE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"installing {EXAMPLE_PACKAGE} failed:\n{proc.stderr}"
+    assert (target / "combframe_expavg" / "__init__.py").exists()
+    return target
+
+
+@pytest.mark.parametrize("path", PAGES, ids=_page_id)
+def test_examples_run(
+    path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    blocks = python_blocks(path.read_text(encoding="utf-8"))
+    if _page_id(path) in NEEDS_EXAMPLE_PLUGIN:
+        _run_blocks_in_subprocess(path, blocks, request.getfixturevalue("example_site"))
+        return
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(ROOT)
+    _run_blocks_in_process(path, blocks)
+
+
+def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
+    """The guide's package, installed, registers through its entry point and passes parity."""
+    check = textwrap.dedent(
+        """
+        import combframe
+        from combframe._reference import gradient_parity
+
+        names = combframe.list_combinations()
+        assert "expavg" in names, names
+        cls = combframe.get_combination_class("expavg")
+        assert cls.__module__ == "combframe_expavg", cls.__module__
+        import combframe_expavg
+        assert combframe_expavg.__file__.startswith(SITE), combframe_expavg.__file__
+        comb = combframe.create_combination("expavg", kT=0.8)
+        result = gradient_parity(comb, n_poses=(1, 3, 6), seeds=(0, 1))
+        assert result.passed, result
+        # Only the per-pose losses, which the stream strategy refuses by design, are skipped.
+        assert all(s.startswith(("stream/per_pose", "stream/both")) for s in result.skipped), (
+            result.skipped
+        )
+        strategies = sorted({case[0] for case in result.cases})
+        assert strategies == ["recompute", "store", "stream"], strategies
+        print("worst", result.worst)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_site), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", f"SITE = {str(example_site)!r}\n{check}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert float(proc.stdout.split()[-1]) <= 1e-10
+
+
+@pytest.mark.parametrize("module", ["combframe_max", "combframe_mean", "combframe_boltzmann"])
+def test_combination_pages_document_every_parameter(module: str) -> None:
+    plugin = importlib.import_module(module)
+    classes = plugin.combframe_add_combinations()
+    assert classes, f"{module} registers no combination"
+    for cls in classes:
+        page = DOCS / "combinations" / f"{cls.name}.md"
+        assert page.exists(), f"combination {cls.name!r} has no page {page.relative_to(ROOT)}"
+        text = page.read_text(encoding="utf-8")
+        assert f".. automodule:: {module}" in text, f"{page.name} does not render {module}'s math"
+        for field, info in cls.Params.model_fields.items():
+            row = f"| `{field}` | `{info.default!r}` |"
+            assert row in text, f"{page.name}: no parameter row {row!r} for {cls.__name__}"
+        listed = set(re.findall(r"^\| `(\w+)` \| `", text, re.MULTILINE))
+        extra = listed - set(cls.Params.model_fields)
+        assert not extra, f"{page.name} documents parameters {cls.__name__} lacks: {extra}"
+
+
+def _package_modules() -> list[ModuleType]:
+    modules: list[ModuleType] = [combframe]
+    for info in pkgutil.walk_packages(combframe.__path__, "combframe."):
+        if info.name.endswith("__main__"):
+            continue
+        modules.append(importlib.import_module(info.name))
+    modules += [importlib.import_module(name) for name in SHIPPED_PLUGINS]
+    return modules
+
+
+def _doctests() -> list[doctest.DocTest]:
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    seen: set[str] = set()
+    tests = []
+    for module in _package_modules():
+        for test in finder.find(module):
+            if test.examples and test.name not in seen:
+                seen.add(test.name)
+                tests.append(test)
+    return sorted(tests, key=lambda t: t.name)
+
+
+DOCTESTS = _doctests()
+
+
+def test_package_has_doctests() -> None:
+    assert DOCTESTS, "no >>> examples found in combframe or the shipped plugins"
+
+
+@pytest.mark.parametrize("test", DOCTESTS, ids=lambda t: t.name)
+def test_doctest(test: doctest.DocTest) -> None:
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out: list[str] = []
+    result = runner.run(test, out=out.append)
+    assert result.failed == 0, "".join(out)
