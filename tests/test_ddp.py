@@ -1,0 +1,149 @@
+"""MultiPoseModel under DistributedDataParallel: 2 CPU processes, gloo, on loopback.
+
+One spawn runs every scenario (a spawn costs seconds). In each, every rank checks that
+
+* the forward fires no gradient reduction (per-pose gradients come from
+  ``torch.autograd.grad``, which leaves ``.grad`` and DDP's hooks alone),
+* each synchronised backward performs exactly one all-reduce (the small model fits one
+  bucket), a backward under ``no_sync()`` none,
+* afterwards its gradients equal, in float64, those of one process computing the mean
+  loss over all ranks' compounds with the full-graph reference.
+
+Workers raise on a mismatch; ``torch.multiprocessing.spawn`` re-raises in the test.
+"""
+
+# No ``from __future__ import annotations``: DDP checks the comm hook's annotations.
+import copy
+import os
+import socket
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+import combframe
+from combframe._reference import make_loss
+from tests.conftest import make_mlp, make_poses
+
+WORLD = 2
+COMPOUNDS_PER_RANK = 2
+#: (strategy, loss kind): stream supports losses on the combined prediction only.
+SCENARIOS = [
+    ("store", "both"),
+    ("recompute", "both"),
+    ("recompute", "per_pose"),
+    ("stream", "combined"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _compounds(rank: int, step: int) -> list[list[Tensor]]:
+    """Rank ``rank``'s compounds for micro-batch ``step``: different N on every rank."""
+    return [
+        make_poses(2 + rank + 3 * c, seed=100 * step + 10 * rank + c)
+        for c in range(COMPOUNDS_PER_RANK)
+    ]
+
+
+def _combination() -> combframe.BaseCombination:
+    return combframe.create_combination("max", negate_preds=True, pred_scale=3.0)
+
+
+def _reference_grads(base: torch.nn.Module, kind: str, steps: int) -> list[Tensor]:
+    """One process: full graph, mean loss over all ranks' compounds, summed over steps."""
+    model = copy.deepcopy(base)
+    loss_fn = make_loss(kind)  # type: ignore[arg-type]
+    comb = _combination()
+    for step in range(steps):
+        everything = [c for r in range(WORLD) for c in _compounds(r, step)]
+        total = torch.zeros((), dtype=torch.float64)
+        for poses in everything:
+            per_pose = torch.stack([model(p).reshape(()) for p in poses])
+            total = total + loss_fn(comb.value(per_pose), per_pose)
+        (total / len(everything)).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+def _counting_allreduce(state: _Counter, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    state.calls += 1
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    fut = dist.all_reduce(tensor, async_op=True).get_future()  # type: ignore[union-attr]
+    return fut.then(lambda f: f.value()[0])
+
+
+def _step(ddp: DistributedDataParallel, rank: int, step: int, kind: str, counter: _Counter) -> None:
+    loss_fn = make_loss(kind)  # type: ignore[arg-type]
+    losses = []
+    for poses in _compounds(rank, step):
+        combined, per_pose = ddp(poses)
+        losses.append(loss_fn(combined, per_pose))
+    assert counter.calls == 0, f"the forward ran {counter.calls} all-reduces; expected none"
+    torch.stack(losses).mean().backward()
+
+
+def _check(got: list[Tensor], want: list[Tensor], what: str) -> None:
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        err = ((g - w).abs().max() / w.abs().max().clamp_min(1e-300)).item()
+        assert err <= 1e-12, f"{what}: parameter {i} differs by {err:.3e} relative"
+
+
+def _worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for strategy, kind in SCENARIOS:
+            _scenario(rank, strategy, kind)
+    finally:
+        dist.destroy_process_group()
+
+
+def _scenario(rank: int, strategy: str, kind: str) -> None:
+    base = make_mlp(seed=4)
+    what = f"rank {rank}, {strategy}/{kind}"
+    multi = combframe.MultiPoseModel(copy.deepcopy(base), _combination(), strategy=strategy)
+    counter = _Counter()
+    ddp = DistributedDataParallel(multi, bucket_cap_mb=100)
+    ddp.register_comm_hook(counter, _counting_allreduce)  # type: ignore[arg-type]
+    params = list(multi.model.parameters())
+
+    # One synchronised step.
+    _step(ddp, rank, 0, kind, counter)
+    assert counter.calls == 1, f"{what}: {counter.calls} all-reduces in one backward"
+    _check([p.grad for p in params], _reference_grads(base, kind, 1), f"{what}, one step")  # type: ignore[misc]
+
+    # Accumulate two micro-batches: the first under no_sync (no communication).
+    ddp.zero_grad(set_to_none=True)
+    counter.calls = 0
+    with ddp.no_sync():
+        _step(ddp, rank, 0, kind, counter)
+    assert counter.calls == 0, f"{what}: no_sync backward ran {counter.calls} all-reduces"
+    _step(ddp, rank, 1, kind, counter)
+    assert counter.calls == 1, f"{what}: {counter.calls} all-reduces after no_sync"
+    _check([p.grad for p in params], _reference_grads(base, kind, 2), f"{what}, no_sync")  # type: ignore[misc]
+
+    # Every rank holds the same gradients (bit for bit).
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(gathered[0], g) for g in gathered), f"{what}: ranks disagree"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_gloo_two_processes() -> None:
+    args: Any = (_free_port(),)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
