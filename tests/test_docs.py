@@ -240,3 +240,15 @@ def test_doctest(test: doctest.DocTest) -> None:
     out: list[str] = []
     result = runner.run(test, out=out.append)
     assert result.failed == 0, "".join(out)
+
+
+def test_api_reference_covers_public_api() -> None:
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\.\. auto\w+:: combframe\.(\w+)\s*$", text, re.MULTILINE))
+    missing = sorted(set(combframe.__all__) - documented - {"__version__"})
+    assert not missing, f"docs/api.md does not document combframe.{missing}"
+    for module in SHIPPED_PLUGINS:
+        plugin = importlib.import_module(module)
+        names = set(re.findall(rf"^\.\. auto\w+:: {module}\.(\w+)\s*$", text, re.MULTILINE))
+        missing = sorted(set(plugin.__all__) - names)
+        assert not missing, f"docs/api.md does not document {module}.{missing}"
