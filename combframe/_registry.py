@@ -593,10 +593,8 @@ class Registry:
                 raise PluginValidationError(
                     obj, f"a plugin named {name!r} is already registered in-process; pass name="
                 )
-            table = self._table
-            if table is not None:
-                # apply to the built table now, so errors surface at the call
-                table.add_plugin(obj, _Source(name, None, None), strict=True)
+            # build (if needed) and apply now, so that errors surface at this call
+            self.table().add_plugin(obj, _Source(name, None, None), strict=True)
             self._in_process.append((plugin, obj, name))
             return name
 
