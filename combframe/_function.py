@@ -45,7 +45,7 @@ class CombinationFunction(torch.autograd.Function):
     combination_class: ClassVar[type[BaseCombination] | None] = None
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(  # type: ignore[override,unused-ignore]
         combination: BaseCombination,
         pred_list: Sequence[Tensor] | Tensor,
         grad_dict: GradSource,
@@ -68,7 +68,7 @@ class CombinationFunction(torch.autograd.Function):
         return lead, combination, grad_dict, param_names, tuple(model_params)
 
     @classmethod
-    def setup_context(  # type: ignore[override]
+    def setup_context(  # type: ignore[override,unused-ignore]
         cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
         lead, combination, grad_dict, param_names, model_params = cls._unpack(inputs)
@@ -102,11 +102,11 @@ class CombinationFunction(torch.autograd.Function):
         if source is None or not any(needs) or (comb_grad is None and pose_grads is None):
             return nones + (None,) * len(needs)
         if source.supports_pose_losses:
-            coeffs = pose_grads if comb_grad is None else comb_grad * combination.pose_weights(
-                preds, combined
-            )
-            if comb_grad is not None and pose_grads is not None:
-                coeffs = coeffs + pose_grads
+            coeffs: Tensor | None = None
+            if comb_grad is not None:
+                coeffs = comb_grad * combination.pose_weights(preds, combined)
+            if pose_grads is not None:
+                coeffs = pose_grads if coeffs is None else coeffs + pose_grads
             assert coeffs is not None
             flat = source.contract(coeffs)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from combframe._combination import BaseCombination
 from combframe._errors import CombinationError
 from combframe._function import CombinationFunction
-from combframe._strategies import PoseRunner, Strategy, resolve_strategy
+from combframe._strategies import PoseRunner, Strategy, _map_tensors, resolve_strategy
 
 __all__ = ["MultiPoseModel"]
 
@@ -42,6 +43,17 @@ class MultiPoseModel(torch.nn.Module):
         sync per compound). Set ``False`` to skip the check.
     move_poses
         Move tensors in the poses to the model's device instead of raising on a mismatch.
+
+    Notes
+    -----
+    Every pose is checked before the model runs on any of them: its tensors must be on
+    the model's device (unless ``move_poses``). All trainable parameters must share one
+    dtype (their per-pose gradients share one buffer). The per-pose predictions are
+    combined in the parameters' dtype (under autocast the model's output, say bfloat16,
+    is promoted first), and gradients reach the parameters in their own dtype. In
+    training mode the model's buffers are snapshotted for the duration of ``forward``
+    and put back if it raises, so a bad pose never leaves half-updated batch-norm
+    statistics behind.
 
     Examples
     --------
@@ -83,7 +95,8 @@ class MultiPoseModel(torch.nn.Module):
         if isinstance(self.pred_readout, torch.nn.Module):
             named += list(self.pred_readout.named_parameters(prefix="pred_readout"))
         seen: set[int] = set()
-        names, params = [], []
+        names: list[str] = []
+        params: list[Tensor] = []
         for name, p in named:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -120,7 +133,9 @@ class MultiPoseModel(torch.nn.Module):
         CombinationError
             If ``poses`` is empty, a prediction does not have exactly one element, does
             not depend on a trainable parameter, is not finite (with ``check_finite``),
-            or a pose is on another device than the model.
+            or a pose is on another device than the model (checked for every pose
+            before the model runs). After any error, ``.grad`` fields and buffers are
+            as they were before the call.
         """
         if isinstance(poses, Tensor | dict) or not isinstance(poses, Sequence):
             poses = list(poses) if not isinstance(poses, dict) else [poses]
@@ -129,24 +144,63 @@ class MultiPoseModel(torch.nn.Module):
                 "poses is empty: a compound needs at least one pose to be predicted"
             )
         names, params = self._trainable()
-        runner = PoseRunner(
-            self.model, self.pred_readout, params, self.move_poses, self._device(params)
-        )
-        if torch.is_grad_enabled() and params:
-            preds, source = self.strategy.collect(runner, poses, self.combination)
-            self._check_finite(preds)
-            combined, per_pose = CombinationFunction.apply(
-                self.combination, preds, source, names, *params
-            )
-        else:
-            with torch.no_grad():
-                preds = torch.stack([runner.predict(i, pose) for i, pose in enumerate(poses)])
-                self._check_finite(preds)
-                combined = self.combination.value(preds)
-            per_pose = preds
+        device = self._device(params)
+        self._check_devices(poses, device)
+        runner = PoseRunner(self.model, self.pred_readout, params, self.move_poses, device)
+        snapshot = self._snapshot_buffers()
+        try:
+            combined, per_pose = self._combine(runner, poses, names, params)
+        except BaseException:
+            if snapshot:
+                torch._foreach_copy_([b for b, _ in snapshot], [c for _, c in snapshot])
+            raise
         if self.comb_readout is not None:
             combined = self.comb_readout(combined)
         return combined, per_pose
+
+    def _combine(
+        self, runner: PoseRunner, poses: Sequence[Any], names: list[str], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled() and params:
+            preds, source = self.strategy.collect(runner, poses, self.combination)
+            preds = self._promote(preds, params[0].dtype)
+            self._check_finite(preds)
+            out: tuple[Tensor, Tensor] = CombinationFunction.apply(  # type: ignore[no-untyped-call]
+                self.combination, preds, source, names, *params
+            )
+            return out
+        with torch.no_grad():
+            preds = torch.stack([runner.predict(i, pose) for i, pose in enumerate(poses)])
+            if params:
+                preds = self._promote(preds, params[0].dtype)
+            self._check_finite(preds)
+            return self.combination.value(preds), preds
+
+    @staticmethod
+    def _promote(preds: Tensor, dtype: torch.dtype) -> Tensor:
+        """Combine in at least the parameters' precision (autocast outputs are lower)."""
+        return preds.to(torch.promote_types(preds.dtype, dtype))
+
+    def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
+        """Copy the buffers a training-mode forward may update (batch-norm statistics)."""
+        if not self.training:
+            return []
+        return [(b, b.clone()) for b in self.buffers()]
+
+    def _check_devices(self, poses: Sequence[Any], device: torch.device) -> None:
+        """Raise before any pose runs if a pose holds a tensor on another device."""
+
+        def check(index: int, t: Tensor) -> Tensor:
+            if t.device != device and not self.move_poses:
+                raise CombinationError(
+                    f"pose {index} holds a tensor on {t.device}, but the model is on "
+                    f"{device}. Move the poses to the model's device, or pass "
+                    "move_poses=True to MultiPoseModel"
+                )
+            return t
+
+        for i, pose in enumerate(poses):
+            _map_tensors(pose, functools.partial(check, i))
 
     def _check_finite(self, preds: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(preds).all()):
