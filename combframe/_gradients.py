@@ -67,7 +67,7 @@ class ParamLayout:
         self.device = first.device
 
     def new_buffer(self, rows: int) -> Tensor:
-        """An uninitialised ``(rows, P)`` buffer in the parameters' dtype and device."""
+        """Return an uninitialised ``(rows, P)`` buffer in the parameters' dtype and device."""
         return torch.empty((rows, self.numel), dtype=self.dtype, device=self.device)
 
     def flatten_into(self, grads: Sequence[Tensor], out: Tensor) -> None:
@@ -103,7 +103,13 @@ class PoseGradients(ABC):
     def contract_combined(
         self, comb_grad: Tensor, combination: BaseCombination, preds: Tensor, combined: Tensor
     ) -> Tensor:
-        r"""Return :math:`\frac{\partial L}{\partial G}\sum_i \frac{\partial h}{\partial y_i}\frac{\partial y_i}{\partial\theta}`."""
+        r"""Return :math:`\frac{\partial L}{\partial G} \sum_i w_i \, \partial y_i/\partial\theta`.
+
+        Here :math:`w_i = \partial h/\partial y_i` are the combination's pose weights.
+
+        The default forms the pose weights and calls :meth:`contract`; a strategy that
+        keeps only running sums (stream) overrides it.
+        """
         return self.contract(comb_grad * combination.pose_weights(preds, combined))
 
 

@@ -169,6 +169,7 @@ class Store(Strategy):
                 pred = runner.predict(i, pose)
                 grads = runner.grads(pred, i)
             layout.flatten_into(grads, buffer[i])
+            del grads  # free before the next pose's graph is built
             preds.append(pred.detach())
         return torch.stack(preds), StoredGradients(layout, buffer)
 
@@ -201,9 +202,25 @@ def _device_rng_module(device: torch.device) -> Any:
     return None if device.type == "cpu" else getattr(torch, device.type, None)
 
 
-def _capture_rng(device: torch.device) -> _RngState:
+def _capture_rng(device: torch.device, previous: _RngState | None) -> _RngState:
+    """Capture the RNG state; return ``previous`` itself if nothing drew from the RNG since.
+
+    Sharing unchanged states keeps recompute's memory flat in N for models without
+    randomness (a CPU generator state is about 5 kB per pose otherwise).
+    """
     mod = _device_rng_module(device)
-    return _RngState(torch.get_rng_state(), None if mod is None else mod.get_rng_state(device))
+    state = _RngState(torch.get_rng_state(), None if mod is None else mod.get_rng_state(device))
+    if previous is not None and _same_state(state, previous):
+        return previous
+    return state
+
+
+def _same_state(a: _RngState, b: _RngState) -> bool:
+    if not torch.equal(a.cpu, b.cpu):
+        return False
+    if a.device is None or b.device is None:
+        return a.device is b.device
+    return torch.equal(a.device, b.device)
 
 
 @contextlib.contextmanager
@@ -224,13 +241,17 @@ class Recompute(Strategy):
     Memory stays flat in N: one pose graph and one ``P``-sized accumulator. The RNG state
     of each pose is saved and restored, so dropout replays identically, and the autocast
     state of the forward is restored. Buffers (batch-norm running statistics) are restored
-    after the re-runs, so they are updated once per pose, as in the forward.
+    after the re-runs, so they are updated once per pose, as in the forward. Poses whose
+    coefficient :math:`c_i` is exactly zero (a sharp smooth-max far from the best pose)
+    are not re-run: they contribute nothing.
 
     Parameters
     ----------
     check
-        Debug option: compare each recomputed prediction with the forward's and raise if
-        they differ (a non-deterministic model would give wrong gradients).
+        Debug option: compare each recomputed prediction with the forward's, bit for
+        bit, and raise :class:`~combframe.StrategyError` if they differ (a
+        non-deterministic model would give wrong gradients). Poses that are skipped
+        because their coefficient is zero are not checked.
     """
 
     name = "recompute"
@@ -241,15 +262,17 @@ class Recompute(Strategy):
     def collect(
         self, runner: PoseRunner, poses: Sequence[Any], combination: BaseCombination
     ) -> tuple[Tensor, PoseGradients]:
-        rng = []
+        rng: list[_RngState] = []
         preds = []
         autocast = _AutocastState.capture(runner.device.type)
         with torch.no_grad():
             for i, pose in enumerate(poses):
-                rng.append(_capture_rng(runner.device))
+                rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
                 preds.append(runner.predict(i, pose))
         stacked = torch.stack(preds)
-        return stacked, _RecomputedGradients(runner, list(poses), rng, autocast, stacked, self.check)
+        return stacked, _RecomputedGradients(
+            runner, list(poses), rng, autocast, stacked, self.check
+        )
 
     def __repr__(self) -> str:
         return f"Recompute(check={self.check})"
@@ -283,8 +306,11 @@ class _RecomputedGradients(PoseGradients):
         acc = layout.views(flat)
         buffers = _module_buffers(runner)
         saved = [b.clone() for b in buffers]
+        # One host sync per compound: poses with c_i == 0 contribute nothing.
+        active = torch.nonzero(coeffs).flatten().tolist()
         try:
-            for i, pose in enumerate(self.poses):
+            for i in active:
+                pose = self.poses[i]
                 with _replay_rng(self.rng[i], runner.device), torch.enable_grad():
                     with self.autocast.restore():
                         pred = runner.predict(i, pose)
@@ -296,6 +322,7 @@ class _RecomputedGradients(PoseGradients):
                         )
                     grads = runner.grads(pred, i, coeffs[i].to(pred.dtype))
                 torch._foreach_add_(acc, grads)
+                del grads, pred  # free before the next pose's graph is built
         finally:
             if buffers:
                 torch._foreach_copy_(buffers, saved)
@@ -316,6 +343,22 @@ class Stream(Strategy):
     The combination must implement :class:`~combframe.StreamingCombination`. Exact for
     losses on the combined prediction; a loss on the per-pose predictions raises in
     backward.
+
+    While pose :math:`i` is processed, its gradient :math:`g_i` is folded into ``k``
+    running sums with the online softmax of FlashAttention: with log weight
+    :math:`a_i`, features :math:`\phi_i` and running maximum :math:`m`,
+
+    .. math::
+
+        m' = \max(m, a_i), \quad
+        Z \leftarrow e^{m - m'} Z + e^{a_i - m'}, \quad
+        A_j \leftarrow e^{m - m'} A_j + e^{a_i - m'} \phi_{ij}\, g_i .
+
+    Every exponent is at most zero, so nothing overflows however widely the
+    predictions are spread (``pred_scale=1000`` puts log weights near :math:`10^4`).
+    The scalar bookkeeping (:math:`a_i`, :math:`\phi_i`, :math:`m`, :math:`Z`) is done
+    in float64 whatever the model's dtype; only the ``k`` sums of ``P`` numbers use the
+    parameters' dtype.
     """
 
     name = "stream"
@@ -331,38 +374,45 @@ class Stream(Strategy):
                 "or strategy='recompute'"
             )
         layout = runner.layout
+        exact = _scalar_dtype(layout.device)
         scratch = layout.new_buffer(1)[0]
         preds: list[Tensor] = []
         acc: Tensor | None = None
-        running_max = torch.tensor(float("-inf"), dtype=layout.dtype, device=layout.device)
-        total = torch.zeros((), dtype=layout.dtype, device=layout.device)
+        running_max = torch.tensor(float("-inf"), dtype=exact, device=layout.device)
+        total = torch.zeros((), dtype=exact, device=layout.device)
         center = running_max
         for i, pose in enumerate(poses):
             with torch.enable_grad():
                 pred = runner.predict(i, pose)
+                y = pred.detach()
+                yd = y.to(exact)
+                if i == 0:
+                    center = yd
+                log_w, feats = combination.stream_terms(yd, center)
+                if acc is None:  # before the first backward, so the peak is the same for all N
+                    acc = torch.zeros(
+                        (feats.shape[-1], layout.numel), dtype=layout.dtype, device=layout.device
+                    )
                 grads = runner.grads(pred, i)
-            y = pred.detach()
             preds.append(y)
-            yd = y.to(layout.dtype)
-            if i == 0:
-                center = yd
-            log_w, feats = combination.stream_terms(yd, center)
-            if acc is None:
-                acc = torch.zeros(
-                    (feats.shape[-1], layout.numel), dtype=layout.dtype, device=layout.device
-                )
             new_max = torch.maximum(running_max, log_w)
             scale = torch.exp(running_max - new_max)
             weight = torch.exp(log_w - new_max)
             total = total * scale + weight
             layout.flatten_into(grads, scratch)
-            acc.mul_(scale).addr_(weight * feats, scratch)
+            del grads, pred  # free before the next pose's graph is built
+            acc.mul_(scale.to(layout.dtype)).addr_((weight * feats).to(layout.dtype), scratch)
             running_max = new_max
         assert acc is not None
         return torch.stack(preds), _StreamedGradients(layout, acc, total, center)
 
     def __repr__(self) -> str:
         return "Stream()"
+
+
+def _scalar_dtype(device: torch.device) -> torch.dtype:
+    """float64 for per-pose scalars, except on devices without it (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @final
@@ -377,14 +427,19 @@ class _StreamedGradients(PoseGradients):
         self.center = center
 
     def contract(self, coeffs: Tensor) -> Tensor:  # pragma: no cover - guarded by the Function
-        raise StrategyError("the stream strategy cannot weight poses individually")
+        raise StrategyError(
+            "the 'stream' strategy keeps only running sums, so it cannot weight poses "
+            "individually; use strategy='store' or strategy='recompute'"
+        )
 
     def contract_combined(
         self, comb_grad: Tensor, combination: BaseCombination, preds: Tensor, combined: Tensor
     ) -> Tensor:
         assert isinstance(combination, StreamingCombination)
-        lam = combination.stream_coefficients(combined.to(self.acc.dtype), self.center)
-        return torch.mv(self.acc.t(), lam.to(self.acc.dtype) * (comb_grad / self.total))
+        exact = self.total.dtype
+        lam = combination.stream_coefficients(combined.to(exact), self.center)
+        coeffs = lam.to(exact) * (comb_grad.to(exact) / self.total)
+        return torch.mv(self.acc.t(), coeffs.to(self.acc.dtype))
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {"store": Store, "recompute": Recompute, "stream": Stream}
