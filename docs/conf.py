@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
+from typing import Any
 
 project = "combframe"
 author = "combframe developers"
@@ -33,3 +35,27 @@ napoleon_google_docstring = False
 
 html_theme = "alabaster"
 html_title = f"combframe {release}"
+
+# The root toctree lists these pages explicitly and ends with a ``**`` glob that picks
+# up every other page (strategies, registry, training, command line, benchmarks).
+# Sphinx warns about a glob that matches nothing, so it is dropped while no other
+# page exists.
+CATCH_ALL = "**"
+
+
+def _drop_empty_catch_all(app: Any, docname: str, source: list[str]) -> None:
+    if docname != root_doc:
+        return
+    text = source[0]
+    block = re.search(r"```\{toctree\}\n(.*?)```", text, re.DOTALL)
+    if block is None:
+        return
+    entries = [line.strip() for line in block.group(1).splitlines()]
+    listed = {e for e in entries if e and not e.startswith(":") and e != CATCH_ALL}
+    if not (set(app.env.found_docs) - listed - {root_doc}):
+        body = "\n".join(line for line in block.group(1).splitlines() if line != CATCH_ALL)
+        source[0] = text[: block.start(1)] + body + "\n" + text[block.end(1) :]
+
+
+def setup(app: Any) -> None:
+    app.connect("source-read", _drop_empty_catch_all)
