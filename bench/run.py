@@ -1,0 +1,539 @@
+"""Benchmark combframe's gradient strategies against the full-graph reference.
+
+One command produces every table and plot under ``docs/bench/``::
+
+    python bench/run.py            # full run (N = 1, 8, 32, 128)
+    python bench/run.py --quick    # small run (N = 1, 8), written to build/bench-quick
+
+In one process, and interleaved in a shuffled order for every repetition, it times one
+training step (zero grads, forward over N poses, loss on the combined prediction,
+backward) of
+
+* ``reference``: the full graph a user writes by hand (all N pose graphs kept),
+* ``loop``: the published per-parameter Python loop over a dict of gradient lists,
+* ``store``, ``recompute``, ``stream``: :class:`combframe.MultiPoseModel` strategies,
+
+and reports medians and ratios to the reference. Peak memory of one step is measured
+in a fresh subprocess per (model, method, N): on CPU the growth of
+``ru_maxrss`` over the baseline after imports, model and poses (and a warm-up step on
+one-atom poses, so that lazily loaded code is not counted); on CUDA
+``torch.cuda.max_memory_allocated`` over the allocated baseline. The combine step
+alone (store's matrix-vector product against the loop) is compared with the machine's
+streaming-read bandwidth, measured with a sum over a large tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from _loop_baseline import loop_combine, loop_step
+from _models import MODELS, BenchModel
+from torch import Tensor, nn
+
+import combframe
+from combframe._gradients import ParamLayout, StoredGradients
+from combframe._reference import _grads_of, full_graph_gradients, make_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("reference", "loop", "store", "recompute", "stream")
+STRATEGIES = ("store", "recompute", "stream")
+#: Boltzmann weights are non-zero for every pose and need two stream accumulators:
+#: the least favourable of the shipped combinations for recompute and stream.
+COMBINATION = "boltzmann"
+LOSS = make_loss("combined")
+Step = Callable[[nn.Module, Sequence[Tensor]], object]
+
+
+def make_step(method: str, combination: combframe.BaseCombination) -> Step:
+    """One training step of ``method``; gradients end up in the parameters' ``.grad``."""
+    if method == "reference":
+        return lambda model, poses: full_graph_gradients(model, combination, poses, LOSS)
+    if method == "loop":
+        return lambda model, poses: loop_step(model, combination, poses, LOSS)
+    if method in STRATEGIES:
+        wrapped: dict[int, combframe.MultiPoseModel] = {}  # built once per model, as a user would
+
+        def step(model: nn.Module, poses: Sequence[Tensor]) -> list[Tensor]:
+            if id(model) not in wrapped:
+                wrapped[id(model)] = combframe.MultiPoseModel(model, combination, strategy=method)
+            model.zero_grad(set_to_none=True)
+            combined, per_pose = wrapped[id(model)](list(poses))
+            LOSS(combined, per_pose).backward()
+            return _grads_of(model)  # the same copy full_graph_gradients makes
+
+        return step
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+class Timer:
+    """Wall-clock on CPU; CUDA events (after a synchronize) on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return float(start.elapsed_time(end)) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+# ---- correctness guard --------------------------------------------------------------
+def check_methods_agree(bench: BenchModel, device: torch.device, n: int = 4) -> float:
+    """Worst relative gradient difference of every method to the reference (float32)."""
+    combination = combframe.create_combination(COMBINATION)
+    poses = bench.poses(n, device, seed=1)
+    grads = {}
+    for method in METHODS:
+        model = bench.build(0).to(device)
+        make_step(method, combination)(model, poses)
+        grads[method] = [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+    worst = 0.0
+    for method in METHODS[1:]:
+        for got, want in zip(grads[method], grads["reference"], strict=True):
+            scale = max(want.abs().max().item(), 1e-30)
+            worst = max(worst, (got - want).abs().max().item() / scale)
+    if worst > 1e-3:
+        raise SystemExit(f"methods disagree with the reference: worst relative error {worst:.2e}")
+    return worst
+
+
+# ---- step time ----------------------------------------------------------------------
+def time_steps(
+    bench: BenchModel, ns: Sequence[int], reps: int, device: torch.device, seed: int
+) -> dict[int, dict[str, list[float]]]:
+    """Seconds per step, ``{N: {method: [reps]}}``, methods interleaved in shuffled order."""
+    combination = combframe.create_combination(COMBINATION)
+    timer = Timer(device)
+    models = {m: bench.build(0).to(device) for m in METHODS}
+    steps = {m: make_step(m, combination) for m in METHODS}
+    order = random.Random(seed)
+    out: dict[int, dict[str, list[float]]] = {}
+    for n in ns:
+        poses = bench.poses(n, device)
+        for m in METHODS:  # warm-up, not timed
+            steps[m](models[m], poses)
+        out[n] = {m: [] for m in METHODS}
+        for _ in range(reps):
+            methods = list(METHODS)
+            order.shuffle(methods)
+            for m in methods:
+                model, step = models[m], steps[m]
+                out[n][m].append(timer(partial(step, model, poses)))
+        print(
+            f"  {bench.key} N={n}: "
+            + ", ".join(f"{m} {1e3 * statistics.median(v):.1f} ms" for m, v in out[n].items()),
+            flush=True,
+        )
+    return out
+
+
+# ---- peak memory (one subprocess per case) --------------------------------------------
+def memory_worker(model_key: str, method: str, n: int, device_name: str, threads: int) -> None:
+    """Print the peak memory of one step, in bytes, as JSON (run in a fresh process).
+
+    ``tensor_bytes``: peak of live tensor memory during the step, over what was live
+    before it (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the allocation and
+    free events of the torch profiler, summed in time order). ``rss_bytes`` (CPU only):
+    growth of the process's peak resident set over the baseline, which also counts the
+    C allocator's caching and fragmentation.
+    """
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    bench = MODELS[model_key]
+    combination = combframe.create_combination(COMBINATION)
+    model = bench.build(0).to(device)
+    step = make_step(method, combination)
+    poses = bench.poses(n, device)
+    step(model, bench.poses(2, device, seed=3, atoms=1))  # load code paths, allocate .grad
+    gc.collect()
+    result: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(model, poses)
+        torch.cuda.synchronize()
+        result["tensor_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    else:
+        if _reset_peak_rss():
+            # Linux: the high-water mark is reset to the current RSS, so it is not masked
+            # by transient peaks of the imports (or inherited from the parent process).
+            base = _proc_status_bytes("VmHWM")
+            step(model, poses)
+            result["rss_bytes"] = _proc_status_bytes("VmHWM") - base
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            step(model, poses)
+            result["rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base
+        result["tensor_bytes"] = _profiled_peak(lambda: step(model, poses))
+    print(json.dumps(result))
+
+
+def _profiled_peak(fn: Callable[[], object]) -> int:
+    """Peak live CPU tensor bytes allocated while ``fn`` runs, from profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak RSS (``VmHWM``) to the current RSS; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def measure_memory(
+    bench: BenchModel, ns: Sequence[int], device: torch.device, threads: int
+) -> dict[int, dict[str, dict[str, int]]]:
+    """Peak bytes of one step, ``{N: {method: {kind: bytes}}}``, each in a fresh subprocess."""
+    out: dict[int, dict[str, dict[str, int]]] = {}
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    for n in ns:
+        out[n] = {}
+        for method in METHODS:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-worker",
+                bench.key,
+                method,
+                str(n),
+                "--device",
+                str(device),
+                "--threads",
+                str(threads),
+            ]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                raise SystemExit(
+                    f"memory worker failed for {bench.key}/{method}/N={n}:\n{done.stderr}"
+                )
+            line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1]
+            out[n][method] = {k: int(v) for k, v in json.loads(line).items()}
+        print(
+            f"  {bench.key} N={n}: "
+            + ", ".join(f"{m} {v['tensor_bytes'] / 2**20:.1f} MiB" for m, v in out[n].items()),
+            flush=True,
+        )
+    return out
+
+
+# ---- combine step alone ---------------------------------------------------------------
+def read_bandwidth(device: torch.device, timer: Timer, reps: int) -> float:
+    """Streaming-read bandwidth in bytes/s: median time of ``sum`` over a 256 MiB tensor."""
+    big = torch.ones(64 * 2**20, dtype=torch.float32, device=device)
+    big.sum()
+    times = [timer(lambda: big.sum()) for _ in range(reps)]
+    return big.numel() * 4 / statistics.median(times)
+
+
+def time_combine(
+    bench: BenchModel, ns: Sequence[int], device: torch.device, reps: int
+) -> dict[int, dict[str, float]]:
+    """Median seconds of store's contraction and of the loop, on the same gradients."""
+    timer = Timer(device)
+    params = [p for p in bench.build(0).to(device).parameters()]
+    layout = ParamLayout(params)
+    names = [f"p{i}" for i in range(len(params))]
+    out: dict[int, dict[str, float]] = {}
+    for n in ns:
+        gen = torch.Generator().manual_seed(n)
+        buffer = torch.randn((n, layout.numel), generator=gen).to(device)
+        stored = StoredGradients(layout, buffer)
+        grad_dict = {
+            name: [row.clone() for row in rows]
+            for name, rows in zip(
+                names, [v.unbind(0) for v in _columns(buffer, layout)], strict=True
+            )
+        }
+        coeffs = torch.softmax(torch.randn(n, generator=gen), 0).to(device)
+        got = stored.contract(coeffs)
+        want = torch.cat([t.reshape(-1) for t in loop_combine(grad_dict, coeffs).values()])
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), "contraction != loop"
+        t_store, t_loop = [], []
+        for _ in range(reps):
+            t_store.append(timer(partial(stored.contract, coeffs)))
+            t_loop.append(timer(partial(loop_combine, grad_dict, coeffs)))
+        out[n] = {
+            "store": statistics.median(t_store),
+            "loop": statistics.median(t_loop),
+            "bytes": float(n * layout.numel * 4),
+        }
+    return out
+
+
+def _columns(buffer: Tensor, layout: ParamLayout) -> list[Tensor]:
+    """The ``(N, numel)`` column block of each parameter, reshaped to ``(N, *shape)``."""
+    return [
+        chunk.reshape(buffer.shape[0], *shape)
+        for chunk, shape in zip(buffer.split(layout.sizes, dim=1), layout.shapes, strict=True)
+    ]
+
+
+# ---- report -----------------------------------------------------------------------------
+def _med(v: Sequence[float]) -> float:
+    return statistics.median(v)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """``results.md``, ``results.json`` and one PNG per model under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `python bench/run.py{' --quick' if results['quick'] else ''}` on "
+        f"{results['date']}: {results['device_desc']}, torch {results['torch']}, "
+        f"{results['threads']} intra-op thread(s), combination `{COMBINATION}` "
+        "(every pose weighted, two stream accumulators), loss on the combined prediction, "
+        f"{results['reps']} interleaved repetitions per N (medians). Every method's gradients "
+        f"agreed with the reference before timing (worst relative difference "
+        f"{max(results['agreement'].values()):.1e}, float32).",
+        "",
+        "Ratios are to the full-graph reference at the same N. Peak memory is that of one "
+        "step above what was live before it (model, poses, gradients), measured in a fresh "
+        f"process per case: {results['memory_kind']}.",
+        "",
+    ]
+    for key, res in results["models"].items():
+        bench = MODELS[key]
+        lines += [
+            f"## {bench.label}",
+            "",
+            f"{res['params']:,} parameters in {res['tensors']} tensors.",
+            "",
+            "| N | method | step time (ms) | time / reference | peak tensor memory (MiB) "
+            "| memory / reference | peak RSS growth (MiB) |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for n_key, times in res["time"].items():
+            mem = res["memory"][n_key]
+            t_ref, m_ref = _med(times["reference"]), mem["reference"]["tensor_bytes"]
+            for m in METHODS:
+                rss = mem[m].get("rss_bytes")
+                lines.append(
+                    f"| {n_key} | {m} | {1e3 * _med(times[m]):.1f} | {_med(times[m]) / t_ref:.2f} "
+                    f"| {mem[m]['tensor_bytes'] / 2**20:.2f} "
+                    f"| {mem[m]['tensor_bytes'] / max(m_ref, 1):.3f} "
+                    f"| {'n/a' if rss is None else f'{rss / 2**20:.1f}'} |"
+                )
+        lines.append("")
+        lines.append(f"![peak memory and step time vs N, model {key}]({key}.png)")
+        lines.append("")
+    comb = results["combine"]
+    bw = results["bandwidth"]
+    lines += [
+        "## Combine step alone (model (a))",
+        "",
+        f"Streaming-read bandwidth (median `sum` over a 256 MiB float32 tensor): "
+        f"**{bw / 1e9:.1f} GB/s**. Store's combine step is one matrix-vector product over "
+        "the `(N, P)` buffer (N·P·4 bytes read); the loop is the published "
+        "per-parameter, per-pose loop over a dict of gradient lists.",
+        "",
+        "| N | store (ms) | loop (ms) | loop / store | store GB/s | % of read bandwidth |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n_key, c in comb.items():
+        gbs = c["bytes"] / c["store"]
+        lines.append(
+            f"| {n_key} | {1e3 * c['store']:.3f} | {1e3 * c['loop']:.3f} | "
+            f"{c['loop'] / c['store']:.1f} | {gbs / 1e9:.1f} | {100 * gbs / bw:.0f}% |"
+        )
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, ok in results["targets"]:
+        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+    lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    _plot(results, out)
+
+
+def _plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, res in results["models"].items():
+        ns = [int(n) for n in res["time"]]
+        fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+        for m in METHODS:
+            ax_m.plot(ns, [_tensor_mib(res, n, m) for n in ns], "o-", label=m)
+            ax_t.plot(ns, [1e3 * _med(res["time"][str(n)][m]) for n in ns], "o-", label=m)
+        for ax, what in (
+            (ax_m, "peak tensor memory of one step (MiB)"),
+            (ax_t, "median step time (ms)"),
+        ):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("poses per compound N")
+            ax.set_ylabel(what)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend()
+        fig.suptitle(MODELS[key].label)
+        fig.tight_layout()
+        fig.savefig(out / f"{key}.png", dpi=110)
+        plt.close(fig)
+
+
+def _tensor_mib(res: dict[str, Any], n: int, method: str) -> float:
+    return max(res["memory"][str(n)][method]["tensor_bytes"], 1) / 2**20
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's targets, with the measured values."""
+    rows: list[tuple[str, str, bool]] = []
+    a = results["models"].get("pointcloud")
+    ns = sorted(int(n) for n in a["time"]) if a else []
+    if a and 1 in ns:
+        big = str(max(ns))
+        for s in ("recompute", "stream"):
+            own = _tensor_mib(a, int(big), s) / _tensor_mib(a, 1, s)
+            ref = _tensor_mib(a, int(big), s) / _tensor_mib(a, int(big), "reference")
+            rows.append(
+                (f"(a) {s} peak at N={big} <= 1.1x its N=1 peak", f"{own:.2f}x", own <= 1.1)
+            )
+            rows.append(
+                (f"(a) {s} peak at N={big} <= 1/20 of reference", f"1/{1 / ref:.0f}", ref <= 0.05)
+            )
+    limits = {"stream": 1.15, "store": 1.15, "recompute": 1.45}
+    for key, res in results["models"].items():
+        for s, lim in limits.items():
+            worst = max(
+                (_med(t[s]) / _med(t["reference"]) for n, t in res["time"].items() if int(n) >= 8),
+                default=float("nan"),
+            )
+            rows.append(
+                (
+                    f"({key}) {s} step time <= {lim}x reference, N >= 8 (worst N)",
+                    f"{worst:.2f}x",
+                    worst <= lim,
+                )
+            )
+    comb = results["combine"].get("32")
+    if comb:
+        speed = comb["loop"] / comb["store"]
+        frac = comb["bytes"] / comb["store"] / results["bandwidth"]
+        rows.append(("store combine >= 10x faster than loop at N=32", f"{speed:.1f}x", speed >= 10))
+        rows.append(
+            ("store combine >= 70% of read bandwidth at N=32", f"{100 * frac:.0f}%", frac >= 0.7)
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 1, 8 and 3 repetitions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per N")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--memory-worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        key, method, n = args.memory_worker
+        memory_worker(key, method, int(n), args.device, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ns = (1, 8) if args.quick else (1, 8, 32, 128)
+    reps = args.reps or (3 if args.quick else 7)
+    out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs" / "bench")
+    timer = Timer(device)
+    desc = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "device_desc": desc,
+        "threads": args.threads,
+        "reps": reps,
+        "models": {},
+        "memory_kind": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak live tensor bytes from the torch profiler's allocation events (targets use "
+        "this), and the growth of the peak resident set (VmHWM reset after set-up), which "
+        "also counts the C allocator's caching and fragmentation",
+        "agreement": {},
+    }
+    t0 = time.perf_counter()
+    for key in args.models:
+        bench = MODELS[key]
+        print(f"{bench.label}: checking, timing, measuring memory", flush=True)
+        results["agreement"][key] = check_methods_agree(bench, device)
+        params = list(bench.build(0).parameters())
+        results["models"][key] = {
+            "params": sum(p.numel() for p in params),
+            "tensors": len(params),
+            "time": {str(n): v for n, v in time_steps(bench, ns, reps, device, seed=7).items()},
+            "memory": {
+                str(n): v for n, v in measure_memory(bench, ns, device, args.threads).items()
+            },
+        }
+    print("combine step and read bandwidth", flush=True)
+    results["bandwidth"] = read_bandwidth(device, timer, reps=9)
+    combine_ns = (8, 32) if args.quick else (8, 32, 128)
+    results["combine"] = {
+        str(n): v for n, v in time_combine(MODELS["pointcloud"], combine_ns, device, 15).items()
+    }
+    results["targets"] = evaluate_targets(results)
+    results["seconds"] = time.perf_counter() - t0
+    write_report(results, out)
+    print(f"wrote {out}/results.md in {results['seconds']:.0f} s")
+    for name, measured, ok in results["targets"]:
+        print(f"  {'met    ' if ok else 'NOT MET'} {name}: {measured}")
+
+
+if __name__ == "__main__":
+    main()
