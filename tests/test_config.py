@@ -215,10 +215,11 @@ def test_schema_covers_every_installed_combination(tmp_path: Path) -> None:
 
     with isolated_registry(), install_example_plugin(tmp_path):
         variants = _variants(combframe.combination_config_schema())
-        assert sorted(variants) == ["boltzmann", "exp_mean", "exponential_mean", "max", "mean"]
-        assert variants["exp_mean"] is variants["exponential_mean"]
-        assert variants["exp_mean"]["properties"]["kT"]["exclusiveMinimum"] == 0
-        assert "expavg" not in variants  # deprecated names are accepted, not advertised
+        assert sorted(variants) == ["blend", "boltzmann", "max", "mean", "mean_min_blend"]
+        assert variants["blend"] is variants["mean_min_blend"]
+        alpha = variants["blend"]["properties"]["alpha"]
+        assert (alpha["minimum"], alpha["maximum"], alpha["default"]) == (0, 1, 0.5)
+        assert "mixmin" not in variants  # deprecated names are accepted, not advertised
 
 
 def test_user_model_schema_embeds_the_union() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import math
 import os
 import subprocess
 import sys
@@ -524,17 +523,22 @@ def test_fixture_gives_a_fresh_registry(
 
 def test_example_plugin_discovered_trains_and_matches_reference(tmp_path: Path) -> None:
     with isolated_registry(), install_example_plugin(tmp_path):
-        (info,) = [i for i in combframe.describe_combinations() if i.name == "exp_mean"]
+        (info,) = [i for i in combframe.describe_combinations() if i.name == "blend"]
         assert (info.plugin, info.distribution, info.version) == (
-            "exp_mean",
-            "combframe-expmean",
+            "blend",
+            "combframe-blend",
             "0.2.0",
         )
-        assert info.aliases == ("exponential_mean",)
+        assert info.aliases == ("mean_min_blend",)
+        assert info.deprecated_aliases == ("mixmin",)
+        assert [(p.name, p.bounds) for p in info.parameters] == [
+            ("alpha", ">= 0, <= 1"),
+            ("pred_scale", "> 0"),
+        ]
         assert not info.supports_stream
 
-        config = combframe.CombinationConfig(name="Exponential-Mean", kT=0.7)
-        assert config.name == "exp_mean"
+        config = combframe.CombinationConfig(name="Mean-Min-Blend", alpha=0.3, pred_scale=4.0)
+        assert config.name == "blend"
         net = make_mlp(seed=3)
         model = combframe.MultiPoseModel(net, config, strategy="store")
         poses = make_poses(6, seed=3)
@@ -550,7 +554,7 @@ def test_example_plugin_discovered_trains_and_matches_reference(tmp_path: Path) 
         assert losses[-1] < losses[0], losses
         with torch.no_grad():
             y = torch.stack([net(p).reshape(()) for p in poses])
-            want = -0.7 * (torch.logsumexp(-y / 0.7, 0) - math.log(6.0))
+            want = 0.3 * y.mean() - 0.7 * torch.logsumexp(-4.0 * y, 0) / 4.0
         assert torch.allclose(model(poses)[0].detach(), want, rtol=1e-12)
 
         result = gradient_parity(config.build(), n_poses=(1, 5), seeds=(0,))

@@ -1,4 +1,4 @@
-"""An out-of-tree example plugin (``combframe-expmean``) and a helper that installs it.
+"""An out-of-tree example plugin (``combframe-blend``) and a helper that installs it.
 
 The plugin's package and its ``*.dist-info`` (``METADATA`` + ``entry_points.txt``) live
 next to this file, as pip would install them; :func:`install_example_plugin` copies both
@@ -17,8 +17,8 @@ from pathlib import Path
 from combframe.testing import fake_distribution
 
 HERE = Path(__file__).parent
-DIST_INFO = HERE / "combframe_expmean-0.2.0.dist-info"
-PACKAGE = HERE / "combframe_expmean"
+DIST_INFO = HERE / "combframe_blend-0.2.0.dist-info"
+PACKAGE = HERE / "combframe_blend"
 
 
 @contextmanager
