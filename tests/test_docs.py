@@ -252,3 +252,20 @@ def test_api_reference_covers_public_api() -> None:
         names = set(re.findall(rf"^\.\. auto\w+:: {module}\.(\w+)\s*$", text, re.MULTILINE))
         missing = sorted(set(plugin.__all__) - names)
         assert not missing, f"docs/api.md does not document {module}.{missing}"
+
+
+def test_example_plugin_passes_combframe_check(example_site: Path) -> None:
+    """The guide ends with ``combframe check expavg``; it passes on the installed package."""
+    if importlib.util.find_spec("combframe.cli") is None:
+        pytest.skip("the combframe command line is not part of this checkout")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_site), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "combframe", "check", "expavg", "kT=2.0", "--seeds", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS expavg" in proc.stdout, proc.stdout
