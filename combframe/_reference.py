@@ -36,7 +36,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def make_loss(kind: LossKind, target: float = 0.5) -> LossFn:
-    """A loss on the combined prediction, on the per-pose predictions, or on both.
+    """Make a loss on the combined prediction, on the per-pose predictions, or on both.
 
     The per-pose term uses pose-dependent weights so that every pose weight matters.
     """
@@ -69,7 +69,7 @@ def full_graph_gradients(
     poses: Sequence[Any],
     loss: LossFn,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Combined value, per-pose predictions and parameter gradients with all N graphs kept.
+    """Return combined value, per-pose predictions and gradients with all N graphs kept.
 
     ``model``'s ``.grad`` fields are cleared first and hold the result afterwards.
     """
@@ -87,7 +87,7 @@ def multipose_gradients(
     loss: LossFn,
     strategy: str = "store",
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """The same quantities as :func:`full_graph_gradients`, through ``MultiPoseModel``."""
+    """Return what :func:`full_graph_gradients` does, through ``MultiPoseModel``."""
     from combframe._model import MultiPoseModel
 
     model.zero_grad(set_to_none=True)
@@ -112,6 +112,9 @@ class ParityResult:
         One line per case: strategy, loss, N and its worst relative error.
     skipped
         Cases not run, with why (a strategy that does not support a loss).
+    errors
+        Cases that raised instead of returning gradients (only with
+        ``on_error="record"``), as ``"strategy/loss/N=n: Type: message"``.
     """
 
     passed: bool
@@ -119,6 +122,11 @@ class ParityResult:
     rtol: float
     cases: list[tuple[str, str, int, float]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def worst_case(self) -> tuple[str, str, int, float] | None:
+        """Return the case with the largest relative error, or None when no case ran."""
+        return max(self.cases, key=lambda c: c[3], default=None)
 
 
 def _relative_error(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
@@ -153,6 +161,7 @@ def gradient_parity(
     rtol: float = 1e-10,
     model_factory: Callable[[int, int], torch.nn.Module] | None = None,
     features: int = 5,
+    on_error: Literal["raise", "record"] = "raise",
 ) -> ParityResult:
     """Check a combination's gradients against the full-graph reference in float64.
 
@@ -160,6 +169,10 @@ def gradient_parity(
     the gradients of every parameter from :class:`~combframe.MultiPoseModel` are compared
     with those of the full-graph reference. Strategies that do not support a loss
     (``stream`` with a per-pose loss) are skipped after checking that they refuse it.
+
+    With ``on_error="record"`` an exception raised by the combination (a wrong shape of
+    pose weights, say) fails its case and is kept in ``errors`` instead of propagating,
+    so that every case is still tried; ``combframe check`` runs this way.
 
     Returns
     -------
@@ -177,7 +190,14 @@ def gradient_parity(
             base = factory(seed, features)
             for kind in losses:
                 loss = make_loss(kind)
-                want_c, want_p, want_g = full_graph_gradients(base, combination, poses, loss)
+                try:
+                    want_c, want_p, want_g = full_graph_gradients(base, combination, poses, loss)
+                except Exception as exc:
+                    if on_error == "raise":
+                        raise
+                    result.errors.append(f"reference/{kind}/N={n}: {type(exc).__name__}: {exc}")
+                    result.passed = False
+                    continue
                 for strategy in strategies:
                     if strategy == "stream" and not isinstance(combination, StreamingCombination):
                         note = f"stream: {combination.name!r} does not implement streaming"
@@ -190,9 +210,23 @@ def gradient_parity(
                             model, combination, poses, loss, strategy
                         )
                     except StrategyError as exc:
-                        if kind == "combined":
+                        if kind != "combined":
+                            note = f"{strategy}/{kind}: {exc}"
+                            if note not in result.skipped:
+                                result.skipped.append(note)
+                            continue
+                        if on_error == "raise":
                             raise
-                        result.skipped.append(f"{strategy}/{kind}: {exc}")
+                        result.errors.append(f"{strategy}/{kind}/N={n}: StrategyError: {exc}")
+                        result.passed = False
+                        continue
+                    except Exception as exc:
+                        if on_error == "raise":
+                            raise
+                        result.errors.append(
+                            f"{strategy}/{kind}/N={n}: {type(exc).__name__}: {exc}"
+                        )
+                        result.passed = False
                         continue
                     err = max(
                         _relative_error(got_g, want_g),

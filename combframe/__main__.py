@@ -1,0 +1,10 @@
+"""``python -m combframe``: the same as the ``combframe`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from combframe.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
