@@ -262,6 +262,7 @@ def test_torch_compile_aot_eager() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_inductor() -> None:
     """Inductor code generation; compiling takes ~30 s on two CPU cores."""
     _compiled_parity("inductor", ["store"], 1e-9)
