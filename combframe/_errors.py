@@ -70,7 +70,8 @@ class PluginValidationError(Exception):
     Parameters
     ----------
     plugin
-        The offending plugin object (module or instance), kept for inspection.
+        The offending plugin object (module, instance or combination class), kept for
+        inspection; the entry-point name when the plugin could not even be imported.
     message
         What was wrong and what to do about it.
     """

@@ -756,9 +756,15 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     Raises
     ------
     PluginValidationError
-        If the plugin is invalid or one of its names clashes with an installed
-        combination; nothing is registered then. In-process plugins survive
-        :func:`reload_registry` and ignore ``COMBFRAME_DISABLE_PLUGIN_AUTOLOAD``.
+        If the plugin is invalid, another in-process plugin already has ``name``, or one
+        of its names clashes with an installed combination; nothing is registered then.
+
+    Notes
+    -----
+    The registry is built (entry points loaded) if it was not yet, so that errors are
+    raised here. Registering the same object again returns its name and does nothing.
+    In-process plugins survive :func:`reload_registry` and are not affected by
+    ``COMBFRAME_DISABLE_PLUGIN_AUTOLOAD`` or ``COMBFRAME_BLOCK_PLUGINS``.
     """
     return _CURRENT.register(plugin, name)
 

@@ -408,6 +408,17 @@ def test_strict_mode_raises_with_the_cause(tmp_path: Path, monkeypatch: pytest.M
         assert info.value.plugin == "broken"
 
 
+def test_strict_flag_zero_means_not_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMBFRAME_STRICT_PLUGINS", "0")
+    body = BROKEN["import"][0]
+    with (
+        isolated_registry(),
+        _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body),
+        pytest.warns(PluginWarning, match="ImportError: needs torch_scatter"),
+    ):
+        assert combframe.list_combinations() == list(SHIPPED)
+
+
 def test_strict_mode_rejects_an_invalid_class(tmp_path: Path) -> None:
     body = BROKEN["not-a-class"][0]
     with (
