@@ -722,7 +722,11 @@ def create_combination(name: str, **params: Any) -> BaseCombination:
     pydantic.ValidationError
         For a bad or unknown parameter; the message names the field and the bound.
     """
-    return get_combination_class(name)(**params)
+    cls = get_combination_class(name)
+    # validate against Params first, so an unknown keyword is a pydantic error naming the
+    # field even when the class's own __init__ spells out its parameters
+    cls.Params.model_validate(params)
+    return cls(**params)
 
 
 def describe_combinations() -> list[CombinationInfo]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 import combframe
 from combframe import PluginValidationError, PluginWarning, UnknownCombinationError
@@ -250,6 +250,23 @@ def test_unknown_name_without_close_match_has_no_suggestion() -> None:
         combframe.get_combination_class("zzzzzz")
     assert "Did you mean" not in str(info.value)
     assert info.value.suggestion is None
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "text"),
+    [
+        ({"pred_scale": -2.0}, "pred_scale", "Input should be greater than 0"),
+        ({"pred_scale": 1.0, "temperature": 3}, "temperature", "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_params_name_the_field_and_bound(
+    params: dict[str, float], field: str, text: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        combframe.create_combination("max", **params)
+    ((loc, msg),) = [(e["loc"], e["msg"]) for e in info.value.errors()]
+    assert (loc, msg) == ((field,), text)
+    assert f"{field}\n  {text}" in str(info.value)
 
 
 def test_name_must_be_a_string() -> None:
