@@ -85,44 +85,59 @@ def _counting_allreduce(state: _Counter, bucket: dist.GradBucket) -> torch.futur
     return fut.then(lambda f: f.value()[0])
 
 
-def _step(ddp: DistributedDataParallel, rank: int, step: int, kind: str, counter: _Counter) -> None:
+def _step(
+    ddp: DistributedDataParallel,
+    rank: int,
+    step: int,
+    kind: str,
+    counter: _Counter,
+    device: torch.device,
+) -> None:
     loss_fn = make_loss(kind)  # type: ignore[arg-type]
     losses = []
     for poses in _compounds(rank, step):
-        combined, per_pose = ddp(poses)
+        combined, per_pose = ddp([p.to(device) for p in poses])
         losses.append(loss_fn(combined, per_pose))
     assert counter.calls == 0, f"the forward ran {counter.calls} all-reduces; expected none"
     torch.stack(losses).mean().backward()
 
 
 def _check(got: list[Tensor], want: list[Tensor], what: str) -> None:
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+    for i, (g, w) in enumerate(zip([g.cpu() for g in got], want, strict=True)):
         err = ((g - w).abs().max() / w.abs().max().clamp_min(1e-300)).item()
         assert err <= 1e-12, f"{what}: parameter {i} differs by {err:.3e} relative"
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, backend: str = "gloo") -> None:
+    """One rank: ``gloo`` on CPU, or ``nccl`` with rank ``r`` on ``cuda:r``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
         for strategy, kind in SCENARIOS:
-            _scenario(rank, strategy, kind)
+            _scenario(rank, strategy, kind, device)
     finally:
         dist.destroy_process_group()
 
 
-def _scenario(rank: int, strategy: str, kind: str) -> None:
+def _scenario(rank: int, strategy: str, kind: str, device: torch.device) -> None:
     base = make_mlp(seed=4)
     what = f"rank {rank}, {strategy}/{kind}"
-    multi = combframe.MultiPoseModel(copy.deepcopy(base), _combination(), strategy=strategy)
+    multi = combframe.MultiPoseModel(
+        copy.deepcopy(base).to(device), _combination(), strategy=strategy
+    )
     counter = _Counter()
-    ddp = DistributedDataParallel(multi, bucket_cap_mb=100)
+    ids = None if device.type == "cpu" else [device.index]
+    ddp = DistributedDataParallel(multi, device_ids=ids, bucket_cap_mb=100)
     ddp.register_comm_hook(counter, _counting_allreduce)  # type: ignore[arg-type]
     params = list(multi.model.parameters())
 
     # One synchronised step.
-    _step(ddp, rank, 0, kind, counter)
+    _step(ddp, rank, 0, kind, counter, device)
     assert counter.calls == 1, f"{what}: {counter.calls} all-reduces in one backward"
     _check([p.grad for p in params], _reference_grads(base, kind, 1), f"{what}, one step")  # type: ignore[misc]
 
@@ -130,9 +145,9 @@ def _scenario(rank: int, strategy: str, kind: str) -> None:
     ddp.zero_grad(set_to_none=True)
     counter.calls = 0
     with ddp.no_sync():
-        _step(ddp, rank, 0, kind, counter)
+        _step(ddp, rank, 0, kind, counter, device)
     assert counter.calls == 0, f"{what}: no_sync backward ran {counter.calls} all-reduces"
-    _step(ddp, rank, 1, kind, counter)
+    _step(ddp, rank, 1, kind, counter, device)
     assert counter.calls == 1, f"{what}: {counter.calls} all-reduces after no_sync"
     _check([p.grad for p in params], _reference_grads(base, kind, 2), f"{what}, no_sync")  # type: ignore[misc]
 
