@@ -17,6 +17,7 @@ stream     ``k`` running ``P``-sums (online softmax)    combined prediction only
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -381,6 +382,11 @@ class Stream(Strategy):
         running_max = torch.tensor(float("-inf"), dtype=exact, device=layout.device)
         total = torch.zeros((), dtype=exact, device=layout.device)
         center = running_max
+        # On the CPU reading a scalar costs nothing, so the bookkeeping runs on Python
+        # floats and skips the rescale while the maximum holds and terms of weight 0.
+        # Elsewhere it stays on the device, so that no pose waits for a host sync.
+        on_host = _host_scalars(layout.device)
+        host_max, host_total = -math.inf, 0.0
         for i, pose in enumerate(poses):
             with torch.enable_grad():
                 pred = runner.predict(i, pose)
@@ -395,19 +401,38 @@ class Stream(Strategy):
                     )
                 grads = runner.grads(pred, i)
             preds.append(y)
+            layout.flatten_into(grads, scratch)
+            del grads, pred  # free before the next pose's graph is built
+            if on_host:
+                new_host_max = max(host_max, float(log_w))
+                scale_f = math.exp(host_max - new_host_max)
+                weight_f = math.exp(float(log_w) - new_host_max)
+                host_total = host_total * scale_f + weight_f
+                host_max = new_host_max
+                if scale_f != 1.0:
+                    acc.mul_(scale_f)
+                for j, phi in enumerate(feats.reshape(-1).tolist()):
+                    if weight_f * phi != 0.0:
+                        acc[j].add_(scratch, alpha=weight_f * phi)
+                continue
             new_max = torch.maximum(running_max, log_w)
             scale = torch.exp(running_max - new_max)
             weight = torch.exp(log_w - new_max)
             total = total * scale + weight
-            layout.flatten_into(grads, scratch)
-            del grads, pred  # free before the next pose's graph is built
             acc.mul_(scale.to(layout.dtype)).addr_((weight * feats).to(layout.dtype), scratch)
             running_max = new_max
+        if on_host:
+            total = torch.tensor(host_total, dtype=exact, device=layout.device)
         assert acc is not None
         return torch.stack(preds), _StreamedGradients(layout, acc, total, center)
 
     def __repr__(self) -> str:
         return "Stream()"
+
+
+def _host_scalars(device: torch.device) -> bool:
+    """Whether stream's per-pose bookkeeping may read scalars on the host (no sync cost)."""
+    return device.type == "cpu"
 
 
 def _scalar_dtype(device: torch.device) -> torch.dtype:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
+import combframe._strategies as strategies_module
 from combframe._reference import (
     LOSSES,
     full_graph_gradients,
@@ -160,10 +162,13 @@ def test_stream_is_exact_with_widely_spread_predictions(
     model = OffsetModel(seed)
     loss = make_loss("combined", target=0.0)
     want = full_graph_gradients(copy.deepcopy(model), combination, poses, loss)
-    got = multipose_gradients(model, combination, poses, loss, "stream")
-    torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=0)
-    assert all(torch.isfinite(g).all() for g in got[2])
-    assert_grads_close(got[2], want[2])
+    # both bookkeeping paths: host floats (CPU) and device tensors (CUDA and others)
+    for on_host in (True, False):
+        with mock.patch.object(strategies_module, "_host_scalars", return_value=on_host):
+            got = multipose_gradients(model, combination, poses, loss, "stream")
+        torch.testing.assert_close(got[0], want[0], rtol=RTOL, atol=0)
+        assert all(torch.isfinite(g).all() for g in got[2])
+        assert_grads_close(got[2], want[2])
 
 
 # ---- recompute: RNG replay and the determinism check ------------------------------------
