@@ -74,7 +74,7 @@ def _teacher(features: int, hidden: int, gen: torch.Generator) -> torch.nn.Modul
 
 def make_dataset(
     *,
-    n_compounds: int = 320,
+    n_compounds: int = 240,
     poses_per_compound: int = 8,
     features: int = 8,
     pose_spread: float = 1.0,
