@@ -90,7 +90,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """``mypy --strict`` on the package and the shipped plugins."""
     session.install(f"torch=={TORCH_PINNED}")
-    session.install("-e", ".[lint]")
+    session.install("-e", ".[lint,test]")  # test: combframe.testing imports pytest
     session.run("mypy", "--strict", "combframe", "plugins")
 
 
