@@ -82,10 +82,17 @@ def make_step(method: str, combination: combframe.BaseCombination) -> Step:
 
 
 class Timer:
-    """Wall-clock on CPU; CUDA events (after a synchronize) on CUDA."""
+    """Seconds taken by ``fn``.
 
-    def __init__(self, device: torch.device) -> None:
+    CUDA: CUDA events after a synchronize. CPU, ``clock="cpu"`` (the default): CPU time
+    of this process, which with one intra-op thread is the step's wall time on an idle
+    machine but does not count time spent waiting while other programs use the cores.
+    ``clock="wall"``: wall-clock time.
+    """
+
+    def __init__(self, device: torch.device, clock: str = "cpu") -> None:
         self.cuda = device.type == "cuda"
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.cuda:
@@ -97,9 +104,9 @@ class Timer:
             end.record()
             torch.cuda.synchronize()
             return float(start.elapsed_time(end)) / 1e3
-        t0 = time.perf_counter()
+        t0 = self.clock()
         fn()
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
 
 # ---- correctness guard --------------------------------------------------------------
@@ -124,11 +131,10 @@ def check_methods_agree(bench: BenchModel, device: torch.device, n: int = 4) -> 
 
 # ---- step time ----------------------------------------------------------------------
 def time_steps(
-    bench: BenchModel, ns: Sequence[int], reps: int, device: torch.device, seed: int
+    bench: BenchModel, ns: Sequence[int], reps: int, timer: Timer, device: torch.device, seed: int
 ) -> dict[int, dict[str, list[float]]]:
     """Seconds per step, ``{N: {method: [reps]}}``, methods interleaved in shuffled order."""
     combination = combframe.create_combination(COMBINATION)
-    timer = Timer(device)
     models = {m: bench.build(0).to(device) for m in METHODS}
     steps = {m: make_step(m, combination) for m in METHODS}
     order = random.Random(seed)
@@ -273,10 +279,9 @@ def read_bandwidth(device: torch.device, timer: Timer, reps: int) -> float:
 
 
 def time_combine(
-    bench: BenchModel, ns: Sequence[int], device: torch.device, reps: int
+    bench: BenchModel, ns: Sequence[int], timer: Timer, device: torch.device, reps: int
 ) -> dict[int, dict[str, float]]:
     """Median seconds of store's contraction and of the loop, on the same gradients."""
-    timer = Timer(device)
     params = [p for p in bench.build(0).to(device).parameters()]
     layout = ParamLayout(params)
     names = [f"p{i}" for i in range(len(params))]
@@ -331,7 +336,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         f"{results['date']}: {results['device_desc']}, torch {results['torch']}, "
         f"{results['threads']} intra-op thread(s), combination `{COMBINATION}` "
         "(every pose weighted, two stream accumulators), loss on the combined prediction, "
-        f"{results['reps']} interleaved repetitions per N (medians). Every method's gradients "
+        f"{results['reps']} interleaved repetitions per N (medians of {results['clock']}; CPU "
+        "time of the process, with one thread, is the step's wall time on an idle machine "
+        "without the time lost to other programs sharing the cores). Every method's gradients "
         f"agreed with the reference before timing (worst relative difference "
         f"{max(results['agreement'].values()):.1e}, float32).",
         "",
@@ -397,26 +404,35 @@ def _plot(results: dict[str, Any], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     for key, res in results["models"].items():
         ns = [int(n) for n in res["time"]]
-        fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax_m, ax_t, ax_r) = plt.subplots(1, 3, figsize=(14, 4))
         for m in METHODS:
+            t_ref = [_med(res["time"][str(n)]["reference"]) for n in ns]
+            t = [_med(res["time"][str(n)][m]) for n in ns]
             ax_m.plot(ns, [_tensor_mib(res, n, m) for n in ns], "o-", label=m)
-            ax_t.plot(ns, [1e3 * _med(res["time"][str(n)][m]) for n in ns], "o-", label=m)
-        for ax, what in (
-            (ax_m, "peak tensor memory of one step (MiB)"),
-            (ax_t, "median step time (ms)"),
-        ):
+            ax_t.plot(ns, [1e3 * x for x in t], "o-", label=m)
+            ax_r.plot(ns, [x / r for x, r in zip(t, t_ref, strict=True)], "o-", label=m)
+        panels = (
+            (ax_m, "peak tensor memory of one step (MiB)", True),
+            (ax_t, "median step time (ms)", True),
+            (ax_r, "step time / full-graph reference", False),
+        )
+        for ax, what, log_y in panels:
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.set_xticks(ns)
+            if log_y:
+                ax.set_yscale("log")
             ax.set_xlabel("poses per compound N")
             ax.set_ylabel(what)
             ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend()
-        fig.suptitle(MODELS[key].label)
+        ax_r.legend()
+        fig.suptitle(f"{MODELS[key].label} ({results['clock']})")
         fig.tight_layout()
-        fig.savefig(out / f"{key}.png", dpi=110)
+        fig.savefig(out / f"{key}.png", dpi=100)
         plt.close(fig)
 
 
@@ -470,6 +486,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="N = 1, 8 and 3 repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="CPU: time steps by process CPU time (default with one thread) or wall clock",
+    )
     parser.add_argument("--reps", type=int, default=None, help="repetitions per N")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=None, help="output folder")
@@ -486,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = (1, 8) if args.quick else (1, 8, 32, 128)
     reps = args.reps or (3 if args.quick else 7)
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs" / "bench")
-    timer = Timer(device)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    timer = Timer(device, clock)
     desc = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -497,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,
         "device_desc": desc,
+        "clock": "CUDA events" if device.type == "cuda" else f"{clock} time",
         "threads": args.threads,
         "reps": reps,
         "models": {},
@@ -516,7 +540,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["models"][key] = {
             "params": sum(p.numel() for p in params),
             "tensors": len(params),
-            "time": {str(n): v for n, v in time_steps(bench, ns, reps, device, seed=7).items()},
+            "time": {
+                str(n): v for n, v in time_steps(bench, ns, reps, timer, device, seed=7).items()
+            },
             "memory": {
                 str(n): v for n, v in measure_memory(bench, ns, device, args.threads).items()
             },
@@ -525,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results["bandwidth"] = read_bandwidth(device, timer, reps=9)
     combine_ns = (8, 32) if args.quick else (8, 32, 128)
     results["combine"] = {
-        str(n): v for n, v in time_combine(MODELS["pointcloud"], combine_ns, device, 15).items()
+        str(n): v
+        for n, v in time_combine(MODELS["pointcloud"], combine_ns, timer, device, 15).items()
     }
     results["targets"] = evaluate_targets(results)
     results["seconds"] = time.perf_counter() - t0
