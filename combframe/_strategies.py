@@ -92,15 +92,19 @@ class PoseRunner:
 
     def grads(self, pred: Tensor, index: int, weight: Tensor | None = None) -> tuple[Tensor, ...]:
         """Gradients of ``pred`` (times ``weight``) w.r.t. the parameters; zeros for unused ones."""
+        self.require_grad(pred, index)
+        return torch.autograd.grad(
+            pred, self.params, grad_outputs=weight, allow_unused=True, materialize_grads=True
+        )
+
+    def require_grad(self, pred: Tensor, index: int) -> None:
+        """Raise if ``pred`` (pose ``index``) does not depend on a trainable parameter."""
         if not pred.requires_grad:
             raise CombinationError(
                 f"the model's prediction for pose {index} does not require grad: it does "
                 "not depend on any trainable parameter (was it detached, or computed under "
                 "torch.no_grad() inside the model?)"
             )
-        return torch.autograd.grad(
-            pred, self.params, grad_outputs=weight, allow_unused=True, materialize_grads=True
-        )
 
     def _place(self, index: int, pose: Any) -> Any:
         return _map_tensors(pose, lambda t: self._check_device(index, t))
@@ -266,10 +270,15 @@ class Recompute(Strategy):
         rng: list[_RngState] = []
         preds = []
         autocast = _AutocastState.capture(runner.device.type)
-        with torch.no_grad():
-            for i, pose in enumerate(poses):
-                rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
-                preds.append(runner.predict(i, pose))
+        for i, pose in enumerate(poses):
+            rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
+            # Pose 0 runs with a graph (freed at once) so that a prediction that does not
+            # depend on the parameters is refused now, not in backward.
+            with torch.set_grad_enabled(i == 0):
+                pred = runner.predict(i, pose)
+            if i == 0:
+                runner.require_grad(pred, i)
+            preds.append(pred.detach())
         stacked = torch.stack(preds)
         return stacked, _RecomputedGradients(
             runner, list(poses), rng, autocast, stacked, self.check
