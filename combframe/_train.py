@@ -433,6 +433,7 @@ def train(
             disable=not progress,
             leave=False,
             dynamic_ncols=True,
+            mininterval=0.5,
         )
         with bar:
             for epoch in range(1, config.epochs + 1):

@@ -134,10 +134,15 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    import warnings
+
     import combframe
 
-    infos = combframe.describe_combinations()
-    errors = combframe.plugin_errors()
+    with warnings.catch_warnings():
+        # Load failures are part of the listing below; do not also warn about them.
+        warnings.simplefilter("ignore", combframe.PluginWarning)
+        infos = combframe.describe_combinations()
+        errors = combframe.plugin_errors()
     if args.json:
         out = {"combinations": _jsonable(infos), "errors": _jsonable(errors)}
         print(json.dumps(out, indent=2))
@@ -153,16 +158,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{info.name}{aliases}")
         print(f"    {info.description}")
         print(f"    plugin {info.plugin}, {origin}; stream strategy: {stream}")
+        if not info.parameters:
+            print("    no parameters")
         for p in info.parameters:
             bounds = f", {p.bounds}" if p.bounds else ""
-            default = "required" if getattr(p, "required", False) else f"default {p.default!r}"
+            default = "required" if p.required else f"default {p.default!r}"
             desc = f": {p.description}" if p.description else ""
             print(f"    - {p.name} ({p.type}, {default}{bounds}){desc}")
+    if errors:
+        print("plugins that failed to load:")
     for err in errors:
-        data = _jsonable(err)
-        where = data.get("distribution") or "unknown distribution"
-        message = data.get("exception", data.get("error", ""))
-        print(f"load error: plugin {data.get('plugin')} ({where}): {message}", file=sys.stderr)
+        origin = err.distribution or "not from a distribution"
+        if err.version:
+            origin += f" {err.version}"
+        print(f"    {err.plugin} ({origin}): {err.exception}")
     return EXIT_OK
 
 

@@ -281,6 +281,20 @@ def test_check_fails_for_the_wrong_plugin(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_list_shows_third_party_plugins_and_load_errors(tmp_path: Path) -> None:
+    proc = run_cli("list", "--json", cwd=tmp_path, extra_path=WRONG_PLUGIN)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    by_name = {c["name"]: c for c in data["combinations"]}
+    wrong = by_name["wrong_weights"]
+    assert (wrong["distribution"], wrong["version"]) == ("combframe-wrong-plugin", "0.1.0")
+    assert wrong["supports_stream"] is False
+    [error] = data["errors"]
+    assert error["plugin"] == "broken"
+    assert error["distribution"] == "combframe-broken-plugin"
+    assert "combframe_broken_missing_module" in error["exception"]
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [

@@ -7,7 +7,8 @@ must fail.
 
 The folder above this package holds a hand-written ``.dist-info``, so putting that folder
 on ``PYTHONPATH`` installs the plugin through the ``combframe`` entry-point group exactly
-as ``pip install`` would.
+as ``pip install`` would. A second one, ``combframe-broken-plugin``, points its entry point
+at a module that does not exist, so ``combframe list`` has a load error to report.
 """
 
 from __future__ import annotations
