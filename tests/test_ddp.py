@@ -16,6 +16,7 @@ Workers raise on a mismatch; ``torch.multiprocessing.spawn`` re-raises in the te
 import copy
 import os
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -110,7 +111,9 @@ def _check(got: list[Tensor], want: list[Tensor], what: str) -> None:
 
 def _worker(rank: int, port: int, backend: str = "gloo") -> None:
     """One rank: ``gloo`` on CPU, or ``nccl`` with rank ``r`` on ``cuda:r``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":  # gloo binds to loopback, not to the host's first interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     device = torch.device("cpu")
     if backend == "nccl":

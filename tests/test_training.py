@@ -8,6 +8,7 @@ batch-norm statistics, the global RNG) must match it.
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -262,6 +263,10 @@ def test_torch_compile_aot_eager() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+    reason="inductor needs a C++ compiler on the CPU",
+)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_inductor() -> None:
     """Inductor code generation; compiling takes ~30 s on two CPU cores."""
