@@ -239,17 +239,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
             f"<= {args.rtol:g} over {len(result.cases)} cases"
         )
         return EXIT_OK
-    reason = (
-        f"worst relative error {result.worst:.2e}{where} > {args.rtol:g}"
-        if result.worst > args.rtol or not result.cases
-        else f"{len(result.errors)} case(s) raised"
-    )
-    if result.errors and result.worst <= args.rtol:
-        reason = f"{len(result.errors)} case(s) raised"
-    print(
-        f"FAIL {combination.name}: {reason}; the pose weights (or value) of this "
-        "combination do not match autograd of its value"
-    )
+    reasons = []
+    if not result.worst <= args.rtol:
+        reasons.append(
+            f"worst relative error {result.worst:.2e}{where} > {args.rtol:g}: the pose "
+            "weights do not match autograd of the combination's value"
+        )
+    if result.errors:
+        reasons.append(f"{len(result.errors)} case(s) raised (listed above)")
+    if not result.cases and not result.errors:
+        reasons.append("no case ran")
+    print(f"FAIL {combination.name}: {'; '.join(reasons)}")
     return EXIT_FAILED
 
 
@@ -347,7 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args: argparse.Namespace | None = None
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value arguments may follow options: `train --no-progress epochs=3 name=x`.
+        rest = getattr(args, "overrides", getattr(args, "params", None))
+        unknown = [a for a in extra if a.startswith("-") or rest is None]
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        if rest is not None:
+            rest.extend(extra)
         if args.version:
             import combframe
 

@@ -21,6 +21,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import combframe
 from combframe._data import make_dataset
 from combframe._reference import gradient_parity
 from combframe._train import (
@@ -32,6 +33,7 @@ from combframe._train import (
     spearman,
 )
 from combframe.cli import main
+from combframe.testing import isolated_registry, register_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_PLUGIN = Path(__file__).resolve().parent / "wrong_plugin"
@@ -269,7 +271,8 @@ def test_check_passes_for_shipped_combinations(
 
 
 def test_check_takes_parameters(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "max", "negate_preds=false", "pred_scale=3", "--poses", "3"]) == 0
+    args = ["check", "max", "negate_preds=false", "--poses", "3", "pred_scale=3"]
+    assert main(args) == 0
     assert "max(negate_preds=False, pred_scale=3.0)" in capsys.readouterr().out
 
 
@@ -306,6 +309,8 @@ def test_list_shows_third_party_plugins_and_load_errors(tmp_path: Path) -> None:
         (["check", "max", "--poses", "x"], "--poses"),
         (["check"], "NAME"),
         (["frobnicate"], "frobnicate"),
+        (["check", "max", "--fast"], "--fast"),
+        (["list", "extra=1"], "extra=1"),
     ],
 )
 def test_check_usage_errors_exit_2(
@@ -317,8 +322,6 @@ def test_check_usage_errors_exit_2(
 
 
 def test_parity_records_errors_when_asked() -> None:
-    import combframe
-
     class BadShape(combframe.BaseCombination):
         name = "bad_shape"
 
@@ -335,6 +338,43 @@ def test_parity_records_errors_when_asked() -> None:
     assert any(e.startswith("store/combined/N=2: ") for e in result.errors), result.errors
     with pytest.raises(Exception):  # noqa: B017 - whatever the core raises, it propagates
         gradient_parity(comb, n_poses=(2,), seeds=(0,))
+
+
+class PlainMean(combframe.BaseCombination):
+    """A mean without the streaming methods, registered in-process."""
+
+    name = "plain_mean"
+
+    def value(self, preds: torch.Tensor) -> torch.Tensor:
+        return preds.mean()
+
+
+class RaisingWeights(PlainMean):
+    name = "raising_weights"
+
+    def pose_weights(self, preds: torch.Tensor, combined: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("pose weights exploded")
+
+
+def test_in_process_plugins_train_and_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with isolated_registry():
+        register_plugin(PlainMean)
+        register_plugin(RaisingWeights)
+        assert main(["check", "plain_mean", "--seeds", "0", "--poses", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "PASS plain_mean" in out and "skip stream" in out
+        assert main(["check", "raising_weights", "--seeds", "0", "--poses", "3"]) == 1
+        out = capsys.readouterr().out
+        assert "RuntimeError: pose weights exploded" in out
+        assert "FAIL raising_weights" in out and "raised" in out
+        args = ["train", *TINY, f"output_dir={tmp_path}", "combination.name=plain_mean"]
+        assert main([*args, "strategy=stream"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("combframe train: error: strategy: ") and "plain_mean" in err
+        assert main([*args, "--no-progress", "strategy=recompute", "name=r"]) == 0
+    assert (tmp_path / "r" / "metrics.json").is_file()
 
 
 # ---- list, schema, entry points ---------------------------------------------------------
@@ -358,8 +398,6 @@ def test_list_for_people(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_schema_is_the_combination_config_schema(capsys: pytest.CaptureFixture[str]) -> None:
-    import combframe
-
     assert main(["schema"]) == 0
     schema: dict[str, Any] = json.loads(capsys.readouterr().out)
     assert schema == combframe.combination_config_schema()
