@@ -248,7 +248,6 @@ def test_recompute_without_check_is_silently_wrong_on_such_a_model() -> None:
     grads = {}
     for strategy in ("store", "recompute"):
         net = torch.nn.Sequential(make_mlp(seed=1), PrivateNoise())
-        net[0].requires_grad_(True)
         combined, _ = combframe.MultiPoseModel(net, "boltzmann", strategy=strategy)(make_poses(4))
         combined.backward()
         grads[strategy] = [p.grad for p in net.parameters()]
