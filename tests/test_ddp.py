@@ -32,13 +32,35 @@ from tests.conftest import make_mlp, make_poses
 
 WORLD = 2
 COMPOUNDS_PER_RANK = 2
-#: (strategy, loss kind): stream supports losses on the combined prediction only.
+#: (strategy, loss kind, model): stream supports losses on the combined prediction only;
+#: "partial" has a frozen layer and a parameter no pose uses, under DDP's default
+#: ``find_unused_parameters=False``.
 SCENARIOS = [
-    ("store", "both"),
-    ("recompute", "both"),
-    ("recompute", "per_pose"),
-    ("stream", "combined"),
+    ("store", "both", "mlp"),
+    ("recompute", "both", "mlp"),
+    ("recompute", "per_pose", "mlp"),
+    ("stream", "combined", "mlp"),
+    ("store", "both", "partial"),
+    ("recompute", "combined", "partial"),
 ]
+
+
+class _Partial(torch.nn.Module):
+    """An MLP behind a frozen layer, plus a parameter that no pose uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = torch.nn.Linear(5, 5).double().requires_grad_(False)
+        self.mlp = make_mlp(seed=5)
+        self.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(torch.tanh(self.frozen(x)))
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(4)
+    return make_mlp(seed=4) if name == "mlp" else _Partial()
 
 
 def _free_port() -> int:
@@ -71,7 +93,12 @@ def _reference_grads(base: torch.nn.Module, kind: str, steps: int) -> list[Tenso
             per_pose = torch.stack([model(p).reshape(()) for p in poses])
             total = total + loss_fn(comb.value(per_pose), per_pose)
         (total / len(everything)).backward()
-    return [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+    # combframe gives unused parameters zeros where the full graph leaves None.
+    return [
+        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for p in model.parameters()
+        if p.requires_grad
+    ]
 
 
 class _Counter:
@@ -121,15 +148,15 @@ def _worker(rank: int, port: int, backend: str = "gloo") -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
-        for strategy, kind in SCENARIOS:
-            _scenario(rank, strategy, kind, device)
+        for strategy, kind, model in SCENARIOS:
+            _scenario(rank, strategy, kind, model, device)
     finally:
         dist.destroy_process_group()
 
 
-def _scenario(rank: int, strategy: str, kind: str, device: torch.device) -> None:
-    base = make_mlp(seed=4)
-    what = f"rank {rank}, {strategy}/{kind}"
+def _scenario(rank: int, strategy: str, kind: str, model: str, device: torch.device) -> None:
+    base = _model(model)
+    what = f"rank {rank}, {strategy}/{kind}/{model}"
     multi = combframe.MultiPoseModel(
         copy.deepcopy(base).to(device), _combination(), strategy=strategy
     )
@@ -137,7 +164,7 @@ def _scenario(rank: int, strategy: str, kind: str, device: torch.device) -> None
     ids = None if device.type == "cpu" else [device.index]
     ddp = DistributedDataParallel(multi, device_ids=ids, bucket_cap_mb=100)
     ddp.register_comm_hook(counter, _counting_allreduce)  # type: ignore[arg-type]
-    params = list(multi.model.parameters())
+    params = [p for p in multi.model.parameters() if p.requires_grad]
 
     # One synchronised step.
     _step(ddp, rank, 0, kind, counter, device)
