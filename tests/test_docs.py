@@ -163,7 +163,7 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
         import combframe_expavg
         assert combframe_expavg.__file__.startswith(SITE), combframe_expavg.__file__
         comb = combframe.create_combination("expavg", kT=0.8)
-        result = gradient_parity(comb, n_poses=(1, 3, 6), seeds=(0, 1))
+        result = gradient_parity(comb, n_poses=(1, 4), seeds=(0,))
         assert result.passed, result
         # Only the per-pose losses, which the stream strategy refuses by design, are skipped.
         assert all(s.startswith(("stream/per_pose", "stream/both")) for s in result.skipped), (
