@@ -279,6 +279,7 @@ class Recompute(Strategy):
             if i == 0:
                 runner.require_grad(pred, i)
             preds.append(pred.detach())
+            del pred  # pose 0's graph must not outlive it: memory stays flat in N
         stacked = torch.stack(preds)
         return stacked, _RecomputedGradients(
             runner, list(poses), rng, autocast, stacked, self.check

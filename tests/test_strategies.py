@@ -394,3 +394,47 @@ def test_resolve_strategy_names_and_instances() -> None:
     assert repr(custom) == "Recompute(check=True)"
     with pytest.raises(ValueError, match=r"'keep'.*\['recompute', 'store', 'stream'\]"):
         resolve_strategy("keep")
+
+
+class Gated(torch.nn.Module):
+    """Per-atom gated MLP, summed: large activations and a sizeable parameter vector."""
+
+    def __init__(self, width: int = 96) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for lin in self.blocks:
+            z = lin(torch.nn.functional.layer_norm(h, h.shape[-1:]))
+            h = h + torch.nn.functional.silu(z) * torch.sigmoid(z)
+        return h.sum()
+
+
+def _peak_live_bytes(strategy: str, n: int) -> int:
+    """Peak live tensor bytes of one training step, from the profiler's memory events."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Gated().double()
+    poses = [torch.randn(400, 8, generator=gen, dtype=torch.float64) for _ in range(n)]
+    wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy=strategy)
+    wrapped(poses[:1])[0].backward()  # allocate .grad before measuring
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        combined, _ = wrapped(poses)
+        combined.backward()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "stream"])
+def test_peak_memory_is_flat_in_the_number_of_poses(strategy: str) -> None:
+    """Nothing of pose i (graph, gradients) may outlive it: peak at N=8 equals N=1's."""
+    one, many = _peak_live_bytes(strategy, 1), _peak_live_bytes(strategy, 8)
+    assert many <= 1.01 * one, f"peak {many} B at N=12 vs {one} B at N=1"
