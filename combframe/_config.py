@@ -133,7 +133,7 @@ class CombinationConfig(BaseModel):
 def _variant(name: str, aliases: tuple[str, ...], combination: type[BaseCombination]) -> Any:
     """Make a pydantic model for one combination: its ``Params`` plus a literal ``name``."""
     names = (name, *aliases)
-    literal = Literal.__getitem__(names)
+    literal: Any = Literal.__getitem__(names)
     description = (combination.__doc__ or "").strip().splitlines()
     return pydantic.create_model(
         f"{combination.__name__}Config",
