@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -27,12 +28,14 @@ from torch import Tensor
 from combframe._combination import BaseCombination, StreamingCombination
 from combframe._config import CombinationConfig
 from combframe._data import Compound, make_dataset
+from combframe._errors import CombinationError
 from combframe._model import MultiPoseModel
 
 __all__ = [
     "ConfigError",
     "RunResult",
     "TrainConfig",
+    "TrainingDivergedError",
     "apply_overrides",
     "compare",
     "load_config",
@@ -45,6 +48,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A training configuration that cannot be used; the message names the field."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite during training."""
 
 
 class TrainConfig(BaseModel):
@@ -102,7 +109,7 @@ class TrainConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "/" in value or "\\" in value or value in ".."):
+        if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value):
             raise ValueError(f"must be a plain folder name without slashes; got {value!r}")
         return value
 
@@ -171,12 +178,12 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            return value
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     return value
+
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -286,6 +293,8 @@ class RunResult:
         The content of ``metrics.json``.
     run_dir
         The run folder, or None when nothing was written.
+    notes
+        Things the user should know (a plot that could not be drawn).
     """
 
     combination: dict[str, Any]
@@ -378,6 +387,8 @@ def train(
     ------
     ConfigError
         If the device is unavailable or the strategy does not fit the combination.
+    TrainingDivergedError
+        If the loss stops being finite (the learning rate is too high).
     """
     from tqdm import tqdm
 
@@ -443,12 +454,17 @@ def train(
                 for b in range(0, n_train, config.batch_size):
                     batch = order[b : b + config.batch_size]
                     optimizer.zero_grad(set_to_none=True)
-                    for i in batch:
-                        compound = train_set[i]
-                        combined, _ = model(list(compound.poses))
-                        loss = (combined - compound.target) ** 2
-                        (loss / len(batch)).backward()
-                        total += float(loss.detach())
+                    try:
+                        for i in batch:
+                            compound = train_set[i]
+                            combined, _ = model(list(compound.poses))
+                            loss = (combined - compound.target) ** 2
+                            (loss / len(batch)).backward()
+                            total += float(loss.detach())
+                    except CombinationError as exc:  # non-finite per-pose predictions
+                        raise _diverged(epoch, config.lr, str(exc).split(";")[0]) from None
+                    if not math.isfinite(total):
+                        raise _diverged(epoch, config.lr, f"the loss is {total}")
                     optimizer.step()
                     schedule.step()
                     bar.update(1)
@@ -498,6 +514,12 @@ def train(
         folder = run_dir if run_dir is not None else new_run_dir(config)
         write_run(folder, resolved, result)
     return result
+
+
+def _diverged(epoch: int, lr: float, what: str) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"training diverged in epoch {epoch}: {what}; lower the learning rate (lr={lr:g})"
+    )
 
 
 def new_run_dir(config: TrainConfig, suffix: str = "") -> Path:

@@ -46,7 +46,7 @@ def _describe(combination: dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from combframe._train import ConfigError, compare, load_config, train
+    from combframe._train import ConfigError, TrainingDivergedError, compare, load_config, train
 
     try:
         config = load_config(args.config, args.overrides)
@@ -62,6 +62,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             results, folder = compare(config, args.compare.split(","), progress=progress)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    except TrainingDivergedError as exc:
+        print(f"combframe train: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
     if len(results) == 1:
         m = results[0].metrics

@@ -234,6 +234,14 @@ def test_cuda_without_cuda_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "device" in capsys.readouterr().err
 
 
+def test_diverging_training_exits_1_with_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--no-progress", *TINY, "lr=1e30", f"output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged" in err and "lr=1e+30" in err, err
+
+
 def test_overrides_walk_dotted_paths_and_reset_on_a_new_name() -> None:
     base = {"combination": {"name": "max", "pred_scale": 3.0}, "epochs": 2}
     out = apply_overrides(base, ["epochs=5", "lr=1e-3", "combination.pred_scale=7"])
@@ -242,6 +250,8 @@ def test_overrides_walk_dotted_paths_and_reset_on_a_new_name() -> None:
     out = apply_overrides(base, ["combination.name=boltzmann", "combination.kT=0.5"])
     assert out["combination"] == {"name": "boltzmann", "kT": 0.5}
     assert apply_overrides({}, ["name=null", "plot=false"]) == {"name": None, "plot": False}
+    plain = apply_overrides({}, ["name=nan", "a=inf", "b=1e3", "c=-2.5E-2", "d=x=y", "e=[1, 2]"])
+    assert plain == {"name": "nan", "a": "inf", "b": 1000.0, "c": -0.025, "d": "x=y", "e": [1, 2]}
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(base, ["=3"])
 
