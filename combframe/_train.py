@@ -303,6 +303,17 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _checked_combination(config: TrainConfig) -> BaseCombination:
+    """Build the combination, refusing a strategy it does not support."""
+    combination = config.build_combination()
+    if config.strategy == "stream" and not isinstance(combination, StreamingCombination):
+        raise ConfigError(
+            f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
+            "does not implement stream_terms; use strategy=store or strategy=recompute"
+        )
+    return combination
+
+
 def _resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -392,12 +403,7 @@ def train(
     """
     from tqdm import tqdm
 
-    combination = config.build_combination()
-    if config.strategy == "stream" and not isinstance(combination, StreamingCombination):
-        raise ConfigError(
-            f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
-            "does not implement stream_terms; use strategy=store or strategy=recompute"
-        )
+    combination = _checked_combination(config)
     device = _resolve_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     previous_threads = torch.get_num_threads()
@@ -605,6 +611,8 @@ def compare(
         if comb.name == config.combination.name:
             comb = config.combination
         configs.append(config.model_copy(update={"combination": comb}))
+        _checked_combination(configs[-1])  # refuse before the first run, not after it
+    _resolve_device(config.device)
     top = new_run_dir(config) if write else None
     results = []
     for i, cfg in enumerate(configs):

@@ -383,6 +383,10 @@ def test_in_process_plugins_train_and_check(
         assert main([*args, "strategy=stream"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("combframe train: error: strategy: ") and "plain_mean" in err
+        compare = ["train", "--compare", "max,plain_mean", *TINY, f"output_dir={tmp_path}"]
+        assert main([*compare, "strategy=stream"]) == 2
+        assert "plain_mean" in capsys.readouterr().err
+        assert not any(tmp_path.iterdir()), "compare must refuse before the first run"
         assert main([*args, "--no-progress", "strategy=recompute", "name=r"]) == 0
     assert (tmp_path / "r" / "metrics.json").is_file()
 
