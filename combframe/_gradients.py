@@ -72,7 +72,7 @@ class ParamLayout:
 
     def flatten_into(self, grads: Sequence[Tensor], out: Tensor) -> None:
         """Write one pose's parameter gradients into the ``P``-row ``out`` (one kernel)."""
-        torch.cat([g.reshape(-1) for g in grads], out=out)
+        torch.cat([g.detach().reshape(-1) for g in grads], out=out)
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Split a flat ``P``-vector into parameter-shaped views (no copy)."""
