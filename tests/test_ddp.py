@@ -14,6 +14,7 @@ Workers raise on a mismatch; ``torch.multiprocessing.spawn`` re-raises in the te
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations.
 import copy
+import gc
 import os
 import socket
 import sys
@@ -150,6 +151,11 @@ def _worker(rank: int, port: int, backend: str = "gloo") -> None:
     try:
         for strategy, kind, model in SCENARIOS:
             _scenario(rank, strategy, kind, model, device)
+            # Free each DDP reducer (and its comm-hook future callbacks) while the
+            # process group is alive; one collected at interpreter exit can abort the
+            # process ("terminate called without an active exception").
+            gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
