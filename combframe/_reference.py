@@ -27,6 +27,7 @@ __all__ = [
     "gradient_parity",
     "make_loss",
     "multipose_gradients",
+    "random_model",
 ]
 
 LossKind = Literal["combined", "per_pose", "both"]
@@ -137,14 +138,20 @@ def _relative_error(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def _random_model(seed: int, features: int) -> torch.nn.Module:
+def random_model(
+    seed: int, features: int, hidden: int = 16, dropout: float = 0.0
+) -> torch.nn.Module:
+    """Build a small float64 single-pose MLP with N(0, 1) weights drawn from ``seed``.
+
+    ``model(pose)`` maps a ``(1, features)`` pose to one element. With ``dropout > 0`` a
+    dropout layer follows the hidden activation (for RNG-replay checks).
+    """
     gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(features, 16),
-        torch.nn.Tanh(),
-        torch.nn.Linear(16, 1),
-        torch.nn.Flatten(0),
-    ).double()
+    layers: list[torch.nn.Module] = [torch.nn.Linear(features, hidden), torch.nn.Tanh()]
+    if dropout > 0:
+        layers.append(torch.nn.Dropout(dropout))
+    layers += [torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)]
+    model = torch.nn.Sequential(*layers).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -179,7 +186,7 @@ def gradient_parity(
     ParityResult
         ``passed`` is True when every relative error is at most ``rtol``.
     """
-    factory = model_factory or _random_model
+    factory = model_factory or random_model
     result = ParityResult(passed=True, worst=0.0, rtol=rtol)
     for seed in seeds:
         for n in n_poses:

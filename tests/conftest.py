@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from combframe._reference import random_model
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -17,17 +19,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def make_mlp(features: int = 5, hidden: int = 16, seed: int = 0) -> torch.nn.Module:
     """A small float64 single-pose model returning one element per pose."""
-    gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(features, hidden),
-        torch.nn.Tanh(),
-        torch.nn.Linear(hidden, 1),
-        torch.nn.Flatten(0),
-    ).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return random_model(seed, features, hidden)
 
 
 def make_poses(n: int, features: int = 5, seed: int = 0) -> list[torch.Tensor]:
