@@ -33,7 +33,7 @@ class BoltzmannParams(combframe.CombinationParams):
 
 
 class BoltzmannCombination(combframe.BaseCombination):
-    """Boltzmann-weighted mean over poses; see the module docstring for the math."""
+    """Boltzmann-weighted mean of the per-pose predictions, weights softmax(-y / kT)."""
 
     name = "boltzmann"
     Params = BoltzmannParams

@@ -33,7 +33,7 @@ class MaxParams(combframe.CombinationParams):
 
 
 class MaxCombination(combframe.BaseCombination):
-    """Smooth max / min over poses (LogSumExp); see the module docstring for the math."""
+    """Smooth maximum (or minimum, the default) of the per-pose predictions, via LogSumExp."""
 
     name = "max"
     Params = MaxParams

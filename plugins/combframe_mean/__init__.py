@@ -19,7 +19,7 @@ __all__ = ["MeanCombination", "MeanCombinationFunc"]
 
 
 class MeanCombination(combframe.BaseCombination):
-    """Mean over poses; see the module docstring for the math."""
+    """Arithmetic mean of the per-pose predictions."""
 
     name = "mean"
 
