@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ from torch import Tensor
 from combframe._combination import BaseCombination
 from combframe._errors import CombinationError
 from combframe._function import CombinationFunction
-from combframe._strategies import PoseRunner, Strategy, _map_tensors, resolve_strategy
+from combframe._strategies import PoseRunner, Strategy, resolve_strategy
 
 __all__ = ["MultiPoseModel"]
 
@@ -145,8 +144,8 @@ class MultiPoseModel(torch.nn.Module):
             )
         names, params = self._trainable()
         device = self._device(params)
-        self._check_devices(poses, device)
         runner = PoseRunner(self.model, self.pred_readout, params, self.move_poses, device)
+        runner.check_devices(poses)
         snapshot = self._snapshot_buffers()
         try:
             combined, per_pose = self._combine(runner, poses, names, params)
@@ -186,21 +185,6 @@ class MultiPoseModel(torch.nn.Module):
         if not self.training:
             return []
         return [(b, b.clone()) for b in self.buffers()]
-
-    def _check_devices(self, poses: Sequence[Any], device: torch.device) -> None:
-        """Raise before any pose runs if a pose holds a tensor on another device."""
-
-        def check(index: int, t: Tensor) -> Tensor:
-            if t.device != device and not self.move_poses:
-                raise CombinationError(
-                    f"pose {index} holds a tensor on {t.device}, but the model is on "
-                    f"{device}. Move the poses to the model's device, or pass "
-                    "move_poses=True to MultiPoseModel"
-                )
-            return t
-
-        for i, pose in enumerate(poses):
-            _map_tensors(pose, functools.partial(check, i))
 
     def _check_finite(self, preds: Tensor) -> None:
         if self.check_finite and not bool(torch.isfinite(preds).all()):

@@ -17,6 +17,7 @@ stream     ``k`` running ``P``-sums (online softmax)    combined prediction only
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -105,6 +106,16 @@ class PoseRunner:
                 "not depend on any trainable parameter (was it detached, or computed under "
                 "torch.no_grad() inside the model?)"
             )
+
+    def check_devices(self, poses: Sequence[Any]) -> None:
+        """Raise before any pose runs if a pose holds a tensor on another device.
+
+        Nothing to check with ``move_poses``: such tensors are moved when the pose runs.
+        """
+        if self.move_poses:
+            return
+        for i, pose in enumerate(poses):
+            _map_tensors(pose, functools.partial(self._check_device, i))
 
     def _place(self, index: int, pose: Any) -> Any:
         return _map_tensors(pose, lambda t: self._check_device(index, t))
