@@ -49,6 +49,7 @@ from torch import Tensor, nn
 import combframe
 from combframe._gradients import ParamLayout, StoredGradients
 from combframe._reference import _grads_of, full_graph_gradients, make_loss
+from combframe.testing import peak_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "loop", "store", "recompute", "stream")
@@ -197,22 +198,8 @@ def memory_worker(model_key: str, method: str, n: int, device_name: str, threads
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
             step(model, poses)
             result["rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - base
-        result["tensor_bytes"] = _profiled_peak(lambda: step(model, poses))
+        result["tensor_bytes"] = peak_tensor_bytes(lambda: step(model, poses))
     print(json.dumps(result))
-
-
-def _profiled_peak(fn: Callable[[], object]) -> int:
-    """Peak live CPU tensor bytes allocated while ``fn`` runs, from profiler memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _reset_peak_rss() -> bool:

@@ -1,4 +1,4 @@
-"""Test helpers for plugin authors: isolated registries and fake distributions.
+"""Test helpers for plugin authors: isolated registries, fake distributions, peak memory.
 
 Typical use in a plugin's own test suite::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,8 +40,29 @@ __all__ = [
     "combframe_registry",
     "fake_distribution",
     "isolated_registry",
+    "peak_tensor_bytes",
     "register_plugin",
 ]
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Return the peak live CPU tensor bytes allocated while ``fn`` runs.
+
+    Computed from the torch profiler's memory events (allocations minus frees, in
+    order), so it counts tensors only, not the allocator's caching; use it to check
+    that a strategy's memory stays flat in the number of poses.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = prof.profiler.kineto_results
+    events = [e for e in results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 @contextmanager

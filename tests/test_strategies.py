@@ -27,6 +27,7 @@ from combframe._reference import (
     multipose_gradients,
 )
 from combframe._strategies import PoseRunner, resolve_strategy
+from combframe.testing import peak_tensor_bytes
 from tests.conftest import make_mlp, make_poses
 
 RTOL = 1e-10
@@ -420,17 +421,12 @@ def _peak_live_bytes(strategy: str, n: int) -> int:
     poses = [torch.randn(400, 8, generator=gen, dtype=torch.float64) for _ in range(n)]
     wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy=strategy)
     wrapped(poses[:1])[0].backward()  # allocate .grad before measuring
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+
+    def step() -> None:
         combined, _ = wrapped(poses)
         combined.backward()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]  # type: ignore[union-attr]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+
+    return peak_tensor_bytes(step)
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "stream"])
