@@ -125,6 +125,13 @@ class ParityResult:
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def fail(self, case: str, exc: Exception, on_error: str) -> None:
+        """Record ``exc`` as a failed case, or re-raise it when ``on_error == "raise"``."""
+        if on_error == "raise":
+            raise exc
+        self.errors.append(f"{case}: {type(exc).__name__}: {exc}")
+        self.passed = False
+
     def worst_case(self) -> tuple[str, str, int, float] | None:
         """Return the case with the largest relative error, or None when no case ran."""
         return max(self.cases, key=lambda c: c[3], default=None)
@@ -200,10 +207,7 @@ def gradient_parity(
                 try:
                     want_c, want_p, want_g = full_graph_gradients(base, combination, poses, loss)
                 except Exception as exc:
-                    if on_error == "raise":
-                        raise
-                    result.errors.append(f"reference/{kind}/N={n}: {type(exc).__name__}: {exc}")
-                    result.passed = False
+                    result.fail(f"reference/{kind}/N={n}", exc, on_error)
                     continue
                 for strategy in strategies:
                     if strategy == "stream" and not isinstance(combination, StreamingCombination):
@@ -216,24 +220,13 @@ def gradient_parity(
                         got_c, got_p, got_g = multipose_gradients(
                             model, combination, poses, loss, strategy
                         )
-                    except StrategyError as exc:
-                        if kind != "combined":
+                    except Exception as exc:
+                        if isinstance(exc, StrategyError) and kind != "combined":
                             note = f"{strategy}/{kind}: {exc}"
                             if note not in result.skipped:
                                 result.skipped.append(note)
-                            continue
-                        if on_error == "raise":
-                            raise
-                        result.errors.append(f"{strategy}/{kind}/N={n}: StrategyError: {exc}")
-                        result.passed = False
-                        continue
-                    except Exception as exc:
-                        if on_error == "raise":
-                            raise
-                        result.errors.append(
-                            f"{strategy}/{kind}/N={n}: {type(exc).__name__}: {exc}"
-                        )
-                        result.passed = False
+                        else:
+                            result.fail(f"{strategy}/{kind}/N={n}", exc, on_error)
                         continue
                     err = max(
                         _relative_error(got_g, want_g),
