@@ -149,6 +149,16 @@ def test_examples_run(
     _run_blocks_in_process(path, blocks)
 
 
+def _run_with_site(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python *args`` with the installed example package importable; assert it exits 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
     """The guide's package, installed, registers through its entry point and passes parity."""
     check = textwrap.dedent(
@@ -174,16 +184,9 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
         print("worst", result.worst)
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_site), *sys.path])}
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", "-c", f"SITE = {str(example_site)!r}\n{check}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _run_with_site(
+        example_site, "-W", "error", "-c", f"SITE = {str(example_site)!r}\n{check}"
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert float(proc.stdout.split()[-1]) <= 1e-10
 
 
@@ -256,16 +259,7 @@ def test_api_reference_covers_public_api() -> None:
 
 def test_example_plugin_passes_combframe_check(example_site: Path) -> None:
     """The guide ends with ``combframe check expavg``; it passes on the installed package."""
-    if importlib.util.find_spec("combframe.cli") is None:
-        pytest.skip("the combframe command line is not part of this checkout")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example_site), *sys.path])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "combframe", "check", "expavg", "kT=2.0", "--seeds", "0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _run_with_site(
+        example_site, "-m", "combframe", "check", "expavg", "kT=2.0", "--seeds", "0"
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS expavg" in proc.stdout, proc.stdout
