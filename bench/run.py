@@ -14,10 +14,11 @@ backward) of
 * ``store``, ``recompute``, ``stream``: :class:`combframe.MultiPoseModel` strategies,
 
 and reports medians and ratios to the reference. Peak memory of one step is measured
-in a fresh subprocess per (model, method, N): on CPU the growth of
-``ru_maxrss`` over the baseline after imports, model and poses (and a warm-up step on
-one-atom poses, so that lazily loaded code is not counted); on CUDA
-``torch.cuda.max_memory_allocated`` over the allocated baseline. The combine step
+in a fresh subprocess per (model, method, N): on CPU the peak live tensor bytes from
+the torch profiler's memory events (what the targets use), and the growth of the peak
+resident set over the baseline after imports, model, poses and a warm-up step (which
+also counts the C allocator's caching); on CUDA ``torch.cuda.max_memory_allocated``
+over the allocated baseline. The combine step
 alone (store's matrix-vector product against the loop) is compared with the machine's
 streaming-read bandwidth, measured with a sum over a large tensor.
 """
