@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from combframe._batch import CompoundPredictions, default_collate
 from combframe._combination import (
     BaseCombination,
     Combination,
@@ -16,6 +17,7 @@ from combframe._errors import (
     PluginValidationError,
     PluginWarning,
     StrategyError,
+    StrategyWarning,
     UnknownCombinationError,
 )
 from combframe._function import CombinationFunction
@@ -46,6 +48,7 @@ __all__ = [
     "CombinationFunction",
     "CombinationInfo",
     "CombinationParams",
+    "CompoundPredictions",
     "MultiPoseModel",
     "ParamLayout",
     "ParameterInfo",
@@ -57,12 +60,14 @@ __all__ = [
     "Store",
     "Strategy",
     "StrategyError",
+    "StrategyWarning",
     "Stream",
     "StreamingCombination",
     "UnknownCombinationError",
     "__version__",
     "combination_config_schema",
     "create_combination",
+    "default_collate",
     "describe_combinations",
     "from_mtenn_config",
     "get_combination_class",

@@ -26,6 +26,7 @@ __all__ = [
     "Combination",
     "CombinationParams",
     "StreamingCombination",
+    "implements_value",
 ]
 
 
@@ -103,7 +104,8 @@ class StreamingCombination(Combination, Protocol):
 class BaseCombination(torch.nn.Module):
     r"""Base class of combination modules: parameters, mtenn-style call, serialization.
 
-    A subclass sets ``name`` and ``Params`` and writes :meth:`value`; it may write
+    A subclass sets ``name`` and ``Params`` and writes :meth:`value` (one compound) or
+    :meth:`segment_value` (a batch of compounds at once), or both; it may write
     :meth:`pose_weights` in closed form (otherwise autograd differentiates :meth:`value`
     on the N-vector of predictions alone, which never touches the model).
 
@@ -162,8 +164,43 @@ class BaseCombination(torch.nn.Module):
 
     # ---- the math a plugin supplies -----------------------------------------------
     def value(self, preds: Tensor) -> Tensor:
-        r"""Return :math:`h(y)` as a 0-d tensor, for ``preds`` of shape ``(N,)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement value(preds)")
+        r"""Return :math:`h(y)` as a 0-d tensor, for ``preds`` of shape ``(N,)``.
+
+        A subclass writes this method, :meth:`segment_value`, or both. The default
+        evaluates :meth:`segment_value` on one segment.
+        """
+        if not implements_value(type(self)):
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement value(preds) or "
+                "segment_value(preds, index, num_segments)"
+            )
+        index = torch.zeros(preds.shape[0], dtype=torch.long, device=preds.device)
+        return self.segment_value(preds, index, 1)[0]
+
+    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
+
+        Parameters
+        ----------
+        preds
+            The per-pose predictions of all compounds, flat, shape ``(M,)``.
+        index
+            The compound of each pose, shape ``(M,)``, sorted: the poses of one compound
+            are contiguous and every compound has at least one pose.
+        num_segments
+            The number of compounds ``C``.
+
+        The default calls :meth:`value` once per compound (a Python loop over compounds);
+        a combination written with the reductions of :mod:`combframe.segment` evaluates
+        a whole batch at once. Both are ordinary autograd on the ``M`` predictions.
+        """
+        if type(self).value is BaseCombination.value:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement value(preds) or "
+                "segment_value(preds, index, num_segments)"
+            )
+        sizes = torch.bincount(index, minlength=num_segments).tolist()
+        return torch.stack([self.value(p) for p in preds.split(sizes)])
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``).
@@ -210,6 +247,14 @@ class BaseCombination(torch.nn.Module):
             self, pred_list, grad_dict, param_names, *model_params
         )
         return out
+
+
+def implements_value(cls: type[BaseCombination]) -> bool:
+    """Whether ``cls`` writes :meth:`~BaseCombination.value` or ``segment_value``."""
+    return (
+        cls.value is not BaseCombination.value
+        or cls.segment_value is not BaseCombination.segment_value
+    )
 
 
 def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:

@@ -7,6 +7,7 @@ __all__ = [
     "PluginValidationError",
     "PluginWarning",
     "StrategyError",
+    "StrategyWarning",
     "UnknownCombinationError",
 ]
 
@@ -17,6 +18,10 @@ class CombinationError(ValueError):
 
 class StrategyError(RuntimeError):
     """A gradient strategy was asked for something it cannot compute exactly."""
+
+
+class StrategyWarning(UserWarning):
+    """A gradient strategy runs slower than asked (for example one pose per pass)."""
 
 
 class UnknownCombinationError(LookupError):

@@ -18,13 +18,18 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from combframe._combination import BaseCombination, as_pred_vector
 from combframe._errors import CombinationError, StrategyError
 from combframe._gradients import PoseGradients, StoredGradients, validate_grad_dict
 
-__all__ = ["CombinationFunction"]
+__all__ = [
+    "CombinationFunction",
+    "PosePredictions",
+    "StreamedPredictions",
+    "refuse_second_order",
+]
 
 GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
 
@@ -89,7 +94,6 @@ class CombinationFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(
         ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
@@ -101,26 +105,112 @@ class CombinationFunction(torch.autograd.Function):
         nones: tuple[None, ...] = (None,) * (lead + 3)
         if source is None or not any(needs) or (comb_grad is None and pose_grads is None):
             return nones + (None,) * len(needs)
-        if source.supports_pose_losses:
-            coeffs: Tensor | None = None
-            if comb_grad is not None:
-                coeffs = comb_grad * combination.pose_weights(preds, combined)
-            if pose_grads is not None:
-                coeffs = pose_grads if coeffs is None else coeffs + pose_grads
-            assert coeffs is not None
-            flat = source.contract(coeffs)
-        else:
-            if pose_grads is not None and bool(pose_grads.ne(0).any()):
-                raise StrategyError(
-                    f"the {source.strategy!r} strategy is exact only for losses on the "
-                    "combined prediction, but the loss also depends on the per-pose "
-                    "predictions. Use strategy='store' or strategy='recompute' for such losses."
-                )
-            if comb_grad is None:
-                return nones + (None,) * len(needs)
-            flat = source.contract_combined(comb_grad, combination, preds, combined)
-        grads = source.layout.views(flat)
+        refuse_second_order(source.strategy)
+        coeffs: Tensor | None = None
+        if comb_grad is not None:
+            coeffs = comb_grad * combination.pose_weights(preds, combined)
+        if pose_grads is not None:
+            coeffs = pose_grads if coeffs is None else coeffs + pose_grads
+        assert coeffs is not None
+        grads = source.contract(coeffs)
         return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+
+
+class PosePredictions(torch.autograd.Function):
+    r"""The per-pose predictions of a batch of compounds, as one differentiable function.
+
+    ``PosePredictions.apply(source, preds, *inputs)`` returns ``preds`` (the ``(M,)``
+    predictions a strategy computed) as a function of ``inputs`` (``source.targets.inputs``:
+    parameters and pose tensors). Its backward receives :math:`c = \partial L/\partial y`
+    and returns ``source.contract(c)``. Whatever combines the predictions (per compound)
+    and the loss are ordinary autograd on the ``M``-vector, so any loss on any mix of
+    combined and per-pose predictions is exact.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override,unused-ignore]
+        source: PoseGradients, preds: Tensor, *inputs: Tensor
+    ) -> Tensor:
+        return preds.clone()
+
+    @staticmethod
+    def setup_context(  # type: ignore[override,unused-ignore]
+        ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor
+    ) -> None:
+        ctx.source = inputs[0]  # type: ignore[attr-defined]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, coeffs: Tensor | None) -> tuple[Tensor | None, ...]:
+        source: PoseGradients = ctx.source  # type: ignore[attr-defined]
+        needs: tuple[bool, ...] = ctx.needs_input_grad[2:]  # type: ignore[attr-defined]
+        if coeffs is None or not any(needs):
+            return (None, None) + (None,) * len(needs)
+        refuse_second_order(source.strategy)
+        grads = source.contract(coeffs)
+        return (None, None, *(g if n else None for g, n in zip(grads, needs, strict=True)))
+
+
+class StreamedPredictions(torch.autograd.Function):
+    r"""Combined and per-pose predictions whose gradient comes from running sums (stream).
+
+    ``StreamedPredictions.apply(source, combined, preds, *inputs)`` returns
+    ``(combined, preds)``; its backward accepts a gradient on ``combined`` only, which
+    ``source.contract_combined`` turns into the inputs' gradients. A non-zero gradient on
+    the per-pose predictions cannot be honoured (the sums weight poses by the
+    combination's own weights) and raises :class:`~combframe.StrategyError`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override,unused-ignore]
+        source: PoseGradients, combined: Tensor, preds: Tensor, *inputs: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return combined.clone(), preds.clone()
+
+    @staticmethod
+    def setup_context(  # type: ignore[override,unused-ignore]
+        ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
+    ) -> None:
+        ctx.source = inputs[0]  # type: ignore[attr-defined]
+        ctx.combined = output[0].detach()  # type: ignore[attr-defined]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(
+        ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        source: PoseGradients = ctx.source  # type: ignore[attr-defined]
+        needs: tuple[bool, ...] = ctx.needs_input_grad[3:]  # type: ignore[attr-defined]
+        nones: tuple[None, ...] = (None,) * 3
+        if pose_grads is not None and bool(pose_grads.ne(0).any()):
+            raise StrategyError(
+                f"the {source.strategy!r} strategy is exact only for losses on the "
+                "combined prediction, but the loss also depends on the per-pose "
+                "predictions. Use strategy='store' or strategy='recompute' for such losses."
+            )
+        if comb_grad is None or not any(needs):
+            return nones + (None,) * len(needs)
+        refuse_second_order(source.strategy)
+        combined: Tensor = ctx.combined  # type: ignore[attr-defined]
+        grads = source.contract_combined(comb_grad, combined)
+        return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+
+
+def refuse_second_order(strategy: str) -> None:
+    """Raise if the backward runs with ``create_graph=True`` (a second derivative).
+
+    The per-pose graphs are gone by the time the backward runs, so a gradient of the
+    gradient would silently lack the model's second derivatives; refusing is the only
+    exact answer.
+    """
+    if torch.is_grad_enabled():
+        raise StrategyError(
+            f"a second-order gradient (backward or autograd.grad with create_graph=True, as "
+            f"in a gradient penalty) was asked through MultiPoseModel's {strategy!r} "
+            "strategy, which keeps no per-pose graph to differentiate again. Compute such a "
+            "loss on a full graph of the poses (call the single-pose model on each pose "
+            "and combine with combination.value), or leave create_graph off."
+        )
 
 
 def combine_forward(

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, final
+from typing import final
 
 import torch
 from torch import Tensor
 
 from combframe._errors import CombinationError
 
-if TYPE_CHECKING:
-    from combframe._combination import BaseCombination
-
-__all__ = ["ParamLayout", "PoseGradients", "StoredGradients", "validate_grad_dict"]
+__all__ = [
+    "GradTargets",
+    "ParamLayout",
+    "PoseGradients",
+    "StoredGradients",
+    "validate_grad_dict",
+]
 
 
 @final
@@ -72,6 +75,8 @@ class ParamLayout:
 
     def flatten_into(self, grads: Sequence[Tensor], out: Tensor) -> None:
         """Write one pose's parameter gradients into the ``P``-row ``out`` (one kernel)."""
+        if not grads:
+            return
         torch.cat([g.detach().reshape(-1) for g in grads], out=out)
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -82,10 +87,42 @@ class ParamLayout:
         ]
 
 
-class PoseGradients(ABC):
-    r"""Source of :math:`\sum_i c_i \, \partial y_i/\partial\theta` for one compound.
+@final
+class GradTargets:
+    """Everything the gradients of a pose graph go to, in the order of the Function's inputs.
 
-    Subclasses implement one gradient strategy. ``layout`` describes the parameters.
+    Parameters
+    ----------
+    layout
+        The trainable parameters (the model's, the readout's and any parameter the pose
+        graph reaches through a closure), flattened into one ``P``-vector.
+    pose_inputs
+        The distinct tensors inside the poses that require grad (positions for forces, the
+        output of an upstream encoder). Their gradients are returned to autograd, which
+        continues into whatever produced them.
+    """
+
+    __slots__ = ("layout", "pose_inputs", "slots")
+
+    def __init__(self, layout: ParamLayout, pose_inputs: Sequence[Tensor] = ()) -> None:
+        self.layout = layout
+        self.pose_inputs = tuple(pose_inputs)
+        self.slots = {id(t): k for k, t in enumerate(self.pose_inputs)}
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """Parameters, then pose tensors: the differentiable inputs of the Function."""
+        return self.layout.params + self.pose_inputs
+
+    def __len__(self) -> int:
+        return len(self.layout.params) + len(self.pose_inputs)
+
+
+class PoseGradients(ABC):
+    r"""Source of :math:`\sum_i c_i \, \partial y_i/\partial x` for every input :math:`x`.
+
+    Subclasses implement one gradient strategy. ``targets`` lists the inputs (the
+    parameters in ``targets.layout`` and the pose tensors that require grad).
     """
 
     #: Whether per-pose loss terms (a non-zero ``pose_grads``) can be honoured.
@@ -93,46 +130,69 @@ class PoseGradients(ABC):
     #: Name of the strategy, used in error messages.
     strategy: str = "store"
 
-    def __init__(self, layout: ParamLayout) -> None:
-        self.layout = layout
+    def __init__(self, targets: GradTargets | ParamLayout) -> None:
+        self.targets = targets if isinstance(targets, GradTargets) else GradTargets(targets)
+
+    @property
+    def layout(self) -> ParamLayout:
+        """Layout of the parameters (the flat ``P``-vector)."""
+        return self.targets.layout
 
     @abstractmethod
-    def contract(self, coeffs: Tensor) -> Tensor:
-        r"""Return the flat ``P``-vector :math:`\sum_i c_i\,\partial y_i/\partial\theta`."""
+    def contract(self, coeffs: Tensor) -> list[Tensor | None]:
+        r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` for each input :math:`x`.
 
-    def contract_combined(
-        self, comb_grad: Tensor, combination: BaseCombination, preds: Tensor, combined: Tensor
-    ) -> Tensor:
-        r"""Return :math:`\frac{\partial L}{\partial G} \sum_i w_i \, \partial y_i/\partial\theta`.
-
-        Here :math:`w_i = \partial h/\partial y_i` are the combination's pose weights.
-
-        The default forms the pose weights and calls :meth:`contract`; a strategy that
-        keeps only running sums (stream) overrides it.
+        ``coeffs`` has one entry per pose (``(M,)``); the result has one entry per input
+        of ``targets.inputs`` (``None`` for a pose tensor no pose depends on).
         """
-        return self.contract(comb_grad * combination.pose_weights(preds, combined))
+
+    def contract_combined(self, comb_grad: Tensor, combined: Tensor) -> list[Tensor | None]:
+        r"""Return the inputs' gradients for a loss on the combined predictions only.
+
+        ``comb_grad`` is :math:`\partial L/\partial G` and ``combined`` is :math:`G`,
+        one entry per compound. Only a
+        strategy that keeps per-compound running sums instead of per-pose information
+        (stream) implements it.
+        """
+        raise CombinationError(
+            f"the {self.strategy!r} gradient source answers per-pose coefficients only"
+        )
 
 
 @final
 class StoredGradients(PoseGradients):
-    """Per-pose gradients held in one contiguous ``(N, P)`` buffer (the store strategy).
+    """Per-pose gradients held in one contiguous ``(M, P)`` buffer (the store strategy).
 
     Parameters
     ----------
-    layout
-        Layout of the parameters (the buffer's columns).
+    targets
+        The inputs (the buffer's columns are the parameters of ``targets.layout``).
     buffer
-        Row ``i`` holds pose ``i``'s flattened gradient.
+        Row ``i`` holds pose ``i``'s flattened parameter gradient.
+    pose_rows
+        For each pose tensor of ``targets`` (same order): the poses that read it, as a
+        ``(k,)`` index, and their gradients with respect to it, stacked ``(k, *shape)``.
     """
 
     strategy = "store"
 
-    def __init__(self, layout: ParamLayout, buffer: Tensor) -> None:
-        super().__init__(layout)
+    def __init__(
+        self,
+        targets: GradTargets | ParamLayout,
+        buffer: Tensor,
+        pose_rows: Sequence[tuple[Tensor, Tensor]] = (),
+    ) -> None:
+        super().__init__(targets)
         self.buffer = buffer
+        self.pose_rows = tuple(pose_rows)
 
-    def contract(self, coeffs: Tensor) -> Tensor:
-        return torch.mv(self.buffer.t(), coeffs.to(self.buffer.dtype))
+    def contract(self, coeffs: Tensor) -> list[Tensor | None]:
+        flat = torch.mv(self.buffer.t(), coeffs.to(self.buffer.dtype))
+        grads: list[Tensor | None] = list(self.layout.views(flat))
+        for (rows, stacked), t in zip(self.pose_rows, self.targets.pose_inputs, strict=True):
+            weights = coeffs[rows].to(stacked.dtype)
+            grads.append(torch.tensordot(weights, stacked, dims=1).reshape(t.shape))
+        return grads
 
     @classmethod
     def from_grad_dict(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 
+from combframe._batch import CompoundPredictions, Segments
 from combframe._combination import BaseCombination
 from combframe._errors import CombinationError
-from combframe._function import CombinationFunction
+from combframe._function import PosePredictions, StreamedPredictions
 from combframe._strategies import PoseRunner, Strategy, resolve_strategy
 
 __all__ = ["MultiPoseModel"]
@@ -74,9 +75,20 @@ class MultiPoseModel(torch.nn.Module):
         comb_readout: Callable[[Tensor], Tensor] | None = None,
         check_finite: bool = True,
         move_poses: bool = False,
+        chunk_size: int = 1,
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         super().__init__()
         from combframe._registry import resolve_combination
+
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(
+                f"chunk_size must be an integer >= 1 (poses per pass); got {chunk_size!r}"
+            )
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be callable (a list of poses -> batch); got {collate!r}")
+        self.chunk_size = chunk_size
+        self.collate = collate
 
         self.model = model
         self.combination: BaseCombination = resolve_combination(combination)
@@ -87,21 +99,14 @@ class MultiPoseModel(torch.nn.Module):
         self.move_poses = move_poses
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}"
+        return f"strategy={self.strategy!r}, chunk_size={self.chunk_size}"
 
-    def _trainable(self) -> tuple[list[str], list[Tensor]]:
-        named = list(self.model.named_parameters(prefix="model"))
+    def _trainable(self) -> list[Tensor]:
+        """Return the trainable parameters of the model and the readout, each once, in order."""
+        found = list(self.model.parameters())
         if isinstance(self.pred_readout, torch.nn.Module):
-            named += list(self.pred_readout.named_parameters(prefix="pred_readout"))
-        seen: set[int] = set()
-        names: list[str] = []
-        params: list[Tensor] = []
-        for name, p in named:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                names.append(name)
-                params.append(p)
-        return names, params
+            found += list(self.pred_readout.parameters())
+        return [p for p in dict.fromkeys(found) if p.requires_grad]
 
     def _device(self, params: Sequence[Tensor]) -> torch.device:
         for t in params:
@@ -112,68 +117,148 @@ class MultiPoseModel(torch.nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def forward(self, poses: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        """Predict one compound from its poses.
+    @overload
+    def forward(self, poses: Sequence[Any]) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def forward(self, *, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions: ...
+
+    def forward(
+        self,
+        poses: Sequence[Any] | None = None,
+        *,
+        compounds: Sequence[Sequence[Any]] | None = None,
+    ) -> tuple[Tensor, Tensor] | CompoundPredictions:
+        """Predict one compound from its poses, or a batch of compounds.
 
         Parameters
         ----------
         poses
-            The compound's poses; each is passed to the single-pose model as it is
-            (a tensor, dict, tuple or any object the model accepts).
+            One compound's poses; each is passed to the single-pose model as it is (a
+            tensor, dict, tuple or any object the model accepts), or collated into
+            chunks of ``chunk_size``.
+        compounds
+            Instead of ``poses`` (keyword only): a batch of compounds, each a list of
+            poses. The poses of all compounds run in shared chunks and one backward
+            serves the whole batch. :meth:`forward_compounds` is the same call.
 
         Returns
         -------
-        combined, per_pose
-            The combined prediction (0-d tensor) and the per-pose predictions (shape
-            ``(N,)``), both differentiable with respect to the model's parameters.
+        tuple or CompoundPredictions
+            For ``poses``: the combined prediction (0-d tensor) and the per-pose
+            predictions (shape ``(N,)``). For ``compounds``: a
+            :class:`~combframe.CompoundPredictions` of the ``(C,)`` combined predictions,
+            the ``(M,)`` per-pose predictions and their ``(M,)`` compound index. All are
+            differentiable with respect to the model's parameters and to any tensor in
+            the poses that requires grad.
 
         Raises
         ------
         CombinationError
-            If ``poses`` is empty, a prediction does not have exactly one element, does
-            not depend on a trainable parameter, is not finite (with ``check_finite``),
-            or a pose is on another device than the model (checked for every pose
-            before the model runs). After any error, ``.grad`` fields and buffers are
-            as they were before the call.
+            If there are no poses, a prediction does not have exactly one element per
+            pose, does not depend on anything trainable, is not finite (with
+            ``check_finite``), or a pose is on another device than the model (checked for
+            every pose before the model runs). After any error, ``.grad`` fields and
+            buffers are as they were before the call.
         """
-        if isinstance(poses, Tensor | dict) or not isinstance(poses, Sequence):
-            poses = list(poses) if not isinstance(poses, dict) else [poses]
-        if len(poses) == 0:
+        if (poses is None) == (compounds is None):
+            raise TypeError(
+                "MultiPoseModel takes the poses of one compound, model(poses), or a batch "
+                "of compounds, model(compounds=[poses_1, poses_2, ...]); got "
+                + ("neither" if poses is None else "both")
+            )
+        if compounds is None:
+            assert poses is not None
+            result = self._run([_as_pose_list(poses)])
+            return result.combined[0], result.per_pose
+        batch = [_as_pose_list(c) for c in compounds]
+        if not batch:
+            raise CombinationError("compounds is empty: a batch needs at least one compound")
+        empty = [c for c, p in enumerate(batch) if len(p) == 0]
+        if empty:
+            raise CombinationError(
+                f"compounds {empty[:10]} have no poses: each compound needs at least one pose"
+            )
+        return self._run(batch)
+
+    def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
+        """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
+        out: CompoundPredictions = self(compounds=compounds)
+        return out
+
+    def _run(self, compounds: list[list[Any]]) -> CompoundPredictions:
+        if len(compounds[0]) == 0 and len(compounds) == 1:
             raise CombinationError(
                 "poses is empty: a compound needs at least one pose to be predicted"
             )
-        names, params = self._trainable()
+        poses = [p for c in compounds for p in c]
+        params = self._trainable()
         device = self._device(params)
-        runner = PoseRunner(self.model, self.pred_readout, params, self.move_poses, device)
-        runner.check_devices(poses)
+        runner = PoseRunner(
+            self.model,
+            self.pred_readout,
+            params,
+            self.move_poses,
+            device,
+            chunk_size=self.chunk_size,
+            collate=self.collate,
+        )
+        runner.scan(poses)
+        segments = Segments.from_sizes([len(c) for c in compounds], device)
         snapshot = self._snapshot_buffers()
         try:
-            combined, per_pose = self._combine(runner, poses, names, params)
+            combined, per_pose = self._combine(runner, poses, segments)
         except BaseException:
             if snapshot:
                 torch._foreach_copy_([b for b, _ in snapshot], [c for _, c in snapshot])
             raise
         if self.comb_readout is not None:
             combined = self.comb_readout(combined)
-        return combined, per_pose
+        return CompoundPredictions(combined, per_pose, segments.index)
 
     def _combine(
-        self, runner: PoseRunner, poses: Sequence[Any], names: list[str], params: list[Tensor]
+        self, runner: PoseRunner, poses: Sequence[Any], segments: Segments
     ) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and params:
-            preds, source = self.strategy.collect(runner, poses, self.combination)
-            preds = self._promote(preds, params[0].dtype)
+        count = segments.count
+        if self._needs_graph(runner, poses):
+            preds, source = self.strategy.collect(runner, poses, segments, self.combination)
+            preds = self._promote(preds, source.layout.dtype)
             self._check_finite(preds)
-            out: tuple[Tensor, Tensor] = CombinationFunction.apply(  # type: ignore[no-untyped-call]
-                self.combination, preds, source, names, *params
+            inputs = source.targets.inputs
+            if source.supports_pose_losses:
+                per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]
+                    source, preds, *inputs
+                )
+                combined = self.combination.segment_value(per_pose, segments.index, count)
+                return combined, per_pose
+            with torch.no_grad():
+                combined = self.combination.segment_value(preds, segments.index, count)
+            out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]
+                source, combined, preds, *inputs
             )
             return out
         with torch.no_grad():
-            preds = torch.stack([runner.predict(i, pose) for i, pose in enumerate(poses)])
-            if params:
-                preds = self._promote(preds, params[0].dtype)
+            chunks = runner.chunks(len(poses))
+            preds = torch.cat([runner.predict(poses[s:e], s) for s, e in chunks])
+            if runner.params:
+                preds = self._promote(preds, runner.params[0].dtype)
             self._check_finite(preds)
-            return self.combination.value(preds), preds
+            return self.combination.segment_value(preds, segments.index, count), preds
+
+    @staticmethod
+    def _needs_graph(runner: PoseRunner, poses: Sequence[Any]) -> bool:
+        """Whether gradients are wanted: grad mode, and something in the graph needs them.
+
+        Without trainable parameters or pose tensors that require grad, the first chunk
+        is run with a graph to see whether it reaches a parameter through a closure.
+        """
+        if not torch.is_grad_enabled():
+            return False
+        if runner.params or runner.pose_inputs:
+            return True
+        with torch.enable_grad():
+            probe = runner.predict(poses[: runner.chunk_size], 0)
+        return probe.requires_grad
 
     @staticmethod
     def _promote(preds: Tensor, dtype: torch.dtype) -> Tensor:
@@ -194,3 +279,12 @@ class MultiPoseModel(torch.nn.Module):
                 f"non-finite per-pose predictions at poses {bad} (values {values}); check "
                 "the model and its inputs, or pass check_finite=False to MultiPoseModel"
             )
+
+
+def _as_pose_list(poses: Any) -> list[Any]:
+    """Return one compound's poses as a list (a tensor is split along its first dimension)."""
+    if isinstance(poses, dict):
+        return [poses]
+    if isinstance(poses, Tensor) or not isinstance(poses, Sequence):
+        return list(poses)
+    return list(poses)

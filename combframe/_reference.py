@@ -26,6 +26,7 @@ __all__ = [
     "full_graph_gradients",
     "gradient_parity",
     "make_loss",
+    "mtenn_gradients",
     "multipose_gradients",
     "random_model",
 ]
@@ -93,6 +94,35 @@ def multipose_gradients(
 
     model.zero_grad(set_to_none=True)
     combined, per_pose = MultiPoseModel(model, combination, strategy=strategy)(list(poses))
+    loss(combined, per_pose).backward()
+    return combined.detach(), per_pose.detach(), _grads_of(model)
+
+
+def mtenn_gradients(
+    model: torch.nn.Module,
+    combination: BaseCombination,
+    poses: Sequence[Any],
+    loss: LossFn,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Return what :func:`full_graph_gradients` does, through the mtenn-style call.
+
+    Per-pose gradients are collected by hand into mtenn's ``grad_dict`` and combined by
+    ``combination(pred_list, grad_dict, param_names, *model_params)``, whose backward
+    uses the combination's :meth:`~combframe.BaseCombination.pose_weights`.
+    """
+    model.zero_grad(set_to_none=True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
+    preds: list[Tensor] = []
+    grad_dict: dict[str, list[Tensor]] = {n: [] for n in names}
+    for pose in poses:
+        pred = model(pose).reshape(())
+        grads = torch.autograd.grad(pred, params, allow_unused=True, materialize_grads=True)
+        for n, g in zip(names, grads, strict=True):
+            grad_dict[n].append(g)
+        preds.append(pred.detach())
+    combined, per_pose = combination(preds, grad_dict, names, *params)
     loss(combined, per_pose).backward()
     return combined.detach(), per_pose.detach(), _grads_of(model)
 
@@ -168,7 +198,7 @@ def random_model(
 def gradient_parity(
     combination: BaseCombination,
     *,
-    strategies: Sequence[str] = ("store", "recompute", "stream"),
+    strategies: Sequence[str] = ("store", "recompute", "stream", "mtenn"),
     losses: Sequence[LossKind] = LOSSES,
     n_poses: Sequence[int] = (1, 2, 7),
     seeds: Sequence[int] = (0, 1),
@@ -181,7 +211,10 @@ def gradient_parity(
 
     Random models and poses are drawn for every seed and N; for each strategy and loss
     the gradients of every parameter from :class:`~combframe.MultiPoseModel` are compared
-    with those of the full-graph reference. Strategies that do not support a loss
+    with those of the full-graph reference; ``"mtenn"`` checks the mtenn-style call
+    ``combination(pred_list, grad_dict, param_names, *params)``, whose backward uses the
+    closed-form :meth:`~combframe.BaseCombination.pose_weights`. Strategies that do not
+    support a loss
     (``stream`` with a per-pose loss) are skipped after checking that they refuse it.
 
     With ``on_error="record"`` an exception raised by the combination (a wrong shape of
@@ -217,9 +250,12 @@ def gradient_parity(
                         continue
                     model = copy.deepcopy(base)
                     try:
-                        got_c, got_p, got_g = multipose_gradients(
-                            model, combination, poses, loss, strategy
-                        )
+                        if strategy == "mtenn":
+                            got_c, got_p, got_g = mtenn_gradients(model, combination, poses, loss)
+                        else:
+                            got_c, got_p, got_g = multipose_gradients(
+                                model, combination, poses, loss, strategy
+                            )
                     except Exception as exc:
                         if isinstance(exc, StrategyError) and kind != "combined":
                             note = f"{strategy}/{kind}: {exc}"

@@ -38,7 +38,7 @@ import pluggy
 from pydantic.fields import FieldInfo
 
 from combframe import _hookspecs
-from combframe._combination import BaseCombination, CombinationParams
+from combframe._combination import BaseCombination, CombinationParams, implements_value
 from combframe._errors import (
     CombinationError,
     PluginValidationError,
@@ -345,8 +345,11 @@ def _validate_class(obj: object, source: _Source) -> _Entry:
             f"{_qualname(obj)}.Params declares a parameter called 'name', which is "
             "reserved for the combination name in configs; rename the parameter"
         )
-    if obj.value is BaseCombination.value:
-        raise _PluginFailureError(f"{_qualname(obj)} does not implement value(preds)")
+    if not implements_value(obj):
+        raise _PluginFailureError(
+            f"{_qualname(obj)} implements neither value(preds) nor "
+            "segment_value(preds, index, num_segments)"
+        )
     aliases = tuple(a for a in _names(obj, "aliases") if a != name)
     deprecated = tuple(a for a in _names(obj, "deprecated_aliases") if a != name)
     both = set(aliases) & set(deprecated)

@@ -1,35 +1,42 @@
-r"""Gradient strategies: how per-pose gradients are obtained for the shared Function.
+r"""Gradient strategies: how the gradients of the per-pose predictions are obtained.
 
-Each strategy runs the single-pose model over the poses of one compound, never holding
-more than one pose's autograd graph, and returns the detached per-pose predictions and
-a :class:`~combframe.PoseGradients` that answers the backward's contraction.
+Each strategy runs the single-pose model over the flat list of poses of a batch of
+compounds, ``chunk_size`` poses per pass, never holding more than one chunk's autograd
+graph, and returns the detached ``(M,)`` predictions and a
+:class:`~combframe.PoseGradients` that answers the backward.
 
 =========  ===========================================  ===============================
 strategy   held between forward and backward            losses supported
 =========  ===========================================  ===============================
-store      ``(N, P)`` per-pose gradients                any (combined and per-pose)
+store      ``(M, P)`` per-pose gradients                any (combined and per-pose)
 recompute  the poses and their RNG states; one ``P``    any
            accumulator during backward
-stream     ``k`` running ``P``-sums (online softmax)    combined prediction only
+stream     ``k`` running ``P``-sums per compound        combined predictions only
+           (online softmax)
 =========  ===========================================  ===============================
+
+Gradients go to every input of the pose graph: the model's (and the readout's) trainable
+parameters, tensors inside the poses that require grad, and leaf tensors the graph
+reaches through a closure (found by walking the first chunk's graph).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, final
 
 import torch
 from torch import Tensor
 
+from combframe._batch import Segments, default_collate, each_tensor, map_tensors
 from combframe._combination import BaseCombination, StreamingCombination
-from combframe._errors import CombinationError, StrategyError
-from combframe._gradients import ParamLayout, PoseGradients, StoredGradients
+from combframe._errors import CombinationError, StrategyError, StrategyWarning
+from combframe._gradients import GradTargets, ParamLayout, PoseGradients, StoredGradients
+from combframe.segment import segment_max, segment_sum
 
 __all__ = [
     "PoseRunner",
@@ -40,21 +47,67 @@ __all__ = [
     "resolve_strategy",
 ]
 
+Aliases = dict[int, Tensor]
+
+
+def _graph_mark() -> int:
+    """Return a sequence number below that of every autograd node created from now on."""
+    with torch.enable_grad():
+        probe = torch.empty(0, requires_grad=True)
+        node = probe.view(0).grad_fn
+    assert node is not None
+    return int(node._sequence_nr())
+
+
+def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[str]]:
+    """Walk ``y``'s graph: leaves it reaches that are not ``known``, and older nodes.
+
+    A node older than ``mark`` belongs to a graph built before the chunk ran: a tensor
+    that requires grad and was captured by the model from outside.
+    """
+    leaves: dict[int, Tensor] = {}
+    foreign: list[str] = []
+    seen: set[Any] = set()
+    stack = [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            if id(variable) not in known:
+                leaves.setdefault(id(variable), variable)
+            continue
+        if node._sequence_nr() < mark:
+            foreign.append(node.name())
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(leaves.values()), foreign
+
 
 @final
 class PoseRunner:
-    """Runs the single-pose model on one pose and checks what comes back.
+    """Runs the single-pose model on chunks of poses and checks what comes back.
 
     Parameters
     ----------
     model
-        The single-pose model; ``model(pose)`` returns one element.
+        The single-pose model. With ``chunk_size=1`` it is called on each pose and
+        returns one element; otherwise on ``collate(chunk)`` and returns one element per
+        pose of the chunk.
     pred_readout
-        Optional callable applied to each pose's prediction.
+        Optional callable applied to the model's output (per pose, or per chunk).
     params
-        The trainable parameters gradients are collected for.
+        The trainable parameters of the model and the readout.
     move_poses
         Move tensors in a pose to the model's device instead of raising.
+    device
+        The model's device.
+    chunk_size
+        Poses per pass.
+    collate
+        Builds one batch from a list of poses (chunked runs only).
     """
 
     def __init__(
@@ -64,61 +117,165 @@ class PoseRunner:
         params: Sequence[Tensor],
         move_poses: bool,
         device: torch.device,
+        chunk_size: int = 1,
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.model = model
         self.pred_readout = pred_readout
-        self.layout = ParamLayout(params)
-        self.params = self.layout.params
+        self.params = tuple(params)
         self.move_poses = move_poses
         self.device = device
+        self.chunk_size = chunk_size
+        self.batched = chunk_size > 1
+        self.collate = collate or default_collate
+        self.pose_inputs: tuple[Tensor, ...] = ()
+        self.targets = GradTargets(ParamLayout(self.params))
+        self._mark = 0
 
-    def predict(self, index: int, pose: Any) -> Tensor:
-        """Return the 0-d prediction for ``pose`` (with a graph when grad mode is on)."""
-        pose = self._place(index, pose)
-        out = self.model(pose)
+    # ---- before any pose runs --------------------------------------------------------
+    def scan(self, poses: Sequence[Any]) -> None:
+        """Check every pose's devices; find the pose tensors that require grad.
+
+        Raises before any pose runs if a pose holds a tensor on another device (unless
+        ``move_poses``).
+        """
+        found: dict[int, Tensor] = {}
+        params = {id(p) for p in self.params}
+        grad = torch.is_grad_enabled()
+        for i, pose in enumerate(poses):
+            for t in each_tensor(pose):
+                if not self.move_poses:
+                    self._check_device(i, t)
+                if grad and t.requires_grad and id(t) not in params:
+                    found.setdefault(id(t), t)
+        self.pose_inputs = tuple(found.values())
+        self.targets = GradTargets(ParamLayout(self.params), self.pose_inputs)
+
+    def chunks(self, m: int, start: int = 0) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each chunk of a flat list of ``m`` poses."""
+        step = self.chunk_size
+        return [(s, min(s + step, m)) for s in range(start, m, step)]
+
+    # ---- running ---------------------------------------------------------------------
+    def aliases(self, poses: Sequence[Any]) -> Aliases:
+        """Fresh leaves standing in for the pose tensors that require grad.
+
+        The model runs on these, so that gradients stop at the pose tensors (and reach
+        whatever produced them through the Function's inputs, exactly once).
+        """
+        if not self.pose_inputs:
+            return {}
+        slots = self.targets.slots
+        out: Aliases = {}
+        for pose in poses:
+            for t in each_tensor(pose):
+                if id(t) in slots and id(t) not in out:
+                    out[id(t)] = t.detach().requires_grad_(True)
+        return out
+
+    def predict(self, poses: Sequence[Any], start: int, aliases: Aliases | None = None) -> Tensor:
+        """Return the ``(b,)`` predictions of ``b`` poses (with a graph in grad mode)."""
+        if torch.is_grad_enabled():
+            self._mark = _graph_mark()
+        placed = [
+            self._place(start + k, self._substitute(pose, aliases)) for k, pose in enumerate(poses)
+        ]
+        out = self.model(self.collate(placed) if self.batched else placed[0])
         if not isinstance(out, Tensor):
             raise CombinationError(
-                f"the model returned {type(out).__name__} for pose {index}; it must return "
-                "a tensor with one element (the pose's prediction)"
+                f"the model returned {type(out).__name__} for {self.what(start, len(poses))}; "
+                "it must return a tensor with one element per pose (the prediction)"
             )
         if self.pred_readout is not None:
             out = self.pred_readout(out)
-        if out.numel() != 1:
+        if out.numel() != len(poses):
+            if not self.batched:
+                raise CombinationError(
+                    f"the model's prediction for pose {start} has shape {tuple(out.shape)}; "
+                    "it must have exactly one element. Reduce it in the model (e.g. .sum()) "
+                    "or pass pred_readout"
+                )
             raise CombinationError(
-                f"the model's prediction for pose {index} has shape {tuple(out.shape)}; "
-                "it must have exactly one element. Reduce it in the model (e.g. .sum()) "
-                "or pass pred_readout"
+                f"the model returned shape {tuple(out.shape)} for "
+                f"{self.what(start, len(poses))}; with chunk_size={self.chunk_size} it must "
+                f"return one prediction per pose of the collated batch ({len(poses)} "
+                "elements), e.g. a per-graph sum over the batch vector"
             )
-        return out.reshape(())
+        return out.reshape(len(poses))
 
-    def grads(self, pred: Tensor, index: int, weight: Tensor | None = None) -> tuple[Tensor, ...]:
-        """Gradients of ``pred`` (times ``weight``) w.r.t. the parameters; zeros for unused ones."""
-        self.require_grad(pred, index)
-        return torch.autograd.grad(
-            pred, self.params, grad_outputs=weight, allow_unused=True, materialize_grads=True
-        )
-
-    def require_grad(self, pred: Tensor, index: int) -> None:
-        """Raise if ``pred`` (pose ``index``) does not depend on a trainable parameter."""
+    def require_grad(self, pred: Tensor, start: int) -> None:
+        """Raise if ``pred`` does not depend on anything that requires grad."""
         if not pred.requires_grad:
             raise CombinationError(
-                f"the model's prediction for pose {index} does not require grad: it does "
+                f"the model's prediction for pose {start} does not require grad: it does "
                 "not depend on any trainable parameter (was it detached, or computed under "
                 "torch.no_grad() inside the model?)"
             )
 
-    def check_devices(self, poses: Sequence[Any]) -> None:
-        """Raise before any pose runs if a pose holds a tensor on another device.
+    def discover(self, pred: Tensor, aliases: Aliases) -> None:
+        """Walk the first chunk's graph; add the leaves it reaches to the targets.
 
-        Nothing to check with ``move_poses``: such tensors are moved when the pose runs.
+        Raises
+        ------
+        CombinationError
+            If the graph reaches a tensor that requires grad and was computed before the
+            model ran (captured from outside): its gradient could not reach what
+            produced it.
         """
-        if self.move_poses:
-            return
-        for i, pose in enumerate(poses):
-            _map_tensors(pose, functools.partial(self._check_device, i))
+        known = {id(p) for p in self.params} | {id(a) for a in aliases.values()}
+        leaves, foreign = _reached(pred, known, self._mark)
+        if foreign:
+            raise CombinationError(
+                "the model's prediction depends on a tensor that requires grad and was "
+                "computed outside the model (its graph reaches "
+                + ", ".join(sorted(set(foreign))[:5])
+                + "), captured by the model or pred_readout rather than passed in the pose. "
+                "Gradients cannot flow back through it: put that tensor in the poses (its "
+                "gradient then continues upstream) or detach it."
+            )
+        if leaves:
+            self.targets = GradTargets(ParamLayout(self.params + tuple(leaves)), self.pose_inputs)
+
+    def grads(
+        self,
+        pred: Tensor,
+        aliases: Aliases,
+        weight: Tensor | None = None,
+        retain: bool = False,
+    ) -> tuple[Sequence[Tensor], list[tuple[int, Tensor]]]:
+        """Gradients of ``pred`` (weighted by ``weight``) w.r.t. every target.
+
+        Returns the parameters' gradients (zeros for unused ones) and ``(slot, grad)``
+        for each pose tensor of the chunk.
+        """
+        params = self.targets.layout.params
+        slots = [self.targets.slots[k] for k in aliases]
+        got = torch.autograd.grad(
+            pred,
+            params + tuple(aliases.values()),
+            grad_outputs=weight,
+            retain_graph=retain,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        n = len(params)
+        return got[:n], list(zip(slots, got[n:], strict=True))
+
+    # ---- helpers -----------------------------------------------------------------------
+    def what(self, start: int, b: int) -> str:
+        """Name pose ``start`` or the chunk of ``b`` poses from it, for messages."""
+        return f"pose {start}" if b == 1 else f"the chunk of poses {start}..{start + b - 1}"
+
+    @staticmethod
+    def _substitute(pose: Any, aliases: Aliases | None) -> Any:
+        if not aliases:
+            return pose
+        return map_tensors(pose, lambda t: aliases.get(id(t), t))
 
     def _place(self, index: int, pose: Any) -> Any:
-        return _map_tensors(pose, lambda t: self._check_device(index, t))
+        if not self.move_poses:
+            return pose
+        return map_tensors(pose, lambda t: self._check_device(index, t))
 
     def _check_device(self, index: int, t: Tensor) -> Tensor:
         if t.device == self.device:
@@ -131,21 +288,8 @@ class PoseRunner:
         )
 
 
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in nested tensors, mappings, lists and tuples."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return type(obj)({k: _map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_tensors(v, fn) for v in obj))
-    if isinstance(obj, list | tuple):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
-
-
 class Strategy(ABC):
-    """How per-pose gradients are collected and combined.
+    """How the gradients of the per-pose predictions are collected.
 
     Subclasses implement :meth:`collect`. ``supports_pose_losses`` says whether a loss on
     the per-pose predictions is supported.
@@ -156,38 +300,165 @@ class Strategy(ABC):
 
     @abstractmethod
     def collect(
-        self, runner: PoseRunner, poses: Sequence[Any], combination: BaseCombination
+        self,
+        runner: PoseRunner,
+        poses: Sequence[Any],
+        segments: Segments,
+        combination: BaseCombination,
     ) -> tuple[Tensor, PoseGradients]:
-        """Run every pose; return the detached ``(N,)`` predictions and their gradient source."""
+        """Run every pose; return the detached ``(M,)`` predictions and their gradient source."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
+def _first_graph(runner: PoseRunner, poses: Sequence[Any], stop: int) -> tuple[Tensor, Aliases]:
+    """Run poses ``[0, stop)`` with a graph, check it and find the targets it reaches."""
+    with torch.enable_grad():
+        aliases = runner.aliases(poses[:stop])
+        pred = runner.predict(poses[:stop], 0, aliases)
+    runner.require_grad(pred, 0)
+    runner.discover(pred, aliases)
+    return pred, aliases
+
+
 @final
 class Store(Strategy):
-    """Store each pose's gradient in one preallocated ``(N, P)`` buffer (the default).
+    """Store each pose's gradient in one preallocated ``(M, P)`` buffer (the default).
 
-    Costs N forward and backward passes plus one ``N x P`` matrix-vector product, and
-    ``N * P`` numbers of memory between forward and backward.
+    Costs M forward and backward passes plus one ``M x P`` matrix-vector product, and
+    ``M * P`` numbers of memory between forward and backward.
+
+    With ``chunk_size > 1`` per-pose gradients are per-sample gradients: they are
+    computed for a whole chunk at once with :func:`torch.func.vmap` when the model can be
+    vmapped over poses of one shape (the default collate, no pose tensor requiring grad,
+    no parameter reached through a closure or a readout module, no randomness and no
+    buffer updated in place). Otherwise store runs one pose per pass (each pose collated
+    alone) and warns once per model with :class:`~combframe.StrategyWarning`.
     """
 
     name = "store"
 
+    def __init__(self) -> None:
+        self._warned: set[int] = set()
+
     def collect(
-        self, runner: PoseRunner, poses: Sequence[Any], combination: BaseCombination
+        self,
+        runner: PoseRunner,
+        poses: Sequence[Any],
+        segments: Segments,
+        combination: BaseCombination,
     ) -> tuple[Tensor, PoseGradients]:
-        layout = runner.layout
-        buffer = layout.new_buffer(len(poses))
-        preds = []
-        for i, pose in enumerate(poses):
+        m = len(poses)
+        pred, aliases = _first_graph(runner, poses, 1)
+        targets = runner.targets
+        layout = targets.layout
+        buffer = layout.new_buffer(m)
+        rows: list[list[tuple[int, Tensor]]] = [[] for _ in targets.pose_inputs]
+        preds = [pred.detach()]
+        self._store(runner, pred, aliases, 0, buffer, rows)
+        del pred, aliases
+        start = 1
+        if runner.batched and m > 1:
+            reason = _per_sample_obstacle(runner)
+            if reason is None:
+                try:
+                    for s, e in runner.chunks(m, start=1):
+                        preds.append(_per_sample_grads(runner, poses[s:e], s, buffer[s:e]))
+                        start = e
+                except Exception as exc:  # not vmappable: fall back for the rest
+                    reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
+            if reason is not None:
+                self._warn(runner, reason)
+        for i in range(start, m):
             with torch.enable_grad():
-                pred = runner.predict(i, pose)
-                grads = runner.grads(pred, i)
-            layout.flatten_into(grads, buffer[i])
-            del grads  # free before the next pose's graph is built
+                aliases = runner.aliases(poses[i : i + 1])
+                pred = runner.predict(poses[i : i + 1], i, aliases)
+                runner.require_grad(pred, i)
+                self._store(runner, pred, aliases, i, buffer, rows)
             preds.append(pred.detach())
-        return torch.stack(preds), StoredGradients(layout, buffer)
+            del pred, aliases  # free before the next pose's graph is built
+        pose_rows = [
+            (
+                torch.tensor([i for i, _ in r], dtype=torch.long, device=buffer.device),
+                torch.stack([g for _, g in r]),
+            )
+            for r in rows
+        ]
+        return torch.cat(preds), StoredGradients(targets, buffer, pose_rows)
+
+    @staticmethod
+    def _store(
+        runner: PoseRunner,
+        pred: Tensor,
+        aliases: Aliases,
+        i: int,
+        buffer: Tensor,
+        rows: list[list[tuple[int, Tensor]]],
+    ) -> None:
+        with torch.enable_grad():
+            params, pose = runner.grads(pred, aliases)
+        runner.targets.layout.flatten_into(params, buffer[i])
+        for slot, g in pose:
+            rows[slot].append((i, g.detach()))
+
+    def _warn(self, runner: PoseRunner, reason: str) -> None:
+        if id(runner.model) in self._warned:
+            return
+        self._warned.add(id(runner.model))
+        warnings.warn(
+            f"strategy='store' with chunk_size={runner.chunk_size} runs one pose per pass "
+            f"for this model: {reason}. Per-pose gradients of a chunk need a model that "
+            "torch.func.vmap can map over poses of one shape. strategy='recompute' or "
+            "'stream' run whole chunks for any model.",
+            StrategyWarning,
+            stacklevel=4,
+        )
+
+
+def _per_sample_obstacle(runner: PoseRunner) -> str | None:
+    """Why per-sample gradients by ``torch.func`` cannot serve this run, or None."""
+    if runner.collate is not default_collate:
+        return "a custom collate (poses of different sizes cannot be vmapped)"
+    if runner.pose_inputs:
+        return "pose tensors require grad"
+    if len(runner.targets.layout.params) != len(_named_trainable(runner.model)):
+        return "parameters outside the model (a readout module or a closure) require grad"
+    return None
+
+
+def _named_trainable(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _per_sample_grads(runner: PoseRunner, poses: Sequence[Any], start: int, out: Tensor) -> Tensor:
+    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds."""
+    from torch.func import functional_call, grad, vmap
+
+    model = runner.model
+    trainable = _named_trainable(model)
+    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    readout = runner.pred_readout
+
+    def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
+        pred = functional_call(model, {**params, **fixed}, (default_collate([pose]),))
+        if readout is not None:
+            pred = readout(pred)
+        if pred.numel() != 1:
+            raise CombinationError(
+                f"the model returned shape {tuple(pred.shape)} for a chunk of one pose"
+            )
+        pred = pred.reshape(())
+        return pred, pred.detach()
+
+    batch = default_collate([runner._place(start + k, p) for k, p in enumerate(poses)])
+    per_pose = vmap(grad(predict_one, has_aux=True), in_dims=(None, 0), randomness="error")
+    grads, preds = per_pose(trainable, batch)
+    b = len(poses)
+    torch.cat([grads[n].detach().reshape(b, -1) for n in trainable], dim=1, out=out)
+    result: Tensor = preds.detach().reshape(b)
+    return result
 
 
 @dataclass(frozen=True)
@@ -252,22 +523,24 @@ def _replay_rng(state: _RngState, device: torch.device) -> Iterator[None]:
 
 @final
 class Recompute(Strategy):
-    """Forward without graphs; backward re-runs pose ``i`` and back-propagates ``c_i``.
+    r"""Forward without graphs; backward re-runs each chunk and back-propagates its ``c``.
 
-    Memory stays flat in N: one pose graph and one ``P``-sized accumulator. The RNG state
-    of each pose is saved and restored, so dropout replays identically, and the autocast
-    state of the forward is restored. Buffers (batch-norm running statistics) are restored
-    after the re-runs, so they are updated once per pose, as in the forward. Poses whose
-    coefficient :math:`c_i` is exactly zero (a sharp smooth-max far from the best pose)
-    are not re-run: they contribute nothing.
+    Memory stays flat in the number of poses: one chunk graph and one ``P``-sized
+    accumulator. Each chunk's backward is one ``autograd.grad`` with
+    ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`.
+    The RNG state of each chunk is saved and restored, so dropout replays identically,
+    and the autocast state of the forward is restored. Buffers (batch-norm running
+    statistics) are restored after the re-runs, so they are updated once per chunk, as
+    in the forward. Chunks whose coefficients are all exactly zero (a sharp smooth-max
+    far from the best pose) are not re-run: they contribute nothing.
 
     Parameters
     ----------
     check
         Debug option: compare each recomputed prediction with the forward's, bit for
         bit, and raise :class:`~combframe.StrategyError` if they differ (a
-        non-deterministic model would give wrong gradients). Poses that are skipped
-        because their coefficient is zero are not checked.
+        non-deterministic model would give wrong gradients). Chunks that are skipped
+        because their coefficients are zero are not checked.
     """
 
     name = "recompute"
@@ -276,24 +549,31 @@ class Recompute(Strategy):
         self.check = check
 
     def collect(
-        self, runner: PoseRunner, poses: Sequence[Any], combination: BaseCombination
+        self,
+        runner: PoseRunner,
+        poses: Sequence[Any],
+        segments: Segments,
+        combination: BaseCombination,
     ) -> tuple[Tensor, PoseGradients]:
+        chunks = runner.chunks(len(poses))
         rng: list[_RngState] = []
         preds = []
         autocast = _AutocastState.capture(runner.device.type)
-        for i, pose in enumerate(poses):
+        for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
-            # Pose 0 runs with a graph (freed at once) so that a prediction that does not
-            # depend on the parameters is refused now, not in backward.
-            with torch.set_grad_enabled(i == 0):
-                pred = runner.predict(i, pose)
-            if i == 0:
-                runner.require_grad(pred, i)
+            if k == 0:
+                # The first chunk runs with a graph (freed at once) so that a prediction
+                # that does not depend on anything trainable is refused now, not in
+                # backward, and the leaves the graph reaches become targets.
+                pred, _ = _first_graph(runner, poses, e)
+            else:
+                with torch.no_grad():
+                    pred = runner.predict(poses[s:e], s)
             preds.append(pred.detach())
-            del pred  # pose 0's graph must not outlive it: memory stays flat in N
-        stacked = torch.stack(preds)
+            del pred  # the first chunk's graph must not outlive it: memory stays flat
+        stacked = torch.cat(preds)
         return stacked, _RecomputedGradients(
-            runner, list(poses), rng, autocast, stacked, self.check
+            runner, list(poses), chunks, rng, autocast, stacked, self.check
         )
 
     def __repr__(self) -> str:
@@ -308,47 +588,56 @@ class _RecomputedGradients(PoseGradients):
         self,
         runner: PoseRunner,
         poses: list[Any],
+        chunks: list[tuple[int, int]],
         rng: list[_RngState],
         autocast: _AutocastState,
         preds: Tensor,
         check: bool,
     ) -> None:
-        super().__init__(runner.layout)
+        super().__init__(runner.targets)
         self.runner = runner
         self.poses = poses
+        self.chunks = chunks
         self.rng = rng
         self.autocast = autocast
         self.preds = preds
         self.check = check
 
-    def contract(self, coeffs: Tensor) -> Tensor:
+    def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         runner = self.runner
         layout = self.layout
         flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
         acc = layout.views(flat)
+        pose_acc: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
         buffers = _module_buffers(runner)
         saved = [b.clone() for b in buffers]
-        # One host sync per compound: poses with c_i == 0 contribute nothing.
-        active = torch.nonzero(coeffs).flatten().tolist()
+        # One host sync per backward: chunks whose c_i are all zero contribute nothing.
+        step = runner.chunk_size
+        active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
         try:
-            for i in active:
-                pose = self.poses[i]
-                with _replay_rng(self.rng[i], runner.device), torch.enable_grad():
+            for k in active:
+                s, e = self.chunks[k]
+                with _replay_rng(self.rng[k], runner.device), torch.enable_grad():
+                    aliases = runner.aliases(self.poses[s:e])
                     with self.autocast.restore():
-                        pred = runner.predict(i, pose)
-                    if self.check and not torch.equal(pred.detach(), self.preds[i]):
+                        pred = runner.predict(self.poses[s:e], s, aliases)
+                    if self.check and not torch.equal(pred.detach(), self.preds[s:e]):
                         raise StrategyError(
-                            f"recomputed prediction for pose {i} is {pred.item()!r} but the "
-                            f"forward gave {self.preds[i].item()!r}: the model is not "
-                            "deterministic under a restored RNG state; use strategy='store'"
+                            f"recomputed prediction for {runner.what(s, e - s)} is "
+                            f"{pred.detach().tolist()} but the forward gave "
+                            f"{self.preds[s:e].tolist()}: the model is not deterministic "
+                            "under a restored RNG state; use strategy='store'"
                         )
-                    grads = runner.grads(pred, i, coeffs[i].to(pred.dtype))
-                torch._foreach_add_(acc, grads)
-                del grads, pred  # free before the next pose's graph is built
+                    params, pose = runner.grads(pred, aliases, coeffs[s:e].to(pred.dtype))
+                torch._foreach_add_(acc, list(params))
+                for slot, g in pose:
+                    prev = pose_acc[slot]
+                    pose_acc[slot] = g if prev is None else prev + g
+                del params, pose, pred, aliases  # free before the next chunk's graph
         finally:
             if buffers:
                 torch._foreach_copy_(buffers, saved)
-        return flat
+        return [*acc, *pose_acc]
 
 
 def _module_buffers(runner: PoseRunner) -> list[Tensor]:
@@ -360,26 +649,28 @@ def _module_buffers(runner: PoseRunner) -> list[Tensor]:
 
 @final
 class Stream(Strategy):
-    r"""Single pass with flat memory: running sums of weighted per-pose gradients.
+    r"""Single pass with flat memory: per-compound running sums of weighted gradients.
 
     The combination must implement :class:`~combframe.StreamingCombination`. Exact for
-    losses on the combined prediction; a loss on the per-pose predictions raises in
+    losses on the combined predictions; a loss on the per-pose predictions raises in
     backward.
 
-    While pose :math:`i` is processed, its gradient :math:`g_i` is folded into ``k``
-    running sums with the online softmax of FlashAttention: with log weight
-    :math:`a_i`, features :math:`\phi_i` and running maximum :math:`m`,
+    For each compound, with log weights :math:`a_i`, features :math:`\phi_i` (centred on
+    the compound's first prediction) and running maximum :math:`m`, a chunk holding poses
+    :math:`i \in B` of the compound updates, as the online softmax of FlashAttention,
 
     .. math::
 
-        m' = \max(m, a_i), \quad
-        Z \leftarrow e^{m - m'} Z + e^{a_i - m'}, \quad
-        A_j \leftarrow e^{m - m'} A_j + e^{a_i - m'} \phi_{ij}\, g_i .
+        m' = \max(m, \max_{i \in B} a_i), \quad
+        Z \leftarrow e^{m - m'} Z + \sum_{i \in B} e^{a_i - m'}, \quad
+        A_j \leftarrow e^{m - m'} A_j
+            + \frac{\partial}{\partial\theta} \sum_{i \in B} e^{a_i - m'} \phi_{ij}\, y_i ,
 
-    Every exponent is at most zero, so nothing overflows however widely the
-    predictions are spread (``pred_scale=1000`` puts log weights near :math:`10^4`).
-    The scalar bookkeeping (:math:`a_i`, :math:`\phi_i`, :math:`m`, :math:`Z`) is done
-    in float64 whatever the model's dtype; only the ``k`` sums of ``P`` numbers use the
+    the last term being one backward of the chunk with those weights as
+    ``grad_outputs`` (so a combination with one feature, max or mean, needs one backward
+    per chunk and compound in it). Every exponent is at most zero, so nothing overflows
+    however widely the predictions are spread. The scalar bookkeeping is done in float64
+    whatever the model's dtype; only the ``k`` sums of ``P`` numbers per compound use the
     parameters' dtype.
     """
 
@@ -387,7 +678,11 @@ class Stream(Strategy):
     supports_pose_losses = False
 
     def collect(
-        self, runner: PoseRunner, poses: Sequence[Any], combination: BaseCombination
+        self,
+        runner: PoseRunner,
+        poses: Sequence[Any],
+        segments: Segments,
+        combination: BaseCombination,
     ) -> tuple[Tensor, PoseGradients]:
         if not isinstance(combination, StreamingCombination):
             raise StrategyError(
@@ -395,64 +690,136 @@ class Stream(Strategy):
                 "does not implement stream_terms/stream_coefficients); use strategy='store' "
                 "or strategy='recompute'"
             )
-        layout = runner.layout
-        exact = _scalar_dtype(layout.device)
-        scratch = layout.new_buffer(1)[0]
+        device = runner.device
+        exact = _scalar_dtype(device)
+        count = segments.count
+        sums = _StreamSums(count, exact, device)
         preds: list[Tensor] = []
-        acc: Tensor | None = None
-        running_max = torch.tensor(float("-inf"), dtype=exact, device=layout.device)
-        total = torch.zeros((), dtype=exact, device=layout.device)
-        center = running_max
-        # On the CPU reading a scalar costs nothing, so the bookkeeping runs on Python
-        # floats and skips the rescale while the maximum holds and terms of weight 0.
-        # Elsewhere it stays on the device, so that no pose waits for a host sync.
-        on_host = _host_scalars(layout.device)
-        host_max, host_total = -math.inf, 0.0
-        for i, pose in enumerate(poses):
-            with torch.enable_grad():
-                pred = runner.predict(i, pose)
-                y = pred.detach()
-                yd = y.to(exact)
-                if i == 0:
-                    center = yd
-                log_w, feats = combination.stream_terms(yd, center)
-                if acc is None:  # before the first backward, so the peak is the same for all N
-                    acc = torch.zeros(
-                        (feats.shape[-1], layout.numel), dtype=layout.dtype, device=layout.device
-                    )
-                grads = runner.grads(pred, i)
+        # On the CPU reading a scalar costs nothing, so backward passes whose weights are
+        # all zero (a sharp smooth-min far from the best pose) are skipped there.
+        on_host = _host_scalars(device)
+        for k, (s, e) in enumerate(runner.chunks(len(poses))):
+            if k == 0:
+                pred, aliases = _first_graph(runner, poses, e)
+                sums.allocate(runner.targets)
+            else:
+                with torch.enable_grad():
+                    aliases = runner.aliases(poses[s:e])
+                    pred = runner.predict(poses[s:e], s, aliases)
+                    runner.require_grad(pred, s)
+            y = pred.detach()
             preds.append(y)
-            layout.flatten_into(grads, scratch)
-            del grads, pred  # free before the next pose's graph is built
-            if on_host:
-                new_host_max = max(host_max, float(log_w))
-                scale_f = math.exp(host_max - new_host_max)
-                weight_f = math.exp(float(log_w) - new_host_max)
-                host_total = host_total * scale_f + weight_f
-                host_max = new_host_max
-                if scale_f != 1.0:
-                    acc.mul_(scale_f)
-                for j, phi in enumerate(feats.reshape(-1).tolist()):
-                    if weight_f * phi != 0.0:
-                        acc[j].add_(scratch, alpha=weight_f * phi)
-                continue
-            new_max = torch.maximum(running_max, log_w)
-            scale = torch.exp(running_max - new_max)
-            weight = torch.exp(log_w - new_max)
-            total = total * scale + weight
-            acc.mul_(scale.to(layout.dtype)).addr_((weight * feats).to(layout.dtype), scratch)
-            running_max = new_max
-        if on_host:
-            total = torch.tensor(host_total, dtype=exact, device=layout.device)
-        assert acc is not None
-        return torch.stack(preds), _StreamedGradients(layout, acc, total, center)
+            lo, hi = segments.owner[s], segments.owner[e - 1] + 1
+            local = segments.index[s:e] - lo
+            weights = sums.update(combination, segments, s, y.to(exact), lo, hi, local)
+            if on_host and not bool(weights.ne(0).any()):
+                pass  # every weight is zero: nothing to add
+            elif e - s == 1:
+                # One pose: one backward, then a rank-1 update of all k sums.
+                with torch.enable_grad():
+                    sums.add_pose(lo, weights[0], *runner.grads(pred, aliases))
+            else:
+                # Several poses: one backward per compound and feature, weighted.
+                pairs = [(c, j) for c in range(lo, hi) for j in range(weights.shape[1])]
+                grad_outputs = [
+                    torch.where(local == c - lo, weights[:, j], 0.0).to(y.dtype) for c, j in pairs
+                ]
+                if on_host:
+                    keep = [bool(g.ne(0).any()) for g in grad_outputs]
+                    pairs = [p for p, ok in zip(pairs, keep, strict=True) if ok]
+                    grad_outputs = [g for g, ok in zip(grad_outputs, keep, strict=True) if ok]
+                last = len(pairs) - 1
+                for n, ((c, j), go) in enumerate(zip(pairs, grad_outputs, strict=True)):
+                    with torch.enable_grad():
+                        sums.add(c, j, *runner.grads(pred, aliases, go, retain=n < last))
+            del pred, aliases  # free before the next chunk's graph is built
+        return torch.cat(preds), _StreamedGradients(sums, combination)
 
     def __repr__(self) -> str:
         return "Stream()"
 
 
+@final
+class _StreamSums:
+    """The per-compound online-softmax state of the stream strategy."""
+
+    def __init__(self, count: int, exact: torch.dtype, device: torch.device) -> None:
+        self.count = count
+        self.running_max = torch.full((count,), float("-inf"), dtype=exact, device=device)
+        self.total = torch.zeros(count, dtype=exact, device=device)
+        self.center = torch.zeros(count, dtype=exact, device=device)
+        self.targets = GradTargets(ParamLayout(()))
+        self.acc = torch.zeros(0)
+        self.scratch = torch.zeros(0)
+        self.pose_acc: dict[tuple[int, int], Tensor] = {}
+
+    def allocate(self, targets: GradTargets) -> None:
+        """Fix the targets (known after the first chunk's graph was walked)."""
+        self.targets = targets
+
+    def update(
+        self,
+        combination: StreamingCombination,
+        segments: Segments,
+        start: int,
+        y: Tensor,
+        lo: int,
+        hi: int,
+        local: Tensor,
+    ) -> Tensor:
+        """Fold a chunk's predictions into the state; return its ``(b, k)`` weights."""
+        stop = start + y.shape[0]
+        firsts = [c for c in range(lo, hi) if start <= segments.starts[c] < stop]
+        if firsts:
+            rows = torch.tensor([segments.starts[c] - start for c in firsts], device=y.device)
+            cols = torch.tensor(firsts, device=y.device)
+            self.center.index_copy_(0, cols, y[rows])
+        log_w, feats = combination.stream_terms(y, self.center[lo:hi][local])
+        if self.acc.numel() == 0:  # allocated before the first backward: peak flat in N
+            layout = self.targets.layout
+            self.acc = torch.zeros(
+                (self.count, feats.shape[-1], layout.numel),
+                dtype=layout.dtype,
+                device=layout.device,
+            )
+            self.scratch = layout.new_buffer(1)[0]
+        old = self.running_max[lo:hi]
+        new = torch.maximum(old, segment_max(log_w, local, hi - lo))
+        scale = torch.where(torch.isinf(old), torch.zeros_like(old), torch.exp(old - new))
+        w = torch.exp(log_w - new[local])
+        self.total[lo:hi] = self.total[lo:hi] * scale + segment_sum(w, local, hi - lo)
+        self.running_max[lo:hi] = new
+        self.acc[lo:hi].mul_(scale.to(self.acc.dtype)[:, None, None])
+        for (c, _), t in self.pose_acc.items():
+            if lo <= c < hi:
+                t.mul_(scale[c - lo].to(t.dtype))
+        return w[:, None] * feats
+
+    def add_pose(
+        self, c: int, weights: Tensor, params: Sequence[Tensor], pose: list[tuple[int, Tensor]]
+    ) -> None:
+        """Add one pose's unweighted gradients to all ``k`` sums of compound ``c``."""
+        layout = self.targets.layout
+        if params:
+            layout.flatten_into(params, self.scratch)
+        self.acc[c].addr_(weights.to(self.acc.dtype), self.scratch)
+        for slot, g in pose:
+            for j in range(self.acc.shape[1]):
+                self.add(c, j, (), [(slot, g * weights[j].to(g.dtype))])
+
+    def add(self, c: int, j: int, params: Sequence[Tensor], pose: list[tuple[int, Tensor]]) -> None:
+        """Add one backward's gradients to compound ``c``'s ``j``-th sums."""
+        if params:
+            torch._foreach_add_(self.targets.layout.views(self.acc[c, j]), list(params))
+        for slot, g in pose:
+            key = (c, slot)
+            if key not in self.pose_acc:
+                self.pose_acc[key] = g.new_zeros((self.acc.shape[1], *g.shape))
+            self.pose_acc[key][j].add_(g)
+
+
 def _host_scalars(device: torch.device) -> bool:
-    """Whether stream's per-pose bookkeeping may read scalars on the host (no sync cost)."""
+    """Whether stream may read scalars on the host per chunk (no sync cost)."""
     return device.type == "cpu"
 
 
@@ -466,26 +833,41 @@ class _StreamedGradients(PoseGradients):
     supports_pose_losses = False
     strategy = "stream"
 
-    def __init__(self, layout: ParamLayout, acc: Tensor, total: Tensor, center: Tensor) -> None:
-        super().__init__(layout)
-        self.acc = acc
-        self.total = total
-        self.center = center
+    def __init__(self, sums: _StreamSums, combination: StreamingCombination) -> None:
+        super().__init__(sums.targets)
+        self.sums = sums
+        self.combination = combination
 
-    def contract(self, coeffs: Tensor) -> Tensor:  # pragma: no cover - guarded by the Function
+    def contract(self, coeffs: Tensor) -> list[Tensor | None]:  # pragma: no cover - guarded
         raise StrategyError(
             "the 'stream' strategy keeps only running sums, so it cannot weight poses "
             "individually; use strategy='store' or strategy='recompute'"
         )
 
-    def contract_combined(
-        self, comb_grad: Tensor, combination: BaseCombination, preds: Tensor, combined: Tensor
-    ) -> Tensor:
-        assert isinstance(combination, StreamingCombination)
-        exact = self.total.dtype
-        lam = combination.stream_coefficients(combined.to(exact), self.center)
-        coeffs = lam.to(exact) * (comb_grad.to(exact) / self.total)
-        return torch.mv(self.acc.t(), coeffs.to(self.acc.dtype))
+    def contract_combined(self, comb_grad: Tensor, combined: Tensor) -> list[Tensor | None]:
+        sums = self.sums
+        exact = sums.total.dtype
+        lam = _coefficients(self.combination, combined.to(exact), sums.center)
+        coeffs = lam.to(exact) * (comb_grad.to(exact) / sums.total)[:, None]
+        acc = sums.acc
+        flat = torch.mv(acc.reshape(-1, acc.shape[-1]).t(), coeffs.reshape(-1).to(acc.dtype))
+        grads: list[Tensor | None] = list(self.layout.views(flat))
+        pose: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
+        for (c, slot), t in sums.pose_acc.items():
+            g = torch.tensordot(coeffs[c].to(t.dtype), t, dims=1)
+            prev = pose[slot]
+            pose[slot] = g if prev is None else prev + g
+        return grads + pose
+
+
+def _coefficients(combination: StreamingCombination, combined: Tensor, center: Tensor) -> Tensor:
+    """``stream_coefficients`` of every compound, shape ``(C, k)``."""
+    try:
+        return torch.vmap(combination.stream_coefficients)(combined, center)
+    except Exception:  # a plugin whose coefficients vmap cannot map: one call per compound
+        return torch.stack(
+            [combination.stream_coefficients(g, c) for g, c in zip(combined, center, strict=True)]
+        )
 
 
 _STRATEGIES: dict[str, type[Strategy]] = {"store": Store, "recompute": Recompute, "stream": Stream}

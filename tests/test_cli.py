@@ -290,7 +290,7 @@ def test_check_fails_for_the_wrong_plugin(tmp_path: Path) -> None:
     proc = run_cli("check", "wrong_weights", cwd=tmp_path, extra_path=WRONG_PLUGIN)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL wrong_weights" in proc.stdout
-    assert "FAIL store      combined" in proc.stdout
+    assert "FAIL mtenn      combined" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 
@@ -345,7 +345,7 @@ def test_parity_records_errors_when_asked() -> None:
     result = gradient_parity(comb, n_poses=(2,), seeds=(0,), on_error="record")
     assert not result.passed
     assert result.errors and all("bad_shape" not in e or ":" in e for e in result.errors)
-    assert any(e.startswith("store/combined/N=2: ") for e in result.errors), result.errors
+    assert any(e.startswith("mtenn/combined/N=2: ") for e in result.errors), result.errors
     with pytest.raises(Exception):  # noqa: B017 - whatever the core raises, it propagates
         gradient_parity(comb, n_poses=(2,), seeds=(0,))
 

@@ -180,7 +180,7 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
             result.skipped
         )
         strategies = sorted({case[0] for case in result.cases})
-        assert strategies == ["recompute", "store", "stream"], strategies
+        assert strategies == ["mtenn", "recompute", "store", "stream"], strategies
         print("worst", result.worst)
         """
     )

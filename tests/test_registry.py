@@ -360,7 +360,7 @@ BROKEN = {
     ),
     "no-value": (
         "class Lazy(combframe.BaseCombination):\n    name = 'lazy'\n" + HOOK.format(ret="[Lazy]"),
-        "does not implement value(preds)",
+        "implements neither value(preds) nor segment_value",
     ),
     "reserved-param": (
         "class P(combframe.CombinationParams):\n    name: str = 'x'\n"
@@ -588,5 +588,5 @@ def test_example_plugin_discovered_trains_and_matches_reference(tmp_path: Path) 
         result = gradient_parity(config.build(), n_poses=(1, 5), seeds=(0,))
         assert result.passed, result.cases
         assert result.worst <= 1e-10
-        assert {case[0] for case in result.cases} == {"store", "recompute"}
+        assert {case[0] for case in result.cases} == {"store", "recompute", "mtenn"}
         assert any("does not implement streaming" in s for s in result.skipped)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import combframe
 import combframe._strategies as strategies_module
+from combframe._batch import Segments
 from combframe._reference import (
     LOSSES,
     full_graph_gradients,
@@ -294,13 +295,21 @@ def test_stream_refuses_a_combination_without_streaming() -> None:
 
 # ---- skipped work and flat memory (structural, no timing) --------------------------------
 def _count_grads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the first pose of every chunk whose gradients are taken."""
     calls: list[int] = []
-    original = PoseRunner.grads
+    starts: dict[int, int] = {}
+    predict, grads = PoseRunner.predict, PoseRunner.grads
 
-    def counting(self: PoseRunner, pred: Tensor, index: int, weight: Tensor | None = None) -> Any:
-        calls.append(index)
-        return original(self, pred, index, weight)
+    def predicting(self: PoseRunner, poses: Any, start: int, *args: Any) -> Tensor:
+        pred = predict(self, poses, start, *args)
+        starts[id(pred)] = start
+        return pred
 
+    def counting(self: PoseRunner, pred: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(starts[id(pred)])
+        return grads(self, pred, *args, **kwargs)
+
+    monkeypatch.setattr(PoseRunner, "predict", predicting)
     monkeypatch.setattr(PoseRunner, "grads", counting)
     return calls
 
@@ -364,7 +373,10 @@ def test_store_uses_one_preallocated_buffer() -> None:
     model = make_mlp()
     layout_numel = sum(p.numel() for p in model.parameters())
     runner = PoseRunner(model, None, list(model.parameters()), False, torch.device("cpu"))
-    _, source = resolve_strategy("store").collect(runner, make_poses(6), MeanCombination())
+    poses = make_poses(6)
+    runner.scan(poses)
+    segments = Segments.from_sizes([6], torch.device("cpu"))
+    _, source = resolve_strategy("store").collect(runner, poses, segments, MeanCombination())
     buffer: Tensor = source.buffer  # type: ignore[attr-defined]
     assert buffer.shape == (6, layout_numel) and buffer.is_contiguous()
     manual = []
@@ -380,9 +392,12 @@ def test_stream_and_recompute_hold_state_independent_of_n(n: int) -> None:
     params = list(model.parameters())
     runner = PoseRunner(model, None, params, False, torch.device("cpu"))
     numel = sum(p.numel() for p in params)
-    _, streamed = resolve_strategy("stream").collect(runner, make_poses(n), BoltzmannCombination())
-    assert streamed.acc.shape == (2, numel)  # type: ignore[attr-defined]
-    _, recomputed = resolve_strategy("recompute").collect(runner, make_poses(n), MeanCombination())
+    poses = make_poses(n)
+    runner.scan(poses)
+    one = Segments.from_sizes([n], torch.device("cpu"))
+    _, streamed = resolve_strategy("stream").collect(runner, poses, one, BoltzmannCombination())
+    assert streamed.sums.acc.shape == (1, 2, numel)  # type: ignore[attr-defined]
+    _, recomputed = resolve_strategy("recompute").collect(runner, poses, one, MeanCombination())
     # a model without randomness shares one RNG state across all poses
     assert len({id(s) for s in recomputed.rng}) == 1  # type: ignore[attr-defined]
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 import combframe
+from combframe.segment import segment_softmax, segment_sum
 
 __all__ = ["BoltzmannCombination", "BoltzmannCombinationFunc", "BoltzmannParams"]
 
@@ -43,9 +44,9 @@ class BoltzmannCombination(combframe.BaseCombination):
         super().__init__(kT=kT)
 
     @override
-    def value(self, preds: Tensor) -> Tensor:
-        weights = torch.softmax(-preds / self.params.kT, dim=0)
-        return (weights * preds).sum()
+    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        weights = segment_softmax(-preds / self.params.kT, index, num_segments)
+        return segment_sum(weights * preds, index, num_segments)
 
     @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 import combframe
+from combframe.segment import segment_logsumexp
 
 __all__ = ["MaxCombination", "MaxCombinationFunc", "MaxParams"]
 
@@ -49,8 +50,9 @@ class MaxCombination(combframe.BaseCombination):
         return (self._sign() * self.params.pred_scale) * preds
 
     @override
-    def value(self, preds: Tensor) -> Tensor:
-        return torch.logsumexp(self._scaled(preds), dim=0) * (self._sign() / self.params.pred_scale)
+    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        lse = segment_logsumexp(self._scaled(preds), index, num_segments)
+        return lse * (self._sign() / self.params.pred_scale)
 
     @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:

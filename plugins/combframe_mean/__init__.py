@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 import combframe
+from combframe.segment import segment_mean
 
 __all__ = ["MeanCombination", "MeanCombinationFunc"]
 
@@ -27,8 +28,8 @@ class MeanCombination(combframe.BaseCombination):
         super().__init__()
 
     @override
-    def value(self, preds: Tensor) -> Tensor:
-        return preds.mean()
+    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        return segment_mean(preds, index, num_segments)
 
     @override
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:

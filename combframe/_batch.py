@@ -1,0 +1,176 @@
+r"""Batches of poses and of compounds: collation, segment layout and the batched result.
+
+A batch of ``C`` compounds with ``N_c`` poses each is run as one flat list of
+``M = \sum_c N_c`` poses, cut into chunks of ``chunk_size`` poses that may span compounds.
+``index[i]`` is the compound of pose ``i``; the combination reduces per compound with the
+segment operations of :mod:`combframe.segment`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass
+from typing import Any, final
+
+import torch
+from torch import Tensor
+
+from combframe._errors import CombinationError
+
+__all__ = ["CompoundPredictions", "Segments", "default_collate", "each_tensor", "map_tensors"]
+
+
+@final
+@dataclass(frozen=True)
+class CompoundPredictions:
+    """What :meth:`combframe.MultiPoseModel.forward_compounds` returns.
+
+    Unpacks as ``combined, per_pose, index = model.forward_compounds(compounds)``.
+
+    Attributes
+    ----------
+    combined
+        One combined prediction per compound, shape ``(C,)``.
+    per_pose
+        The per-pose predictions of all compounds, flat, shape ``(M,)``.
+    index
+        The compound of each pose, shape ``(M,)`` (``torch.long``), sorted.
+    """
+
+    combined: Tensor
+    per_pose: Tensor
+    index: Tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.combined, self.per_pose, self.index))
+
+
+@final
+@dataclass(frozen=True)
+class Segments:
+    """Where each compound's poses lie in the flat list of ``M`` poses.
+
+    Attributes
+    ----------
+    sizes
+        Number of poses of each compound.
+    starts
+        Flat position of each compound's first pose.
+    owner
+        Compound of each flat pose, as Python ints (for chunk bookkeeping without a
+        device sync).
+    index
+        ``owner`` as a ``torch.long`` tensor on the model's device.
+    """
+
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...]
+    owner: tuple[int, ...]
+    index: Tensor
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int], device: torch.device) -> Segments:
+        """Lay out compounds of the given sizes one after another."""
+        starts, owner, pos = [], [], 0
+        for c, n in enumerate(sizes):
+            starts.append(pos)
+            owner.extend([c] * n)
+            pos += n
+        index = torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True)
+        return cls(tuple(sizes), tuple(starts), tuple(owner), index)
+
+    @property
+    def count(self) -> int:
+        """The number of compounds ``C``."""
+        return len(self.sizes)
+
+
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in nested tensors, mappings, lists and tuples."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def each_tensor(obj: Any) -> Iterable[Tensor]:
+    """Yield every tensor in nested tensors, mappings, lists and tuples."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from each_tensor(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from each_tensor(v)
+
+
+def _pyg_batch(first: Any) -> Any:
+    """PyTorch Geometric's ``Batch`` class when ``first`` is one of its data objects."""
+    data = sys.modules.get("torch_geometric.data")
+    if data is not None and isinstance(first, data.Data | data.HeteroData):
+        return data.Batch
+    return None
+
+
+def default_collate(poses: Sequence[Any]) -> Any:
+    """Build one batch from a list of poses (the default ``collate`` of chunked runs).
+
+    * tensors of one shape are stacked along a new first dimension;
+    * mappings, named tuples, tuples and lists are collated field by field;
+    * PyTorch Geometric ``Data`` / ``HeteroData`` become a ``Batch``
+      (``Batch.from_data_list``), when torch_geometric is installed;
+    * Python numbers become a tensor; anything else is passed on as a list.
+
+    Raises
+    ------
+    CombinationError
+        If tensors differ in shape, or containers in keys or length. Poses of different
+        sizes (graphs with different atom counts) need a ``collate`` that concatenates
+        them, for instance along atoms with a batch vector.
+    """
+    first = poses[0]
+    if isinstance(first, Tensor):
+        for k, p in enumerate(poses):
+            if not isinstance(p, Tensor) or p.shape != first.shape:
+                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                raise CombinationError(
+                    f"the default collate stacks pose tensors of one shape, but pose 0 of the "
+                    f"chunk has {tuple(first.shape)} and pose {k} has {got}. For poses of "
+                    "different sizes pass collate= to MultiPoseModel (for graphs: "
+                    "concatenate the atoms and return a batch vector), or use chunk_size=1"
+                )
+        return torch.stack(list(poses))
+    pyg = _pyg_batch(first)
+    if pyg is not None:
+        return pyg.from_data_list(list(poses))
+    if isinstance(first, Mapping):
+        keys = list(first)
+        for k, p in enumerate(poses):
+            if not isinstance(p, Mapping) or list(p) != keys:
+                raise CombinationError(
+                    f"the default collate needs every pose to have the keys {keys}; pose {k} "
+                    f"of the chunk has {list(p) if isinstance(p, Mapping) else type(p).__name__}"
+                )
+        return type(first)({key: default_collate([p[key] for p in poses]) for key in keys})  # type: ignore[call-arg]
+    if isinstance(first, list | tuple):
+        for k, p in enumerate(poses):
+            if type(p) is not type(first) or len(p) != len(first):
+                raise CombinationError(
+                    f"the default collate needs every pose to be a {type(first).__name__} of "
+                    f"length {len(first)}; pose {k} of the chunk is {type(p).__name__} of "
+                    f"length {len(p) if isinstance(p, Sized) else '?'}"
+                )
+        fields = [default_collate(list(column)) for column in zip(*poses, strict=True)]
+        if hasattr(first, "_fields"):
+            return type(first)(*fields)
+        return type(first)(fields)
+    if isinstance(first, bool | int | float):
+        return torch.tensor(list(poses))
+    return list(poses)
