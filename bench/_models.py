@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 
 class SumPool(nn.Module):
-    """Sum over atoms and features to one scalar."""
+    """Sum over atoms and features: one scalar per pose, (B,) for a stacked batch."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.sum()
+        return x.sum(dim=(-2, -1))
 
 
 def pointcloud_model(seed: int = 0) -> nn.Module:

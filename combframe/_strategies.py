@@ -526,7 +526,10 @@ class Recompute(Strategy):
     r"""Forward without graphs; backward re-runs each chunk and back-propagates its ``c``.
 
     Memory stays flat in the number of poses: one chunk graph and one ``P``-sized
-    accumulator. Each chunk's backward is one ``autograd.grad`` with
+    accumulator. The first chunk runs with a graph in the forward (to validate the
+    prediction and find what it depends on) and that graph is kept for the backward,
+    which starts with it; the other chunks are re-run. Each chunk's backward is one
+    ``autograd.grad`` with
     ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`.
     The RNG state of each chunk is saved and restored, so dropout replays identically,
     and the autocast state of the forward is restored. Buffers (batch-norm running
@@ -559,21 +562,24 @@ class Recompute(Strategy):
         rng: list[_RngState] = []
         preds = []
         autocast = _AutocastState.capture(runner.device.type)
+        kept: tuple[Tensor, Aliases] | None = None
         for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
             if k == 0:
-                # The first chunk runs with a graph (freed at once) so that a prediction
-                # that does not depend on anything trainable is refused now, not in
-                # backward, and the leaves the graph reaches become targets.
-                pred, _ = _first_graph(runner, poses, e)
+                # The first chunk runs with a graph, so that a prediction that does not
+                # depend on anything trainable is refused now, not in backward, and the
+                # leaves the graph reaches become targets. Its graph is kept for the
+                # backward (which starts with it): one chunk graph alive at any time.
+                kept = _first_graph(runner, poses, e)
+                pred = kept[0]
             else:
                 with torch.no_grad():
                     pred = runner.predict(poses[s:e], s)
             preds.append(pred.detach())
-            del pred  # the first chunk's graph must not outlive it: memory stays flat
+            del pred
         stacked = torch.cat(preds)
         return stacked, _RecomputedGradients(
-            runner, list(poses), chunks, rng, autocast, stacked, self.check
+            runner, list(poses), chunks, rng, autocast, stacked, self.check, kept
         )
 
     def __repr__(self) -> str:
@@ -593,6 +599,7 @@ class _RecomputedGradients(PoseGradients):
         autocast: _AutocastState,
         preds: Tensor,
         check: bool,
+        kept: tuple[Tensor, Aliases] | None,
     ) -> None:
         super().__init__(runner.targets)
         self.runner = runner
@@ -602,6 +609,27 @@ class _RecomputedGradients(PoseGradients):
         self.autocast = autocast
         self.preds = preds
         self.check = check
+        self.kept = kept
+
+    def _rerun(self, k: int) -> tuple[Tensor, Aliases]:
+        """Chunk ``k``'s predictions with a graph: kept from the forward, or re-run."""
+        runner = self.runner
+        if k == 0 and self.kept is not None:
+            kept, self.kept = self.kept, None  # used once; a second backward re-runs
+            return kept
+        s, e = self.chunks[k]
+        with _replay_rng(self.rng[k], runner.device), torch.enable_grad():
+            aliases = runner.aliases(self.poses[s:e])
+            with self.autocast.restore():
+                pred = runner.predict(self.poses[s:e], s, aliases)
+        if self.check and not torch.equal(pred.detach(), self.preds[s:e]):
+            raise StrategyError(
+                f"recomputed prediction for {runner.what(s, e - s)} is "
+                f"{pred.detach().tolist()} but the forward gave "
+                f"{self.preds[s:e].tolist()}: the model is not deterministic "
+                "under a restored RNG state; use strategy='store'"
+            )
+        return pred, aliases
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         runner = self.runner
@@ -614,20 +642,12 @@ class _RecomputedGradients(PoseGradients):
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
+        self.kept = self.kept if 0 in active else None  # chunk 0 contributes nothing
         try:
             for k in active:
                 s, e = self.chunks[k]
-                with _replay_rng(self.rng[k], runner.device), torch.enable_grad():
-                    aliases = runner.aliases(self.poses[s:e])
-                    with self.autocast.restore():
-                        pred = runner.predict(self.poses[s:e], s, aliases)
-                    if self.check and not torch.equal(pred.detach(), self.preds[s:e]):
-                        raise StrategyError(
-                            f"recomputed prediction for {runner.what(s, e - s)} is "
-                            f"{pred.detach().tolist()} but the forward gave "
-                            f"{self.preds[s:e].tolist()}: the model is not deterministic "
-                            "under a restored RNG state; use strategy='store'"
-                        )
+                pred, aliases = self._rerun(k)
+                with torch.enable_grad():
                     params, pose = runner.grads(pred, aliases, coeffs[s:e].to(pred.dtype))
                 torch._foreach_add_(acc, list(params))
                 for slot, g in pose:
