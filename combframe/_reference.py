@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,8 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from combframe._batch import default_collate
 from combframe._combination import BaseCombination, StreamingCombination
-from combframe._errors import StrategyError
+from combframe._errors import StrategyError, StrategyWarning
 
 __all__ = [
     "LOSSES",
@@ -38,15 +40,20 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def make_loss(kind: LossKind, target: float = 0.5) -> LossFn:
-    """Make a loss on the combined prediction, on the per-pose predictions, or on both.
+    """Make a loss on the combined prediction(s), on the per-pose predictions, or on both.
 
-    The per-pose term uses pose-dependent weights so that every pose weight matters.
+    The per-pose term uses pose-dependent weights so that every pose weight matters; the
+    combined term sums over compounds (``combined`` is 0-d or ``(C,)``) with
+    compound-dependent targets.
     """
 
     def loss(combined: Tensor, per_pose: Tensor) -> Tensor:
         n = per_pose.shape[0]
         ramp = torch.linspace(0.5, 1.5, n, dtype=per_pose.dtype, device=per_pose.device)
-        comb_term = (combined - target) ** 2
+        goal = target + 0.25 * torch.arange(
+            combined.numel(), dtype=combined.dtype, device=combined.device
+        ).reshape(combined.shape)
+        comb_term = ((combined - goal) ** 2).sum()
         pose_term = (ramp * (per_pose - target) ** 2).sum()
         if kind == "combined":
             return comb_term
@@ -70,14 +77,34 @@ def full_graph_gradients(
     combination: BaseCombination,
     poses: Sequence[Any],
     loss: LossFn,
+    *,
+    sizes: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Return combined value, per-pose predictions and gradients with all N graphs kept.
+    """Return combined value(s), per-pose predictions and gradients with all graphs kept.
 
     ``model``'s ``.grad`` fields are cleared first and hold the result afterwards.
+    ``poses`` is one compound, or with ``sizes`` the flat poses of several compounds
+    (then the combined values have shape ``(C,)``). With ``chunk_size`` the model runs on
+    collated chunks, as :class:`~combframe.MultiPoseModel` does, still keeping every
+    graph (the reference for models whose poses interact within a batch).
     """
     model.zero_grad(set_to_none=True)
-    per_pose = torch.stack([model(p).reshape(()) for p in poses])
-    combined = combination.value(per_pose)
+    if chunk_size is None:
+        per_pose = torch.stack([model(p).reshape(()) for p in poses])
+    else:
+        join = collate or default_collate
+        per_pose = torch.cat(
+            [
+                model(join(list(poses[s : s + chunk_size]))).reshape(-1)
+                for s in range(0, len(poses), chunk_size)
+            ]
+        )
+    if sizes is None:
+        combined = combination.value(per_pose)
+    else:
+        combined = torch.stack([combination.value(y) for y in per_pose.split(list(sizes))])
     loss(combined, per_pose).backward()
     return combined.detach(), per_pose.detach(), _grads_of(model)
 
@@ -88,12 +115,24 @@ def multipose_gradients(
     poses: Sequence[Any],
     loss: LossFn,
     strategy: str = "store",
+    *,
+    sizes: Sequence[int] | None = None,
+    chunk_size: int = 1,
+    collate: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Return what :func:`full_graph_gradients` does, through ``MultiPoseModel``."""
     from combframe._model import MultiPoseModel
 
     model.zero_grad(set_to_none=True)
-    combined, per_pose = MultiPoseModel(model, combination, strategy=strategy)(list(poses))
+    wrapped = MultiPoseModel(
+        model, combination, strategy=strategy, chunk_size=chunk_size, collate=collate
+    )
+    if sizes is None:
+        combined, per_pose = wrapped(list(poses))
+    else:
+        cut = torch.tensor(list(sizes)).cumsum(0).tolist()
+        compounds = [list(poses[a:b]) for a, b in zip([0, *cut[:-1]], cut, strict=True)]
+        combined, per_pose, _ = wrapped(compounds=compounds)
     loss(combined, per_pose).backward()
     return combined.detach(), per_pose.detach(), _grads_of(model)
 
@@ -206,16 +245,23 @@ def gradient_parity(
     model_factory: Callable[[int, int], torch.nn.Module] | None = None,
     features: int = 5,
     on_error: Literal["raise", "record"] = "raise",
+    chunk_sizes: Sequence[int] = (1, 3),
+    compounds: Sequence[int] = (1, 3),
 ) -> ParityResult:
     """Check a combination's gradients against the full-graph reference in float64.
 
     Random models and poses are drawn for every seed and N; for each strategy and loss
     the gradients of every parameter from :class:`~combframe.MultiPoseModel` are compared
-    with those of the full-graph reference; ``"mtenn"`` checks the mtenn-style call
-    ``combination(pred_list, grad_dict, param_names, *params)``, whose backward uses the
-    closed-form :meth:`~combframe.BaseCombination.pose_weights`. Strategies that do not
-    support a loss
-    (``stream`` with a per-pose loss) are skipped after checking that they refuse it.
+    with those of the full-graph reference, one pose per pass and in chunks of each of
+    ``chunk_sizes`` (stacked poses), for one compound and for batches of each of
+    ``compounds`` compounds (the ``c``-th has ``N + c`` poses, so the combination's
+    :meth:`~combframe.BaseCombination.segment_value` is checked on unequal segments).
+    ``"mtenn"`` checks the mtenn-style call
+    ``combination(pred_list, grad_dict, param_names, *params)`` (one compound, one pose
+    per pass), whose backward uses the closed-form
+    :meth:`~combframe.BaseCombination.pose_weights`. Strategies that do not
+    support a loss (``stream`` with a per-pose loss) are skipped after checking that
+    they refuse it.
 
     With ``on_error="record"`` an exception raised by the combination (a wrong shape of
     pose weights, say) fails its case and is kept in ``errors`` instead of propagating,
@@ -228,49 +274,95 @@ def gradient_parity(
     """
     factory = model_factory or random_model
     result = ParityResult(passed=True, worst=0.0, rtol=rtol)
+    layouts = [(1, 1)] + [
+        (c, b) for c in dict.fromkeys((1, *compounds)) for b in chunk_sizes if (c, b) != (1, 1)
+    ]
     for seed in seeds:
         for n in n_poses:
-            gen = torch.Generator().manual_seed(1000 * seed + n)
-            poses = [
-                torch.randn((1, features), generator=gen, dtype=torch.float64) for _ in range(n)
-            ]
-            base = factory(seed, features)
-            for kind in losses:
-                loss = make_loss(kind)
-                try:
-                    want_c, want_p, want_g = full_graph_gradients(base, combination, poses, loss)
-                except Exception as exc:
-                    result.fail(f"reference/{kind}/N={n}", exc, on_error)
-                    continue
-                for strategy in strategies:
-                    if strategy == "stream" and not isinstance(combination, StreamingCombination):
-                        note = f"stream: {combination.name!r} does not implement streaming"
-                        if note not in result.skipped:
-                            result.skipped.append(note)
-                        continue
-                    model = copy.deepcopy(base)
-                    try:
-                        if strategy == "mtenn":
-                            got_c, got_p, got_g = mtenn_gradients(model, combination, poses, loss)
-                        else:
-                            got_c, got_p, got_g = multipose_gradients(
-                                model, combination, poses, loss, strategy
-                            )
-                    except Exception as exc:
-                        if isinstance(exc, StrategyError) and kind != "combined":
-                            note = f"{strategy}/{kind}: {exc}"
-                            if note not in result.skipped:
-                                result.skipped.append(note)
-                        else:
-                            result.fail(f"{strategy}/{kind}/N={n}", exc, on_error)
-                        continue
-                    err = max(
-                        _relative_error(got_g, want_g),
-                        _relative_error([got_c], [want_c]),
-                        _relative_error([got_p], [want_p]),
-                    )
-                    result.cases.append((strategy, kind, n, err))
-                    result.worst = max(result.worst, err)
-                    if not err <= rtol:
-                        result.passed = False
+            for count, chunk in layouts:
+                sizes = [n + c for c in range(count)]
+                gen = torch.Generator().manual_seed(1000 * seed + 100 * count + n)
+                poses = [
+                    torch.randn((1, features), generator=gen, dtype=torch.float64)
+                    for _ in range(sum(sizes))
+                ]
+                _parity_cases(
+                    result,
+                    combination,
+                    factory(seed, features),
+                    poses,
+                    sizes if count > 1 else None,
+                    chunk,
+                    strategies,
+                    losses,
+                    on_error,
+                )
     return result
+
+
+def _parity_cases(
+    result: ParityResult,
+    combination: BaseCombination,
+    base: torch.nn.Module,
+    poses: list[Tensor],
+    sizes: list[int] | None,
+    chunk: int,
+    strategies: Sequence[str],
+    losses: Sequence[LossKind],
+    on_error: Literal["raise", "record"],
+) -> None:
+    """Compare every strategy and loss on one set of compounds with the reference."""
+    n = len(poses) if sizes is None else sizes[0]
+    where = f"N={n}" + ("" if sizes is None else f", C={len(sizes)}") + (
+        "" if chunk == 1 else f", chunk={chunk}"
+    )
+    for kind in losses:
+        loss = make_loss(kind)
+        try:
+            want_c, want_p, want_g = full_graph_gradients(
+                base, combination, poses, loss, sizes=sizes
+            )
+        except Exception as exc:
+            result.fail(f"reference/{kind}/{where}", exc, on_error)
+            continue
+        for strategy in strategies:
+            if strategy == "stream" and not isinstance(combination, StreamingCombination):
+                note = f"stream: {combination.name!r} does not implement streaming"
+                if note not in result.skipped:
+                    result.skipped.append(note)
+                continue
+            if strategy == "mtenn" and (sizes is not None or chunk != 1):
+                continue  # the mtenn call takes one compound, one pose per pass
+            model = copy.deepcopy(base)
+            try:
+                if strategy == "mtenn":
+                    got_c, got_p, got_g = mtenn_gradients(model, combination, poses, loss)
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", StrategyWarning)
+                        got_c, got_p, got_g = multipose_gradients(
+                            model,
+                            combination,
+                            poses,
+                            loss,
+                            strategy,
+                            sizes=sizes,
+                            chunk_size=chunk,
+                        )
+            except Exception as exc:
+                if isinstance(exc, StrategyError) and kind != "combined":
+                    note = f"{strategy}/{kind}: {exc}"
+                    if note not in result.skipped:
+                        result.skipped.append(note)
+                else:
+                    result.fail(f"{strategy}/{kind}/{where}", exc, on_error)
+                continue
+            err = max(
+                _relative_error(got_g, want_g),
+                _relative_error([got_c], [want_c]),
+                _relative_error([got_p], [want_p]),
+            )
+            result.cases.append((strategy, kind, n, err))
+            result.worst = max(result.worst, err)
+            if not err <= result.rtol:
+                result.passed = False

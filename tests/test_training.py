@@ -136,7 +136,7 @@ class Tied(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.again(torch.tanh(self.shared(x))))
         h = torch.tanh(self.frozen(h)) + torch.tanh(h @ self.enc.weight.t() @ self.enc.weight)
-        return self.head(h).sum()
+        return self.head(h).sum(dim=(-2, -1))  # one value per pose, (B,) for a chunk
 
 
 def tied_factory(seed: int, features: int) -> torch.nn.Module:
@@ -158,7 +158,9 @@ def test_frozen_unused_and_tied_parameters_match_the_reference(name: str) -> Non
         model_factory=tied_factory,
     )
     assert result.passed, f"worst case {result.worst_case()}; errors {result.errors}"
-    assert len(result.cases) == 2 * (4 * 3 - 2), result.cases  # stream: combined loss only
+    # per N: one pose per pass (store, recompute, mtenn: 3 losses; stream: combined only),
+    # then chunks of 3, three compounds, and both (store, recompute: 3; stream: 1)
+    assert len(result.cases) == 2 * ((3 * 3 + 1) + 3 * (2 * 3 + 1)), result.cases
 
 
 def test_tied_frozen_unused_gradient_fields() -> None:
