@@ -363,11 +363,10 @@ class Store(Strategy):
             reason = _per_sample_obstacle(runner)
             if reason is None:
                 try:
-                    for s, e in runner.chunks(m, start=1):
-                        preds.append(_per_sample_grads(runner, poses[s:e], s, buffer[s:e]))
-                        start = e
+                    reason = _per_sample_chunks(runner, poses, buffer, preds)
                 except Exception as exc:  # not vmappable: fall back for the rest
                     reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
+                start = sum(p.shape[0] for p in preds)
             if reason is not None:
                 self._warn(runner, reason)
         for i in range(start, m):
@@ -424,6 +423,35 @@ def _per_sample_obstacle(runner: PoseRunner) -> str | None:
         return "pose tensors require grad"
     if len(runner.targets.layout.params) != len(_named_trainable(runner.model)):
         return "parameters outside the model (a readout module or a closure) require grad"
+    named = list(runner.model.named_parameters(remove_duplicate=False))
+    if len(named) != len(dict(runner.model.named_parameters())):
+        return "the model shares a parameter between modules"
+    return None
+
+
+def _per_sample_chunks(
+    runner: PoseRunner, poses: Sequence[Any], buffer: Tensor, preds: list[Tensor]
+) -> str | None:
+    """Fill ``buffer`` rows from 1 on by per-sample gradients; append the predictions.
+
+    The first chunk also recomputes pose 0, whose row autograd already wrote: if the two
+    disagree (a parameter the model reaches other than through its registered name),
+    the rest falls back to one pose per pass. Returns why it stopped, or None.
+    """
+    for s, e in runner.chunks(len(poses)):
+        rows = buffer[s:e] if s else torch.empty_like(buffer[s:e])
+        pred = _per_sample_grads(runner, poses[s:e], s, rows)
+        if s == 0:
+            want = buffer[0]
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(rows[0], want, rtol=1e-4, atol=1e-5 * scale):
+                return (
+                    "per-sample gradients by torch.func.vmap differ from autograd's for "
+                    "this model (a parameter used other than through its registered name?)"
+                )
+            buffer[1:e] = rows[1:]
+            pred = pred[1:]
+        preds.append(pred)
     return None
 
 
