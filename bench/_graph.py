@@ -25,7 +25,9 @@ class MessageLayer(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.message = nn.Sequential(nn.Linear(width + 1, width), nn.SiLU(), nn.Linear(width, width))
+        self.message = nn.Sequential(
+            nn.Linear(width + 1, width), nn.SiLU(), nn.Linear(width, width)
+        )
         self.update = nn.Linear(width, width)
 
     def forward(self, h: Tensor, pos: Tensor, edge_index: Tensor) -> Tensor:
@@ -95,7 +97,5 @@ def make_graph_poses(
         dst = torch.arange(count).repeat_interleave(k)
         edge_index = torch.stack([nbr.reshape(-1), dst])
         x = torch.randn(count, FEATURES, generator=gen, dtype=dtype)
-        out.append(
-            {"x": x.to(device), "pos": pos.to(device), "edge_index": edge_index.to(device)}
-        )
+        out.append({"x": x.to(device), "pos": pos.to(device), "edge_index": edge_index.to(device)})
     return out

@@ -8,6 +8,7 @@ segment operations of :mod:`combframe.segment`.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -87,9 +88,11 @@ class Segments:
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in nested tensors, mappings, lists and tuples."""
+    """Apply ``fn`` to every tensor in nested tensors, mappings, lists, tuples and PyG data."""
     if isinstance(obj, Tensor):
         return fn(obj)
+    if _pyg_batch(obj) is not None:
+        return copy.copy(obj).apply(fn)  # a shallow copy: the pose itself is left alone
     if isinstance(obj, Mapping):
         return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -100,9 +103,13 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def each_tensor(obj: Any) -> Iterable[Tensor]:
-    """Yield every tensor in nested tensors, mappings, lists and tuples."""
+    """Yield every tensor in nested tensors, mappings, lists, tuples and PyG data."""
     if isinstance(obj, Tensor):
         yield obj
+    elif _pyg_batch(obj) is not None:
+        for store in obj.stores:
+            for v in store.values():
+                yield from each_tensor(v)
     elif isinstance(obj, Mapping):
         for v in obj.values():
             yield from each_tensor(v)

@@ -313,8 +313,10 @@ def _parity_cases(
 ) -> None:
     """Compare every strategy and loss on one set of compounds with the reference."""
     n = len(poses) if sizes is None else sizes[0]
-    where = f"N={n}" + ("" if sizes is None else f", C={len(sizes)}") + (
-        "" if chunk == 1 else f", chunk={chunk}"
+    where = (
+        f"N={n}"
+        + ("" if sizes is None else f", C={len(sizes)}")
+        + ("" if chunk == 1 else f", chunk={chunk}")
     )
     for kind in losses:
         loss = make_loss(kind)

@@ -434,9 +434,7 @@ def _peak_live_bytes(strategy: str, n: int, chunk_size: int = 1) -> int:
     torch.manual_seed(0)
     model = Gated().double()
     poses = [torch.randn(400, 8, generator=gen, dtype=torch.float64) for _ in range(n)]
-    wrapped = combframe.MultiPoseModel(
-        model, "boltzmann", strategy=strategy, chunk_size=chunk_size
-    )
+    wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy=strategy, chunk_size=chunk_size)
     wrapped(poses[:1])[0].backward()  # allocate .grad before measuring
 
     def step() -> None:
