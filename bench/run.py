@@ -494,6 +494,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     parser.add_argument(
+        "--suite",
+        choices=("all", "per-pose", "batched"),
+        default="all",
+        help="per-pose: strategies against the per-pose full graph (results.md); batched: "
+        "chunks against the batched full graph (batched.md); all: both",
+    )
+    parser.add_argument(
+        "--combination",
+        default="max",
+        help="combination of the batched suite (default max; mean and boltzmann are also "
+        "reported at the target case)",
+    )
+    parser.add_argument(
         "--memory-worker", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
@@ -503,16 +516,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.suite in ("all", "batched"):
+        run_batched(args, device)
+    if args.suite == "batched":
+        return
     ns = (1, 8) if args.quick else (1, 8, 32, 128)
     reps = args.reps or (3 if args.quick else 7)
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs" / "bench")
     clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     timer = Timer(device, clock)
-    desc = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
+    desc = _describe(device)
     results: dict[str, Any] = {
         "quick": args.quick,
         "date": _dt.date.today().isoformat(),
@@ -558,6 +571,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {out}/results.md in {results['seconds']:.0f} s")
     for name, measured, ok in results["targets"]:
         print(f"  {'met    ' if ok else 'NOT MET'} {name}: {measured}")
+
+
+def run_batched(args: argparse.Namespace, device: torch.device) -> None:
+    """The batched suite: chunks against the batched full graph, to ``batched.md``."""
+    import batched
+
+    reps = args.reps or (3 if args.quick else 7)
+    out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs" / "bench")
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    timer = Timer(device, clock)
+    extra = [c for c in ("mean", "boltzmann") if c != args.combination]
+    t0 = time.perf_counter()
+    print(f"batched suite ({args.combination}), {reps} repetitions", flush=True)
+    results = batched.run_suite(args.combination, extra, timer, device, reps, args.quick)
+    results["targets"] = batched.targets(results)
+    command = "python bench/run.py --suite batched" + (" --quick" if args.quick else "")
+    if device.type != "cpu":
+        command += f" --device {device.type}"
+    header = (
+        f"Produced by `{command}` on {_dt.date.today().isoformat()}: {_describe(device)}, "
+        f"torch {torch.__version__}, {args.threads} intra-op thread(s), medians of {reps} "
+        f"interleaved repetitions ({'CUDA events' if device.type == 'cuda' else clock + ' time'}), "
+        f"every method's gradients checked against the batched full graph first, in "
+        f"{time.perf_counter() - t0:.0f} s."
+    )
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    batched.write_report(results, out / f"batched{suffix}" if suffix else out, header)
+    (out / f"batched{suffix}.json").write_text(json.dumps(results, indent=1))
+    for name, measured, ok in results["targets"]:
+        print(f"  {'met    ' if ok else 'NOT MET'} {name}: {measured}")
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":
