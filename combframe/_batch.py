@@ -63,12 +63,15 @@ class Segments:
         device sync).
     index
         ``owner`` as a ``torch.long`` tensor on the model's device.
+    start_index
+        ``starts`` as a ``torch.long`` tensor on the model's device.
     """
 
     sizes: tuple[int, ...]
     starts: tuple[int, ...]
     owner: tuple[int, ...]
     index: Tensor
+    start_index: Tensor
 
     @classmethod
     def from_sizes(cls, sizes: Sequence[int], device: torch.device) -> Segments:
@@ -78,8 +81,9 @@ class Segments:
             starts.append(pos)
             owner.extend([c] * n)
             pos += n
-        index = torch.tensor(owner, dtype=torch.long).to(device, non_blocking=True)
-        return cls(tuple(sizes), tuple(starts), tuple(owner), index)
+        both = torch.tensor([*owner, *starts], dtype=torch.long).to(device, non_blocking=True)
+        index, start_index = both.split([len(owner), len(starts)])
+        return cls(tuple(sizes), tuple(starts), tuple(owner), index, start_index)
 
     @property
     def count(self) -> int:

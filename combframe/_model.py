@@ -18,16 +18,17 @@ __all__ = ["MultiPoseModel"]
 
 
 class MultiPoseModel(torch.nn.Module):
-    """Combine a single-pose model's predictions over the poses of one compound.
+    """Combine a single-pose model's predictions over the poses of a compound.
 
-    Only one pose's autograd graph is alive at a time; gradients of the combined and the
-    per-pose predictions reach the model's parameters exactly, through the shared
-    :class:`~combframe.CombinationFunction`.
+    Only one pose's (or one chunk's) autograd graph is alive at a time; gradients of the
+    combined and the per-pose predictions reach the model's parameters, the tensors in
+    the poses that require grad and any parameter the pose graph reaches, exactly.
 
     Parameters
     ----------
     model
-        Single-pose model: ``model(pose)`` returns a tensor with one element.
+        Single-pose model: ``model(pose)`` returns a tensor with one element; with
+        ``chunk_size > 1``, ``model(collate(poses))`` returns one element per pose.
     combination
         A combination module, a registered name (``"max"``), a
         :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
@@ -43,6 +44,15 @@ class MultiPoseModel(torch.nn.Module):
         sync per compound). Set ``False`` to skip the check.
     move_poses
         Move tensors in the poses to the model's device instead of raising on a mismatch.
+    chunk_size
+        Poses per model call. ``1`` (the default) calls the model on each pose; larger
+        values run the poses of one or several compounds as collated batches (see
+        ``docs/batched.md``: what each strategy does per chunk, and models such as
+        batch norm in training mode whose output depends on the chunk).
+    collate
+        Builds a batch from a list of poses when ``chunk_size > 1``; default
+        :func:`~combframe.default_collate` (stacks equal-shaped tensors leaf by leaf,
+        PyTorch Geometric data into a ``Batch``). Poses of different sizes need their own.
 
     Notes
     -----
@@ -63,6 +73,11 @@ class MultiPoseModel(torch.nn.Module):
     >>> combined, per_pose = model([torch.ones(1, 3), torch.zeros(1, 3)])
     >>> per_pose.shape
     torch.Size([2])
+    >>> batched = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=4)
+    >>> compounds = [[torch.ones(1, 3)] * 2, [torch.zeros(1, 3)] * 3]
+    >>> combined, per_pose, index = batched(compounds=compounds)
+    >>> combined.shape, index.tolist()
+    (torch.Size([2]), [0, 0, 1, 1, 1])
     """
 
     def __init__(

@@ -17,12 +17,13 @@ stream     ``k`` running ``P``-sums per compound        combined predictions onl
 
 Gradients go to every input of the pose graph: the model's (and the readout's) trainable
 parameters, tensors inside the poses that require grad, and leaf tensors the graph
-reaches through a closure (found by walking the first chunk's graph).
+reaches through a closure (found by walking the graph of the first chunk run with one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -60,29 +61,33 @@ def _graph_mark() -> int:
 
 
 def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[str]]:
-    """Walk ``y``'s graph: leaves it reaches that are not ``known``, and older nodes.
+    """Walk ``y``'s graph: leaves it reaches that are not ``known``, and foreign nodes.
 
-    A node older than ``mark`` belongs to a graph built before the chunk ran: a tensor
-    that requires grad and was captured by the model from outside.
+    A node older than ``mark`` belongs to a graph built before the chunk ran. Below it,
+    reaching only known leaves is harmless (autocast's cache of a parameter's cast); an
+    unknown leaf there means a tensor that requires grad was computed outside the model
+    and captured by it, and the old node is reported.
     """
     leaves: dict[int, Tensor] = {}
     foreign: list[str] = []
-    seen: set[Any] = set()
-    stack = [y.grad_fn]
+    seen: set[tuple[Any, str]] = set()
+    stack: list[tuple[Any, str]] = [(y.grad_fn, "")]
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, old = stack.pop()
+        if node is None or (node, old) in seen:
             continue
-        seen.add(node)
+        seen.add((node, old))
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):
             if id(variable) not in known:
-                leaves.setdefault(id(variable), variable)
+                if old:
+                    foreign.append(old)
+                else:
+                    leaves.setdefault(id(variable), variable)
             continue
-        if node._sequence_nr() < mark:
-            foreign.append(node.name())
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        if not old and node._sequence_nr() < mark:
+            old = node.name()
+        stack.extend((next_node, old) for next_node, _ in node.next_functions)
     return list(leaves.values()), foreign
 
 
@@ -213,7 +218,7 @@ class PoseRunner:
             )
 
     def discover(self, pred: Tensor, aliases: Aliases) -> None:
-        """Walk the first chunk's graph; add the leaves it reaches to the targets.
+        """Walk a chunk's graph; add the leaves it reaches to the targets.
 
         Raises
         ------
@@ -312,12 +317,14 @@ class Strategy(ABC):
         return f"{type(self).__name__}()"
 
 
-def _first_graph(runner: PoseRunner, poses: Sequence[Any], stop: int) -> tuple[Tensor, Aliases]:
-    """Run poses ``[0, stop)`` with a graph, check it and find the targets it reaches."""
+def _first_graph(
+    runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
+) -> tuple[Tensor, Aliases]:
+    """Run poses ``[start, stop)`` with a graph, check it and find the targets it reaches."""
     with torch.enable_grad():
-        aliases = runner.aliases(poses[:stop])
-        pred = runner.predict(poses[:stop], 0, aliases)
-    runner.require_grad(pred, 0)
+        aliases = runner.aliases(poses[start:stop])
+        pred = runner.predict(poses[start:stop], start, aliases)
+    runner.require_grad(pred, start)
     runner.discover(pred, aliases)
     return pred, aliases
 
@@ -411,8 +418,20 @@ class Store(Strategy):
             "torch.func.vmap can map over poses of one shape. strategy='recompute' or "
             "'stream' run whole chunks for any model.",
             StrategyWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
+
+
+def _user_stacklevel() -> int:
+    """Return the ``stacklevel`` of the first caller outside combframe and torch."""
+    frame = sys._getframe(1)  # the function that will call warnings.warn
+    level = 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        ("combframe", "torch")
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _per_sample_obstacle(runner: PoseRunner) -> str | None:
@@ -554,7 +573,7 @@ class Recompute(Strategy):
     r"""Forward without graphs; backward re-runs each chunk and back-propagates its ``c``.
 
     Memory stays flat in the number of poses: one chunk graph and one ``P``-sized
-    accumulator. The first chunk runs with a graph in the forward (to validate the
+    accumulator. The last chunk runs with a graph in the forward (to validate the
     prediction and find what it depends on) and that graph is kept for the backward,
     which starts with it; the other chunks are re-run. Each chunk's backward is one
     ``autograd.grad`` with
@@ -591,14 +610,15 @@ class Recompute(Strategy):
         preds = []
         autocast = _AutocastState.capture(runner.device.type)
         kept: tuple[Tensor, Aliases] | None = None
+        last = len(chunks) - 1
         for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
-            if k == 0:
-                # The first chunk runs with a graph, so that a prediction that does not
+            if k == last:
+                # The last chunk runs with a graph, so that a prediction that does not
                 # depend on anything trainable is refused now, not in backward, and the
                 # leaves the graph reaches become targets. Its graph is kept for the
-                # backward (which starts with it): one chunk graph alive at any time.
-                kept = _first_graph(runner, poses, e)
+                # backward, which starts with it: one chunk graph alive at any time.
+                kept = _first_graph(runner, poses, e, s)
                 pred = kept[0]
             else:
                 with torch.no_grad():
@@ -642,7 +662,7 @@ class _RecomputedGradients(PoseGradients):
     def _rerun(self, k: int) -> tuple[Tensor, Aliases]:
         """Chunk ``k``'s predictions with a graph: kept from the forward, or re-run."""
         runner = self.runner
-        if k == 0 and self.kept is not None:
+        if k == len(self.chunks) - 1 and self.kept is not None:
             kept, self.kept = self.kept, None  # used once; a second backward re-runs
             return kept
         s, e = self.chunks[k]
@@ -670,7 +690,10 @@ class _RecomputedGradients(PoseGradients):
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
-        self.kept = self.kept if 0 in active else None  # chunk 0 contributes nothing
+        if self.kept is not None and active and active[-1] == len(self.chunks) - 1:
+            active = [active[-1], *active[:-1]]  # the kept graph first, then re-runs
+        else:
+            self.kept = None  # the last chunk contributes nothing: free its graph
         try:
             for k in active:
                 s, e = self.chunks[k]
@@ -802,7 +825,7 @@ class _StreamSums:
         self.pose_acc: dict[tuple[int, int], Tensor] = {}
 
     def allocate(self, targets: GradTargets) -> None:
-        """Fix the targets (known after the first chunk's graph was walked)."""
+        """Fix the targets (known once the first chunk's graph was walked)."""
         self.targets = targets
 
     def update(
@@ -816,12 +839,12 @@ class _StreamSums:
         local: Tensor,
     ) -> Tensor:
         """Fold a chunk's predictions into the state; return its ``(b, k)`` weights."""
-        stop = start + y.shape[0]
-        firsts = [c for c in range(lo, hi) if start <= segments.starts[c] < stop]
-        if firsts:
-            rows = torch.tensor([segments.starts[c] - start for c in firsts], device=y.device)
-            cols = torch.tensor(firsts, device=y.device)
-            self.center.index_copy_(0, cols, y[rows])
+        # Compounds that start in this chunk (a contiguous range) take their first
+        # prediction as centre; device-side indexing, so no host sync per chunk.
+        first = lo if segments.starts[lo] >= start else lo + 1
+        if first < hi:
+            rows = segments.start_index[first:hi] - start
+            self.center[first:hi] = y[rows]
         log_w, feats = combination.stream_terms(y, self.center[lo:hi][local])
         if self.acc.numel() == 0:  # allocated before the first backward: peak flat in N
             layout = self.targets.layout

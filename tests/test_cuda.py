@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -33,6 +34,34 @@ def test_float64_parity_on_cuda(strategy: str, name: str) -> None:
     assert all(g.device.type == "cuda" for g in got_g)
     assert_close([got_p.cpu()], [want_p], "per-pose predictions", 1e-12)
     assert_close([g.cpu() for g in got_g], want_g, f"{name}/{strategy} grads", 1e-10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["max", "boltzmann"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_float64_parity_of_chunks_and_compounds_on_cuda(
+    strategy: str, name: str, chunk: int
+) -> None:
+    """Chunks spanning compounds, forces on the pose tensors, on the GPU."""
+    comb = combframe.create_combination(name, **({"pred_scale": 4.0} if name == "max" else {}))
+    loss = make_loss(kind_for(strategy))  # type: ignore[arg-type]
+    sizes = [3, 1, 4]
+    cpu_poses = [p.requires_grad_() for p in make_poses(8, seed=4)]
+    want_c, want_p, want_g = full_graph_gradients(
+        make_mlp(seed=3), comb, cpu_poses, loss, sizes=sizes
+    )
+    want_x = [p.grad.clone() for p in cpu_poses]  # type: ignore[union-attr]
+    leaves = [p.detach().to(CUDA).requires_grad_() for p in cpu_poses]
+    net = make_mlp(seed=3).to(CUDA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.StrategyWarning)  # store: pose by pose
+        got_c, got_p, got_g = multipose_gradients(
+            net, comb, leaves, loss, strategy, sizes=sizes, chunk_size=chunk
+        )
+    assert_close([got_c.cpu()], [want_c], "combined", 1e-12)
+    assert_close([got_p.cpu()], [want_p], "per-pose predictions", 1e-12)
+    assert_close([g.cpu() for g in got_g], want_g, f"{name}/{strategy} grads", 1e-10)  # type: ignore[arg-type]
+    assert_close([p.grad.cpu() for p in leaves], want_x, "pose gradients", 1e-10)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -240,7 +240,7 @@ def test_recompute_check_catches_a_non_deterministic_model() -> None:
     poses = make_poses(3)
     wrapped = combframe.MultiPoseModel(net, "mean", strategy=combframe.Recompute(check=True))
     combined, _ = wrapped(poses)
-    with pytest.raises(combframe.StrategyError, match=r"pose 1 .*not\s+deterministic.*'store'"):
+    with pytest.raises(combframe.StrategyError, match=r"pose 0 .*not\s+deterministic.*'store'"):
         combined.backward()
     assert all(p.grad is None for p in net.parameters()), "a failed check left gradients"
 
@@ -445,15 +445,11 @@ def _peak_live_bytes(strategy: str, n: int, chunk_size: int = 1) -> int:
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "stream"])
-@pytest.mark.parametrize(("chunk_size", "few", "many"), [(1, 2, 8), (4, 8, 32)])
+@pytest.mark.parametrize(("chunk_size", "few", "many"), [(1, 1, 8), (4, 4, 32)])
 def test_peak_memory_is_flat_in_the_number_of_poses(
     strategy: str, chunk_size: int, few: int, many: int
 ) -> None:
-    """Nothing of a chunk (graph, gradients) may outlive it: the peak does not grow with N.
-
-    (Recompute keeps the first chunk's graph from the forward for the backward, so from
-    two chunks on its forward also holds one graph-free chunk's transient activations.)
-    """
+    """Nothing of a chunk (graph, gradients) may outlive it: the peak does not grow with N."""
     small = _peak_live_bytes(strategy, few, chunk_size)
     large = _peak_live_bytes(strategy, many, chunk_size)
     assert large <= 1.01 * small, f"peak {large} B at N={many} vs {small} B at N={few}"
