@@ -793,7 +793,12 @@ class Stream(Strategy):
                 # Several poses: one backward per compound and feature, weighted.
                 pairs = [(c, j) for c in range(lo, hi) for j in range(weights.shape[1])]
                 grad_outputs = [
-                    torch.where(local == c - lo, weights[:, j], 0.0).to(y.dtype) for c, j in pairs
+                    (
+                        weights[:, j]
+                        if hi - lo == 1
+                        else torch.where(local == c - lo, weights[:, j], 0)
+                    ).to(y.dtype)
+                    for c, j in pairs
                 ]
                 if on_host:
                     keep = [bool(g.ne(0).any()) for g in grad_outputs]
@@ -822,6 +827,7 @@ class _StreamSums:
         self.targets = GradTargets(ParamLayout(()))
         self.acc = torch.zeros(0)
         self.scratch = torch.zeros(0)
+        self.views: dict[tuple[int, int], list[Tensor]] = {}
         self.pose_acc: dict[tuple[int, int], Tensor] = {}
 
     def allocate(self, targets: GradTargets) -> None:
@@ -881,7 +887,10 @@ class _StreamSums:
     def add(self, c: int, j: int, params: Sequence[Tensor], pose: list[tuple[int, Tensor]]) -> None:
         """Add one backward's gradients to compound ``c``'s ``j``-th sums."""
         if params:
-            torch._foreach_add_(self.targets.layout.views(self.acc[c, j]), list(params))
+            views = self.views.get((c, j))
+            if views is None:
+                views = self.views[c, j] = self.targets.layout.views(self.acc[c, j])
+            torch._foreach_add_(views, list(params))
         for slot, g in pose:
             key = (c, slot)
             if key not in self.pose_acc:
