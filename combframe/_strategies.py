@@ -23,6 +23,7 @@ reaches through a closure (found by walking the graph of the first chunk run wit
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -81,7 +82,8 @@ def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[
         if isinstance(variable, Tensor):
             if id(variable) not in known:
                 if old:
-                    foreign.append(old)
+                    shape = ", ".join(map(str, variable.shape))
+                    foreign.append(f"{old} -> a {variable.dtype} leaf of shape ({shape})")
                 else:
                     leaves.setdefault(id(variable), variable)
             continue
@@ -233,7 +235,7 @@ class PoseRunner:
             raise CombinationError(
                 "the model's prediction depends on a tensor that requires grad and was "
                 "computed outside the model (its graph reaches "
-                + ", ".join(sorted(set(foreign))[:5])
+                + "; ".join(sorted(set(foreign))[:5])
                 + "), captured by the model or pred_readout rather than passed in the pose. "
                 "Gradients cannot flow back through it: put that tensor in the poses (its "
                 "gradient then continues upstream) or detach it."
@@ -781,35 +783,72 @@ class Stream(Strategy):
             y = pred.detach()
             preds.append(y)
             lo, hi = segments.owner[s], segments.owner[e - 1] + 1
+            if on_host:
+                self._fold_host(runner, sums, combination, segments, s, pred, aliases)
+                del pred, aliases  # free before the next chunk's graph is built
+                continue
             local = segments.index[s:e] - lo
             weights = sums.update(combination, segments, s, y.to(exact), lo, hi, local)
-            if on_host and not bool(weights.ne(0).any()):
-                pass  # every weight is zero: nothing to add
-            elif e - s == 1:
+            if e - s == 1:
                 # One pose: one backward, then a rank-1 update of all k sums.
                 with torch.enable_grad():
                     sums.add_pose(lo, weights[0], *runner.grads(pred, aliases))
             else:
                 # Several poses: one backward per compound and feature, weighted.
                 pairs = [(c, j) for c in range(lo, hi) for j in range(weights.shape[1])]
-                grad_outputs = [
-                    (
+                last = len(pairs) - 1
+                for n, (c, j) in enumerate(pairs):
+                    mine = (
                         weights[:, j]
                         if hi - lo == 1
                         else torch.where(local == c - lo, weights[:, j], 0)
-                    ).to(y.dtype)
-                    for c, j in pairs
-                ]
-                if on_host:
-                    keep = [bool(g.ne(0).any()) for g in grad_outputs]
-                    pairs = [p for p, ok in zip(pairs, keep, strict=True) if ok]
-                    grad_outputs = [g for g, ok in zip(grad_outputs, keep, strict=True) if ok]
-                last = len(pairs) - 1
-                for n, ((c, j), go) in enumerate(zip(pairs, grad_outputs, strict=True)):
+                    )
                     with torch.enable_grad():
-                        sums.add(c, j, *runner.grads(pred, aliases, go, retain=n < last))
+                        grads = runner.grads(pred, aliases, mine.to(y.dtype), retain=n < last)
+                    sums.add(c, j, *grads)
+                    del grads
             del pred, aliases  # free before the next chunk's graph is built
+        sums.finish()
         return torch.cat(preds), _StreamedGradients(sums, combination)
+
+    @staticmethod
+    def _fold_host(
+        runner: PoseRunner,
+        sums: _StreamSums,
+        combination: StreamingCombination,
+        segments: Segments,
+        start: int,
+        pred: Tensor,
+        aliases: Aliases,
+    ) -> None:
+        """Fold one chunk in with the scalar bookkeeping on Python floats (CPU).
+
+        Reading scalars costs nothing on the CPU, and a handful of float operations per
+        pose is cheaper than the tensor operations they replace, so chunks of a few poses
+        pay no overhead; backward passes whose weights are all zero (a sharp smooth
+        minimum far from the best pose) are skipped, and so is the rescale while a
+        compound's maximum holds.
+        """
+        rows = sums.update_host(combination, segments, start, pred.detach())
+        owners = segments.owner[start : start + len(rows)]
+        if len(rows) == 1:
+            if any(rows[0]):
+                with torch.enable_grad():
+                    sums.add_pose_host(owners[0], rows[0], *runner.grads(pred, aliases))
+            return
+        pairs = [
+            (c, j)
+            for c in range(owners[0], owners[-1] + 1)
+            for j in range(len(rows[0]))
+            if any(row[j] for row, o in zip(rows, owners, strict=True) if o == c)
+        ]
+        for n, (c, j) in enumerate(pairs):
+            weights = [row[j] if o == c else 0.0 for row, o in zip(rows, owners, strict=True)]
+            go = torch.tensor(weights, dtype=pred.dtype)
+            with torch.enable_grad():
+                grads = runner.grads(pred, aliases, go, retain=n < len(pairs) - 1)
+            sums.add(c, j, *grads)
+            del grads
 
     def __repr__(self) -> str:
         return "Stream()"
@@ -821,9 +860,15 @@ class _StreamSums:
 
     def __init__(self, count: int, exact: torch.dtype, device: torch.device) -> None:
         self.count = count
+        self.exact = exact
         self.running_max = torch.full((count,), float("-inf"), dtype=exact, device=device)
         self.total = torch.zeros(count, dtype=exact, device=device)
         self.center = torch.zeros(count, dtype=exact, device=device)
+        # the same state as Python floats, for the CPU's host bookkeeping
+        self.host_max = [-math.inf] * count
+        self.host_total = [0.0] * count
+        self.host_center = [0.0] * count
+        self.on_host = False
         self.targets = GradTargets(ParamLayout(()))
         self.acc = torch.zeros(0)
         self.scratch = torch.zeros(0)
@@ -852,14 +897,7 @@ class _StreamSums:
             rows = segments.start_index[first:hi] - start
             self.center[first:hi] = y[rows]
         log_w, feats = combination.stream_terms(y, self.center[lo:hi][local])
-        if self.acc.numel() == 0:  # allocated before the first backward: peak flat in N
-            layout = self.targets.layout
-            self.acc = torch.zeros(
-                (self.count, feats.shape[-1], layout.numel),
-                dtype=layout.dtype,
-                device=layout.device,
-            )
-            self.scratch = layout.new_buffer(1)[0]
+        self._allocate(feats.shape[-1])
         old = self.running_max[lo:hi]
         new = torch.maximum(old, segment_max(log_w, local, hi - lo))
         scale = torch.where(torch.isinf(old), torch.zeros_like(old), torch.exp(old - new))
@@ -871,6 +909,65 @@ class _StreamSums:
             if lo <= c < hi:
                 t.mul_(scale[c - lo].to(t.dtype))
         return w[:, None] * feats
+
+    def update_host(
+        self, combination: StreamingCombination, segments: Segments, start: int, pred: Tensor
+    ) -> list[list[float]]:
+        """:meth:`update` on Python floats; return the chunk's weights, one row per pose."""
+        self.on_host = True
+        y = pred.to(self.exact)
+        values = y.tolist()
+        owners = segments.owner[start : start + len(values)]
+        for c in range(owners[0], owners[-1] + 1):
+            if start <= segments.starts[c]:
+                self.host_center[c] = values[segments.starts[c] - start]
+        centers = torch.tensor([self.host_center[o] for o in owners], dtype=self.exact)
+        log_w, feats = combination.stream_terms(y, centers)
+        self._allocate(feats.shape[-1])
+        logs, phis = log_w.tolist(), feats.tolist()
+        rows: list[list[float]] = []
+        for c in range(owners[0], owners[-1] + 1):
+            mine = [i for i, o in enumerate(owners) if o == c]
+            old = self.host_max[c]
+            new = max(old, *(logs[i] for i in mine))
+            scale = math.exp(old - new) if old > -math.inf else 0.0
+            if scale != 1.0:
+                self.acc[c].mul_(scale)
+                for (owner, _), t in self.pose_acc.items():
+                    if owner == c:
+                        t.mul_(scale)
+            weights = [math.exp(logs[i] - new) for i in mine]
+            self.host_total[c] = self.host_total[c] * scale + math.fsum(weights)
+            self.host_max[c] = new
+            rows += [[w * phi for phi in phis[i]] for w, i in zip(weights, mine, strict=True)]
+        return rows
+
+    def finish(self) -> None:
+        """Bring the host bookkeeping into the tensors the backward reads."""
+        if self.on_host:
+            self.total = torch.tensor(self.host_total, dtype=self.exact)
+            self.center = torch.tensor(self.host_center, dtype=self.exact)
+            self.running_max = torch.tensor(self.host_max, dtype=self.exact)
+
+    def _allocate(self, features: int) -> None:
+        """Allocate the sums once ``k`` is known, before the first backward (flat peak)."""
+        if self.acc.numel() == 0:
+            layout = self.targets.layout
+            self.acc = torch.zeros(
+                (self.count, features, layout.numel), dtype=layout.dtype, device=layout.device
+            )
+            self.scratch = layout.new_buffer(1)[0]
+
+    def add_pose_host(
+        self, c: int, weights: list[float], params: Sequence[Tensor], pose: list[tuple[int, Tensor]]
+    ) -> None:
+        """Add one pose's unweighted gradients to the sums of compound ``c`` with nonzero weight."""
+        if params:
+            self.targets.layout.flatten_into(params, self.scratch)
+        for j, w in enumerate(weights):
+            if w != 0.0:
+                self.acc[c, j].add_(self.scratch, alpha=w)
+                self.add(c, j, (), [(slot, g * w) for slot, g in pose])
 
     def add_pose(
         self, c: int, weights: Tensor, params: Sequence[Tensor], pose: list[tuple[int, Tensor]]

@@ -11,6 +11,7 @@ import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
+import combframe._strategies as strategies_module
 from bench._graph import GraphModel, graph_collate, make_graph_poses
 from combframe._reference import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from combframe.segment import (
@@ -459,7 +461,8 @@ def test_a_captured_tensor_from_outside_is_refused_by_name(strategy: str) -> Non
         net, "mean", strategy=strategy, pred_readout=lambda y: y + offset
     )
     with pytest.raises(
-        combframe.CombinationError, match=r"computed outside the model.*ViewBackward0"
+        combframe.CombinationError,
+        match=r"outside the model.*ViewBackward0 -> a torch.float64 leaf of shape \(1, 1\)",
     ):
         model(tensor_poses(3))
     assert all(p.grad is None for p in net.parameters())
@@ -573,3 +576,23 @@ def test_shipped_combinations_agree_between_value_and_segment_value() -> None:
     ):
         want = torch.stack([comb.value(p) for p in y.split([3, 2, 4])])
         torch.testing.assert_close(comb.segment_value(y, index, 3), want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-bookkeeping", "device-bookkeeping"])
+@pytest.mark.parametrize("chunk", [1, 3, 12])
+@pytest.mark.parametrize("name", ["max", "boltzmann"])
+def test_stream_bookkeeping_paths_agree_in_chunks(on_host: bool, chunk: int, name: str) -> None:
+    """The CPU's float bookkeeping and the device's tensor bookkeeping, on spread values."""
+    combination = combframe.create_combination(
+        name, **({"pred_scale": 50.0} if name == "max" else {})
+    )
+    base = make_mlp(seed=3)
+    poses = [5.0 * p for p in tensor_poses(12, seed=5)]  # predictions spread over tens
+    sizes = [4, 1, 7]
+    loss = make_loss("combined")
+    want = full_graph_gradients(copy.deepcopy(base), combination, poses, loss, sizes=sizes)
+    with mock.patch.object(strategies_module, "_host_scalars", return_value=on_host):
+        got = multipose_gradients(
+            base, combination, poses, loss, "stream", sizes=sizes, chunk_size=chunk
+        )
+    assert rel_err(got[2], want[2]) <= RTOL

@@ -33,16 +33,20 @@ from tests.conftest import make_mlp, make_poses
 
 WORLD = 2
 COMPOUNDS_PER_RANK = 2
-#: (strategy, loss kind, model): stream supports losses on the combined prediction only;
-#: "partial" has a frozen layer and a parameter no pose uses, under DDP's default
-#: ``find_unused_parameters=False``.
-SCENARIOS = [
-    ("store", "both", "mlp"),
-    ("recompute", "both", "mlp"),
-    ("recompute", "per_pose", "mlp"),
-    ("stream", "combined", "mlp"),
-    ("store", "both", "partial"),
-    ("recompute", "combined", "partial"),
+#: (strategy, loss kind, model, chunk size): stream supports losses on the combined
+#: prediction only; "partial" has a frozen layer and a parameter no pose uses, under DDP's
+#: default ``find_unused_parameters=False``. With a chunk size, each rank's compounds go
+#: through one ``ddp(compounds=...)`` call in chunks spanning compounds.
+SCENARIOS: list[tuple[str, str, str, int | None]] = [
+    ("store", "both", "mlp", None),
+    ("recompute", "both", "mlp", None),
+    ("recompute", "per_pose", "mlp", None),
+    ("stream", "combined", "mlp", None),
+    ("store", "both", "partial", None),
+    ("recompute", "combined", "partial", None),
+    ("recompute", "both", "mlp", 3),
+    ("stream", "combined", "partial", 4),
+    ("store", "both", "mlp", 2),
 ]
 
 
@@ -121,11 +125,17 @@ def _step(
     kind: str,
     counter: _Counter,
     device: torch.device,
+    batched: bool = False,
 ) -> None:
     loss_fn = make_loss(kind)  # type: ignore[arg-type]
     losses = []
-    for poses in _compounds(rank, step):
-        combined, per_pose = ddp([p.to(device) for p in poses])
+    compounds = [[p.to(device) for p in poses] for poses in _compounds(rank, step)]
+    if batched:
+        out = ddp(compounds=compounds)
+        per_compound = out.per_pose.split([len(c) for c in compounds])
+        losses = [loss_fn(g, y) for g, y in zip(out.combined, per_compound, strict=True)]
+    for poses in [] if batched else compounds:
+        combined, per_pose = ddp(poses)
         losses.append(loss_fn(combined, per_pose))
     assert counter.calls == 0, f"the forward ran {counter.calls} all-reduces; expected none"
     torch.stack(losses).mean().backward()
@@ -149,8 +159,8 @@ def _worker(rank: int, port: int, backend: str = "gloo") -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=WORLD)
     try:
-        for strategy, kind, model in SCENARIOS:
-            _scenario(rank, strategy, kind, model, device)
+        for strategy, kind, model, chunk in SCENARIOS:
+            _scenario(rank, strategy, kind, model, device, chunk)
             # Free each DDP reducer (and its comm-hook future callbacks) while the
             # process group is alive; one collected at interpreter exit can abort the
             # process ("terminate called without an active exception").
@@ -160,12 +170,15 @@ def _worker(rank: int, port: int, backend: str = "gloo") -> None:
         dist.destroy_process_group()
 
 
-def _scenario(rank: int, strategy: str, kind: str, model: str, device: torch.device) -> None:
+def _scenario(
+    rank: int, strategy: str, kind: str, model: str, device: torch.device, chunk: int | None
+) -> None:
     base = _model(model)
-    what = f"rank {rank}, {strategy}/{kind}/{model}"
+    what = f"rank {rank}, {strategy}/{kind}/{model}/chunk={chunk}"
     multi = combframe.MultiPoseModel(
-        copy.deepcopy(base).to(device), _combination(), strategy=strategy
+        copy.deepcopy(base).to(device), _combination(), strategy=strategy, chunk_size=chunk or 1
     )
+    batched = chunk is not None
     counter = _Counter()
     ids = None if device.type == "cpu" else [device.index]
     ddp = DistributedDataParallel(multi, device_ids=ids, bucket_cap_mb=100)
@@ -173,7 +186,7 @@ def _scenario(rank: int, strategy: str, kind: str, model: str, device: torch.dev
     params = [p for p in multi.model.parameters() if p.requires_grad]
 
     # One synchronised step.
-    _step(ddp, rank, 0, kind, counter, device)
+    _step(ddp, rank, 0, kind, counter, device, batched)
     assert counter.calls == 1, f"{what}: {counter.calls} all-reduces in one backward"
     _check([p.grad for p in params], _reference_grads(base, kind, 1), f"{what}, one step")  # type: ignore[misc]
 
@@ -181,9 +194,9 @@ def _scenario(rank: int, strategy: str, kind: str, model: str, device: torch.dev
     ddp.zero_grad(set_to_none=True)
     counter.calls = 0
     with ddp.no_sync():
-        _step(ddp, rank, 0, kind, counter, device)
+        _step(ddp, rank, 0, kind, counter, device, batched)
     assert counter.calls == 0, f"{what}: no_sync backward ran {counter.calls} all-reduces"
-    _step(ddp, rank, 1, kind, counter, device)
+    _step(ddp, rank, 1, kind, counter, device, batched)
     assert counter.calls == 1, f"{what}: {counter.calls} all-reduces after no_sync"
     _check([p.grad for p in params], _reference_grads(base, kind, 2), f"{what}, no_sync")  # type: ignore[misc]
 
