@@ -9,6 +9,7 @@ segment operations of :mod:`combframe.segment`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -19,11 +20,17 @@ from torch import Tensor
 
 from combframe._errors import CombinationError
 
-__all__ = ["CompoundPredictions", "Segments", "default_collate", "each_tensor", "map_tensors"]
+__all__ = [
+    "CompoundPredictions",
+    "Segments",
+    "default_collate",
+    "each_tensor",
+    "map_tensors",
+]
 
 
 @final
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CompoundPredictions:
     """What :meth:`combframe.MultiPoseModel.forward_compounds` returns.
 
@@ -97,6 +104,9 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         return fn(obj)
     if _pyg_batch(obj) is not None:
         return copy.copy(obj).apply(fn)  # a shallow copy: the pose itself is left alone
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in _init_fields(obj)}
+        return dataclasses.replace(obj, **changes)
     if isinstance(obj, Mapping):
         return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -114,12 +124,19 @@ def each_tensor(obj: Any) -> Iterable[Tensor]:
         for store in obj.stores:
             for v in store.values():
                 yield from each_tensor(v)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from each_tensor(getattr(obj, f.name))
     elif isinstance(obj, Mapping):
         for v in obj.values():
             yield from each_tensor(v)
     elif isinstance(obj, list | tuple):
         for v in obj:
             yield from each_tensor(v)
+
+
+def _init_fields(obj: Any) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(obj) if f.init]
 
 
 def _pyg_batch(first: Any) -> Any:
@@ -134,7 +151,7 @@ def default_collate(poses: Sequence[Any]) -> Any:
     """Build one batch from a list of poses (the default ``collate`` of chunked runs).
 
     * tensors of one shape are stacked along a new first dimension;
-    * mappings, named tuples, tuples and lists are collated field by field;
+    * mappings, named tuples, tuples, lists and dataclasses are collated field by field;
     * PyTorch Geometric ``Data`` / ``HeteroData`` become a ``Batch``
       (``Batch.from_data_list``), when torch_geometric is installed;
     * Python numbers become a tensor; anything else is passed on as a list.
@@ -182,6 +199,19 @@ def default_collate(poses: Sequence[Any]) -> Any:
         if hasattr(first, "_fields"):
             return type(first)(*fields)
         return type(first)(fields)
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        for k, p in enumerate(poses):
+            if type(p) is not type(first):
+                raise CombinationError(
+                    f"the default collate needs every pose to be a {type(first).__name__}; "
+                    f"pose {k} of the chunk is {type(p).__name__}"
+                )
+        return type(first)(
+            **{
+                f.name: default_collate([getattr(p, f.name) for p in poses])
+                for f in _init_fields(first)
+            }
+        )
     if isinstance(first, bool | int | float):
         return torch.tensor(list(poses))
     return list(poses)

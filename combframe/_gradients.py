@@ -43,6 +43,8 @@ class ParamLayout:
     params
         The parameters whose gradients are collected. They must share one dtype and one
         device, since their per-pose gradients live in one contiguous buffer.
+    device
+        Where the (empty) buffers live when there are no parameters.
 
     Raises
     ------
@@ -52,7 +54,7 @@ class ParamLayout:
 
     __slots__ = ("device", "dtype", "numel", "params", "shapes", "sizes")
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], device: torch.device | None = None) -> None:
         self.params = tuple(params)
         self.shapes = tuple(p.shape for p in self.params)
         self.sizes = tuple(p.numel() for p in self.params)
@@ -65,7 +67,7 @@ class ParamLayout:
                 f"per-pose gradients are kept in one buffer; found {found}. Convert the "
                 "model with model.to(dtype) / model.to(device) first."
             )
-        first = self.params[0] if self.params else torch.empty(0)
+        first = self.params[0] if self.params else torch.empty(0, device=device)
         self.dtype = first.dtype
         self.device = first.device
 

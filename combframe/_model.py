@@ -38,7 +38,7 @@ class MultiPoseModel(torch.nn.Module):
     pred_readout
         Applied to each pose's prediction before combining (part of the per-pose graph).
     comb_readout
-        Applied to the combined prediction.
+        Applied to the combined prediction (0-d for one compound, ``(C,)`` for a batch).
     check_finite
         Raise if a per-pose prediction is NaN or infinite, naming the poses (one device
         sync per compound). Set ``False`` to skip the check.
@@ -185,7 +185,10 @@ class MultiPoseModel(torch.nn.Module):
         if compounds is None:
             assert poses is not None
             result = self._run([_as_pose_list(poses)])
-            return result.combined[0], result.per_pose
+            combined = result.combined[0]
+            if self.comb_readout is not None:
+                combined = self.comb_readout(combined)
+            return combined, result.per_pose
         batch = [_as_pose_list(c) for c in compounds]
         if not batch:
             raise CombinationError("compounds is empty: a batch needs at least one compound")
@@ -194,7 +197,11 @@ class MultiPoseModel(torch.nn.Module):
             raise CombinationError(
                 f"compounds {empty[:10]} have no poses: each compound needs at least one pose"
             )
-        return self._run(batch)
+        result = self._run(batch)
+        if self.comb_readout is None:
+            return result
+        combined = self.comb_readout(result.combined)
+        return CompoundPredictions(combined, result.per_pose, result.index)
 
     def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
         """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
@@ -227,8 +234,6 @@ class MultiPoseModel(torch.nn.Module):
             if snapshot:
                 torch._foreach_copy_([b for b, _ in snapshot], [c for _, c in snapshot])
             raise
-        if self.comb_readout is not None:
-            combined = self.comb_readout(combined)
         return CompoundPredictions(combined, per_pose, segments.index)
 
     def _combine(
@@ -271,8 +276,16 @@ class MultiPoseModel(torch.nn.Module):
             return False
         if runner.params or runner.pose_inputs:
             return True
-        with torch.enable_grad():
+        # The probe runs the first chunk once more: its draws from the RNG and its
+        # buffer updates are undone, so the real run is the only one that counts.
+        buffers = list(runner.model.buffers())
+        saved = [b.clone() for b in buffers]
+        devices = [runner.device] if runner.device.type != "cpu" else []
+        fork = torch.random.fork_rng(devices=devices, device_type=runner.device.type)
+        with fork, torch.enable_grad():
             probe = runner.predict(poses[: runner.chunk_size], 0)
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
         return probe.requires_grad
 
     @staticmethod
@@ -297,9 +310,8 @@ class MultiPoseModel(torch.nn.Module):
 
 
 def _as_pose_list(poses: Any) -> list[Any]:
-    """Return one compound's poses as a list (a tensor is split along its first dimension)."""
-    if isinstance(poses, dict):
-        return [poses]
-    if isinstance(poses, Tensor) or not isinstance(poses, Sequence):
-        return list(poses)
-    return list(poses)
+    """Return one compound's poses as a list (a tensor is split along its first dimension).
+
+    A single dict is one pose, not a collection of them.
+    """
+    return [poses] if isinstance(poses, dict) else list(poses)

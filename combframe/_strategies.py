@@ -87,10 +87,17 @@ def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[
                 else:
                     leaves.setdefault(id(variable), variable)
             continue
-        if not old and node._sequence_nr() < mark:
+        if not old and node._sequence_nr() < mark and not _cached_cast(node):
             old = node.name()
         stack.extend((next_node, old) for next_node, _ in node.next_functions)
     return list(leaves.values()), foreign
+
+
+def _cached_cast(node: Any) -> bool:
+    """Whether ``node`` is autocast's cached cast of a leaf (reused across calls)."""
+    return bool(node.name() == "ToCopyBackward0") and all(
+        hasattr(nxt, "variable") for nxt, _ in node.next_functions if nxt is not None
+    )
 
 
 @final
@@ -136,7 +143,8 @@ class PoseRunner:
         self.batched = chunk_size > 1
         self.collate = collate or default_collate
         self.pose_inputs: tuple[Tensor, ...] = ()
-        self.targets = GradTargets(ParamLayout(self.params))
+        self.targets = GradTargets(ParamLayout(self.params, device))
+        self.discovered = False
         self._mark = 0
 
     # ---- before any pose runs --------------------------------------------------------
@@ -156,7 +164,7 @@ class PoseRunner:
                 if grad and t.requires_grad and id(t) not in params:
                     found.setdefault(id(t), t)
         self.pose_inputs = tuple(found.values())
-        self.targets = GradTargets(ParamLayout(self.params), self.pose_inputs)
+        self.targets = GradTargets(ParamLayout(self.params, self.device), self.pose_inputs)
 
     def chunks(self, m: int, start: int = 0) -> list[tuple[int, int]]:
         """``(start, stop)`` of each chunk of a flat list of ``m`` poses."""
@@ -208,7 +216,10 @@ class PoseRunner:
                 f"return one prediction per pose of the collated batch ({len(poses)} "
                 "elements), e.g. a per-graph sum over the batch vector"
             )
-        return out.reshape(len(poses))
+        out = out.reshape(len(poses))
+        if self.discovered and torch.is_grad_enabled():
+            self.verify(out, aliases or {}, start)
+        return out
 
     def require_grad(self, pred: Tensor, start: int) -> None:
         """Raise if ``pred`` does not depend on anything that requires grad."""
@@ -241,7 +252,30 @@ class PoseRunner:
                 "gradient then continues upstream) or detach it."
             )
         if leaves:
-            self.targets = GradTargets(ParamLayout(self.params + tuple(leaves)), self.pose_inputs)
+            layout = ParamLayout(self.params + tuple(leaves), self.device)
+            self.targets = GradTargets(layout, self.pose_inputs)
+        # Every later graph is walked too (some tens of microseconds): a closure used for
+        # some poses only, or a tensor hidden in a pose object that cannot be looked
+        # into, would otherwise lose its gradient without a word.
+        self.discovered = True
+
+    def verify(self, pred: Tensor, aliases: Aliases, start: int) -> None:
+        """Raise if ``pred`` reaches a tensor that requires grad and is not a target."""
+        if not pred.requires_grad:
+            return
+        known = {id(t) for t in self.targets.layout.params} | {id(a) for a in aliases.values()}
+        leaves, foreign = _reached(pred, known, self._mark)
+        if leaves or foreign:
+            found = [f"a {t.dtype} leaf of shape ({', '.join(map(str, t.shape))})" for t in leaves]
+            raise CombinationError(
+                f"{self.what(start, pred.numel())} reach{'es' if pred.numel() == 1 else ''} "
+                + "; ".join((found + foreign)[:5])
+                + ", which requires grad but was not reached by the first chunk run with a "
+                "graph, so its gradient cannot be returned. Keep tensors that require grad "
+                "in the poses as tensors, mappings, lists, tuples or dataclass fields (other "
+                "objects hide them), and make parameters outside the model reachable from "
+                "every pose."
+            )
 
     def grads(
         self,

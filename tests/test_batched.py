@@ -8,6 +8,7 @@ tensor poses and with graph poses of varying atom counts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -596,3 +597,130 @@ def test_stream_bookkeeping_paths_agree_in_chunks(on_host: bool, chunk: int, nam
             base, combination, poses, loss, "stream", sizes=sizes, chunk_size=chunk
         )
     assert rel_err(got[2], want[2]) <= RTOL
+
+
+# ---- poses as objects; readouts; autocast; probes ---------------------------------------
+@dataclasses.dataclass
+class AtomPose:
+    x: Tensor
+    label: str = "pose"
+
+
+class AtomNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 1).double()
+
+    def forward(self, pose: AtomPose) -> Tensor:
+        return torch.tanh(self.lin(pose.x)).sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_dataclass_poses_are_looked_into(strategy: str, chunk: int) -> None:
+    def poses() -> list[AtomPose]:
+        return [AtomPose(p.clone().requires_grad_()) for p in tensor_poses(5, seed=2)]
+
+    net, comb = AtomNet(), BoltzmannCombination()
+    ref, got = poses(), poses()
+    comb.value(torch.stack([net(p) for p in ref])).backward()
+    want = [p.x.grad for p in ref]
+    net.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.StrategyWarning)
+        combined, _ = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=chunk)(got)
+    combined.backward()
+    assert rel_err([p.x.grad for p in got], want) <= RTOL  # type: ignore[misc]
+
+
+class Opaque:
+    """A pose object combframe cannot look into."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_leaf_hidden_in_an_opaque_pose_raises_instead_of_losing_gradients(strategy: str) -> None:
+    net = AtomNet()
+    poses = [Opaque(p.clone().requires_grad_()) for p in tensor_poses(3)]
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy)
+    with pytest.raises(combframe.CombinationError, match=r"not reached by the first chunk"):
+        combined, _ = model(poses)  # type: ignore[arg-type]
+        combined.backward()  # recompute meets the other poses' graphs in backward
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_closure_reached_by_some_poses_only_is_exact_or_raises(strategy: str) -> None:
+    extra = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    net = make_mlp()
+
+    def readout(y: Tensor) -> Tensor:
+        return y * extra if bool(y.detach().sum() > 0) else y
+
+    with torch.no_grad():
+        poses = sorted(tensor_poses(8, seed=11), key=lambda p: float(net(p).sum()))
+        assert float(net(poses[0]).sum()) <= 0 < float(net(poses[-1]).sum())
+    # recompute walks its last chunk first, store and stream their first.
+    reaching_first, reaching_later = (poses, poses[::-1])[:: 1 if strategy == "recompute" else -1]
+    # The pose walked first reaches `extra` (found), others may not: exact.
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy, pred_readout=readout)
+    combined, _ = model(reaching_first)
+    combined.backward()
+    with torch.no_grad():
+        positive = [float(net(p).sum()) for p in poses if float(net(p).sum()) > 0]
+    torch.testing.assert_close(extra.grad, torch.tensor(sum(positive) / 8, dtype=torch.float64))
+    # The pose walked first does not reach `extra`, another one does: an error.
+    with pytest.raises(combframe.CombinationError, match="not reached by the first chunk"):
+        combined, _ = model(reaching_later)
+        combined.backward()
+
+
+def test_comb_readout_sees_the_0d_combined_value_of_one_compound() -> None:
+    net = make_mlp()
+    poses = tensor_poses(3)
+    model = combframe.MultiPoseModel(net, "mean", comb_readout=lambda g: torch.stack([g, -g]))
+    combined, _ = model(poses)
+    assert combined.shape == (2,)
+    squeezed = combframe.MultiPoseModel(net, "mean", comb_readout=lambda g: g.squeeze())
+    assert squeezed(poses)[0].shape == ()
+    batch = model(compounds=[poses, poses[:2]])
+    assert batch.combined.shape == (2, 2)  # the readout sees the (C,) vector
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_closure_parameter_under_autocast_is_not_mistaken_for_a_captured_tensor(
+    strategy: str,
+) -> None:
+    extra = torch.nn.Linear(1, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 1), torch.nn.Flatten(0))
+    model = combframe.MultiPoseModel(
+        net, "mean", strategy=strategy, chunk_size=2, pred_readout=lambda y: extra(y[:, None])
+    )
+    poses = [p.float() for p in tensor_poses(5)]
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore", combframe.StrategyWarning)
+        for _ in range(2):  # the second call meets autocast's cached casts
+            combined, _ = model(poses)
+            combined.float().backward()
+    assert extra.weight.grad is not None and bool(extra.weight.grad.ne(0).all())
+
+
+class SumAll(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.sum()
+
+
+def test_the_probe_of_a_frozen_model_leaves_buffers_and_rng_alone() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.3))
+    frozen = torch.nn.Sequential(net, torch.nn.Linear(4, 1), SumAll()).double()
+    frozen.requires_grad_(False)
+    poses = [p.reshape(1, 5).expand(2, 5).contiguous() for p in tensor_poses(3)]
+    torch.manual_seed(0)
+    combframe.MultiPoseModel(frozen, "mean")(poses)
+    after = torch.rand(1)
+    assert int(net[1].num_batches_tracked) == 3
+    torch.manual_seed(0)
+    for p in poses:
+        frozen(p)
+    assert torch.equal(torch.rand(1), after)  # the RNG advanced as by one pass over the poses
