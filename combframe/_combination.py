@@ -180,6 +180,10 @@ class BaseCombination(torch.nn.Module):
     def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
         r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
 
+        The default calls :meth:`value` once per compound (a Python loop over compounds);
+        a combination written with the reductions of :mod:`combframe.segment` evaluates
+        a whole batch at once. Both are ordinary autograd on the ``M`` predictions.
+
         Parameters
         ----------
         preds
@@ -189,10 +193,6 @@ class BaseCombination(torch.nn.Module):
             are contiguous and every compound has at least one pose.
         num_segments
             The number of compounds ``C``.
-
-        The default calls :meth:`value` once per compound (a Python loop over compounds);
-        a combination written with the reductions of :mod:`combframe.segment` evaluates
-        a whole batch at once. Both are ordinary autograd on the ``M`` predictions.
         """
         if type(self).value is BaseCombination.value:
             raise NotImplementedError(
