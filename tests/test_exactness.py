@@ -84,8 +84,11 @@ def test_a_combined_value_that_overflows_is_caught_by_check_finite(strategy: str
     net = make_mlp()
     comb = MaxCombination(pred_scale=1e308)
     model = combframe.MultiPoseModel(net, comb, strategy=strategy)
-    with state_unchanged(net), pytest.raises(
-        combframe.CombinationError, match=r"non-finite values .* compounds \[0\].*pred_scale"
+    with (
+        state_unchanged(net),
+        pytest.raises(
+            combframe.CombinationError, match=r"non-finite values .* compounds \[0\].*pred_scale"
+        ),
     ):
         model(make_poses(3))
     combined, _ = combframe.MultiPoseModel(net, comb, check_finite=False)(make_poses(3))
@@ -164,3 +167,83 @@ def test_statistics_are_restored_when_only_the_inner_model_trains(strategy: str)
     net.train()  # the wrapper in eval, the model in train: statistics do change
     with state_unchanged(net), pytest.raises(RuntimeError, match="pose 3 is broken"):
         model(atoms(4))
+
+
+# ---- recompute: the re-run must be the forward's ------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_refuses_poses_modified_in_place_after_the_forward(chunk: int) -> None:
+    net = make_mlp()
+    poses = make_poses(4)
+    combined, _ = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)(
+        poses
+    )
+    poses[0].mul_(2.0)  # plain autograd would refuse this too
+    with (
+        state_unchanged(net),
+        pytest.raises(combframe.StrategyError, match=r"pose 0 .*modified in place.*version"),
+    ):
+        combined.backward()
+
+
+class ReadsItsBuffer(torch.nn.Module):
+    """Scales by a buffer that every training forward updates (a running count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x) * (1.0 + 0.1 * self.count)
+        if self.training:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_recompute_reruns_each_chunk_from_its_own_buffer_state(chunk: int) -> None:
+    import copy
+
+    from combframe._reference import full_graph_gradients, make_loss, multipose_gradients
+
+    poses = make_poses(6)
+    base = ReadsItsBuffer()
+    loss = make_loss("both")
+    ref = copy.deepcopy(base)
+    want = full_graph_gradients(ref, MaxCombination(pred_scale=3.0), poses, loss, chunk_size=chunk)
+    got_model = copy.deepcopy(base)
+    got = multipose_gradients(
+        got_model, MaxCombination(pred_scale=3.0), poses, loss, "recompute", chunk_size=chunk
+    )
+    for g, w in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+    assert torch.equal(got_model.count, ref.count)
+
+
+class PrivateNoise(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + torch.rand((), generator=self.gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_checks_the_rerun_by_default(chunk: int) -> None:
+    net = PrivateNoise()
+    model = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)
+    combined, _ = model(make_poses(5))
+    with (
+        state_unchanged(net),
+        pytest.raises(
+            combframe.StrategyError, match=r"re-ran poses \[0, .*private torch.Generator"
+        ),
+    ):
+        combined.backward()
+    unchecked = combframe.MultiPoseModel(
+        net, "mean", strategy=combframe.Recompute(check=False), chunk_size=chunk
+    )
+    combined, _ = unchecked(make_poses(5))
+    combined.backward()  # the user said the model is deterministic: no comparison
