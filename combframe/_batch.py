@@ -11,7 +11,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+    Sized,
+)
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -108,7 +116,7 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
         changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in _init_fields(obj)}
         return dataclasses.replace(obj, **changes)
     if isinstance(obj, Mapping):
-        return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})  # type: ignore[call-arg]
+        return _same_mapping(obj, {k: map_tensors(v, fn) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(map_tensors(v, fn) for v in obj))
     if isinstance(obj, list | tuple):
@@ -133,6 +141,22 @@ def each_tensor(obj: Any) -> Iterable[Tensor]:
     elif isinstance(obj, list | tuple):
         for v in obj:
             yield from each_tensor(v)
+
+
+def _same_mapping(like: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
+    """Return a mapping of ``like``'s type holding ``items``.
+
+    A shallow copy keeps what the constructor would lose (a ``defaultdict``'s factory, an
+    ``OrderedDict``'s order); an immutable mapping is rebuilt from the items.
+    """
+    if isinstance(like, MutableMapping):
+        out = copy.copy(like)
+        out.update(items)
+        return out
+    try:
+        return type(like)(items)  # type: ignore[call-arg]
+    except TypeError:
+        return items
 
 
 def _init_fields(obj: Any) -> list[dataclasses.Field[Any]]:
@@ -186,7 +210,7 @@ def default_collate(poses: Sequence[Any]) -> Any:
                     f"the default collate needs every pose to have the keys {keys}; pose {k} "
                     f"of the chunk has {list(p) if isinstance(p, Mapping) else type(p).__name__}"
                 )
-        return type(first)({key: default_collate([p[key] for p in poses]) for key in keys})  # type: ignore[call-arg]
+        return _same_mapping(first, {key: default_collate([p[key] for p in poses]) for key in keys})
     if isinstance(first, list | tuple):
         for k, p in enumerate(poses):
             if type(p) is not type(first) or len(p) != len(first):

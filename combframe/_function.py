@@ -82,9 +82,10 @@ class CombinationFunction(torch.autograd.Function):
         ctx.lead = lead  # type: ignore[attr-defined]
         ctx.needs = needs  # type: ignore[attr-defined]
         ctx.combination = combination  # type: ignore[attr-defined]
+        ctx.empty = not isinstance(grad_dict, PoseGradients) and len(grad_dict) == 0  # type: ignore[attr-defined]
         if isinstance(grad_dict, PoseGradients):
             ctx.source = grad_dict  # type: ignore[attr-defined]
-        elif any(needs):
+        elif any(needs) and len(grad_dict):
             ctx.source = StoredGradients.from_grad_dict(  # type: ignore[attr-defined]
                 grad_dict, param_names, model_params, preds.shape[0]
             )
@@ -103,7 +104,15 @@ class CombinationFunction(torch.autograd.Function):
         source: PoseGradients | None = ctx.source  # type: ignore[attr-defined]
         combination: BaseCombination = ctx.combination  # type: ignore[attr-defined]
         nones: tuple[None, ...] = (None,) * (lead + 3)
-        if source is None or not any(needs) or (comb_grad is None and pose_grads is None):
+        asked = any(needs) and (comb_grad is not None or pose_grads is not None)
+        if asked and ctx.empty:  # type: ignore[attr-defined]
+            raise CombinationError(
+                "the combination was called with an empty grad_dict (as mtenn does when "
+                "nothing needs gradients), but a gradient of its result was then asked "
+                "for; pass the per-pose gradients of the parameters in grad_dict, or run "
+                "the forward under torch.no_grad()"
+            )
+        if source is None or not asked:
             return nones + (None,) * len(needs)
         refuse_second_order(source.strategy)
         coeffs: Tensor | None = None
@@ -223,7 +232,10 @@ def combine_forward(
     """Validate the inputs and compute ``(h(y), y)``; shared by every Function's forward."""
     preds = as_pred_vector(pred_list)
     if not isinstance(grad_dict, PoseGradients):
-        validate_grad_dict(grad_dict, param_names, model_params, preds.shape[0])
+        # An empty grad_dict is mtenn's way of saying that nothing needs gradients
+        # (no_grad, inference_mode, eval): the value alone is asked for.
+        if len(grad_dict):
+            validate_grad_dict(grad_dict, param_names, model_params, preds.shape[0])
     elif grad_dict.layout.params and len(grad_dict.layout.params) != len(model_params):
         raise CombinationError(
             f"the gradient source holds {len(grad_dict.layout.params)} parameters but "

@@ -100,7 +100,13 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
     params: dict[str, Any] = {}
     for field, param in fields.items():
         given = _get(config, field)
-        if given is not _MISSING and given is not None:
+        if given is None:
+            raise CombinationError(
+                f"mtenn field {field!r} is None; mtenn itself requires a value there. Give "
+                f"one (it becomes {canonical}'s {param!r}) or leave the field out for the "
+                "default"
+            )
+        if given is not _MISSING:
             params[param] = given
     try:
         return CombinationConfig(name=canonical, **params)

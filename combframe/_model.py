@@ -184,11 +184,8 @@ class MultiPoseModel(torch.nn.Module):
             )
         if compounds is None:
             assert poses is not None
-            result = self._run([_as_pose_list(poses)])
-            combined = result.combined[0]
-            if self.comb_readout is not None:
-                combined = self.comb_readout(combined)
-            return combined, result.per_pose
+            result = self._run([_as_pose_list(poses)], single=True)
+            return result.combined, result.per_pose
         batch = [_as_pose_list(c) for c in compounds]
         if not batch:
             raise CombinationError("compounds is empty: a batch needs at least one compound")
@@ -197,18 +194,15 @@ class MultiPoseModel(torch.nn.Module):
             raise CombinationError(
                 f"compounds {empty[:10]} have no poses: each compound needs at least one pose"
             )
-        result = self._run(batch)
-        if self.comb_readout is None:
-            return result
-        combined = self.comb_readout(result.combined)
-        return CompoundPredictions(combined, result.per_pose, result.index)
+        return self._run(batch)
 
     def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
         """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
         out: CompoundPredictions = self(compounds=compounds)
         return out
 
-    def _run(self, compounds: list[list[Any]]) -> CompoundPredictions:
+    def _run(self, compounds: list[list[Any]], single: bool = False) -> CompoundPredictions:
+        """Run a batch of compounds; ``single``: one compound, a 0-d combined value."""
         if len(compounds[0]) == 0 and len(compounds) == 1:
             raise CombinationError(
                 "poses is empty: a compound needs at least one pose to be predicted"
@@ -230,6 +224,10 @@ class MultiPoseModel(torch.nn.Module):
         snapshot = self._snapshot_buffers()
         try:
             combined, per_pose = self._combine(runner, poses, segments)
+            if single:
+                combined = combined[0]
+            if self.comb_readout is not None:
+                combined = self.comb_readout(combined)
         except BaseException:
             if snapshot:
                 torch._foreach_copy_([b for b, _ in snapshot], [c for _, c in snapshot])
@@ -243,16 +241,17 @@ class MultiPoseModel(torch.nn.Module):
         if self._needs_graph(runner, poses):
             preds, source = self.strategy.collect(runner, poses, segments, self.combination)
             preds = self._promote(preds, source.layout.dtype)
-            self._check_finite(preds)
             inputs = source.targets.inputs
             if source.supports_pose_losses:
                 per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]
                     source, preds, *inputs
                 )
                 combined = self.combination.segment_value(per_pose, segments.index, count)
+                self._check_finite(preds, combined)
                 return combined, per_pose
             with torch.no_grad():
                 combined = self.combination.segment_value(preds, segments.index, count)
+            self._check_finite(preds, combined)
             out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]
                 source, combined, preds, *inputs
             )
@@ -262,8 +261,9 @@ class MultiPoseModel(torch.nn.Module):
             preds = torch.cat([runner.predict(poses[s:e], s) for s, e in chunks])
             if runner.params:
                 preds = self._promote(preds, runner.params[0].dtype)
-            self._check_finite(preds)
-            return self.combination.segment_value(preds, segments.index, count), preds
+            combined = self.combination.segment_value(preds, segments.index, count)
+            self._check_finite(preds, combined)
+            return combined, preds
 
     @staticmethod
     def _needs_graph(runner: PoseRunner, poses: Sequence[Any]) -> bool:
@@ -294,19 +294,37 @@ class MultiPoseModel(torch.nn.Module):
         return preds.to(torch.promote_types(preds.dtype, dtype))
 
     def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
-        """Copy the buffers a training-mode forward may update (batch-norm statistics)."""
-        if not self.training:
+        """Copy the buffers a training-mode forward may update (batch-norm statistics).
+
+        Any module in training mode counts (the wrapper may be in eval while the model,
+        or a readout module, trains).
+        """
+        if not any(m.training for m in self.modules()):
             return []
         return [(b, b.clone()) for b in self.buffers()]
 
-    def _check_finite(self, preds: Tensor) -> None:
-        if self.check_finite and not bool(torch.isfinite(preds).all()):
-            bad = torch.nonzero(~torch.isfinite(preds)).flatten().tolist()
+    def _check_finite(self, preds: Tensor, combined: Tensor) -> None:
+        """Raise if a per-pose or combined prediction is NaN or infinite (one host sync)."""
+        if not self.check_finite:
+            return
+        if bool(torch.isfinite(preds).all() & torch.isfinite(combined).all()):
+            return
+        bad = torch.nonzero(~torch.isfinite(preds)).flatten().tolist()
+        if bad:
             values = [preds[i].item() for i in bad[:10]]
             raise CombinationError(
                 f"non-finite per-pose predictions at poses {bad} (values {values}); check "
                 "the model and its inputs, or pass check_finite=False to MultiPoseModel"
             )
+        worse = torch.nonzero(~torch.isfinite(combined)).flatten().tolist()
+        values = [combined[c].item() for c in worse[:10]]
+        raise CombinationError(
+            f"the combination {self.combination!r} gives non-finite values {values} for "
+            f"compounds {worse} from finite per-pose predictions (range "
+            f"{preds.min().item():.6g} to {preds.max().item():.6g}): its parameters overflow "
+            "on these values (a pred_scale or 1/kT so large that scale x prediction exceeds "
+            "the dtype's range); choose a smaller one, or pass check_finite=False"
+        )
 
 
 def _as_pose_list(poses: Any) -> list[Any]:

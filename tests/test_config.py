@@ -137,7 +137,7 @@ def test_max_parameters_round_trip_exactly(scale: float, negate: bool) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(kT=st.floats(max_value=0.0, allow_nan=False))
+@given(kT=st.floats(max_value=0.0, allow_nan=False, allow_infinity=False))
 def test_non_positive_kt_is_rejected(kT: float) -> None:
     with pytest.raises(ValidationError) as info:
         CombinationConfig(name="boltzmann", kT=kT)

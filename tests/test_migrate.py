@@ -44,10 +44,7 @@ class MtennModelConfig(BaseModel):
             {"combination": "max", "max_comb_neg": False, "max_comb_scale": 25},
             {"name": "max", "negate_preds": False, "pred_scale": 25.0},
         ),
-        (
-            {"combination": "MAX", "max_comb_scale": None},
-            {"name": "max", "negate_preds": True, "pred_scale": 1000.0},
-        ),
+        ({"combination": "MAX"}, {"name": "max", "negate_preds": True, "pred_scale": 1000.0}),
         ({"combination": "boltzmann"}, {"name": "boltzmann", "kT": 1.0}),
         ({"combination": "boltzmann", "boltzmann_comb_kT": 0.6}, {"name": "boltzmann", "kT": 0.6}),
         (

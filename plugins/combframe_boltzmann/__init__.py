@@ -14,10 +14,11 @@ For the stream strategy the weights are written with features
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 from typing_extensions import override
 
@@ -30,7 +31,16 @@ __all__ = ["BoltzmannCombination", "BoltzmannCombinationFunc", "BoltzmannParams"
 class BoltzmannParams(combframe.CombinationParams):
     """Parameters of :class:`BoltzmannCombination`."""
 
-    kT: float = Field(1.0, gt=0, description="Thermal energy kT, in the predictions' units.")
+    kT: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Thermal energy kT, in the predictions' units."
+    )
+
+    @field_validator("kT")
+    @classmethod
+    def _beta_is_finite(cls, kT: float) -> float:
+        if not math.isfinite(1.0 / kT):
+            raise ValueError(f"1/kT overflows for kT={kT!r}; kT must be at least {1 / 1.7e308:.1e}")
+        return kT
 
 
 class BoltzmannCombination(combframe.BaseCombination):

@@ -30,7 +30,9 @@ class MaxParams(combframe.CombinationParams):
     """Parameters of :class:`MaxCombination`."""
 
     negate_preds: bool = Field(True, description="Smooth minimum instead of maximum.")
-    pred_scale: float = Field(1000.0, gt=0, description="Sharpness t; larger is closer to max.")
+    pred_scale: float = Field(
+        1000.0, gt=0, allow_inf_nan=False, description="Sharpness t; larger is closer to max."
+    )
 
 
 class MaxCombination(combframe.BaseCombination):

@@ -1,0 +1,249 @@
+"""Holes that gave a wrong number, or broke a documented promise, without an error."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pydantic
+import pytest
+import torch
+from combframe_boltzmann import BoltzmannCombination
+from combframe_max import MaxCombination
+from torch import Tensor
+
+import combframe
+from tests.conftest import make_mlp, make_poses
+from tests.test_bad_input import atoms, state_unchanged
+
+STRATEGIES = ("store", "recompute", "stream")
+
+
+# ---- the mtenn call when nothing needs gradients --------------------------------------------
+def _mtenn_inputs(model: torch.nn.Module) -> tuple[list[Tensor], list[str], list[Tensor]]:
+    named = list(model.named_parameters())
+    with torch.no_grad():
+        preds = [model(p).reshape(()) for p in make_poses(4)]
+    return preds, [n for n, _ in named], [p for _, p in named]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "eval"])
+def test_the_mtenn_call_with_an_empty_grad_dict_returns_the_prediction(mode: str) -> None:
+    model = make_mlp()
+    comb = MaxCombination(pred_scale=3.0)
+    preds, names, params = _mtenn_inputs(model)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        mode, torch.enable_grad
+    )
+    with context():
+        combined, per_pose = comb(preds, {}, names, *params)
+    torch.testing.assert_close(combined, comb.value(torch.stack(preds)))
+    assert per_pose.shape == (4,)
+
+
+def test_asking_for_a_gradient_after_an_empty_grad_dict_raises() -> None:
+    model = make_mlp()
+    preds, names, params = _mtenn_inputs(model)
+    combined, _ = MaxCombination(pred_scale=3.0)(preds, {}, names, *params)
+    with pytest.raises(combframe.CombinationError, match="empty grad_dict"):
+        combined.backward()
+    assert all(p.grad is None for p in params)
+
+
+def test_an_mtenn_field_set_to_none_is_refused() -> None:
+    with pytest.raises(combframe.CombinationError, match=r"'max_comb_neg' is None"):
+        combframe.from_mtenn_config({"combination": "max", "max_comb_neg": None})
+    with pytest.raises(combframe.CombinationError, match=r"'boltzmann_comb_kT' is None"):
+        combframe.from_mtenn_config({"combination": "boltzmann", "boltzmann_comb_kT": None})
+    # a field of another combination is not read
+    config = combframe.from_mtenn_config({"combination": "mean", "max_comb_neg": None})
+    assert config is not None and config.name == "mean"
+
+
+# ---- hyperparameters that overflow -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("max", {"pred_scale": math.inf}, "pred_scale"),
+        ("max", {"pred_scale": math.nan}, "pred_scale"),
+        ("boltzmann", {"kT": math.inf}, "kT"),
+        ("boltzmann", {"kT": 1e-320}, "kT"),
+    ],
+)
+def test_non_finite_hyperparameters_are_refused_by_name(
+    name: str, params: dict[str, float], field: str
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match=field):
+        combframe.create_combination(name, **params)
+    with pytest.raises(pydantic.ValidationError, match=field):
+        combframe.CombinationConfig.model_validate({"name": name, **params})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_combined_value_that_overflows_is_caught_by_check_finite(strategy: str) -> None:
+    net = make_mlp()
+    comb = MaxCombination(pred_scale=1e308)
+    model = combframe.MultiPoseModel(net, comb, strategy=strategy)
+    with (
+        state_unchanged(net),
+        pytest.raises(
+            combframe.CombinationError, match=r"non-finite values .* compounds \[0\].*pred_scale"
+        ),
+    ):
+        model(make_poses(3))
+    combined, _ = combframe.MultiPoseModel(net, comb, check_finite=False)(make_poses(3))
+    assert not bool(torch.isfinite(combined))
+
+
+def test_a_tiny_but_valid_kt_still_combines() -> None:
+    comb = BoltzmannCombination(kT=1e-300)
+    value = comb.value(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert math.isfinite(float(value))
+
+
+# ---- poses held in mappings that are not dict-like -------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_defaultdict_poses(chunk: int) -> None:
+    class DictNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, pose: dict[str, Tensor]) -> Tensor:
+            return self.net(pose["x"])
+
+    def pose(x: Tensor) -> collections.defaultdict[str, Tensor]:
+        out: collections.defaultdict[str, Tensor] = collections.defaultdict(lambda: x)
+        out["x"] = x.requires_grad_()
+        return out
+
+    poses = [pose(p) for p in make_poses(3)]
+    model = combframe.MultiPoseModel(DictNet(), "mean", strategy="recompute", chunk_size=chunk)
+    combined, _ = model(poses)
+    combined.backward()
+    assert all(p["x"].grad is not None for p in poses)
+
+
+# ---- state after an error ----------------------------------------------------------------
+class Normed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3).double()
+        self.norm = torch.nn.BatchNorm1d(3).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.lin(x)).sum()
+
+
+def _raising_readout(combined: Tensor) -> Tensor:
+    raise RuntimeError("readout failed")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_raising_comb_readout_leaves_the_statistics_alone(strategy: str) -> None:
+    net = Normed()
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy, comb_readout=_raising_readout)
+    with state_unchanged(net), pytest.raises(RuntimeError, match="readout failed"):
+        model(atoms(3))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_statistics_are_restored_when_only_the_inner_model_trains(strategy: str) -> None:
+    class FailsAt(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Normed()
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("pose 3 is broken")
+            return self.inner(x)
+
+    net = FailsAt()
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy)
+    model.eval()
+    net.train()  # the wrapper in eval, the model in train: statistics do change
+    with state_unchanged(net), pytest.raises(RuntimeError, match="pose 3 is broken"):
+        model(atoms(4))
+
+
+# ---- recompute: the re-run must be the forward's ------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_refuses_poses_modified_in_place_after_the_forward(chunk: int) -> None:
+    net = make_mlp()
+    poses = make_poses(4)
+    combined, _ = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)(
+        poses
+    )
+    poses[0].mul_(2.0)  # plain autograd would refuse this too
+    with (
+        state_unchanged(net),
+        pytest.raises(combframe.StrategyError, match=r"pose 0 .*modified in place.*version"),
+    ):
+        combined.backward()
+
+
+class ReadsItsBuffer(torch.nn.Module):
+    """Scales by a buffer that every training forward updates (a running count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x) * (1.0 + 0.1 * self.count)
+        if self.training:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_recompute_reruns_each_chunk_from_its_own_buffer_state(chunk: int) -> None:
+    import copy
+
+    from combframe._reference import full_graph_gradients, make_loss, multipose_gradients
+
+    poses = make_poses(6)
+    base = ReadsItsBuffer()
+    loss = make_loss("both")
+    ref = copy.deepcopy(base)
+    want = full_graph_gradients(ref, MaxCombination(pred_scale=3.0), poses, loss, chunk_size=chunk)
+    got_model = copy.deepcopy(base)
+    got = multipose_gradients(
+        got_model, MaxCombination(pred_scale=3.0), poses, loss, "recompute", chunk_size=chunk
+    )
+    for g, w in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+    assert torch.equal(got_model.count, ref.count)
+
+
+class PrivateNoise(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + torch.rand((), generator=self.gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_checks_the_rerun_by_default(chunk: int) -> None:
+    net = PrivateNoise()
+    model = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)
+    combined, _ = model(make_poses(5))
+    with (
+        state_unchanged(net),
+        pytest.raises(
+            combframe.StrategyError, match=r"re-ran poses \[0, .*private torch.Generator"
+        ),
+    ):
+        combined.backward()
+    unchecked = combframe.MultiPoseModel(
+        net, "mean", strategy=combframe.Recompute(check=False), chunk_size=chunk
+    )
+    combined, _ = unchecked(make_poses(5))
+    combined.backward()  # the user said the model is deterministic: no comparison
