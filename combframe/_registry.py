@@ -534,6 +534,9 @@ class Registry:
         self._in_process: list[tuple[object, object, str]] = []
         self._table: _Table | None = None
         self._lock = threading.RLock()
+        # entry points being imported by a build: a plugin that uses the registry while
+        # it is imported (subclassing 'max', say) re-enters the build, which then skips it
+        self._importing: set[str] = set()
 
     def _settings(self) -> _Settings:
         autoload = (
@@ -556,13 +559,18 @@ class Registry:
             for ep in _entry_points():
                 if normalize_name(ep.name) in settings.blocked:
                     continue
+                if ep.name in self._importing:
+                    continue  # its own import asked for the registry: not ready yet
                 dist, version = _dist_of(ep)
                 source = _Source(ep.name, dist, version)
+                self._importing.add(ep.name)
                 try:
                     plugin = ep.load()
                 except Exception as exc:
                     table.fail_import(source, exc, settings.strict)
                     continue
+                finally:
+                    self._importing.discard(ep.name)
                 table.add_plugin(plugin, source, strict=settings.strict)
         for _, plugin, name in self._in_process:
             table.add_plugin(plugin, _Source(name, None, None), strict=True)

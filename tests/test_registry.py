@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -590,3 +591,30 @@ def test_example_plugin_discovered_trains_and_matches_reference(tmp_path: Path) 
         assert result.worst <= 1e-10
         assert {case[0] for case in result.cases} == {"store", "recompute", "mtenn"}
         assert any("does not implement streaming" in s for s in result.skipped)
+
+
+SUBCLASSES_MAX = """
+Max = combframe.get_combination_class("max")  # the registry, while this module is imported
+
+
+class Softer(Max):
+    name = "softer"
+
+
+@combframe.hookimpl
+def combframe_add_combinations():
+    return [Softer]
+"""
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_plugin_that_uses_the_registry_while_imported(tmp_path: Path, strict: bool) -> None:
+    with isolated_registry(strict=strict), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false "defines no combframe hook" warning
+        with _dist(
+            tmp_path, "combframe-softer", "1.0", "softer", "combframe_softer", SUBCLASSES_MAX
+        ):
+            combframe.reload_registry()
+            assert "softer" in combframe.list_combinations()
+            assert combframe.create_combination("softer", pred_scale=2.0).pred_scale == 2.0
+            assert combframe.plugin_errors() == []
