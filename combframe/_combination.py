@@ -85,8 +85,14 @@ class StreamingCombination(Combination, Protocol):
         = \frac{1}{Z} \sum_j \lambda_j A_j .
 
     A combination opts in by writing the two methods below; :math:`a_i` and
-    :math:`\phi_i` may depend on :math:`y_i` and on a fixed centre :math:`c` (the first
-    pose's prediction), the coefficients :math:`\lambda` on :math:`G` and :math:`c`.
+    :math:`\phi_i` may depend on :math:`y_i` and on a centre :math:`c`, the coefficients
+    :math:`\lambda` on :math:`G` and :math:`c`. The centre starts at the compound's first
+    prediction. A combination whose features depend on it should also write
+    ``stream_shift(old, new)``, returning the ``(k, k)`` matrix :math:`M` with
+    :math:`\phi(y; c_\text{new}) = M\,\phi(y; c_\text{old})` for every :math:`y`: the
+    strategy then keeps the centre on the best pose seen so far (re-expressing the sums
+    as :math:`A \leftarrow M A`, exact), so that sums of large, nearly cancelling terms
+    never arise whatever the order of the poses.
     """
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

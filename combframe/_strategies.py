@@ -993,10 +993,12 @@ class _StreamSums:
         if first < hi:
             rows = segments.start_index[first:hi] - start
             self.center[first:hi] = y[rows]
-        log_w, feats = combination.stream_terms(y, self.center[lo:hi][local])
+        centers = self.center[lo:hi].clone()
+        log_w, feats = combination.stream_terms(y, centers[local])
         self._allocate(feats.shape[-1])
-        old = self.running_max[lo:hi]
-        new = torch.maximum(old, segment_max(log_w, local, hi - lo))
+        old = self.running_max[lo:hi].clone()
+        chunk_max = segment_max(log_w, local, hi - lo)
+        new = torch.maximum(old, chunk_max)
         scale = torch.where(torch.isinf(old), torch.zeros_like(old), torch.exp(old - new))
         w = torch.exp(log_w - new[local])
         self.total[lo:hi] = self.total[lo:hi] * scale + segment_sum(w, local, hi - lo)
@@ -1005,6 +1007,24 @@ class _StreamSums:
         for (c, _), t in self.pose_acc.items():
             if lo <= c < hi:
                 t.mul_(scale[c - lo].to(t.dtype))
+        shift = getattr(combination, "stream_shift", None)
+        if shift is not None:
+            # Centre every compound on its best pose so far (no host sync: where the
+            # best pose is not in this chunk the move is the identity).
+            b = y.shape[0]
+            position = torch.arange(b, device=y.device)
+            best = torch.full((hi - lo,), b - 1, dtype=torch.long, device=y.device)
+            best = best.scatter_reduce(
+                0, local, torch.where(log_w == chunk_max[local], position, b - 1), reduce="amin"
+            )
+            moved = torch.where(chunk_max > old, y[best], centers)
+            move = torch.vmap(shift)(centers, moved).to(self.exact)  # (n, k, k)
+            self.acc[lo:hi] = torch.bmm(move.to(self.acc.dtype), self.acc[lo:hi])
+            for (c, _), t in self.pose_acc.items():
+                if lo <= c < hi:
+                    t.copy_(torch.tensordot(move[c - lo].to(t.dtype), t, dims=1))
+            feats = torch.bmm(move[local], feats.unsqueeze(-1)).squeeze(-1)
+            self.center[lo:hi] = moved
         return w[:, None] * feats
 
     def update_host(
@@ -1022,22 +1042,45 @@ class _StreamSums:
         log_w, feats = combination.stream_terms(y, centers)
         self._allocate(feats.shape[-1])
         logs, phis = log_w.tolist(), feats.tolist()
+        shift = getattr(combination, "stream_shift", None)
         rows: list[list[float]] = []
         for c in range(owners[0], owners[-1] + 1):
             mine = [i for i, o in enumerate(owners) if o == c]
+            best = max(mine, key=lambda i: logs[i])
             old = self.host_max[c]
-            new = max(old, *(logs[i] for i in mine))
+            new = max(old, logs[best])
             scale = math.exp(old - new) if old > -math.inf else 0.0
             if scale != 1.0:
-                self.acc[c].mul_(scale)
-                for (owner, _), t in self.pose_acc.items():
-                    if owner == c:
-                        t.mul_(scale)
+                self._scale(c, scale)
+            features = [phis[i] for i in mine]
+            if shift is not None and logs[best] > old and values[best] != self.host_center[c]:
+                # The best pose so far is in this chunk: centre the features on it.
+                move = shift(
+                    torch.tensor(self.host_center[c], dtype=self.exact),
+                    torch.tensor(values[best], dtype=self.exact),
+                ).to(self.exact)
+                self._move(c, move)
+                features = (torch.tensor(features, dtype=self.exact) @ move.T).tolist()
+                self.host_center[c] = values[best]
             weights = [math.exp(logs[i] - new) for i in mine]
             self.host_total[c] = self.host_total[c] * scale + math.fsum(weights)
             self.host_max[c] = new
-            rows += [[w * phi for phi in phis[i]] for w, i in zip(weights, mine, strict=True)]
+            rows += [[w * phi for phi in f] for w, f in zip(weights, features, strict=True)]
         return rows
+
+    def _scale(self, c: int, scale: float | Tensor) -> None:
+        """Multiply compound ``c``'s sums by ``scale`` (a new running maximum)."""
+        self.acc[c].mul_(scale)
+        for (owner, _), t in self.pose_acc.items():
+            if owner == c:
+                t.mul_(scale)
+
+    def _move(self, c: int, move: Tensor) -> None:
+        """Re-express compound ``c``'s sums for a new centre: ``A <- M A`` (k x k)."""
+        self.acc[c] = move.to(self.acc.dtype) @ self.acc[c]
+        for (owner, _), t in self.pose_acc.items():
+            if owner == c:
+                t.copy_(torch.tensordot(move.to(t.dtype), t, dims=1))
 
     def finish(self) -> None:
         """Bring the host bookkeeping into the tensors the backward reads."""

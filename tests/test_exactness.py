@@ -247,3 +247,81 @@ def test_recompute_checks_the_rerun_by_default(chunk: int) -> None:
     )
     combined, _ = unchecked(make_poses(5))
     combined.backward()  # the user said the model is deterministic: no comparison
+
+
+# ---- stream: sums centred on the best pose, whatever the order -------------------------------
+class Offset(torch.nn.Module):
+    """``y = offset + tanh(w . x)``: the offsets place the poses."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1).to(dtype)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            for p in self.lin.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+
+    def forward(self, pose: tuple[Tensor, Tensor]) -> Tensor:
+        offset, x = pose
+        return offset + torch.tanh(self.lin(x)).sum(dim=(-2, -1))
+
+
+def _offset_poses(offsets: list[float], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.tensor(o, dtype=dtype),
+            torch.randn(3, 4, generator=gen, dtype=torch.float64).to(dtype),
+        )
+        for o in offsets
+    ]
+
+
+def _grad_error(
+    strategy: str, kT: float, dtype: torch.dtype, offsets: list[float], on_host: bool, chunk: int
+) -> float:
+    from unittest import mock
+
+    import combframe._strategies as strategies_module
+
+    comb = BoltzmannCombination(kT=kT)
+    want_net = Offset(torch.float64)
+    y = torch.stack([want_net(p) for p in _offset_poses(offsets, torch.float64)])
+    comb.value(y).backward()
+    want = [p.grad for p in want_net.parameters()]
+    net = Offset(dtype)
+    with mock.patch.object(strategies_module, "_host_scalars", return_value=on_host):
+        combined, _ = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=chunk)(
+            _offset_poses(offsets, dtype)
+        )
+    combined.backward()
+    scale = max(float(w.abs().max()) for w in want)  # type: ignore[union-attr]
+    return (
+        max(
+            float((p.grad.double() - w).abs().max())
+            for p, w in zip(net.parameters(), want, strict=True)
+        )
+        / scale
+    )  # type: ignore[union-attr, operator]
+
+
+ORDERS = {
+    "first-far-above": [100.0, 0.3, -0.2, 0.1, 0.4, -0.1],
+    "descending": [5.0, 4.0, 3.0, 2.0, 1.0, 0.0],
+    "best-last-far": [0.0, 1.0, 2.0, 3.0, 4.0, -50.0],
+}
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("kT", [1e-6, 1e-3, 0.6, 1e3, 1e6])
+def test_stream_boltzmann_is_as_exact_as_store_whatever_the_pose_order(
+    kT: float, order: str, on_host: bool, chunk: int
+) -> None:
+    offsets = ORDERS[order]
+    err64 = _grad_error("stream", kT, torch.float64, offsets, on_host, chunk)
+    assert err64 <= 1e-10, f"float64: {err64:.2e}"
+    err32 = _grad_error("stream", kT, torch.float32, offsets, on_host, chunk)
+    store32 = _grad_error("store", kT, torch.float32, offsets, on_host, 1)
+    assert err32 <= max(10 * store32, 1e-5), f"float32: stream {err32:.2e}, store {store32:.2e}"

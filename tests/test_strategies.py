@@ -63,6 +63,11 @@ class MeanSquareCombination(combframe.BaseCombination):
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         return torch.stack([torch.full_like(center, 2.0), 2.0 * center])
 
+    def stream_shift(self, old: Tensor, new: Tensor) -> Tensor:
+        # (y - new, 1) = ((y - old) + (old - new), 1)
+        one, zero = torch.ones_like(old), torch.zeros_like(old)
+        return torch.stack([torch.stack([one, old - new]), torch.stack([zero, one])])
+
 
 class SoftAbsMeanCombination(combframe.BaseCombination):
     r"""A plugin-style combination without streaming: :math:`h = \frac1N\sum_j \sqrt{1 + y_j^2}`."""

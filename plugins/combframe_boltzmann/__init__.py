@@ -9,7 +9,9 @@ With :math:`\beta = 1/kT` and :math:`w = \operatorname{softmax}(-\beta y)`:
 
 For the stream strategy the weights are written with features
 :math:`\phi_i = (1,\ y_i - c)` around a centre :math:`c` and coefficients
-:math:`\lambda = (1 + \beta(h - c),\ -\beta)`, which keeps the running sums well scaled.
+:math:`\lambda = (1 + \beta(h - c),\ -\beta)`. The centre follows the best pose seen so
+far (``stream_shift`` re-expresses the sums exactly), which keeps the two running sums
+from cancelling whatever the order of the poses.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class BoltzmannCombination(combframe.BaseCombination):
         return -preds / self.params.kT, torch.stack(
             [torch.ones_like(preds), preds - center], dim=-1
         )
+
+    def stream_shift(self, old: Tensor, new: Tensor) -> Tensor:
+        r"""Move the centre: :math:`\phi(c') = M \phi(c)`, :math:`M = ((1, 0), (c - c', 1))`."""
+        one, zero = torch.ones_like(old), torch.zeros_like(old)
+        return torch.stack([torch.stack([one, zero]), torch.stack([old - new, one])])
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         r"""Coefficients :math:`(1 + \beta (h - c), -\beta)`."""
