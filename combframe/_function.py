@@ -115,6 +115,7 @@ class CombinationFunction(torch.autograd.Function):
         if source is None or not asked:
             return nones + (None,) * len(needs)
         refuse_second_order(source.strategy)
+        source.check_unchanged()
         coeffs: Tensor | None = None
         if comb_grad is not None:
             coeffs = comb_grad * combination.pose_weights(preds, combined)
@@ -156,6 +157,7 @@ class PosePredictions(torch.autograd.Function):
         if coeffs is None or not any(needs):
             return (None, None) + (None,) * len(needs)
         refuse_second_order(source.strategy)
+        source.check_unchanged()
         grads = source.contract(coeffs)
         return (None, None, *(g if n else None for g, n in zip(grads, needs, strict=True)))
 
@@ -200,6 +202,7 @@ class StreamedPredictions(torch.autograd.Function):
         if comb_grad is None or not any(needs):
             return nones + (None,) * len(needs)
         refuse_second_order(source.strategy)
+        source.check_unchanged()
         combined: Tensor = ctx.combined  # type: ignore[attr-defined]
         grads = source.contract_combined(comb_grad, combined)
         return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))

@@ -134,6 +134,25 @@ class PoseGradients(ABC):
 
     def __init__(self, targets: GradTargets | ParamLayout) -> None:
         self.targets = targets if isinstance(targets, GradTargets) else GradTargets(targets)
+        self.versions = tuple(t._version for t in self.targets.inputs)
+
+    def check_unchanged(self) -> None:
+        """Raise if an input was modified in place since the forward (as autograd does).
+
+        The gradients kept (or the re-runs made) describe the values of the forward; a
+        parameter changed in between (``optimizer.step()`` before ``backward``) would get
+        the gradient of values it no longer has.
+        """
+        for k, (t, version) in enumerate(zip(self.targets.inputs, self.versions, strict=True)):
+            if t._version != version:
+                what = "parameter" if k < len(self.layout.params) else "pose tensor"
+                raise CombinationError(
+                    f"a {what} of shape {tuple(t.shape)} that the predictions depend on was "
+                    f"modified in place after the forward (version {version} -> "
+                    f"{t._version}); its gradient would describe the old values. Call "
+                    "backward before changing parameters or poses (optimizer.step() after "
+                    "loss.backward())"
+                )
 
     @property
     def layout(self) -> ParamLayout:

@@ -12,7 +12,7 @@ from combframe._batch import CompoundPredictions, Segments
 from combframe._combination import BaseCombination
 from combframe._errors import CombinationError
 from combframe._function import PosePredictions, StreamedPredictions
-from combframe._strategies import PoseRunner, Strategy, resolve_strategy
+from combframe._strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
 
 __all__ = ["MultiPoseModel"]
 
@@ -45,12 +45,14 @@ class MultiPoseModel(torch.nn.Module):
     move_poses
         Move tensors in the poses to the model's device instead of raising on a mismatch.
     chunk_size
-        Poses per model call. ``1`` (the default) calls the model on each pose; larger
-        values run the poses of one or several compounds as collated batches (see
+        Poses per model call. ``1`` (the default) calls the model on each pose (on a
+        collated batch of one when ``collate`` is given); larger values run the poses of
+        one or several compounds as collated batches (see
         ``docs/batched.md``: what each strategy does per chunk, and models such as
         batch norm in training mode whose output depends on the chunk).
     collate
-        Builds a batch from a list of poses when ``chunk_size > 1``; default
+        Builds a batch from a list of poses; used when ``chunk_size > 1`` or when given;
+        default
         :func:`~combframe.default_collate` (stacks equal-shaped tensors leaf by leaf,
         PyTorch Geometric data into a ``Batch``). Poses of different sizes need their own.
 
@@ -278,14 +280,8 @@ class MultiPoseModel(torch.nn.Module):
             return True
         # The probe runs the first chunk once more: its draws from the RNG and its
         # buffer updates are undone, so the real run is the only one that counts.
-        buffers = list(runner.model.buffers())
-        saved = [b.clone() for b in buffers]
-        devices = [runner.device] if runner.device.type != "cpu" else []
-        fork = torch.random.fork_rng(devices=devices, device_type=runner.device.type)
-        with fork, torch.enable_grad():
+        with undo_side_effects(runner), torch.enable_grad():
             probe = runner.predict(poses[: runner.chunk_size], 0)
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
         return probe.requires_grad
 
     @staticmethod

@@ -107,9 +107,9 @@ class PoseRunner:
     Parameters
     ----------
     model
-        The single-pose model. With ``chunk_size=1`` it is called on each pose and
-        returns one element; otherwise on ``collate(chunk)`` and returns one element per
-        pose of the chunk.
+        The single-pose model. With ``chunk_size=1`` and no ``collate`` it is called on
+        each pose and returns one element; otherwise on ``collate(chunk)`` and returns one
+        element per pose of the chunk.
     pred_readout
         Optional callable applied to the model's output (per pose, or per chunk).
     params
@@ -140,7 +140,7 @@ class PoseRunner:
         self.move_poses = move_poses
         self.device = device
         self.chunk_size = chunk_size
-        self.batched = chunk_size > 1
+        self.batched = chunk_size > 1 or collate is not None
         self.collate = collate or default_collate
         self.pose_inputs: tuple[Tensor, ...] = ()
         self.targets = GradTargets(ParamLayout(self.params, device))
@@ -353,6 +353,20 @@ class Strategy(ABC):
         return f"{type(self).__name__}()"
 
 
+@contextlib.contextmanager
+def undo_side_effects(runner: PoseRunner) -> Iterator[None]:
+    """Run a look-ahead pass whose RNG draws and buffer updates are then undone."""
+    buffers = _module_buffers(runner)
+    saved = [b.clone() for b in buffers]
+    devices = [runner.device] if runner.device.type != "cpu" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=runner.device.type):
+            yield
+    finally:
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
+
+
 def _first_graph(
     runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
 ) -> tuple[Tensor, Aliases]:
@@ -393,7 +407,15 @@ class Store(Strategy):
         combination: BaseCombination,
     ) -> tuple[Tensor, PoseGradients]:
         m = len(poses)
-        pred, aliases = _first_graph(runner, poses, 1)
+        preview: Tensor | None = None
+        if runner.batched and m > 1:
+            # The first chunk as the model will see it from recompute and stream: checks
+            # the model's output per batch, and (in eval mode) that it treats the poses
+            # of a batch independently, which per-pose gradients assume.
+            with undo_side_effects(runner), torch.no_grad():
+                preview = runner.predict(poses[: runner.chunk_size], 0)
+        with _one_pose_errors(runner, 0):
+            pred, aliases = _first_graph(runner, poses, 1)
         targets = runner.targets
         layout = targets.layout
         buffer = layout.new_buffer(m)
@@ -404,6 +426,11 @@ class Store(Strategy):
         start = 1
         if runner.batched and m > 1:
             reason = _per_sample_obstacle(runner)
+            if reason is None and _hidden_parameters(runner, poses[0]):
+                reason = (
+                    "the model uses a parameter other than through its registered name (a "
+                    "closure or a list holding it), which torch.func.vmap cannot see"
+                )
             if reason is None:
                 try:
                     reason = _per_sample_chunks(runner, poses, buffer, preds)
@@ -413,13 +440,15 @@ class Store(Strategy):
             if reason is not None:
                 self._warn(runner, reason)
         for i in range(start, m):
-            with torch.enable_grad():
+            with torch.enable_grad(), _one_pose_errors(runner, i):
                 aliases = runner.aliases(poses[i : i + 1])
                 pred = runner.predict(poses[i : i + 1], i, aliases)
                 runner.require_grad(pred, i)
                 self._store(runner, pred, aliases, i, buffer, rows)
             preds.append(pred.detach())
             del pred, aliases  # free before the next pose's graph is built
+        if preview is not None and not _training(runner):
+            _check_independent(runner, torch.cat(preds)[: preview.shape[0]], preview)
         pose_rows = [
             (
                 torch.tensor([i for i, _ in r], dtype=torch.long, device=buffer.device),
@@ -470,6 +499,39 @@ def _user_stacklevel() -> int:
     return level
 
 
+@contextlib.contextmanager
+def _one_pose_errors(runner: PoseRunner, index: int) -> Iterator[None]:
+    """Say why store ran a pose alone when the model fails on a batch of one."""
+    try:
+        yield
+    except CombinationError:
+        raise
+    except Exception as exc:
+        if not runner.batched:
+            raise
+        raise CombinationError(
+            f"strategy='store' runs pose {index} alone to get its own gradient, and the "
+            f"model failed on that batch of one ({type(exc).__name__}: {exc}). A model "
+            "that needs several poses per batch (batch norm in training mode) cannot give "
+            "per-pose gradients; use strategy='recompute' or 'stream', which run whole chunks"
+        ) from exc
+
+
+def _check_independent(runner: PoseRunner, alone: Tensor, together: Tensor) -> None:
+    """Raise if the first chunk's batched predictions differ from one-pose predictions."""
+    scale = together.abs().clamp_min(1.0)
+    tol = max(1e3 * torch.finfo(together.dtype).eps, 1e-9)
+    if bool(((alone.to(together.dtype) - together).abs() <= tol * scale).all()):
+        return
+    raise CombinationError(
+        f"the model's predictions for the batch of poses 0..{together.shape[0] - 1} "
+        f"({together.tolist()[:4]}...) differ from its predictions one pose at a time "
+        f"({alone.tolist()[:4]}...): it mixes the poses of a batch. strategy='store' needs "
+        "each pose's own gradient and runs poses alone; use strategy='recompute' or "
+        "'stream', which run whole chunks (and see docs/batched.md on such models)"
+    )
+
+
 def _per_sample_obstacle(runner: PoseRunner) -> str | None:
     """Why per-sample gradients by ``torch.func`` cannot serve this run, or None."""
     if runner.collate is not default_collate:
@@ -482,6 +544,34 @@ def _per_sample_obstacle(runner: PoseRunner) -> str | None:
     if len(named) != len(dict(runner.model.named_parameters())):
         return "the model shares a parameter between modules"
     return None
+
+
+def _hidden_parameters(runner: PoseRunner, pose: Any) -> bool:
+    """Whether the model reaches a parameter other than through its registered name.
+
+    Runs one pose through ``torch.func.functional_call`` with fresh copies of the
+    parameters and walks the graph: the original parameters must not appear in it (a
+    closure or a list holding one would keep using it, out of torch.func's sight).
+    """
+    from torch.func import functional_call
+
+    model = runner.model
+    trainable = _named_trainable(model)
+    copies = {n: p.detach().requires_grad_(True) for n, p in trainable.items()}
+    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    with undo_side_effects(runner), torch.enable_grad():
+        mark = _graph_mark()
+        out = functional_call(
+            model, {**copies, **fixed}, (default_collate([runner._place(0, pose)]),)
+        )
+        if runner.pred_readout is not None:
+            out = runner.pred_readout(out)
+    if not isinstance(out, Tensor) or out.grad_fn is None:
+        return False
+    leaves, _ = _reached(out, {id(c) for c in copies.values()}, mark)
+    originals = {id(p) for p in trainable.values()}
+    return any(id(leaf) in originals for leaf in leaves)
 
 
 def _per_sample_chunks(

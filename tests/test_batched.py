@@ -317,9 +317,88 @@ def test_store_detects_a_parameter_vmap_cannot_see() -> None:
     poses = tensor_poses(6)
     loss = make_loss("both")
     want = full_graph_gradients(copy.deepcopy(base), MeanCombination(), poses, loss)
-    with pytest.warns(combframe.StrategyWarning, match="differ from autograd"):
+    with pytest.warns(combframe.StrategyWarning, match="other than through its registered name"):
         got = multipose_gradients(base, MeanCombination(), poses, loss, "store", chunk_size=3)
     assert rel_err(got[2], want[2]) <= RTOL
+
+
+def test_store_detects_a_closure_parameter_that_the_first_pose_leaves_inactive() -> None:
+    """The alias is found in the graph's structure, not by a pose's numbers."""
+
+    class Gate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 1).double()
+            weight = self.lin.weight
+            self.gate = lambda x: torch.relu(x @ weight.t())  # holds the parameter
+
+        def forward(self, x: Tensor) -> Tensor:
+            return (self.lin(x) + self.gate(x)).sum(dim=(-2, -1))
+
+    def build() -> Gate:  # deepcopy would leave the copy's closure on the original weight
+        torch.manual_seed(0)
+        return Gate()
+
+    base = build()
+    with torch.no_grad():
+        poses = sorted(tensor_poses(8), key=lambda p: float((p @ base.lin.weight.t()).sum()))
+        assert float((poses[0] @ base.lin.weight.t()).sum()) < 0  # pose 0: the gate is off
+    loss = make_loss("both")
+    want = full_graph_gradients(build(), MeanCombination(), poses, loss)
+    with pytest.warns(combframe.StrategyWarning, match="other than through its registered name"):
+        got = multipose_gradients(base, MeanCombination(), poses, loss, "store", chunk_size=4)
+    assert rel_err(got[2], want[2]) <= RTOL
+
+
+def test_a_given_collate_is_used_with_chunk_size_one() -> None:
+    net = graph_model()
+    poses = graph_poses(4)
+    model = combframe.MultiPoseModel(net, "mean", strategy="recompute", collate=graph_collate)
+    combined, per_pose = model(poses)  # the model only understands collated batches
+    want = torch.stack([net(p).reshape(()) for p in poses])
+    torch.testing.assert_close(per_pose, want.detach(), rtol=1e-12, atol=0)
+    combined.backward()
+
+
+class MixesPoses(torch.nn.Module):
+    """Subtracts half the batch mean: its output depends on the other poses of a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 1).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x - 0.5 * x.mean(0)).sum(dim=(-2, -1))
+
+
+def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch() -> None:
+    model = combframe.MultiPoseModel(MixesPoses(), "mean", chunk_size=3).eval()
+    with pytest.raises(combframe.CombinationError, match=r"mixes the poses of a batch.*recompute"):
+        model(tensor_poses(6))
+    # recompute and stream run whole chunks: the chunk is part of the model
+    for strategy in ("recompute", "stream"):
+        combframe.MultiPoseModel(MixesPoses(), "mean", strategy=strategy, chunk_size=3)(
+            tensor_poses(6)
+        )[0].backward()
+
+
+def test_store_explains_a_model_that_fails_on_a_batch_of_one() -> None:
+    model = combframe.MultiPoseModel(Normed(), "mean", chunk_size=3)
+    with pytest.raises(combframe.CombinationError, match=r"runs pose 0 alone.*recompute"):
+        model(tensor_poses(6))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_parameters_changed_between_forward_and_backward_are_refused(strategy: str) -> None:
+    net = make_mlp()
+    combined, _ = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=2)(
+        tensor_poses(4)
+    )
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # an optimizer step before backward
+    with pytest.raises(combframe.CombinationError, match="modified in place after the forward"):
+        combined.backward()
+    assert all(p.grad is None for p in net.parameters())
 
 
 # ---- gradients to everything the graph reaches ---------------------------------------------
