@@ -1177,7 +1177,6 @@ class _StreamSums:
         if self.on_host:
             self.total = torch.tensor(self.host_total, dtype=self.exact)
             self.center = torch.tensor(self.host_center, dtype=self.exact)
-            self.running_max = torch.tensor(self.host_max, dtype=self.exact)
 
     def _allocate(self, features: int) -> None:
         """Allocate the sums once ``k`` is known, before the first backward (flat peak)."""
