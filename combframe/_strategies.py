@@ -556,10 +556,8 @@ def _hidden_parameters(runner: PoseRunner, pose: Any) -> bool:
     from torch.func import functional_call
 
     model = runner.model
-    trainable = _named_trainable(model)
+    trainable, fixed = _functional_state(model)
     copies = {n: p.detach().requires_grad_(True) for n, p in trainable.items()}
-    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    fixed.update(dict(model.named_buffers()))
     with undo_side_effects(runner), torch.enable_grad():
         mark = _graph_mark()
         out = functional_call(
@@ -604,14 +602,19 @@ def _named_trainable(model: torch.nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _functional_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Return the trainable parameters by name, and the rest ``functional_call`` needs."""
+    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    return _named_trainable(model), fixed
+
+
 def _per_sample_grads(runner: PoseRunner, poses: Sequence[Any], start: int, out: Tensor) -> Tensor:
     """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds."""
     from torch.func import functional_call, grad, vmap
 
     model = runner.model
-    trainable = _named_trainable(model)
-    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-    fixed.update(dict(model.named_buffers()))
+    trainable, fixed = _functional_state(model)
     readout = runner.pred_readout
 
     def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
@@ -893,18 +896,18 @@ class _ChunkState:
     versions: list[tuple[int, Tensor, int]]  # (pose, tensor, version counter)
 
 
+def _modules(runner: PoseRunner) -> list[torch.nn.Module]:
+    """Return the model and, when it is a module, the readout."""
+    readout = runner.pred_readout
+    return [runner.model, *([readout] if isinstance(readout, torch.nn.Module) else [])]
+
+
 def _training(runner: PoseRunner) -> bool:
-    modules: list[Any] = [runner.model]
-    if isinstance(runner.pred_readout, torch.nn.Module):
-        modules.append(runner.pred_readout)
-    return any(m.training for top in modules for m in top.modules())
+    return any(m.training for top in _modules(runner) for m in top.modules())
 
 
 def _module_buffers(runner: PoseRunner) -> list[Tensor]:
-    modules: list[Any] = [runner.model]
-    if isinstance(runner.pred_readout, torch.nn.Module):
-        modules.append(runner.pred_readout)
-    return [b for m in modules for b in m.buffers()]
+    return [b for m in _modules(runner) for b in m.buffers()]
 
 
 @final
