@@ -25,6 +25,7 @@ from combframe._errors import CombinationError, StrategyError
 from combframe._gradients import PoseGradients, StoredGradients, validate_grad_dict
 
 __all__ = [
+    "AfterPoses",
     "CombinationFunction",
     "PosePredictions",
     "StreamedPredictions",
@@ -158,8 +159,8 @@ class PosePredictions(torch.autograd.Function):
             return (None, None) + (None,) * len(needs)
         refuse_second_order(source.strategy)
         source.check_unchanged()
-        grads = source.contract(coeffs)
-        return (None, None, *(g if n else None for g, n in zip(grads, needs, strict=True)))
+        grads = source.prune(source.contract(coeffs))
+        return (None, None, *_select(grads, needs))
 
 
 class StreamedPredictions(torch.autograd.Function):
@@ -193,6 +194,8 @@ class StreamedPredictions(torch.autograd.Function):
         source: PoseGradients = ctx.source  # type: ignore[attr-defined]
         needs: tuple[bool, ...] = ctx.needs_input_grad[3:]  # type: ignore[attr-defined]
         nones: tuple[None, ...] = (None,) * 3
+        # Refused before any gradient is returned; the comb_readout's parameters wait for
+        # this backward (AfterPoses), so no .grad has been written yet.
         if pose_grads is not None and bool(pose_grads.ne(0).any()):
             raise StrategyError(
                 f"the {source.strategy!r} strategy is exact only for losses on the "
@@ -204,8 +207,44 @@ class StreamedPredictions(torch.autograd.Function):
         refuse_second_order(source.strategy)
         source.check_unchanged()
         combined: Tensor = ctx.combined  # type: ignore[attr-defined]
-        grads = source.contract_combined(comb_grad, combined)
-        return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+        grads = source.prune(source.contract_combined(comb_grad, combined))
+        return nones + _select(grads, needs)
+
+
+def _select(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """Return the gradients asked for; ``None`` for the rest and the trailing held inputs.
+
+    Inputs past ``grads`` are the outputs of :class:`AfterPoses`: they are inputs only so
+    that their backward waits for this one, and get no gradient from it.
+    """
+    picked = tuple(g if n else None for g, n in zip(grads, needs, strict=False))
+    return picked + (None,) * (len(needs) - len(picked))
+
+
+class AfterPoses(torch.autograd.Function):
+    """Identity on some parameters, whose gradients then wait for the pose Function's.
+
+    ``AfterPoses.apply(*params)`` returns views of ``params``. Passed as extra inputs to
+    :class:`PosePredictions` or :class:`StreamedPredictions` and used in place of the
+    parameters by the ``comb_readout``, they delay the readout's gradient accumulation
+    until the pose Function's backward has run: an error that backward raises (a
+    per-pose loss under stream, a re-run that differs under recompute) then leaves every
+    ``.grad`` of the model and the readout untouched.
+    """
+
+    @staticmethod
+    def forward(*params: Tensor) -> tuple[Tensor, ...]:
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def setup_context(
+        ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
+    ) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return grads
 
 
 def refuse_second_order(strategy: str) -> None:

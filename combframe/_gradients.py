@@ -16,6 +16,7 @@ running sums kept during the forward pass. :class:`ParamLayout` maps between the
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import final
@@ -41,15 +42,18 @@ class ParamLayout:
     Parameters
     ----------
     params
-        The parameters whose gradients are collected. They must share one dtype and one
-        device, since their per-pose gradients live in one contiguous buffer.
+        The parameters whose gradients are collected. Their per-pose gradients live in one
+        contiguous buffer, in the widest of their dtypes (``torch.promote_types``: a
+        float32 model with one float64 parameter keeps float64 rows, so nothing is
+        rounded); each parameter gets its gradient back in its own dtype. They must share
+        one device.
     device
         Where the (empty) buffers live when there are no parameters.
 
     Raises
     ------
     CombinationError
-        If the parameters mix dtypes or devices.
+        If the parameters are on several devices.
     """
 
     __slots__ = ("device", "dtype", "numel", "params", "shapes", "sizes")
@@ -59,20 +63,22 @@ class ParamLayout:
         self.shapes = tuple(p.shape for p in self.params)
         self.sizes = tuple(p.numel() for p in self.params)
         self.numel = sum(self.sizes)
-        kinds = {(p.dtype, p.device) for p in self.params}
-        if len(kinds) > 1:
-            found = ", ".join(sorted(f"{d} on {dev}" for d, dev in kinds))
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            found = ", ".join(sorted(map(str, devices)))
             raise CombinationError(
-                "all trainable parameters must share one dtype and device, since their "
-                f"per-pose gradients are kept in one buffer; found {found}. Convert the "
-                "model with model.to(dtype) / model.to(device) first."
+                "all trainable parameters must be on one device, since their per-pose "
+                f"gradients are kept in one buffer; found parameters on {found}. Move the "
+                "model with model.to(device) first (a model split across devices is not "
+                "supported)."
             )
         first = self.params[0] if self.params else torch.empty(0, device=device)
-        self.dtype = first.dtype
+        dtypes = (p.dtype for p in self.params)
+        self.dtype = functools.reduce(torch.promote_types, dtypes, first.dtype)
         self.device = first.device
 
     def new_buffer(self, rows: int) -> Tensor:
-        """Return an uninitialised ``(rows, P)`` buffer in the parameters' dtype and device."""
+        """Return an uninitialised ``(rows, P)`` buffer in the widest dtype, on the device."""
         return torch.empty((rows, self.numel), dtype=self.dtype, device=self.device)
 
     def flatten_into(self, grads: Sequence[Tensor], out: Tensor) -> None:
@@ -82,11 +88,15 @@ class ParamLayout:
         torch.cat([g.detach().reshape(-1) for g in grads], out=out)
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        """Split a flat ``P``-vector into parameter-shaped views (no copy)."""
+        """Split a flat ``P``-vector into parameter-shaped views (no copy, ``flat``'s dtype)."""
         return [
             chunk.view(shape)
             for chunk, shape in zip(flat.split(self.sizes), self.shapes, strict=True)
         ]
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        """Split a flat ``P``-vector into one gradient per parameter, in its own dtype."""
+        return [v.to(p.dtype) for v, p in zip(self.views(flat), self.params, strict=True)]
 
 
 @final
@@ -124,7 +134,10 @@ class PoseGradients(ABC):
     r"""Source of :math:`\sum_i c_i \, \partial y_i/\partial x` for every input :math:`x`.
 
     Subclasses implement one gradient strategy. ``targets`` lists the inputs (the
-    parameters in ``targets.layout`` and the pose tensors that require grad).
+    parameters in ``targets.layout`` and the pose tensors that require grad). ``used``,
+    when given, holds the ids of the inputs some pose graph reached (it may grow while
+    :meth:`contract` re-runs poses); :meth:`prune` gives the others no gradient, as
+    autograd leaves the ``.grad`` of a tensor outside the graph ``None``.
     """
 
     #: Whether per-pose loss terms (a non-zero ``pose_grads``) can be honoured.
@@ -132,9 +145,19 @@ class PoseGradients(ABC):
     #: Name of the strategy, used in error messages.
     strategy: str = "store"
 
-    def __init__(self, targets: GradTargets | ParamLayout) -> None:
+    def __init__(self, targets: GradTargets | ParamLayout, used: set[int] | None = None) -> None:
         self.targets = targets if isinstance(targets, GradTargets) else GradTargets(targets)
         self.versions = tuple(t._version for t in self.targets.inputs)
+        self.used = used
+
+    def prune(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Replace the gradient of every input no pose graph reached by ``None``."""
+        if self.used is None:
+            return list(grads)
+        used = self.used
+        return [
+            g if id(t) in used else None for g, t in zip(grads, self.targets.inputs, strict=True)
+        ]
 
     def check_unchanged(self) -> None:
         """Raise if an input was modified in place since the forward (as autograd does).
@@ -202,14 +225,15 @@ class StoredGradients(PoseGradients):
         targets: GradTargets | ParamLayout,
         buffer: Tensor,
         pose_rows: Sequence[tuple[Tensor, Tensor]] = (),
+        used: set[int] | None = None,
     ) -> None:
-        super().__init__(targets)
+        super().__init__(targets, used)
         self.buffer = buffer
         self.pose_rows = tuple(pose_rows)
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         flat = torch.mv(self.buffer.t(), coeffs.to(self.buffer.dtype))
-        grads: list[Tensor | None] = list(self.layout.views(flat))
+        grads: list[Tensor | None] = list(self.layout.unflatten(flat))
         for (rows, stacked), t in zip(self.pose_rows, self.targets.pose_inputs, strict=True):
             weights = coeffs[rows].to(stacked.dtype)
             grads.append(torch.tensordot(weights, stacked, dims=1).reshape(t.shape))

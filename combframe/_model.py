@@ -11,7 +11,7 @@ from torch import Tensor
 from combframe._batch import CompoundPredictions, Segments
 from combframe._combination import BaseCombination
 from combframe._errors import CombinationError
-from combframe._function import PosePredictions, StreamedPredictions
+from combframe._function import AfterPoses, PosePredictions, StreamedPredictions
 from combframe._strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
 
 __all__ = ["MultiPoseModel"]
@@ -39,6 +39,8 @@ class MultiPoseModel(torch.nn.Module):
         Applied to each pose's prediction before combining (part of the per-pose graph).
     comb_readout
         Applied to the combined prediction (0-d for one compound, ``(C,)`` for a batch).
+        When it is a module, its trainable parameters' gradients are accumulated only
+        after the poses' backward, so an error there leaves their ``.grad`` untouched.
     check_finite
         Raise if a per-pose prediction is NaN or infinite, naming the poses (one device
         sync per compound). Set ``False`` to skip the check.
@@ -60,7 +62,9 @@ class MultiPoseModel(torch.nn.Module):
     -----
     Every pose is checked before the model runs on any of them: its tensors must be on
     the model's device (unless ``move_poses``). All trainable parameters must share one
-    dtype (their per-pose gradients share one buffer). The per-pose predictions are
+    device (their per-pose gradients share one buffer, in the widest of their dtypes). A
+    parameter no pose's graph reaches keeps ``.grad`` at ``None``, as with autograd. The
+    per-pose predictions are
     combined in the parameters' dtype (under autocast the model's output, say bfloat16,
     is promoted first), and gradients reach the parameters in their own dtype. In
     training mode the model's buffers are snapshotted for the duration of ``forward``
@@ -225,10 +229,14 @@ class MultiPoseModel(torch.nn.Module):
         segments = Segments.from_sizes([len(c) for c in compounds], device)
         snapshot = self._snapshot_buffers()
         try:
-            combined, per_pose = self._combine(runner, poses, segments)
+            held = self._hold_readout()
+            combined, per_pose = self._combine(runner, poses, segments, held)
             if single:
                 combined = combined[0]
-            if self.comb_readout is not None:
+            if held:
+                assert isinstance(self.comb_readout, torch.nn.Module)
+                combined = torch.func.functional_call(self.comb_readout, held, (combined,))
+            elif self.comb_readout is not None:
                 combined = self.comb_readout(combined)
         except BaseException:
             if snapshot:
@@ -236,14 +244,35 @@ class MultiPoseModel(torch.nn.Module):
             raise
         return CompoundPredictions(combined, per_pose, segments.index)
 
+    def _hold_readout(self) -> dict[str, Tensor]:
+        """Hold the ``comb_readout``'s trainable parameters until the poses' backward.
+
+        Used by the readout in place of its parameters and passed to the pose Function
+        as extra inputs (:class:`~combframe._function.AfterPoses`), so that an error in
+        the poses' backward comes before the readout's ``.grad`` is written. Empty when
+        no gradient is recorded or the readout is not a module with trainable parameters.
+        """
+        readout = self.comb_readout
+        if not torch.is_grad_enabled() or not isinstance(readout, torch.nn.Module):
+            return {}
+        named = {n: p for n, p in readout.named_parameters() if p.requires_grad}
+        if not named:
+            return {}
+        views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]
+        return dict(zip(named, views, strict=True))
+
     def _combine(
-        self, runner: PoseRunner, poses: Sequence[Any], segments: Segments
+        self,
+        runner: PoseRunner,
+        poses: Sequence[Any],
+        segments: Segments,
+        held: dict[str, Tensor],
     ) -> tuple[Tensor, Tensor]:
         count = segments.count
         if self._needs_graph(runner, poses):
             preds, source = self.strategy.collect(runner, poses, segments, self.combination)
             preds = self._promote(preds, source.layout.dtype)
-            inputs = source.targets.inputs
+            inputs = (*source.targets.inputs, *held.values())
             if source.supports_pose_losses:
                 per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]
                     source, preds, *inputs
@@ -262,7 +291,7 @@ class MultiPoseModel(torch.nn.Module):
             chunks = runner.chunks(len(poses))
             preds = torch.cat([runner.predict(poses[s:e], s) for s, e in chunks])
             if runner.params:
-                preds = self._promote(preds, runner.params[0].dtype)
+                preds = self._promote(preds, runner.targets.layout.dtype)
             combined = self.combination.segment_value(preds, segments.index, count)
             self._check_finite(preds, combined)
             return combined, preds

@@ -61,16 +61,18 @@ def _graph_mark() -> int:
     return int(node._sequence_nr())
 
 
-def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[str]]:
-    """Walk ``y``'s graph: leaves it reaches that are not ``known``, and foreign nodes.
+def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[str], set[int]]:
+    """Walk ``y``'s graph: unknown leaves, foreign nodes, and the known leaves reached.
 
-    A node older than ``mark`` belongs to a graph built before the chunk ran. Below it,
-    reaching only known leaves is harmless (autocast's cache of a parameter's cast); an
-    unknown leaf there means a tensor that requires grad was computed outside the model
-    and captured by it, and the old node is reported.
+    Returns the leaves not in ``known``, the foreign nodes, and the ids of the ``known``
+    leaves the graph reaches. A node older than ``mark`` belongs to a graph built before
+    the chunk ran. Below it, reaching only known leaves is harmless (autocast's cache of a
+    parameter's cast); an unknown leaf there means a tensor that requires grad was
+    computed outside the model and captured by it, and the old node is reported.
     """
     leaves: dict[int, Tensor] = {}
     foreign: list[str] = []
+    hit: set[int] = set()
     seen: set[tuple[Any, str]] = set()
     stack: list[tuple[Any, str]] = [(y.grad_fn, "")]
     while stack:
@@ -80,7 +82,9 @@ def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[
         seen.add((node, old))
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):
-            if id(variable) not in known:
+            if id(variable) in known:
+                hit.add(id(variable))
+            else:
                 if old:
                     shape = ", ".join(map(str, variable.shape))
                     foreign.append(f"{old} -> a {variable.dtype} leaf of shape ({shape})")
@@ -90,7 +94,7 @@ def _reached(y: Tensor, known: set[int], mark: int) -> tuple[list[Tensor], list[
         if not old and node._sequence_nr() < mark and not _cached_cast(node):
             old = node.name()
         stack.extend((next_node, old) for next_node, _ in node.next_functions)
-    return list(leaves.values()), foreign
+    return list(leaves.values()), foreign, hit
 
 
 def _cached_cast(node: Any) -> bool:
@@ -145,6 +149,8 @@ class PoseRunner:
         self.pose_inputs: tuple[Tensor, ...] = ()
         self.targets = GradTargets(ParamLayout(self.params, device))
         self.discovered = False
+        #: Ids of the targets some pose graph run so far has reached (see ``discover``).
+        self.used: set[int] = set()
         self._mark = 0
 
     # ---- before any pose runs --------------------------------------------------------
@@ -221,11 +227,12 @@ class PoseRunner:
             self.verify(out, aliases or {}, start)
         return out
 
-    def require_grad(self, pred: Tensor, start: int) -> None:
+    def require_grad(self, pred: Tensor, start: int, when: str = "") -> None:
         """Raise if ``pred`` does not depend on anything that requires grad."""
         if not pred.requires_grad:
+            which = self.what(start, pred.numel()).replace("the chunk", "any pose of the chunk")
             raise CombinationError(
-                f"the model's prediction for pose {start} does not require grad: it does "
+                f"the model's prediction for {which} does not require grad{when}: it does "
                 "not depend on any trainable parameter (was it detached, or computed under "
                 "torch.no_grad() inside the model?)"
             )
@@ -241,7 +248,8 @@ class PoseRunner:
             produced it.
         """
         known = {id(p) for p in self.params} | {id(a) for a in aliases.values()}
-        leaves, foreign = _reached(pred, known, self._mark)
+        leaves, foreign, hit = _reached(pred, known, self._mark)
+        self._mark_used(hit, aliases, leaves)
         if foreign:
             raise CombinationError(
                 "the model's prediction depends on a tensor that requires grad and was "
@@ -264,7 +272,8 @@ class PoseRunner:
         if not pred.requires_grad:
             return
         known = {id(t) for t in self.targets.layout.params} | {id(a) for a in aliases.values()}
-        leaves, foreign = _reached(pred, known, self._mark)
+        leaves, foreign, hit = _reached(pred, known, self._mark)
+        self._mark_used(hit, aliases)
         if leaves or foreign:
             found = [f"a {t.dtype} leaf of shape ({', '.join(map(str, t.shape))})" for t in leaves]
             raise CombinationError(
@@ -286,7 +295,7 @@ class PoseRunner:
     ) -> tuple[Sequence[Tensor], list[tuple[int, Tensor]]]:
         """Gradients of ``pred`` (weighted by ``weight``) w.r.t. every target.
 
-        Returns the parameters' gradients (zeros for unused ones) and ``(slot, grad)``
+        Returns the parameters' gradients (zeros for unused ones; see ``used``) and ``(slot, grad)``
         for each pose tensor of the chunk.
         """
         params = self.targets.layout.params
@@ -303,6 +312,12 @@ class PoseRunner:
         return got[:n], list(zip(slots, got[n:], strict=True))
 
     # ---- helpers -----------------------------------------------------------------------
+    def _mark_used(self, hit: set[int], aliases: Aliases, leaves: Sequence[Tensor] = ()) -> None:
+        """Record the targets a graph reached (a pose tensor through its stand-in)."""
+        self.used |= hit
+        self.used.update(orig for orig, alias in aliases.items() if id(alias) in hit)
+        self.used.update(id(t) for t in leaves)
+
     def what(self, start: int, b: int) -> str:
         """Name pose ``start`` or the chunk of ``b`` poses from it, for messages."""
         return f"pose {start}" if b == 1 else f"the chunk of poses {start}..{start + b - 1}"
@@ -456,7 +471,7 @@ class Store(Strategy):
             )
             for r in rows
         ]
-        return torch.cat(preds), StoredGradients(targets, buffer, pose_rows)
+        return torch.cat(preds), StoredGradients(targets, buffer, pose_rows, runner.used)
 
     @staticmethod
     def _store(
@@ -567,7 +582,7 @@ def _hidden_parameters(runner: PoseRunner, pose: Any) -> bool:
             out = runner.pred_readout(out)
     if not isinstance(out, Tensor) or out.grad_fn is None:
         return False
-    leaves, _ = _reached(out, {id(c) for c in copies.values()}, mark)
+    leaves, _, _ = _reached(out, {id(c) for c in copies.values()}, mark)
     originals = {id(p) for p in trainable.values()}
     return any(id(leaf) in originals for leaf in leaves)
 
@@ -790,7 +805,7 @@ class _RecomputedGradients(PoseGradients):
         check: bool,
         kept: tuple[Tensor, Aliases] | None,
     ) -> None:
-        super().__init__(runner.targets)
+        super().__init__(runner.targets, runner.used)
         self.runner = runner
         self.poses = poses
         self.chunks = chunks
@@ -814,6 +829,12 @@ class _RecomputedGradients(PoseGradients):
             aliases = runner.aliases(self.poses[s:e])
             with state.autocast.restore():
                 pred = runner.predict(self.poses[s:e], s, aliases)
+        runner.require_grad(
+            pred,
+            s,
+            " (found when the backward re-ran it: recompute's forward runs only its last "
+            "chunk with a graph; no gradient has been written)",
+        )
         if self.check:  # compared once for all chunks, at the end of the backward
             got, want = pred.detach(), self.preds[s:e].to(pred.dtype)
             tol = min(64 * torch.finfo(got.dtype).eps, 1e-3)
@@ -883,7 +904,7 @@ class _RecomputedGradients(PoseGradients):
             self.deviation = []
             if buffers:
                 torch._foreach_copy_(buffers, saved)
-        return [*acc, *pose_acc]
+        return [*layout.unflatten(flat), *pose_acc]
 
 
 @dataclass(frozen=True)
@@ -999,7 +1020,7 @@ class Stream(Strategy):
                     del grads
             del pred, aliases  # free before the next chunk's graph is built
         sums.finish()
-        return torch.cat(preds), _StreamedGradients(sums, combination)
+        return torch.cat(preds), _StreamedGradients(sums, combination, runner.used)
 
     @staticmethod
     def _fold_host(
@@ -1242,8 +1263,10 @@ class _StreamedGradients(PoseGradients):
     supports_pose_losses = False
     strategy = "stream"
 
-    def __init__(self, sums: _StreamSums, combination: StreamingCombination) -> None:
-        super().__init__(sums.targets)
+    def __init__(
+        self, sums: _StreamSums, combination: StreamingCombination, used: set[int]
+    ) -> None:
+        super().__init__(sums.targets, used)
         self.sums = sums
         self.combination = combination
 
@@ -1260,7 +1283,7 @@ class _StreamedGradients(PoseGradients):
         coeffs = lam.to(exact) * (comb_grad.to(exact) / sums.total)[:, None]
         acc = sums.acc
         flat = torch.mv(acc.reshape(-1, acc.shape[-1]).t(), coeffs.reshape(-1).to(acc.dtype))
-        grads: list[Tensor | None] = list(self.layout.views(flat))
+        grads: list[Tensor | None] = list(self.layout.unflatten(flat))
         pose: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
         for (c, slot), t in sums.pose_acc.items():
             g = torch.tensordot(coeffs[c].to(t.dtype), t, dims=1)

@@ -98,7 +98,7 @@ def _reference_grads(base: torch.nn.Module, kind: str, steps: int) -> list[Tenso
             per_pose = torch.stack([model(p).reshape(()) for p in poses])
             total = total + loss_fn(comb.value(per_pose), per_pose)
         (total / len(everything)).backward()
-    # combframe gives unused parameters zeros where the full graph leaves None.
+    # DDP writes zeros for a parameter no pose uses, where the full graph leaves None.
     return [
         torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
         for p in model.parameters()

@@ -325,3 +325,137 @@ def test_stream_boltzmann_is_as_exact_as_store_whatever_the_pose_order(
     err32 = _grad_error("stream", kT, torch.float32, offsets, on_host, chunk)
     store32 = _grad_error("store", kT, torch.float32, offsets, on_host, 1)
     assert err32 <= max(10 * store32, 1e-5), f"float32: stream {err32:.2e}, store {store32:.2e}"
+
+
+# ---- errors raised in backward come before any .grad is written ------------------------------
+class Scale(torch.nn.Module):
+    """A ``comb_readout`` with a parameter: ``G -> w * G``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, combined: Tensor) -> Tensor:
+        return self.w * combined
+
+
+class DetachesBigPoses(torch.nn.Module):
+    """Detaches the prediction of a pose whose first feature is above 100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x)
+        return y.detach() if bool((x[..., 0] > 100).any()) else y
+
+
+def test_a_per_pose_loss_under_stream_leaves_the_readout_grad_alone() -> None:
+    net, readout = make_mlp(), Scale()
+    model = combframe.MultiPoseModel(net, "max", strategy="stream", comb_readout=readout)
+    out = model(compounds=[make_poses(3), make_poses(4, seed=1)])
+    loss = out.combined.sum() + out.per_pose.sum()
+    with (
+        state_unchanged(torch.nn.ModuleList([net, readout])),
+        pytest.raises(combframe.StrategyError, match="per-pose"),
+    ):
+        loss.backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("case", ["private generator", "modified pose", "detached prediction"])
+def test_recompute_errors_in_backward_leave_every_grad_alone(case: str, chunk: int) -> None:
+    poses = make_poses(5)
+    net: torch.nn.Module = make_mlp()
+    if case == "private generator":
+        net = PrivateNoise()
+    elif case == "detached prediction":
+        net = DetachesBigPoses()
+        poses[0][0] = 1000.0  # pose 0 is in the first chunk, which the forward runs no-grad
+    readout = Scale()
+    model = combframe.MultiPoseModel(
+        net, "mean", strategy="recompute", chunk_size=chunk, comb_readout=readout
+    )
+    combined, _ = model(poses)
+    if case == "modified pose":
+        poses[1].mul_(2.0)
+    match = {
+        "private generator": "re-ran poses",
+        "modified pose": "modified in place",
+        "detached prediction": r"any pose of the chunk of poses 0..1 does not require grad \(found"
+        if chunk == 2
+        else r"pose 0 does not require grad \(found when the backward re-ran it",
+    }[case]
+    with (
+        state_unchanged(torch.nn.ModuleList([net, readout])),
+        pytest.raises((combframe.CombinationError, combframe.StrategyError), match=match),
+    ):
+        combined.backward()
+
+
+# ---- parameters of mixed dtypes, and parameters no pose uses ----------------------------------
+class Mixed(torch.nn.Module):
+    """A float64 model with one float32 parameter (a learnt scale), as mtenn accepts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.scale = torch.nn.Parameter(torch.tensor(1.25, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * self.scale
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_parameters_of_mixed_dtypes_get_exact_gradients_in_their_own_dtype(
+    strategy: str, chunk: int
+) -> None:
+    import copy
+
+    from combframe._reference import full_graph_gradients, make_loss, multipose_gradients
+
+    base, poses = Mixed(), make_poses(5)
+    loss = make_loss("combined" if strategy == "stream" else "both")
+    comb = BoltzmannCombination(kT=0.6)
+    want = full_graph_gradients(copy.deepcopy(base), comb, poses, loss)
+    got = multipose_gradients(copy.deepcopy(base), comb, poses, loss, strategy, chunk_size=chunk)
+    for g, w in zip(got[2], want[2], strict=True):
+        assert g.dtype == w.dtype
+        # the float32 scale: store and stream weight its per-pose gradients in float64,
+        # where the full graph rounds them to float32 first
+        torch.testing.assert_close(g, w, rtol=1e-6 if g.dtype == torch.float32 else 1e-10, atol=0)
+
+
+class PartlyUsed(torch.nn.Module):
+    """``unused`` is read by no pose; ``rare`` only by poses whose first feature is > 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.rare = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x)
+        return y * self.rare if bool(x[..., 0].max() > 0) else y
+
+
+@pytest.mark.filterwarnings("ignore::combframe.StrategyWarning")  # store: no vmap (branch)
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_unused_parameters_keep_grad_none_as_with_autograd(strategy: str, chunk: int) -> None:
+    poses = make_poses(5)
+    for i, pose in enumerate(poses):
+        pose[..., 0] = 1.0 if i == 0 else -1.0  # only pose 0 reads `rare`
+    net, readout = PartlyUsed(), Scale()
+    readout.register_parameter("spare", torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)))
+    model = combframe.MultiPoseModel(
+        net, "mean", strategy=strategy, chunk_size=chunk, comb_readout=readout
+    )
+    combined, _ = model(poses)
+    combined.backward()
+    assert net.unused.grad is None and readout.spare.grad is None
+    assert net.rare.grad is not None and float(net.rare.grad) != 0.0
+    assert readout.w.grad is not None
