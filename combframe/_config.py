@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
@@ -114,11 +113,15 @@ class CombinationConfig(BaseModel):
 
     def to_yaml(self) -> str:
         """YAML text of this config (a mapping with ``name`` first)."""
+        import yaml
+
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> CombinationConfig:
         """Parse and validate YAML text written by :meth:`to_yaml` (or by hand)."""
+        import yaml
+
         return cls.model_validate(yaml.safe_load(text))
 
     @classmethod

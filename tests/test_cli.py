@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import combframe
-from combframe._data import make_dataset
 from combframe._reference import gradient_parity
-from combframe._train import (
+from combframe.app.cli import main
+from combframe.app.data import make_dataset
+from combframe.app.train import (
     ConfigError,
     apply_overrides,
     load_config,
@@ -32,7 +33,6 @@ from combframe._train import (
     rmse,
     spearman,
 )
-from combframe.cli import main
 from combframe.testing import isolated_registry, register_plugin
 
 ROOT = Path(__file__).resolve().parent.parent

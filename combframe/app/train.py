@@ -3,7 +3,7 @@
 This is what ``combframe train`` runs. :class:`TrainConfig` is the whole configuration
 (a YAML or JSON file and ``key=value`` overrides on top of it); :func:`train` fits a
 small single-pose network wrapped in :class:`~combframe.MultiPoseModel` to the
-compound-level values of :func:`~combframe._data.make_dataset`, reports held-out
+compound-level values of :func:`~combframe.app.data.make_dataset`, reports held-out
 metrics and writes a run folder.
 """
 
@@ -27,9 +27,9 @@ from torch import Tensor
 
 from combframe._combination import BaseCombination, StreamingCombination
 from combframe._config import CombinationConfig
-from combframe._data import Compound, make_dataset
 from combframe._errors import CombinationError
 from combframe._model import MultiPoseModel
+from combframe.app.data import Compound, make_dataset
 
 __all__ = [
     "ConfigError",
@@ -401,8 +401,6 @@ def train(
     TrainingDivergedError
         If the loss stops being finite (the learning rate is too high).
     """
-    from tqdm import tqdm
-
     combination = _checked_combination(config)
     device = _resolve_device(config.device)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
@@ -442,15 +440,11 @@ def train(
         epoch_times: list[float] = []
         n_train = len(train_set)
         shuffle = torch.Generator().manual_seed(config.seed + 1)
-        bar = tqdm(
-            total=config.epochs * steps,
-            desc=f"train {combination.name}",
-            unit="step",
-            file=stream if stream is not None else sys.stderr,
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0.5,
+        bar = _progress_bar(
+            config.epochs * steps,
+            f"train {combination.name}",
+            stream if stream is not None else sys.stderr,
+            progress,
         )
         with bar:
             for epoch in range(1, config.epochs + 1):
@@ -554,6 +548,41 @@ def write_run(folder: Path, resolved: Mapping[str, Any], result: RunResult) -> N
     result.run_dir = folder
 
 
+class _NoBar:
+    """Stands in for a tqdm bar when tqdm is not installed (or progress is off)."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _progress_bar(total: int, desc: str, file: TextIO, enabled: bool) -> Any:
+    """Return a tqdm progress bar when tqdm is installed (``combframe[progress]``)."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="step",
+        file=file,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
 def _plot_history(path: Path, result: RunResult) -> str | None:
     """Draw the loss curves; return a note instead when matplotlib is missing."""
     try:
@@ -562,7 +591,9 @@ def _plot_history(path: Path, result: RunResult) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return f"{path.name} not written: matplotlib is not installed (pip install matplotlib)"
+        return (
+            f"{path.name} not written: matplotlib is not installed (pip install 'combframe[plot]')"
+        )
     history = result.metrics["history"]
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)

@@ -46,7 +46,7 @@ def _describe(combination: dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from combframe._train import ConfigError, TrainingDivergedError, compare, load_config, train
+    from combframe.app.train import ConfigError, TrainingDivergedError, compare, load_config, train
 
     try:
         config = load_config(args.config, args.overrides)
@@ -198,7 +198,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     import combframe
     from combframe._reference import gradient_parity
-    from combframe._train import format_validation_error, parse_value
+    from combframe.app.train import format_validation_error, parse_value
 
     params: dict[str, Any] = {}
     for item in args.params:
