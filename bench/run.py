@@ -48,9 +48,9 @@ from _models import MODELS, BenchModel
 from torch import Tensor, nn
 
 import combframe
-from combframe._gradients import ParamLayout, StoredGradients
-from combframe._reference import _grads_of, full_graph_gradients, make_loss
+from combframe.core.gradients import ParamLayout, StoredGradients
 from combframe.testing import peak_tensor_bytes
+from combframe.testing.parity import _grads_of, full_graph_gradients, make_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "loop", "store", "recompute", "stream")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from combframe._batch import CompoundPredictions, default_collate
-from combframe._combination import (
+from combframe.core.batch import CompoundPredictions, default_collate
+from combframe.core.combination import (
     BaseCombination,
     Combination,
     CombinationParams,
     StreamingCombination,
 )
-from combframe._config import CombinationConfig, combination_config_schema
-from combframe._errors import (
+from combframe.core.function import CombinationFunction
+from combframe.core.gradients import ParamLayout, PoseGradients
+from combframe.core.model import MultiPoseModel
+from combframe.core.strategies import Recompute, Store, Strategy, Stream
+from combframe.errors import (
     CombinationError,
     PluginValidationError,
     PluginWarning,
@@ -20,12 +23,8 @@ from combframe._errors import (
     StrategyWarning,
     UnknownCombinationError,
 )
-from combframe._function import CombinationFunction
-from combframe._gradients import ParamLayout, PoseGradients
-from combframe._hookspecs import hookimpl, hookspec
-from combframe._migrate import from_mtenn_config, migrate_mtenn_config
-from combframe._model import MultiPoseModel
-from combframe._registry import (
+from combframe.mtenn import from_mtenn_config, migrate_mtenn_config
+from combframe.registry import (
     CombinationInfo,
     ParameterInfo,
     PluginLoadError,
@@ -38,7 +37,8 @@ from combframe._registry import (
     reload_registry,
     resolve_combination,
 )
-from combframe._strategies import Recompute, Store, Strategy, Stream
+from combframe.registry.config import CombinationConfig, combination_config_schema
+from combframe.registry.hookspecs import hookimpl, hookspec
 
 __all__ = [
     "BaseCombination",

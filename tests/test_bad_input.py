@@ -245,7 +245,7 @@ def test_pose_in_a_dict_on_another_device() -> None:
 
 
 def test_parameters_on_several_devices_are_refused_by_name() -> None:
-    from combframe._gradients import ParamLayout
+    from combframe.core.gradients import ParamLayout
 
     with pytest.raises(CombinationError, match=r"on cpu, meta\. Move the model"):
         ParamLayout([torch.zeros(2), torch.zeros(2, device="meta")])

@@ -24,9 +24,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
-import combframe._strategies as strategies_module
+import combframe.core.strategies as strategies_module
 from bench._graph import GraphModel, graph_collate, make_graph_poses
-from combframe._reference import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from combframe.segment import (
     segment_logsumexp,
     segment_max,
@@ -34,6 +33,7 @@ from combframe.segment import (
     segment_softmax,
     segment_sum,
 )
+from combframe.testing.parity import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp
 from tests.test_strategies import MeanSquareCombination, SoftAbsMeanCombination
 

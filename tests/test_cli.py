@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import combframe
-from combframe._reference import gradient_parity
 from combframe.app.cli import main
 from combframe.app.data import make_dataset
 from combframe.app.train import (
@@ -34,6 +33,7 @@ from combframe.app.train import (
     spearman,
 )
 from combframe.testing import isolated_registry, register_plugin
+from combframe.testing.parity import gradient_parity
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_PLUGIN = Path(__file__).resolve().parent / "wrong_plugin"

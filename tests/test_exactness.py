@@ -204,7 +204,7 @@ class ReadsItsBuffer(torch.nn.Module):
 def test_recompute_reruns_each_chunk_from_its_own_buffer_state(chunk: int) -> None:
     import copy
 
-    from combframe._reference import full_graph_gradients, make_loss, multipose_gradients
+    from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
 
     poses = make_poses(6)
     base = ReadsItsBuffer()
@@ -282,7 +282,7 @@ def _grad_error(
 ) -> float:
     from unittest import mock
 
-    import combframe._strategies as strategies_module
+    import combframe.core.strategies as strategies_module
 
     comb = BoltzmannCombination(kT=kT)
     want_net = Offset(torch.float64)
@@ -414,7 +414,7 @@ def test_parameters_of_mixed_dtypes_get_exact_gradients_in_their_own_dtype(
 ) -> None:
     import copy
 
-    from combframe._reference import full_graph_gradients, make_loss, multipose_gradients
+    from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
 
     base, poses = Mixed(), make_poses(5)
     loss = make_loss("combined" if strategy == "stream" else "both")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 import combframe
 from combframe import CombinationConfig, CombinationError, UnknownCombinationError
-from combframe._migrate import MTENN_PARAMETER_FIELDS
+from combframe.mtenn import MTENN_PARAMETER_FIELDS
 from tests.conftest import make_mlp, make_poses
 
 

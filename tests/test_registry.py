@@ -16,14 +16,14 @@ from pydantic import Field, ValidationError
 
 import combframe
 from combframe import PluginValidationError, PluginWarning, UnknownCombinationError
-from combframe._reference import gradient_parity
-from combframe._registry import current_registry
+from combframe.registry import current_registry
 from combframe.testing import (
     combframe_registry,  # noqa: F401 - the fixture, used by name below
     fake_distribution,
     isolated_registry,
     register_plugin,
 )
+from combframe.testing.parity import gradient_parity
 from tests.conftest import make_mlp, make_poses
 from tests.example_plugin import install_example_plugin
 

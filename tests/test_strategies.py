@@ -18,17 +18,17 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
-import combframe._strategies as strategies_module
-from combframe._batch import Segments
-from combframe._reference import (
+import combframe.core.strategies as strategies_module
+from combframe.core.batch import Segments
+from combframe.core.strategies import PoseRunner, resolve_strategy
+from combframe.testing import peak_tensor_bytes
+from combframe.testing.parity import (
     LOSSES,
     full_graph_gradients,
     gradient_parity,
     make_loss,
     multipose_gradients,
 )
-from combframe._strategies import PoseRunner, resolve_strategy
-from combframe.testing import peak_tensor_bytes
 from tests.conftest import make_mlp, make_poses
 
 RTOL = 1e-10

@@ -197,8 +197,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     import combframe
-    from combframe._reference import gradient_parity
     from combframe.app.train import format_validation_error, parse_value
+    from combframe.testing.parity import gradient_parity
 
     params: dict[str, Any] = {}
     for item in args.params:

@@ -25,11 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
-from combframe._combination import BaseCombination, StreamingCombination
-from combframe._config import CombinationConfig
-from combframe._errors import CombinationError
-from combframe._model import MultiPoseModel
 from combframe.app.data import Compound, make_dataset
+from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.core.model import MultiPoseModel
+from combframe.errors import CombinationError
+from combframe.registry.config import CombinationConfig
 
 __all__ = [
     "ConfigError",

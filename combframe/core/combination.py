@@ -4,7 +4,7 @@ A combination turns N per-pose predictions :math:`y_1 \dots y_N` into one value
 :math:`G = h(y)`. It supplies exactly two things: the value :math:`h(y)` and the pose
 weights :math:`\partial h / \partial y_i`. Everything else (collecting per-pose gradients,
 contracting them, handing gradients to the parameters) is shared and lives in
-:mod:`combframe._function` and :mod:`combframe._strategies`.
+:mod:`combframe.core.function` and :mod:`combframe.core.strategies`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
+from typing_extensions import override
 
-from combframe._errors import CombinationError
+from combframe.errors import CombinationError
 
 if TYPE_CHECKING:
-    from combframe._gradients import PoseGradients
+    from combframe.core.gradients import PoseGradients
 
 __all__ = [
     "BaseCombination",
@@ -165,6 +166,7 @@ class BaseCombination(torch.nn.Module):
         """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
         return {"name": self.name, **self.params.model_dump()}
 
+    @override
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
 
@@ -247,7 +249,7 @@ class BaseCombination(torch.nn.Module):
         combined, per_pose
             The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
         """
-        from combframe._function import CombinationFunction
+        from combframe.core.function import CombinationFunction
 
         out: tuple[Tensor, Tensor] = CombinationFunction.apply(  # type: ignore[no-untyped-call]
             self, pred_list, grad_dict, param_names, *model_params

@@ -37,14 +37,14 @@ from typing import Any, Final
 import pluggy
 from pydantic.fields import FieldInfo
 
-from combframe import _hookspecs
-from combframe._combination import BaseCombination, CombinationParams, implements_value
-from combframe._errors import (
+from combframe.core.combination import BaseCombination, CombinationParams, implements_value
+from combframe.errors import (
     CombinationError,
     PluginValidationError,
     PluginWarning,
     UnknownCombinationError,
 )
+from combframe.registry import hookspecs as _hookspecs
 
 __all__ = [
     "CombinationInfo",
@@ -807,7 +807,7 @@ def resolve_combination(obj: Any) -> BaseCombination:
     TypeError
         For anything else.
     """
-    from combframe._config import CombinationConfig
+    from combframe.registry.config import CombinationConfig
 
     if isinstance(obj, BaseCombination):
         return obj

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from combframe._registry import (
+from combframe.registry import (
     Registry,
     current_registry,
     register_plugin,

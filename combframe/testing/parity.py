@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from combframe._batch import default_collate
-from combframe._combination import BaseCombination, StreamingCombination
-from combframe._errors import StrategyError, StrategyWarning
+from combframe.core.batch import default_collate
+from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.errors import StrategyError, StrategyWarning
 
 __all__ = [
     "LOSSES",
@@ -121,7 +121,7 @@ def multipose_gradients(
     collate: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Return what :func:`full_graph_gradients` does, through ``MultiPoseModel``."""
-    from combframe._model import MultiPoseModel
+    from combframe.core.model import MultiPoseModel
 
     model.zero_grad(set_to_none=True)
     wrapped = MultiPoseModel(

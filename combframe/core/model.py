@@ -7,12 +7,13 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from combframe._batch import CompoundPredictions, Segments
-from combframe._combination import BaseCombination
-from combframe._errors import CombinationError
-from combframe._function import AfterPoses, PosePredictions, StreamedPredictions
-from combframe._strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
+from combframe.core.batch import CompoundPredictions, Segments
+from combframe.core.combination import BaseCombination
+from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
+from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
+from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
 
@@ -100,7 +101,7 @@ class MultiPoseModel(torch.nn.Module):
         collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         super().__init__()
-        from combframe._registry import resolve_combination
+        from combframe.registry import resolve_combination
 
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(
@@ -119,6 +120,7 @@ class MultiPoseModel(torch.nn.Module):
         self.check_finite = check_finite
         self.move_poses = move_poses
 
+    @override
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, chunk_size={self.chunk_size}"
 
@@ -248,7 +250,7 @@ class MultiPoseModel(torch.nn.Module):
         """Hold the ``comb_readout``'s trainable parameters until the poses' backward.
 
         Used by the readout in place of its parameters and passed to the pose Function
-        as extra inputs (:class:`~combframe._function.AfterPoses`), so that an error in
+        as extra inputs (:class:`~combframe.core.function.AfterPoses`), so that an error in
         the poses' backward comes before the readout's ``.grad`` is written. Empty when
         no gradient is recorded or the readout is not a module with trainable parameters.
         """

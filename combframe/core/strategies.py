@@ -33,11 +33,12 @@ from typing import Any, ClassVar, final
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from combframe._batch import Segments, default_collate, each_tensor, map_tensors
-from combframe._combination import BaseCombination, StreamingCombination
-from combframe._errors import CombinationError, StrategyError, StrategyWarning
-from combframe._gradients import GradTargets, ParamLayout, PoseGradients, StoredGradients
+from combframe.core.batch import Segments, default_collate, each_tensor, map_tensors
+from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients, StoredGradients
+from combframe.errors import CombinationError, StrategyError, StrategyWarning
 from combframe.segment import segment_max, segment_sum
 
 __all__ = [
@@ -414,6 +415,7 @@ class Store(Strategy):
     def __init__(self) -> None:
         self._warned: set[int] = set()
 
+    @override
     def collect(
         self,
         runner: PoseRunner,
@@ -749,6 +751,7 @@ class Recompute(Strategy):
     def __init__(self, check: bool = True) -> None:
         self.check = check
 
+    @override
     def collect(
         self,
         runner: PoseRunner,
@@ -961,6 +964,7 @@ class Stream(Strategy):
     name = "stream"
     supports_pose_losses = False
 
+    @override
     def collect(
         self,
         runner: PoseRunner,

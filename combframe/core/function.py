@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
+from typing_extensions import override
 
-from combframe._combination import BaseCombination, as_pred_vector
-from combframe._errors import CombinationError, StrategyError
-from combframe._gradients import PoseGradients, StoredGradients, validate_grad_dict
+from combframe.core.combination import BaseCombination, as_pred_vector
+from combframe.core.gradients import PoseGradients, StoredGradients, validate_grad_dict
+from combframe.errors import CombinationError, StrategyError
 
 __all__ = [
     "AfterPoses",
@@ -51,6 +52,7 @@ class CombinationFunction(torch.autograd.Function):
     combination_class: ClassVar[type[BaseCombination] | None] = None
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override,unused-ignore]
         combination: BaseCombination,
         pred_list: Sequence[Tensor] | Tensor,
@@ -74,6 +76,7 @@ class CombinationFunction(torch.autograd.Function):
         return lead, combination, grad_dict, param_names, tuple(model_params)
 
     @classmethod
+    @override
     def setup_context(  # type: ignore[override,unused-ignore]
         cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
@@ -96,6 +99,7 @@ class CombinationFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @override
     def backward(
         ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
@@ -139,12 +143,14 @@ class PosePredictions(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override,unused-ignore]
         source: PoseGradients, preds: Tensor, *inputs: Tensor
     ) -> Tensor:
         return preds.clone()
 
     @staticmethod
+    @override
     def setup_context(  # type: ignore[override,unused-ignore]
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor
     ) -> None:
@@ -152,6 +158,7 @@ class PosePredictions(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @override
     def backward(ctx: FunctionCtx, coeffs: Tensor | None) -> tuple[Tensor | None, ...]:
         source: PoseGradients = ctx.source  # type: ignore[attr-defined]
         needs: tuple[bool, ...] = ctx.needs_input_grad[2:]  # type: ignore[attr-defined]
@@ -174,12 +181,14 @@ class StreamedPredictions(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(  # type: ignore[override,unused-ignore]
         source: PoseGradients, combined: Tensor, preds: Tensor, *inputs: Tensor
     ) -> tuple[Tensor, Tensor]:
         return combined.clone(), preds.clone()
 
     @staticmethod
+    @override
     def setup_context(  # type: ignore[override,unused-ignore]
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
@@ -188,6 +197,7 @@ class StreamedPredictions(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @override
     def backward(
         ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
@@ -233,16 +243,19 @@ class AfterPoses(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(*params: Tensor) -> tuple[Tensor, ...]:
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
+    @override
     def setup_context(
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, ...]
     ) -> None:
         ctx.set_materialize_grads(False)
 
     @staticmethod
+    @override
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         return grads
 

@@ -23,8 +23,9 @@ from typing import final
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from combframe._errors import CombinationError
+from combframe.errors import CombinationError
 
 __all__ = [
     "GradTargets",
@@ -231,6 +232,7 @@ class StoredGradients(PoseGradients):
         self.buffer = buffer
         self.pose_rows = tuple(pose_rows)
 
+    @override
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         flat = torch.mv(self.buffer.t(), coeffs.to(self.buffer.dtype))
         grads: list[Tensor | None] = list(self.layout.unflatten(flat))

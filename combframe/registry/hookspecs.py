@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from combframe._combination import BaseCombination
+    from combframe.core.combination import BaseCombination
 
 __all__ = ["hookimpl", "hookspec"]
 

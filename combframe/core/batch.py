@@ -26,7 +26,7 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
-from combframe._errors import CombinationError
+from combframe.errors import CombinationError
 
 __all__ = [
     "CompoundPredictions",

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_v
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
 
-from combframe._combination import BaseCombination, CombinationParams
-from combframe._errors import UnknownCombinationError
-from combframe._registry import current_registry
+from combframe.core.combination import BaseCombination, CombinationParams
+from combframe.errors import UnknownCombinationError
+from combframe.registry import current_registry
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
 

@@ -25,10 +25,10 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from combframe._combination import BaseCombination
-from combframe._config import CombinationConfig
-from combframe._errors import CombinationError
-from combframe._registry import current_registry
+from combframe.core.combination import BaseCombination
+from combframe.errors import CombinationError
+from combframe.registry import current_registry
+from combframe.registry.config import CombinationConfig
 
 __all__ = ["MTENN_PARAMETER_FIELDS", "from_mtenn_config", "migrate_mtenn_config"]
 
