@@ -47,6 +47,8 @@ napoleon_google_docstring = False
 
 html_theme = "furo"
 html_title = f"combframe {release}"
+html_static_path = ["_static"]
+html_css_files = ["wide-code.css"]
 
 #: The section of ``index.md`` whose ``### Caption`` lists become the table of contents.
 CONTENTS_HEADING = "## Documentation"
