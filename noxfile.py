@@ -25,7 +25,8 @@ nox.options.sessions = ["lint", "typecheck", "docs", "tests-3.11"]
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 #: Every Python the classifiers declare, e.g. ``["3.10", "3.11", "3.12", "3.13"]``.
 PYTHONS: list[str] = nox.project.python_versions(PYPROJECT)
-#: The torch release CI and the README install (``pip install torch==...``).
+#: The torch release of the ``tests`` rows and of CI (``.ci/run``). The package itself
+#: asks for ``torch>=2.4`` only; the README's set-up pins nothing.
 TORCH_PINNED = "2.13.0"
 
 
@@ -96,11 +97,12 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the Sphinx docs with warnings as errors, then run every example in them."""
+    """Build the Sphinx docs with warnings as errors; run their examples and render checks."""
     session.install(f"torch=={TORCH_PINNED}")
     session.install("-e", ".[docs,test]")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_docs.py")
+    pytest = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
+    session.run(*pytest, "tests/test_docs.py", "tests/test_docs_render.py")
 
 
 @nox.session
