@@ -79,7 +79,7 @@ def make_steps(
     work: Workload,
     model: nn.Module,
     poses: list[Any],
-    combination: combframe.BaseCombination,
+    combination: combframe.Combination,
     chunk: int,
 ) -> dict[str, Step]:
     """One training step per method: zero grads, forward, loss on the combined value, backward."""
@@ -143,7 +143,7 @@ def run_case(
     atoms: int,
     n: int,
     chunk: int,
-    combination: combframe.BaseCombination,
+    combination: combframe.Combination,
     timer: Callable[[Step], float],
     device: torch.device,
     reps: int,

@@ -62,7 +62,7 @@ LOSS = make_loss("combined")
 Step = Callable[[nn.Module, Sequence[Tensor]], object]
 
 
-def make_step(method: str, combination: combframe.BaseCombination) -> Step:
+def make_step(method: str, combination: combframe.Combination) -> Step:
     """One training step of ``method``; gradients end up in the parameters' ``.grad``."""
     if method == "reference":
         return lambda model, poses: full_graph_gradients(model, combination, poses, LOSS)

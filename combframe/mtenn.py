@@ -1,7 +1,12 @@
-"""Migration from mtenn-style model configs to :class:`~combframe.CombinationConfig`.
+"""mtenn compatibility in one place: its ``*CombinationFunc`` Functions and its configs.
+
+:func:`mtenn_function` derives, for a combination class, the autograd Function with
+mtenn's call ``apply(*hyperparameters, pred_list, grad_dict, param_names, *model_params)``
+(a plugin publishes it as ``MaxCombinationFunc = mtenn_function(MaxCombination)``).
 
 mtenn (and asapdiscovery configs built on it) describe the combination with flat
-fields of the model config:
+fields of the model config; each combination declares its own in ``mtenn_fields``. The
+shipped ones:
 
 ========================  ==================================  ==========================
 mtenn field               meaning                             combframe parameter
@@ -20,25 +25,68 @@ as mtenn ignores ``max_comb_*`` for a mean.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Mapping
 from typing import Any, Final
 
 from pydantic import ValidationError
+from torch import Tensor
 
-from combframe.core.combination import BaseCombination
+from combframe.core.combination import Combination
+from combframe.core.function import CombinationFunction, combine_forward
 from combframe.errors import CombinationError
-from combframe.registry import current_registry
+from combframe.registry import current_registry, describe_combinations
 from combframe.registry.config import CombinationConfig
 
-__all__ = ["MTENN_PARAMETER_FIELDS", "from_mtenn_config", "migrate_mtenn_config"]
+__all__ = ["from_mtenn_config", "migrate_mtenn_config", "mtenn_fields", "mtenn_function"]
 
-#: For each combination, mtenn-style field -> combframe parameter.
-MTENN_PARAMETER_FIELDS: Final[Mapping[str, Mapping[str, str]]] = {
-    "max": {"max_comb_neg": "negate_preds", "max_comb_scale": "pred_scale"},
-    "boltzmann": {"boltzmann_comb_kT": "kT"},
-}
-_ALL_FIELDS: Final = frozenset(f for fields in MTENN_PARAMETER_FIELDS.values() for f in fields)
 _MISSING: Final = object()
+
+
+def mtenn_function(cls: type[Combination[Any]]) -> type[CombinationFunction]:
+    """Return mtenn's ``<Class>Func`` autograd Function for the combination class ``cls``.
+
+    Its ``apply(*hyperparameters, pred_list, grad_dict, param_names, *model_params)``
+    takes ``cls``'s parameters positionally in ``Params`` field order and returns
+    ``(combined, per_pose)``, as mtenn's ``MaxCombinationFunc.apply(negate_preds,
+    pred_scale, pred_list, grad_dict, param_names, *model_params)`` does; forward,
+    setup_context and backward are :class:`~combframe.core.function.CombinationFunction`'s.
+    """
+    lead = len(cls.Params.model_fields)
+
+    def forward(*inputs: Any) -> tuple[Tensor, Tensor]:
+        pred_list, grad_dict, param_names = inputs[lead : lead + 3]
+        combination = cls(*inputs[:lead])
+        return combine_forward(combination, pred_list, grad_dict, param_names, inputs[lead + 3 :])
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    names = [*cls.Params.model_fields, "pred_list", "grad_dict", "param_names"]
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect
+        [inspect.Parameter(n, kind) for n in names]
+        + [inspect.Parameter("model_params", inspect.Parameter.VAR_POSITIONAL)]
+    )
+    fields = ", ".join(cls.Params.model_fields)
+    return type(
+        f"{cls.__name__}Func",
+        (CombinationFunction,),
+        {
+            "__module__": cls.__module__,
+            "__doc__": f"mtenn-compatible Function of :class:`{cls.__name__}`: "
+            f"``apply({fields + ', ' if fields else ''}pred_list, grad_dict, param_names, "
+            "*model_params)``.",
+            "combination_class": cls,
+            "forward": staticmethod(forward),
+        },
+    )
+
+
+def mtenn_fields() -> dict[str, dict[str, str]]:
+    """For each installed combination that declares any, mtenn field -> its parameter."""
+    return {
+        info.name: dict(info.combination_class.mtenn_fields)
+        for info in describe_combinations()
+        if info.combination_class is not None and info.combination_class.mtenn_fields
+    }
 
 
 def _get(config: Any, field: str) -> Any:
@@ -56,8 +104,8 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
         A mapping (a parsed YAML/JSON model config) or an object with attributes (an
         mtenn ``ModelConfigBase`` instance). Read: ``combination`` (a name, a string
         enum member, or already a combframe config/mapping/module), and the parameter
-        fields in :data:`MTENN_PARAMETER_FIELDS` (``max_comb_neg``, ``max_comb_scale``,
-        ``boltzmann_comb_kT``); everything else is ignored.
+        fields the combination declares in ``mtenn_fields`` (``max_comb_neg``,
+        ``max_comb_scale``, ``boltzmann_comb_kT``); everything else is ignored.
 
     Returns
     -------
@@ -85,7 +133,7 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
         return None
     if isinstance(value, CombinationConfig):
         return value
-    if isinstance(value, BaseCombination):
+    if isinstance(value, Combination):
         return CombinationConfig.from_combination(value)
     if isinstance(value, Mapping):
         return CombinationConfig.model_validate(value)
@@ -95,8 +143,8 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
         raise CombinationError(
             f"mtenn field 'combination' must be a combination name such as 'max'; got {value!r}"
         )
-    canonical, _ = current_registry().resolve(value)
-    fields = MTENN_PARAMETER_FIELDS.get(canonical, {})
+    canonical, cls = current_registry().resolve(value)
+    fields = cls.mtenn_fields
     params: dict[str, Any] = {}
     for field, param in fields.items():
         given = _get(config, field)
@@ -137,7 +185,8 @@ def migrate_mtenn_config(config: Mapping[str, Any]) -> dict[str, Any]:
     {'combination': {'name': 'mean'}, 'lr': 0.1}
     """
     combination = from_mtenn_config(config)
-    out = {k: v for k, v in config.items() if k not in _ALL_FIELDS}
+    known = {field for fields in mtenn_fields().values() for field in fields}
+    out = {k: v for k, v in config.items() if k not in known}
     if combination is not None or "combination" in config:
         out["combination"] = None if combination is None else combination.model_dump(mode="json")
     return out

@@ -77,7 +77,7 @@ COMBINATIONS = [
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("sizes", [[7], [3, 1, 5]], ids=["one-compound", "three-compounds"])
 def test_every_chunking_matches_the_full_graph(
-    kind: str, combination: combframe.BaseCombination, sizes: list[int]
+    kind: str, combination: combframe.Combination, sizes: list[int]
 ) -> None:
     build, make, collate = POSES[kind]
     poses = make(sum(sizes))

@@ -332,7 +332,7 @@ def test_check_usage_errors_exit_2(
 
 
 def test_parity_records_errors_when_asked() -> None:
-    class BadShape(combframe.BaseCombination):
+    class BadShape(combframe.Combination):
         name = "bad_shape"
 
         def value(self, preds: torch.Tensor) -> torch.Tensor:
@@ -350,7 +350,7 @@ def test_parity_records_errors_when_asked() -> None:
         gradient_parity(comb, n_poses=(2,), seeds=(0,))
 
 
-class PlainMean(combframe.BaseCombination):
+class PlainMean(combframe.Combination):
     """A mean without the streaming methods, registered in-process."""
 
     name = "plain_mean"

@@ -48,9 +48,7 @@ def param_names(model: torch.nn.Module) -> list[str]:
 @pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("kind", LOSSES)
 @pytest.mark.parametrize("n", [1, 2, 9])
-def test_store_matches_full_graph(
-    combination: combframe.BaseCombination, kind: str, n: int
-) -> None:
+def test_store_matches_full_graph(combination: combframe.Combination, kind: str, n: int) -> None:
     model = make_mlp(seed=n)
     poses = make_poses(n, seed=3)
     loss = make_loss(kind)  # type: ignore[arg-type]
@@ -119,7 +117,7 @@ FUNCS = [
 @pytest.mark.parametrize(("combination", "func", "hparams"), FUNCS)
 @pytest.mark.parametrize("kind", LOSSES)
 def test_mtenn_call_and_func_apply_match_reference(
-    combination: combframe.BaseCombination,
+    combination: combframe.Combination,
     func: type[combframe.CombinationFunction],
     hparams: tuple[object, ...],
     kind: str,

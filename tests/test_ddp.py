@@ -82,7 +82,7 @@ def _compounds(rank: int, step: int) -> list[list[Tensor]]:
     ]
 
 
-def _combination() -> combframe.BaseCombination:
+def _combination() -> combframe.Combination:
     return combframe.create_combination("max", negate_preds=True, pred_scale=3.0)
 
 

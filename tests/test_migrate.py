@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 import combframe
 from combframe import CombinationConfig, CombinationError, UnknownCombinationError
-from combframe.mtenn import MTENN_PARAMETER_FIELDS
+from combframe.mtenn import mtenn_fields
 from tests.conftest import make_mlp, make_poses
 
 
@@ -139,6 +139,11 @@ def test_migrate_mtenn_config_rewrites_the_mapping() -> None:
 
 
 def test_parameter_field_table_matches_the_plugins() -> None:
-    for name, fields in MTENN_PARAMETER_FIELDS.items():
+    declared = mtenn_fields()
+    assert declared == {
+        "max": {"max_comb_neg": "negate_preds", "max_comb_scale": "pred_scale"},
+        "boltzmann": {"boltzmann_comb_kT": "kT"},
+    }
+    for name, fields in declared.items():
         params = combframe.get_combination_class(name).Params.model_fields
         assert set(fields.values()) <= set(params), name

@@ -41,7 +41,7 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
 
 
 @st.composite
-def combinations(draw: st.DrawFn) -> combframe.BaseCombination:
+def combinations(draw: st.DrawFn) -> combframe.Combination:
     name = draw(st.sampled_from(combframe.list_combinations()))
     params = draw(PARAMS.get(name, st.just({})))
     return combframe.create_combination(name, **params)
@@ -105,7 +105,7 @@ def relative_error(got: list[Tensor], want: list[Tensor]) -> float:
     seed=st.integers(0, 100),
 )
 def test_gradients_match_full_graph_reference(
-    combination: combframe.BaseCombination,
+    combination: combframe.Combination,
     strategy: str,
     poses: list[Tensor],
     kind: str,
@@ -219,7 +219,7 @@ def test_gradcheck_combination_function(name: str) -> None:
     for params in GRADCHECK_PARAMS.get(name, [{}]):
         comb = combframe.create_combination(name, **params)
 
-        def run(*theta: Tensor, comb: combframe.BaseCombination = comb) -> tuple[Tensor, Tensor]:
+        def run(*theta: Tensor, comb: combframe.Combination = comb) -> tuple[Tensor, Tensor]:
             preds, grad_dict = case.inputs(theta)
             out: tuple[Tensor, Tensor] = combframe.CombinationFunction.apply(
                 comb, preds, grad_dict, list(case.names), *theta

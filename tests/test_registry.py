@@ -35,7 +35,7 @@ class SoftParams(combframe.CombinationParams):
     scale: float = Field(2.0, gt=0, le=10, description="How soft.")
 
 
-class Soft(combframe.BaseCombination):
+class Soft(combframe.Combination):
     """Scaled mean, for registry tests.
 
     More text that is not part of the description.
@@ -51,7 +51,7 @@ class Soft(combframe.BaseCombination):
         return preds.mean() * self.params.scale
 
 
-class OtherSoft(combframe.BaseCombination):
+class OtherSoft(combframe.Combination):
     """A different class that claims the same name."""
 
     name = "soft-min"
@@ -60,7 +60,7 @@ class OtherSoft(combframe.BaseCombination):
         return preds.sum()
 
 
-class MaxAlias(combframe.BaseCombination):
+class MaxAlias(combframe.Combination):
     """Claims the shipped name 'max' as an alias."""
 
     name = "greedy"
@@ -86,7 +86,7 @@ def _plugin_module(body: str) -> str:
 
 
 GOOD_CLASS = """
-class Good(combframe.BaseCombination):
+class Good(combframe.Combination):
     name = "{name}"
 
     def value(self, preds):
@@ -110,8 +110,13 @@ def _dist(tmp_path: Path, dist: str, version: str, plugin: str, module: str, bod
 
 def test_shipped_plugins_found_through_entry_points() -> None:
     declared = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="combframe")}
+    classes = {
+        "max": "MaxCombination",
+        "mean": "MeanCombination",
+        "boltzmann": "BoltzmannCombination",
+    }
     assert {name: declared.get(name) for name in SHIPPED} == {
-        name: f"combframe_{name}" for name in SHIPPED
+        name: f"combframe_{name}:{classes[name]}" for name in SHIPPED
     }
     with isolated_registry():
         assert combframe.list_combinations() == list(SHIPPED)
@@ -355,17 +360,17 @@ BROKEN = {
     "not-a-class": (HOOK.format(ret="[42]"), "returned 42, which is not a subclass"),
     "not-a-list": (HOOK.format(ret="None"), "returned None; expected a list"),
     "no-name": (
-        "class NoName(combframe.BaseCombination):\n"
+        "class NoName(combframe.Combination):\n"
         "    def value(self, preds):\n        return preds.mean()\n" + HOOK.format(ret="[NoName]"),
         "has no name (got None)",
     ),
     "no-value": (
-        "class Lazy(combframe.BaseCombination):\n    name = 'lazy'\n" + HOOK.format(ret="[Lazy]"),
-        "implements neither value(preds) nor segment_value",
+        "class Lazy(combframe.Combination):\n    name = 'lazy'\n" + HOOK.format(ret="[Lazy]"),
+        "does not implement value",
     ),
     "reserved-param": (
         "class P(combframe.CombinationParams):\n    name: str = 'x'\n"
-        "class Named(combframe.BaseCombination):\n    name = 'named'\n    Params = P\n"
+        "class Named(combframe.Combination):\n    name = 'named'\n    Params = P\n"
         "    def value(self, preds):\n        return preds.mean()\n" + HOOK.format(ret="[Named]"),
         "parameter called 'name', which is reserved",
     ),

@@ -44,7 +44,7 @@ def assert_grads_close(got: Sequence[Tensor], want: Sequence[Tensor], rtol: floa
 
 
 # ---- parity: every strategy x combination x loss, N = 1, 2 and many ----------------------
-class MeanSquareCombination(combframe.BaseCombination):
+class MeanSquareCombination(combframe.Combination):
     r"""A plugin-style combination that opts into streaming: :math:`h = \frac1N\sum_j y_j^2`.
 
     :math:`\partial h/\partial y_i = 2 y_i / N = \operatorname{softmax}(0)_i \,
@@ -69,7 +69,7 @@ class MeanSquareCombination(combframe.BaseCombination):
         return torch.stack([torch.stack([one, old - new]), torch.stack([zero, one])])
 
 
-class SoftAbsMeanCombination(combframe.BaseCombination):
+class SoftAbsMeanCombination(combframe.Combination):
     r"""A plugin-style combination without streaming: :math:`h = \frac1N\sum_j \sqrt{1 + y_j^2}`."""
 
     name = "softabsmean"
@@ -96,7 +96,7 @@ COMBINATIONS = [
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS)
-def test_every_strategy_matches_full_graph(combination: combframe.BaseCombination) -> None:
+def test_every_strategy_matches_full_graph(combination: combframe.Combination) -> None:
     result = gradient_parity(
         combination, strategies=STRATEGIES, losses=LOSSES, n_poses=N_POSES, seeds=(0, 1)
     )
@@ -155,7 +155,7 @@ class OffsetModel(torch.nn.Module):
     seed=st.integers(0, 3),
 )
 def test_stream_is_exact_with_widely_spread_predictions(
-    offsets: list[float], combination: combframe.BaseCombination, seed: int
+    offsets: list[float], combination: combframe.Combination, seed: int
 ) -> None:
     """Log weights reach ~6e4 here: exp overflows float64 without the running maximum."""
     gen = torch.Generator().manual_seed(seed)

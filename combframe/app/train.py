@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import Tensor
 
 from combframe.app.data import Compound, make_dataset
-from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.model import MultiPoseModel
 from combframe.errors import CombinationError
 from combframe.registry.config import CombinationConfig
@@ -113,7 +113,7 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be a plain folder name without slashes; got {value!r}")
         return value
 
-    def build_combination(self) -> BaseCombination:
+    def build_combination(self) -> Combination:
         """Build the configured combination module."""
         return self.combination.build()
 
@@ -303,7 +303,7 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _checked_combination(config: TrainConfig) -> BaseCombination:
+def _checked_combination(config: TrainConfig) -> Combination:
     """Build the combination, refusing a strategy it does not support."""
     combination = config.build_combination()
     if config.strategy == "stream" and not isinstance(combination, StreamingCombination):

@@ -1,33 +1,36 @@
-r"""The combination protocol and the base class every combination derives from.
+r"""The contract every combination fulfils: :class:`Combination` and its parameters.
 
 A combination turns N per-pose predictions :math:`y_1 \dots y_N` into one value
-:math:`G = h(y)`. It supplies exactly two things: the value :math:`h(y)` and the pose
-weights :math:`\partial h / \partial y_i`. Everything else (collecting per-pose gradients,
-contracting them, handing gradients to the parameters) is shared and lives in
-:mod:`combframe.core.function` and :mod:`combframe.core.strategies`.
+:math:`G = h(y)`. A plugin subclasses ``Combination[MyParams]``, sets ``name`` and
+writes :meth:`~Combination.value`; everything else (the per-pose gradient bookkeeping,
+strategies, batching, the mtenn-style call) is shared. Optional methods refine it: a
+batched :meth:`~Combination.segment_value`, closed-form
+:meth:`~Combination.pose_weights`, and the stream terms of :class:`StreamingCombination`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+import inspect
+import typing
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Generic, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import TypeVar
 
-from combframe.errors import CombinationError
-
-if TYPE_CHECKING:
-    from combframe.core.gradients import PoseGradients
+from combframe.core.function import CombinationFunction
+from combframe.core.gradients import PoseGradients
 
 __all__ = [
     "BaseCombination",
     "Combination",
     "CombinationParams",
     "StreamingCombination",
-    "implements_value",
+    "as_combination",
+    "set_resolver",
 ]
 
 
@@ -42,35 +45,12 @@ class CombinationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@runtime_checkable
-class Combination(Protocol):
-    r"""What a combination implements.
-
-    Attributes
-    ----------
-    name
-        The registered name, lower case (``"max"``, ``"mean"``, ...).
-    Params
-        The pydantic model of the combination's parameters.
-    params
-        This instance's validated parameters.
-    """
-
-    name: ClassVar[str]
-    Params: ClassVar[type[CombinationParams]]
-    params: CombinationParams
-
-    def value(self, preds: Tensor) -> Tensor:
-        r"""Return :math:`h(y)` as a 0-d tensor, for ``preds`` of shape ``(N,)``."""
-        ...
-
-    def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        r"""Return :math:`\partial h/\partial y_i`, shape ``(N,)``, for ``combined = h(preds)``."""
-        ...
+#: The parameter model of a combination class (``Combination[MaxParams]``).
+P = TypeVar("P", bound=CombinationParams, default=CombinationParams, covariant=True)
 
 
 @runtime_checkable
-class StreamingCombination(Combination, Protocol):
+class StreamingCombination(Protocol):
     r"""Optional extension: a combination that the ``"stream"`` strategy can run.
 
     The stream strategy never stores per-pose gradients. It keeps, for ``k`` features,
@@ -85,15 +65,15 @@ class StreamingCombination(Combination, Protocol):
         \sum_i \frac{\partial h}{\partial y_i} \frac{\partial y_i}{\partial\theta}
         = \frac{1}{Z} \sum_j \lambda_j A_j .
 
-    A combination opts in by writing the two methods below; :math:`a_i` and
-    :math:`\phi_i` may depend on :math:`y_i` and on a centre :math:`c`, the coefficients
-    :math:`\lambda` on :math:`G` and :math:`c`. The centre starts at the compound's first
-    prediction. A combination whose features depend on it should also write
-    ``stream_shift(old, new)``, returning the ``(k, k)`` matrix :math:`M` with
-    :math:`\phi(y; c_\text{new}) = M\,\phi(y; c_\text{old})` for every :math:`y`: the
-    strategy then keeps the centre on the best pose seen so far (re-expressing the sums
-    as :math:`A \leftarrow M A`, exact), so that sums of large, nearly cancelling terms
-    never arise whatever the order of the poses.
+    A combination opts in by writing the two methods below (a structural check: no
+    registration); :math:`a_i` and :math:`\phi_i` may depend on :math:`y_i` and on a
+    centre :math:`c`, the coefficients :math:`\lambda` on :math:`G` and :math:`c`. The
+    centre starts at the compound's first prediction. A combination whose features
+    depend on it should also write ``stream_shift(old, new)``, returning the ``(k, k)``
+    matrix :math:`M` with :math:`\phi(y; c_\text{new}) = M\,\phi(y; c_\text{old})` for
+    every :math:`y`: the strategy then keeps the centre on the best pose seen so far
+    (re-expressing the sums as :math:`A \leftarrow M A`, exact), so that sums of large,
+    nearly cancelling terms never arise whatever the order of the poses.
     """
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,26 +88,63 @@ class StreamingCombination(Combination, Protocol):
         ...
 
 
-class BaseCombination(torch.nn.Module):
-    r"""Base class of combination modules: parameters, mtenn-style call, serialization.
+class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
+    r"""Base class of every combination: typed parameters, the math, the mtenn call.
 
-    A subclass sets ``name`` and ``Params`` and writes :meth:`value` (one compound) or
-    :meth:`segment_value` (a batch of compounds at once), or both; it may write
-    :meth:`pose_weights` in closed form (otherwise autograd differentiates :meth:`value`
-    on the N-vector of predictions alone, which never touches the model).
+    A subclass names its parameter model in the brackets, sets ``name`` and writes
+    :meth:`value`::
+
+        class SoftMin(Combination[SoftMinParams]):
+            name = "softmin"
+
+            def value(self, preds):
+                return -self.params.t * torch.logsumexp(-preds / self.params.t, dim=0)
 
     Parameters are given as keyword or positional arguments in the order of the
-    ``Params`` fields, validated by pydantic, and readable as attributes
-    (``comb.pred_scale``). Assigning an attribute re-validates it.
+    ``Params`` fields (the class's signature lists them), validated by pydantic, and
+    readable as attributes (``comb.t``); assigning one re-validates it. Calling the module
+    with mtenn's signature ``comb(pred_list, grad_dict, param_names, *model_params)``
+    returns ``(combined, per_pose)`` through the shared autograd Function.
 
-    Calling the module with the published mtenn signature
-    ``comb(pred_list, grad_dict, param_names, *model_params)`` returns
-    ``(combined, per_pose)`` through the shared autograd Function.
+    Attributes
+    ----------
+    name
+        The registered name (case-insensitive; ``-`` and ``_`` alike).
+    aliases, deprecated_aliases
+        Other accepted names; a deprecated one warns.
+    mtenn_fields
+        mtenn-style flat config fields and the parameter each sets, for
+        :func:`combframe.mtenn.from_mtenn_config` (``{"max_comb_scale": "pred_scale"}``).
+    Params
+        The parameter model, taken from the brackets.
+    params
+        This instance's validated parameters.
     """
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    deprecated_aliases: ClassVar[tuple[str, ...]] = ()
+    mtenn_fields: ClassVar[Mapping[str, str]] = {}
     Params: ClassVar[type[CombinationParams]] = CombinationParams
-    params: CombinationParams
+    params: P
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type) and issubclass(args[0], CombinationParams):
+                cls.Params = args[0]
+        if "__init__" not in cls.__dict__:
+            cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect
+                [
+                    inspect.Parameter(
+                        field,
+                        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                        default=inspect.Parameter.empty if info.is_required() else info.default,
+                    )
+                    for field, info in cls.Params.model_fields.items()
+                ]
+            )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -166,29 +183,19 @@ class BaseCombination(torch.nn.Module):
         """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
         return {"name": self.name, **self.params.model_dump()}
 
-    @override
     def extra_repr(self) -> str:
+        """Show the parameters in the module's repr."""
         return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
 
     # ---- the math a plugin supplies -----------------------------------------------
+    @abstractmethod
     def value(self, preds: Tensor) -> Tensor:
-        r"""Return :math:`h(y)` as a 0-d tensor, for ``preds`` of shape ``(N,)``.
-
-        A subclass writes this method, :meth:`segment_value`, or both. The default
-        evaluates :meth:`segment_value` on one segment.
-        """
-        if not implements_value(type(self)):
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement value(preds) or "
-                "segment_value(preds, index, num_segments)"
-            )
-        index = torch.zeros(preds.shape[0], dtype=torch.long, device=preds.device)
-        return self.segment_value(preds, index, 1)[0]
+        r"""Return :math:`h(y)` as a 0-d tensor, for one compound's ``preds`` of shape ``(N,)``."""
 
     def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
         r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
 
-        The default calls :meth:`value` once per compound (a Python loop over compounds);
+        The default calls :meth:`value` once per compound (a Python loop, one host sync);
         a combination written with the reductions of :mod:`combframe.segment` evaluates
         a whole batch at once. Both are ordinary autograd on the ``M`` predictions.
 
@@ -202,19 +209,14 @@ class BaseCombination(torch.nn.Module):
         num_segments
             The number of compounds ``C``.
         """
-        if type(self).value is BaseCombination.value:
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement value(preds) or "
-                "segment_value(preds, index, num_segments)"
-            )
         sizes = torch.bincount(index, minlength=num_segments).tolist()
         return torch.stack([self.value(p) for p in preds.split(sizes)])
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``).
+        r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``) for ``combined = h(preds)``.
 
         The default differentiates :meth:`value` with autograd on the detached N-vector
-        of predictions; subclasses with a closed form override it.
+        of predictions (it never touches the model); a closed form may replace it.
         """
         with torch.enable_grad():
             y = preds.detach().requires_grad_(True)
@@ -237,7 +239,7 @@ class BaseCombination(torch.nn.Module):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\partial y_i/\partial\theta`.
+            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients).
         param_names
             Names of ``model_params``, in the same order; every name is a key of
             ``grad_dict``.
@@ -249,39 +251,32 @@ class BaseCombination(torch.nn.Module):
         combined, per_pose
             The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
         """
-        from combframe.core.function import CombinationFunction
-
-        out: tuple[Tensor, Tensor] = CombinationFunction.apply(  # type: ignore[no-untyped-call]
-            self, pred_list, grad_dict, param_names, *model_params
-        )
-        return out
+        return CombinationFunction.call(self, pred_list, grad_dict, param_names, *model_params)
 
 
-def implements_value(cls: type[BaseCombination]) -> bool:
-    """Whether ``cls`` writes :meth:`~BaseCombination.value` or ``segment_value``."""
-    return (
-        cls.value is not BaseCombination.value
-        or cls.segment_value is not BaseCombination.segment_value
-    )
+#: The name the first releases used for :class:`Combination`; the same class.
+BaseCombination = Combination
+
+_resolver: Callable[[Any], Combination] | None = None
 
 
-def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:
-    """Stack per-pose predictions into a fresh, detached ``(N,)`` tensor.
+def set_resolver(resolver: Callable[[Any], Combination]) -> None:
+    """Install how a name, mapping or config becomes a combination (the registry's).
 
-    Raises
-    ------
-    CombinationError
-        If there are no predictions, or one of them has more than one element.
+    The core never imports the registry; :mod:`combframe.registry` installs its
+    resolver when imported, so that :class:`~combframe.MultiPoseModel` accepts names.
     """
-    if isinstance(pred_list, Tensor):
-        return pred_list.detach().reshape(-1).clone()
-    preds = list(pred_list)
-    if not preds:
-        raise CombinationError("pred_list is empty: a combination needs at least one pose")
-    bad = [(i, tuple(p.shape)) for i, p in enumerate(preds) if p.numel() != 1]
-    if bad:
-        raise CombinationError(
-            "each per-pose prediction must have exactly one element; got shapes "
-            + ", ".join(f"pose {i}: {s}" for i, s in bad[:5])
+    global _resolver
+    _resolver = resolver
+
+
+def as_combination(spec: Any) -> Combination:
+    """Return ``spec`` if it is a combination, else what the installed resolver makes of it."""
+    if isinstance(spec, Combination):
+        return spec
+    if _resolver is None:
+        raise TypeError(
+            f"cannot turn {spec!r} into a combination: pass a combframe.Combination "
+            "instance, or import combframe (whose registry resolves names and configs)"
         )
-    return torch.stack([p.detach().reshape(()) for p in preds])
+    return _resolver(spec)

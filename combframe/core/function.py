@@ -14,16 +14,19 @@ arguments (the combination's hyperparameters instead of a combination object); i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 from typing_extensions import override
 
-from combframe.core.combination import BaseCombination, as_pred_vector
 from combframe.core.gradients import PoseGradients, StoredGradients, validate_grad_dict
 from combframe.errors import CombinationError, StrategyError
+
+if TYPE_CHECKING:
+    from combframe.core.combination import Combination
 
 __all__ = [
     "AfterPoses",
@@ -36,25 +39,52 @@ __all__ = [
 GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
 
 
+@dataclass(frozen=True)
+class _MtennState:
+    """What :class:`CombinationFunction`'s backward needs from its forward."""
+
+    lead: int
+    needs: tuple[bool, ...]
+    combination: Combination
+    empty: bool
+    source: PoseGradients | None
+
+
+def _keep(ctx: FunctionCtx, state: object) -> None:
+    """Attach ``state`` to ``ctx`` for the backward."""
+    ctx.state = state  # type: ignore[attr-defined]  # ctx takes any attribute
+
+
+def _kept(ctx: FunctionCtx) -> Any:
+    """Return what :func:`_keep` attached."""
+    return ctx.state  # type: ignore[attr-defined]  # set by _keep in setup_context
+
+
+def _needs(ctx: FunctionCtx) -> tuple[bool, ...]:
+    """Return which inputs need a gradient (set by autograd on every ctx)."""
+    return tuple(ctx.needs_input_grad)  # type: ignore[attr-defined]  # runtime field of the C++ ctx
+
+
 class CombinationFunction(torch.autograd.Function):
     r"""Shared custom autograd Function for all combinations.
 
     ``CombinationFunction.apply(combination, pred_list, grad_dict, param_names, *model_params)``
-    takes a combination object. A subclass that sets :attr:`combination_class` takes the
-    combination's hyperparameters instead, in the order of its ``Params`` fields, exactly
-    as mtenn's ``MaxCombinationFunc.apply(negate_preds, pred_scale, pred_list, ...)``.
+    takes a combination object. :func:`combframe.mtenn.mtenn_function` derives, for a
+    combination class, the subclass whose ``apply`` takes the combination's
+    hyperparameters instead, in the order of its ``Params`` fields, exactly as mtenn's
+    ``MaxCombinationFunc.apply(negate_preds, pred_scale, pred_list, ...)``.
 
     ``grad_dict`` is either mtenn's mapping of parameter name to N detached per-pose
-    gradients, or a :class:`~combframe.PoseGradients` produced by a strategy.
+    gradients, or a :class:`~combframe.core.gradients.PoseGradients` produced by a strategy.
     """
 
-    #: Set by subclasses whose forward takes hyperparameters instead of a combination.
-    combination_class: ClassVar[type[BaseCombination] | None] = None
+    #: Set by derived Functions whose forward takes hyperparameters instead of a combination.
+    combination_class: ClassVar[type[Combination] | None] = None
 
     @staticmethod
     @override
-    def forward(  # type: ignore[override,unused-ignore]
-        combination: BaseCombination,
+    def forward(  # type: ignore[override,unused-ignore]  # setup_context style: no ctx argument
+        combination: Combination,
         pred_list: Sequence[Tensor] | Tensor,
         grad_dict: GradSource,
         param_names: Sequence[str],
@@ -63,9 +93,15 @@ class CombinationFunction(torch.autograd.Function):
         return combine_forward(combination, pred_list, grad_dict, param_names, model_params)
 
     @classmethod
+    def call(cls, *inputs: Any) -> tuple[Tensor, Tensor]:
+        """``apply`` with its result typed (``(combined, per_pose)``)."""
+        out: tuple[Tensor, Tensor] = cls.apply(*inputs)  # type: ignore[no-untyped-call]  # untyped in torch
+        return out
+
+    @classmethod
     def _unpack(
         cls, inputs: tuple[Any, ...]
-    ) -> tuple[int, BaseCombination, GradSource, Sequence[str], tuple[Tensor, ...]]:
+    ) -> tuple[int, Combination, GradSource, Sequence[str], tuple[Tensor, ...]]:
         """Split Function inputs into (leading count, combination, grads, names, params)."""
         if cls.combination_class is None:
             lead, combination = 1, inputs[0]
@@ -77,24 +113,21 @@ class CombinationFunction(torch.autograd.Function):
 
     @classmethod
     @override
-    def setup_context(  # type: ignore[override,unused-ignore]
+    def setup_context(  # type: ignore[override,unused-ignore]  # a classmethod, to read cls
         cls, ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
         lead, combination, grad_dict, param_names, model_params = cls._unpack(inputs)
         combined, preds = output
-        needs = ctx.needs_input_grad[lead + 3 :]  # type: ignore[attr-defined]
-        ctx.lead = lead  # type: ignore[attr-defined]
-        ctx.needs = needs  # type: ignore[attr-defined]
-        ctx.combination = combination  # type: ignore[attr-defined]
-        ctx.empty = not isinstance(grad_dict, PoseGradients) and len(grad_dict) == 0  # type: ignore[attr-defined]
+        needs = _needs(ctx)[lead + 3 :]
+        source: PoseGradients | None = None
         if isinstance(grad_dict, PoseGradients):
-            ctx.source = grad_dict  # type: ignore[attr-defined]
+            source = grad_dict
         elif any(needs) and len(grad_dict):
-            ctx.source = StoredGradients.from_grad_dict(  # type: ignore[attr-defined]
+            source = StoredGradients.from_grad_dict(
                 grad_dict, param_names, model_params, preds.shape[0]
             )
-        else:
-            ctx.source = None  # type: ignore[attr-defined]
+        empty = not isinstance(grad_dict, PoseGradients) and len(grad_dict) == 0
+        _keep(ctx, _MtennState(lead, needs, combination, empty, source))
         ctx.save_for_backward(preds, combined)
         ctx.set_materialize_grads(False)
 
@@ -103,32 +136,29 @@ class CombinationFunction(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        preds, combined = ctx.saved_tensors  # type: ignore[attr-defined]
-        lead: int = ctx.lead  # type: ignore[attr-defined]
-        needs: tuple[bool, ...] = ctx.needs  # type: ignore[attr-defined]
-        source: PoseGradients | None = ctx.source  # type: ignore[attr-defined]
-        combination: BaseCombination = ctx.combination  # type: ignore[attr-defined]
-        nones: tuple[None, ...] = (None,) * (lead + 3)
-        asked = any(needs) and (comb_grad is not None or pose_grads is not None)
-        if asked and ctx.empty:  # type: ignore[attr-defined]
+        preds, combined = ctx.saved_tensors  # type: ignore[attr-defined]  # runtime field of the C++ ctx
+        state: _MtennState = _kept(ctx)
+        nones: tuple[None, ...] = (None,) * (state.lead + 3)
+        asked = any(state.needs) and (comb_grad is not None or pose_grads is not None)
+        if asked and state.empty:
             raise CombinationError(
                 "the combination was called with an empty grad_dict (as mtenn does when "
                 "nothing needs gradients), but a gradient of its result was then asked "
                 "for; pass the per-pose gradients of the parameters in grad_dict, or run "
                 "the forward under torch.no_grad()"
             )
+        source = state.source
         if source is None or not asked:
-            return nones + (None,) * len(needs)
+            return nones + (None,) * len(state.needs)
         refuse_second_order(source.strategy)
         source.check_unchanged()
         coeffs: Tensor | None = None
         if comb_grad is not None:
-            coeffs = comb_grad * combination.pose_weights(preds, combined)
+            coeffs = comb_grad * state.combination.pose_weights(preds, combined)
         if pose_grads is not None:
             coeffs = pose_grads if coeffs is None else coeffs + pose_grads
         assert coeffs is not None
-        grads = source.contract(coeffs)
-        return nones + tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+        return nones + _select(source.contract(coeffs), state.needs)
 
 
 class PosePredictions(torch.autograd.Function):
@@ -144,24 +174,24 @@ class PosePredictions(torch.autograd.Function):
 
     @staticmethod
     @override
-    def forward(  # type: ignore[override,unused-ignore]
+    def forward(  # type: ignore[override,unused-ignore]  # setup_context style: no ctx argument
         source: PoseGradients, preds: Tensor, *inputs: Tensor
     ) -> Tensor:
         return preds.clone()
 
     @staticmethod
     @override
-    def setup_context(  # type: ignore[override,unused-ignore]
+    def setup_context(  # type: ignore[override,unused-ignore]  # typed narrower than torch's
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor
     ) -> None:
-        ctx.source = inputs[0]  # type: ignore[attr-defined]
+        _keep(ctx, inputs[0])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @override
     def backward(ctx: FunctionCtx, coeffs: Tensor | None) -> tuple[Tensor | None, ...]:
-        source: PoseGradients = ctx.source  # type: ignore[attr-defined]
-        needs: tuple[bool, ...] = ctx.needs_input_grad[2:]  # type: ignore[attr-defined]
+        source: PoseGradients = _kept(ctx)
+        needs = _needs(ctx)[2:]
         if coeffs is None or not any(needs):
             return (None, None) + (None,) * len(needs)
         refuse_second_order(source.strategy)
@@ -182,18 +212,17 @@ class StreamedPredictions(torch.autograd.Function):
 
     @staticmethod
     @override
-    def forward(  # type: ignore[override,unused-ignore]
+    def forward(  # type: ignore[override,unused-ignore]  # setup_context style: no ctx argument
         source: PoseGradients, combined: Tensor, preds: Tensor, *inputs: Tensor
     ) -> tuple[Tensor, Tensor]:
         return combined.clone(), preds.clone()
 
     @staticmethod
     @override
-    def setup_context(  # type: ignore[override,unused-ignore]
+    def setup_context(  # type: ignore[override,unused-ignore]  # typed narrower than torch's
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
-        ctx.source = inputs[0]  # type: ignore[attr-defined]
-        ctx.combined = output[0].detach()  # type: ignore[attr-defined]
+        _keep(ctx, (inputs[0], output[0].detach()))
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -201,8 +230,10 @@ class StreamedPredictions(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        source: PoseGradients = ctx.source  # type: ignore[attr-defined]
-        needs: tuple[bool, ...] = ctx.needs_input_grad[3:]  # type: ignore[attr-defined]
+        source: PoseGradients
+        combined: Tensor
+        source, combined = _kept(ctx)
+        needs = _needs(ctx)[3:]
         nones: tuple[None, ...] = (None,) * 3
         # Refused before any gradient is returned; the comb_readout's parameters wait for
         # this backward (AfterPoses), so no .grad has been written yet.
@@ -216,7 +247,6 @@ class StreamedPredictions(torch.autograd.Function):
             return nones + (None,) * len(needs)
         refuse_second_order(source.strategy)
         source.check_unchanged()
-        combined: Tensor = ctx.combined  # type: ignore[attr-defined]
         grads = source.prune(source.contract_combined(comb_grad, combined))
         return nones + _select(grads, needs)
 
@@ -278,7 +308,7 @@ def refuse_second_order(strategy: str) -> None:
 
 
 def combine_forward(
-    combination: BaseCombination,
+    combination: Combination,
     pred_list: Sequence[Tensor] | Tensor,
     grad_dict: GradSource,
     param_names: Sequence[str],
@@ -298,3 +328,25 @@ def combine_forward(
         )
     combined = combination.value(preds)
     return combined, preds
+
+
+def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:
+    """Stack per-pose predictions into a fresh, detached ``(N,)`` tensor.
+
+    Raises
+    ------
+    CombinationError
+        If there are no predictions, or one of them has more than one element.
+    """
+    if isinstance(pred_list, Tensor):
+        return pred_list.detach().reshape(-1).clone()
+    preds = list(pred_list)
+    if not preds:
+        raise CombinationError("pred_list is empty: a combination needs at least one pose")
+    bad = [(i, tuple(p.shape)) for i, p in enumerate(preds) if p.numel() != 1]
+    if bad:
+        raise CombinationError(
+            "each per-pose prediction must have exactly one element; got shapes "
+            + ", ".join(f"pose {i}: {s}" for i, s in bad[:5])
+        )
+    return torch.stack([p.detach().reshape(()) for p in preds])

@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from combframe.core.batch import CompoundPredictions, Segments
-from combframe.core.combination import BaseCombination
+from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
 from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
 from combframe.errors import CombinationError
@@ -101,8 +101,6 @@ class MultiPoseModel(torch.nn.Module):
         collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         super().__init__()
-        from combframe.registry import resolve_combination
-
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(
                 f"chunk_size must be an integer >= 1 (poses per pass); got {chunk_size!r}"
@@ -113,7 +111,7 @@ class MultiPoseModel(torch.nn.Module):
         self.collate = collate
 
         self.model = model
-        self.combination: BaseCombination = resolve_combination(combination)
+        self.combination: Combination = as_combination(combination)
         self.strategy = resolve_strategy(strategy)
         self.pred_readout = pred_readout
         self.comb_readout = comb_readout

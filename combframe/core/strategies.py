@@ -36,7 +36,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from combframe.core.batch import Segments, default_collate, each_tensor, map_tensors
-from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients, StoredGradients
 from combframe.errors import CombinationError, StrategyError, StrategyWarning
 from combframe.segment import segment_max, segment_sum
@@ -361,7 +361,7 @@ class Strategy(ABC):
         runner: PoseRunner,
         poses: Sequence[Any],
         segments: Segments,
-        combination: BaseCombination,
+        combination: Combination,
     ) -> tuple[Tensor, PoseGradients]:
         """Run every pose; return the detached ``(M,)`` predictions and their gradient source."""
 
@@ -421,7 +421,7 @@ class Store(Strategy):
         runner: PoseRunner,
         poses: Sequence[Any],
         segments: Segments,
-        combination: BaseCombination,
+        combination: Combination,
     ) -> tuple[Tensor, PoseGradients]:
         m = len(poses)
         preview: Tensor | None = None
@@ -757,7 +757,7 @@ class Recompute(Strategy):
         runner: PoseRunner,
         poses: Sequence[Any],
         segments: Segments,
-        combination: BaseCombination,
+        combination: Combination,
     ) -> tuple[Tensor, PoseGradients]:
         chunks = runner.chunks(len(poses))
         rng: list[_RngState] = []
@@ -970,7 +970,7 @@ class Stream(Strategy):
         runner: PoseRunner,
         poses: Sequence[Any],
         segments: Segments,
-        combination: BaseCombination,
+        combination: Combination,
     ) -> tuple[Tensor, PoseGradients]:
         if not isinstance(combination, StreamingCombination):
             raise StrategyError(

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pluggy
+import pydantic
 from pydantic.fields import FieldInfo
 
-from combframe.core.combination import BaseCombination, CombinationParams, implements_value
+from combframe.core.combination import Combination, CombinationParams, set_resolver
 from combframe.errors import (
     CombinationError,
     PluginValidationError,
@@ -62,7 +63,6 @@ __all__ = [
     "plugin_errors",
     "register_plugin",
     "reload_registry",
-    "resolve_combination",
 ]
 
 #: Entry-point group that plugins declare.
@@ -161,7 +161,7 @@ class CombinationInfo:
     parameters: tuple[ParameterInfo, ...]
     supports_stream: bool
     deprecated_aliases: tuple[str, ...] = ()
-    combination_class: type[BaseCombination] | None = dataclasses.field(
+    combination_class: type[Combination] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
 
@@ -214,7 +214,7 @@ def _origin(distribution: str | None, version: str | None) -> str:
 
 @dataclass(frozen=True)
 class _Entry:
-    cls: type[BaseCombination]
+    cls: type[Combination]
     source: _Source
     name: str
     aliases: tuple[str, ...]
@@ -317,10 +317,10 @@ def _names(cls: type, attr: str) -> tuple[str, ...]:
 
 def _validate_class(obj: object, source: _Source) -> _Entry:
     """Check one class a plugin returned; raise :class:`_PluginFailureError` if unusable."""
-    if not (isinstance(obj, type) and issubclass(obj, BaseCombination)):
+    if not (isinstance(obj, type) and issubclass(obj, Combination)):
         raise _PluginFailureError(
             f"combframe_add_combinations returned {obj!r}, which is not a subclass of "
-            "combframe.BaseCombination; return the combination classes themselves"
+            "combframe.Combination; return the combination classes themselves"
         )
     raw_name = obj.__dict__.get("name", getattr(obj, "name", None))
     if not isinstance(raw_name, str) or not raw_name.strip():
@@ -345,10 +345,11 @@ def _validate_class(obj: object, source: _Source) -> _Entry:
             f"{_qualname(obj)}.Params declares a parameter called 'name', which is "
             "reserved for the combination name in configs; rename the parameter"
         )
-    if not implements_value(obj):
+    if inspect.isabstract(obj):
+        missing = ", ".join(sorted(getattr(obj, "__abstractmethods__", ())))
         raise _PluginFailureError(
-            f"{_qualname(obj)} implements neither value(preds) nor "
-            "segment_value(preds, index, num_segments)"
+            f"{_qualname(obj)} does not implement {missing}: a combination writes "
+            "value(preds), h of one compound's predictions"
         )
     aliases = tuple(a for a in _names(obj, "aliases") if a != name)
     deprecated = tuple(a for a in _names(obj, "deprecated_aliases") if a != name)
@@ -389,7 +390,7 @@ class _Table:
             if isinstance(returned, (str, bytes)) or not isinstance(returned, Iterable):
                 raise _PluginFailureError(
                     f"combframe_add_combinations returned {returned!r}; expected a list "
-                    "of combframe.BaseCombination subclasses"
+                    "of combframe.Combination subclasses"
                 )
             for obj in returned:
                 entry = _validate_class(obj, source)
@@ -565,7 +566,7 @@ class Registry:
                 source = _Source(ep.name, dist, version)
                 self._importing.add(ep.name)
                 try:
-                    plugin = ep.load()
+                    plugin = _as_plugin(ep.load())
                 except Exception as exc:
                     table.fail_import(source, exc, settings.strict)
                     continue
@@ -593,7 +594,7 @@ class Registry:
         obj = _as_plugin(plugin)
         if name is None:
             name = getattr(plugin, "__name__", None) or type(plugin).__name__
-            if isinstance(plugin, type) and issubclass(plugin, BaseCombination):
+            if isinstance(plugin, type) and issubclass(plugin, Combination):
                 name = getattr(plugin, "name", name)
         name = str(name)
         with self._lock:
@@ -634,12 +635,12 @@ class Registry:
             )
         return table.entries[canonical]
 
-    def resolve(self, name: str) -> tuple[str, type[BaseCombination]]:
+    def resolve(self, name: str) -> tuple[str, type[Combination]]:
         """Canonical name and class for ``name`` or an alias (a deprecated alias warns)."""
         entry = self._entry(name)
         return entry.name, entry.cls
 
-    def get(self, name: str) -> type[BaseCombination]:
+    def get(self, name: str) -> type[Combination]:
         """Return the class registered under ``name`` or one of its aliases."""
         return self._entry(name).cls
 
@@ -673,19 +674,39 @@ def _info(entry: _Entry) -> CombinationInfo:
 
 
 def _as_plugin(plugin: object) -> object:
-    """Wrap a combination class as a plugin that contributes just that class."""
-    if isinstance(plugin, type) and issubclass(plugin, BaseCombination):
-        cls = plugin
+    """Return ``plugin`` as pluggy sees it: an object with the combframe hook.
 
-        class _SingleClassPlugin:
-            @_hookspecs.hookimpl
-            def combframe_add_combinations(self) -> list[type[BaseCombination]]:
-                return [cls]
-
-        holder = _SingleClassPlugin()
-        holder.__dict__["__name__"] = getattr(cls, "name", cls.__name__)
-        return holder
+    A combination class becomes a plugin that contributes just that class (entry points
+    may name the class, ``max = "combframe_max:MaxCombination"``). A module without the
+    hook contributes the concrete combination classes it defines.
+    """
+    if isinstance(plugin, type) and issubclass(plugin, Combination):
+        return _ClassesPlugin(getattr(plugin, "name", plugin.__name__), [plugin])
+    if isinstance(plugin, types.ModuleType) and not hasattr(plugin, "combframe_add_combinations"):
+        defined = [
+            obj
+            for obj in vars(plugin).values()
+            if isinstance(obj, type)
+            and issubclass(obj, Combination)
+            and obj.__module__ == plugin.__name__
+            and not inspect.isabstract(obj)
+        ]
+        if defined:
+            return _ClassesPlugin(plugin.__name__, defined)
     return plugin
+
+
+class _ClassesPlugin:
+    """A plugin object that contributes the given combination classes."""
+
+    def __init__(self, name: str, classes: list[type[Combination]]) -> None:
+        self.__name__ = name
+        self.classes = classes
+
+    @_hookspecs.hookimpl
+    def combframe_add_combinations(self) -> list[type[Combination]]:
+        """Return the classes."""
+        return list(self.classes)
 
 
 _CURRENT: Registry = Registry()
@@ -711,8 +732,11 @@ def list_combinations() -> list[str]:
     return _CURRENT.names()
 
 
-def get_combination_class(name: str) -> type[BaseCombination]:
+def get_combination_class(name: str) -> type[Combination]:
     """Return the class registered under ``name`` (normalized; aliases accepted).
+
+    For subclassing a registered combination; to build one, use
+    :func:`create_combination`.
 
     Raises
     ------
@@ -723,17 +747,63 @@ def get_combination_class(name: str) -> type[BaseCombination]:
     return _CURRENT.get(name)
 
 
-def create_combination(name: str, **params: Any) -> BaseCombination:
-    """Build the combination registered under ``name`` with ``params``.
+def create_combination(spec: Any, /, **params: Any) -> Combination:
+    """Build a combination from a name, a ``{"name": ...}`` mapping, a config or itself.
+
+    The one route from a description to a combination module: ``MultiPoseModel``,
+    :class:`~combframe.CombinationConfig` and the command line all go through it.
+
+    Parameters
+    ----------
+    spec
+        A registered name or alias (``"max"``), a mapping with a ``"name"`` key and
+        parameters, a pydantic model that dumps to one (a
+        :class:`~combframe.CombinationConfig`), or a combination module (returned as is).
+    **params
+        Parameters, added to (and overriding) those in ``spec``.
 
     Raises
     ------
     UnknownCombinationError
-        For an unknown name.
+        For an unknown name (the message lists the installed ones and the closest).
     pydantic.ValidationError
         For a bad or unknown parameter; the message names the field and the bound.
+    CombinationError
+        For a mapping without ``"name"``, or parameters given with a module.
+    TypeError
+        For anything else.
+
+    Examples
+    --------
+    >>> import combframe
+    >>> combframe.create_combination("max", pred_scale=100.0)
+    MaxCombination(negate_preds=True, pred_scale=100.0)
+    >>> combframe.create_combination({"name": "boltzmann", "kT": 0.6})
+    BoltzmannCombination(kT=0.6)
     """
-    cls = get_combination_class(name)
+    if isinstance(spec, Combination):
+        if params:
+            raise CombinationError(
+                f"parameters {sorted(params)} were given with the combination module "
+                f"{spec!r}; set them on the module, or pass its name instead"
+            )
+        return spec
+    if isinstance(spec, pydantic.BaseModel):
+        spec = spec.model_dump()
+    if isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise CombinationError(
+                "a combination mapping needs a 'name' key, as in {'name': 'max', "
+                f"'pred_scale': 100.0}}; got keys {sorted(map(str, spec))}"
+            )
+        params = {**{k: v for k, v in spec.items() if k != "name"}, **params}
+        spec = spec["name"]
+    if not isinstance(spec, str):
+        raise TypeError(
+            "a combination is given by a registered name, a {'name': ...} mapping, a "
+            f"CombinationConfig or a combination module; got {type(spec).__name__}"
+        )
+    cls = _CURRENT.get(spec)
     # validate against Params first, so an unknown keyword is a pydantic error naming the
     # field even when the class's own __init__ spells out its parameters
     cls.Params.model_validate(params)
@@ -757,7 +827,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     ----------
     plugin
         A module or object with ``@combframe.hookimpl`` hook implementations, or a
-        :class:`~combframe.BaseCombination` subclass (registered as a plugin that
+        :class:`~combframe.Combination` subclass (registered as a plugin that
         contributes just that class).
     name
         The plugin's name in listings and error messages; defaults to the module name
@@ -795,34 +865,4 @@ def reload_registry() -> None:
     _CURRENT.table()
 
 
-def resolve_combination(obj: Any) -> BaseCombination:
-    """Turn a combination object, name, config or ``{"name": ...}`` mapping into a module.
-
-    Raises
-    ------
-    UnknownCombinationError
-        For an unknown name.
-    pydantic.ValidationError
-        For a config or mapping with bad parameters (naming the field).
-    TypeError
-        For anything else.
-    """
-    from combframe.registry.config import CombinationConfig
-
-    if isinstance(obj, BaseCombination):
-        return obj
-    if isinstance(obj, str):
-        return create_combination(obj)
-    if isinstance(obj, CombinationConfig):
-        return obj.build()
-    if isinstance(obj, Mapping):
-        if "name" not in obj:
-            raise CombinationError(
-                "a combination mapping needs a 'name' key, as in {'name': 'max', "
-                f"'pred_scale': 100.0}}; got keys {sorted(map(str, obj))}"
-            )
-        return CombinationConfig.model_validate(obj).build()
-    raise TypeError(
-        "combination must be a combination module, a registered name, a "
-        f"CombinationConfig or a {{'name': ...}} mapping; got {type(obj).__name__}"
-    )
+set_resolver(create_combination)

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, model_v
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
 
-from combframe.core.combination import BaseCombination, CombinationParams
+from combframe.core.combination import Combination, CombinationParams
 from combframe.errors import UnknownCombinationError
-from combframe.registry import current_registry
+from combframe.registry import create_combination, current_registry
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
 
@@ -65,7 +65,7 @@ class CombinationConfig(BaseModel):
     def _validate_against_plugin(cls, data: Any) -> Any:
         if isinstance(data, CombinationConfig):
             return data.model_dump()
-        if isinstance(data, BaseCombination):
+        if isinstance(data, Combination):
             data = data.to_config()
         if not isinstance(data, Mapping):
             raise PydanticCustomError(
@@ -101,13 +101,12 @@ class CombinationConfig(BaseModel):
         cls_ = current_registry().get(self.name)
         return cls_.Params.model_validate(dict(self.model_extra or {}))
 
-    def build(self) -> BaseCombination:
+    def build(self) -> Combination:
         """Create the combination module these parameters describe."""
-        cls_ = current_registry().get(self.name)
-        return cls_(**dict(self.model_extra or {}))
+        return create_combination(self)
 
     @classmethod
-    def from_combination(cls, combination: BaseCombination) -> CombinationConfig:
+    def from_combination(cls, combination: Combination) -> CombinationConfig:
         """Return the config of an existing combination object (its name and parameters)."""
         return cls.model_validate(combination.to_config())
 
@@ -133,7 +132,7 @@ class CombinationConfig(BaseModel):
         return handler(adapter.core_schema)
 
 
-def _variant(name: str, aliases: tuple[str, ...], combination: type[BaseCombination]) -> Any:
+def _variant(name: str, aliases: tuple[str, ...], combination: type[Combination]) -> Any:
     """Make a pydantic model for one combination: its ``Params`` plus a literal ``name``."""
     names = (name, *aliases)
     literal: Any = Literal.__getitem__(names)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from combframe.core.combination import BaseCombination
+    from combframe.core.combination import Combination
 
 __all__ = ["hookimpl", "hookspec"]
 
@@ -19,12 +19,12 @@ hookimpl = pluggy.HookimplMarker("combframe")
 
 
 @hookspec
-def combframe_add_combinations() -> Sequence[type[BaseCombination]]:
+def combframe_add_combinations() -> Sequence[type[Combination]]:
     """Return the combination classes this plugin provides.
 
     Called with no arguments, once each time the registry is built (first use, or
     :func:`combframe.reload_registry`). Each class derives from
-    :class:`combframe.BaseCombination`, sets a non-empty ``name``, a ``Params`` model
+    :class:`combframe.Combination`, sets a non-empty ``name``, a ``Params`` model
     derived from :class:`combframe.CombinationParams` (without a field called
     ``name``) and implements ``value``; it may set ``aliases`` and
     ``deprecated_aliases`` (tuples of names; a deprecated one warns when used).
@@ -36,7 +36,7 @@ def combframe_add_combinations() -> Sequence[type[BaseCombination]]:
 
     Returns
     -------
-    Sequence[type[BaseCombination]]
+    Sequence[type[Combination]]
         The combination classes; may be empty. Returning a class that another plugin
         already registered is a no-op; a different class under a name or alias that is
         taken raises :class:`combframe.PluginValidationError` naming both plugins.

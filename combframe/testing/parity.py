@@ -1,7 +1,7 @@
 """The full-graph reference and the gradient-parity check built on it.
 
 The reference is what a user would write by hand: keep all N pose graphs, combine with
-plain torch ops (the combination's own :meth:`~combframe.BaseCombination.value`), and
+plain torch ops (the combination's own :meth:`~combframe.Combination.value`), and
 call ``backward``. Every gradient path of combframe is checked against it; the
 ``combframe check`` command runs the same check for any installed combination.
 """
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from combframe.core.batch import default_collate
-from combframe.core.combination import BaseCombination, StreamingCombination
+from combframe.core.combination import Combination, StreamingCombination
 from combframe.errors import StrategyError, StrategyWarning
 
 __all__ = [
@@ -74,7 +74,7 @@ def _grads_of(model: torch.nn.Module) -> list[Tensor]:
 
 def full_graph_gradients(
     model: torch.nn.Module,
-    combination: BaseCombination,
+    combination: Combination,
     poses: Sequence[Any],
     loss: LossFn,
     *,
@@ -111,7 +111,7 @@ def full_graph_gradients(
 
 def multipose_gradients(
     model: torch.nn.Module,
-    combination: BaseCombination,
+    combination: Combination,
     poses: Sequence[Any],
     loss: LossFn,
     strategy: str = "store",
@@ -139,7 +139,7 @@ def multipose_gradients(
 
 def mtenn_gradients(
     model: torch.nn.Module,
-    combination: BaseCombination,
+    combination: Combination,
     poses: Sequence[Any],
     loss: LossFn,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -147,7 +147,7 @@ def mtenn_gradients(
 
     Per-pose gradients are collected by hand into mtenn's ``grad_dict`` and combined by
     ``combination(pred_list, grad_dict, param_names, *model_params)``, whose backward
-    uses the combination's :meth:`~combframe.BaseCombination.pose_weights`.
+    uses the combination's :meth:`~combframe.Combination.pose_weights`.
     """
     model.zero_grad(set_to_none=True)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -235,7 +235,7 @@ def random_model(
 
 
 def gradient_parity(
-    combination: BaseCombination,
+    combination: Combination,
     *,
     strategies: Sequence[str] = ("store", "recompute", "stream", "mtenn"),
     losses: Sequence[LossKind] = LOSSES,
@@ -255,11 +255,11 @@ def gradient_parity(
     with those of the full-graph reference, one pose per pass and in chunks of each of
     ``chunk_sizes`` (stacked poses), for one compound and for batches of each of
     ``compounds`` compounds (the ``c``-th has ``N + c`` poses, so the combination's
-    :meth:`~combframe.BaseCombination.segment_value` is checked on unequal segments).
+    :meth:`~combframe.Combination.segment_value` is checked on unequal segments).
     ``"mtenn"`` checks the mtenn-style call
     ``combination(pred_list, grad_dict, param_names, *params)`` (one compound, one pose
     per pass), whose backward uses the closed-form
-    :meth:`~combframe.BaseCombination.pose_weights`. Strategies that do not
+    :meth:`~combframe.Combination.pose_weights`. Strategies that do not
     support a loss (``stream`` with a per-pose loss) are skipped after checking that
     they refuse it.
 
@@ -302,7 +302,7 @@ def gradient_parity(
 
 def _parity_cases(
     result: ParityResult,
-    combination: BaseCombination,
+    combination: Combination,
     base: torch.nn.Module,
     poses: list[Tensor],
     sizes: list[int] | None,

@@ -1,29 +1,26 @@
 r"""Smooth maximum (or minimum) of the per-pose predictions, via LogSumExp.
 
 With :math:`s = -1` when ``negate_preds`` (a smooth minimum, the best pose's
-:math:`\Delta G`) and :math:`s = 1` otherwise, and :math:`t` = ``pred_scale``:
+:math:`\Delta G`), :math:`s = 1` otherwise, and :math:`t` = ``pred_scale``:
 
 .. math::
 
-    h(y) = \frac{s}{t}\log\sum_j e^{s t y_j}, \qquad
-    \frac{\partial h}{\partial y_i} = \operatorname{softmax}(s t y)_i .
+    h(y) = \frac{1}{st}\log\sum_j e^{s t y_j}, \qquad
+    \frac{\partial h}{\partial y_i} = \operatorname{softmax}(s t y)_i ,
 
-:math:`h` lies within :math:`\log(N)/t` of the true extreme.
+within :math:`\log(N)/t` of the true extreme. For the stream strategy: log weights
+:math:`s t y_i`, one constant feature and coefficient.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from typing import ClassVar
 
 import torch
 from pydantic import Field
 from torch import Tensor
-from typing_extensions import override
 
 import combframe
+from combframe.mtenn import mtenn_function
 from combframe.segment import segment_logsumexp
-
-__all__ = ["MaxCombination", "MaxCombinationFunc", "MaxParams"]
 
 
 class MaxParams(combframe.CombinationParams):
@@ -35,66 +32,26 @@ class MaxParams(combframe.CombinationParams):
     )
 
 
-class MaxCombination(combframe.BaseCombination):
-    """Smooth maximum (or minimum, the default) of the per-pose predictions, via LogSumExp."""
+class MaxCombination(combframe.Combination[MaxParams]):
+    """Smooth maximum (or minimum, the default) of the per-pose predictions."""
 
     name = "max"
-    Params = MaxParams
-    params: MaxParams
+    mtenn_fields: ClassVar = {"max_comb_neg": "negate_preds", "max_comb_scale": "pred_scale"}
 
-    def __init__(self, negate_preds: bool = True, pred_scale: float = 1000.0) -> None:
-        super().__init__(negate_preds=negate_preds, pred_scale=pred_scale)
+    def st(self) -> float:
+        return (-1.0 if self.params.negate_preds else 1.0) * self.params.pred_scale
 
-    def _sign(self) -> float:
-        return -1.0 if self.params.negate_preds else 1.0
+    def value(self, preds: Tensor) -> Tensor:
+        return torch.logsumexp(self.st() * preds, dim=0) / self.st()
 
-    def _scaled(self, preds: Tensor) -> Tensor:
-        return (self._sign() * self.params.pred_scale) * preds
-
-    @override
     def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
-        lse = segment_logsumexp(self._scaled(preds), index, num_segments)
-        return lse * (self._sign() / self.params.pred_scale)
-
-    @override
-    def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        return torch.softmax(self._scaled(preds), dim=0)
+        return segment_logsumexp(self.st() * preds, index, num_segments) / self.st()
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-        """Log weights :math:`s t y` and one constant feature."""
-        return self._scaled(preds), torch.ones_like(preds).unsqueeze(-1)
+        return self.st() * preds, torch.ones_like(preds).unsqueeze(-1)
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
-        """Return the single coefficient 1."""
-        return torch.ones(1, dtype=combined.dtype, device=combined.device)
+        return combined.new_ones(1)
 
 
-class MaxCombinationFunc(combframe.CombinationFunction):
-    """mtenn-compatible Function for :class:`MaxCombination`.
-
-    ``apply(negate_preds, pred_scale, pred_list, grad_dict, param_names, *model_params)``
-    returns ``(combined, per_pose)``; setup_context and backward are the shared ones.
-    """
-
-    combination_class = MaxCombination
-
-    @staticmethod
-    @override
-    def forward(  # type: ignore[override]
-        negate_preds: bool,
-        pred_scale: float,
-        pred_list: Any,
-        grad_dict: Any,
-        param_names: Any,
-        *model_params: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        comb = MaxCombination(negate_preds=negate_preds, pred_scale=pred_scale)
-        return combframe.CombinationFunction.forward(
-            comb, pred_list, grad_dict, param_names, *model_params
-        )
-
-
-@combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
-    """Register :class:`MaxCombination`."""
-    return [MaxCombination]
+MaxCombinationFunc = mtenn_function(MaxCombination)

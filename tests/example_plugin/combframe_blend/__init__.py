@@ -30,7 +30,7 @@ class BlendParams(combframe.CombinationParams):
     pred_scale: float = Field(10.0, gt=0, description="Sharpness t of the smooth minimum.")
 
 
-class BlendCombination(combframe.BaseCombination):
+class BlendCombination(combframe.Combination):
     """Blend of the mean and the smooth minimum over poses."""
 
     name = "blend"
@@ -47,6 +47,6 @@ class BlendCombination(combframe.BaseCombination):
 
 
 @combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
+def combframe_add_combinations() -> list[type[combframe.Combination]]:
     """Register :class:`BlendCombination`."""
     return [BlendCombination]

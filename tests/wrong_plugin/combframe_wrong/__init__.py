@@ -24,7 +24,7 @@ class WrongParams(combframe.CombinationParams):
     pred_scale: float = Field(2.0, gt=0, description="Sharpness t of the smooth minimum.")
 
 
-class WrongWeightsCombination(combframe.BaseCombination):
+class WrongWeightsCombination(combframe.Combination):
     """Smooth minimum whose pose weights are (wrongly) uniform."""
 
     name = "wrong_weights"
@@ -39,5 +39,5 @@ class WrongWeightsCombination(combframe.BaseCombination):
 
 
 @combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
+def combframe_add_combinations() -> list[type[combframe.Combination]]:
     return [WrongWeightsCombination]

@@ -28,7 +28,7 @@ class ExpAverageParams(combframe.CombinationParams):
     kT: float = Field(0.6, gt=0, description="Thermal energy kT, in the predictions' units.")
 
 
-class ExpAverageCombination(combframe.BaseCombination):
+class ExpAverageCombination(combframe.Combination):
     """Exponential average over poses; the math is in the module docstring."""
 
     name = "expavg"
@@ -59,6 +59,6 @@ class ExpAverageCombination(combframe.BaseCombination):
 
 
 @combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.BaseCombination]]:
+def combframe_add_combinations() -> list[type[combframe.Combination]]:
     """Register :class:`ExpAverageCombination` with combframe."""
     return [ExpAverageCombination]
