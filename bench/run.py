@@ -49,8 +49,7 @@ from torch import Tensor, nn
 
 import combframe
 from combframe.core.gradients import ParamLayout, StoredGradients
-from combframe.testing import peak_tensor_bytes
-from combframe.testing.parity import _grads_of, full_graph_gradients, make_loss
+from combframe.testing import _grads_of, full_graph_gradients, make_loss, peak_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "loop", "store", "recompute", "stream")

@@ -144,7 +144,15 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
             f"mtenn field 'combination' must be a combination name such as 'max'; got {value!r}"
         )
     canonical, cls = current_registry().resolve(value)
-    fields = cls.mtenn_fields
+    params = _mtenn_params(config, canonical, cls.mtenn_fields)
+    try:
+        return CombinationConfig(name=canonical, **params)
+    except ValidationError as exc:
+        raise _migration_error(value, cls.mtenn_fields, exc) from exc
+
+
+def _mtenn_params(config: Any, canonical: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    """Return the parameters the mtenn fields give (a ``None`` field is refused)."""
     params: dict[str, Any] = {}
     for field, param in fields.items():
         given = _get(config, field)
@@ -156,18 +164,20 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
             )
         if given is not _MISSING:
             params[param] = given
-    try:
-        return CombinationConfig(name=canonical, **params)
-    except ValidationError as exc:
-        back = {param: field for field, param in fields.items()}
-        lines = []
-        for err in exc.errors():
-            param = str(err["loc"][0]) if err["loc"] else "?"
-            where = f"{back[param]} (-> {param})" if param in back else param
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-        raise CombinationError(
-            f"cannot migrate the mtenn combination {value!r}: " + "; ".join(lines)
-        ) from exc
+    return params
+
+
+def _migration_error(
+    value: str, fields: Mapping[str, str], exc: ValidationError
+) -> CombinationError:
+    """Say which mtenn field (and which parameter it sets) failed validation, and why."""
+    back = {param: field for field, param in fields.items()}
+    lines = []
+    for err in exc.errors():
+        param = str(err["loc"][0]) if err["loc"] else "?"
+        where = f"{back[param]} (-> {param})" if param in back else param
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return CombinationError(f"cannot migrate the mtenn combination {value!r}: " + "; ".join(lines))
 
 
 def migrate_mtenn_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from combframe.testing.parity import random_model
+from combframe.testing import random_model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -33,7 +33,7 @@ from combframe.segment import (
     segment_softmax,
     segment_sum,
 )
-from combframe.testing.parity import LOSSES, full_graph_gradients, make_loss, multipose_gradients
+from combframe.testing import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp
 from tests.test_strategies import MeanSquareCombination, SoftAbsMeanCombination
 

@@ -32,8 +32,7 @@ from combframe.app.train import (
     rmse,
     spearman,
 )
-from combframe.testing import isolated_registry, register_plugin
-from combframe.testing.parity import gradient_parity
+from combframe.testing import gradient_parity, isolated_registry, register_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_PLUGIN = Path(__file__).resolve().parent / "wrong_plugin"

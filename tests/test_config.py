@@ -14,8 +14,13 @@ from pydantic import BaseModel, ValidationError
 
 import combframe
 from combframe import CombinationConfig, CombinationError
-from combframe.testing import isolated_registry, register_plugin
-from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
+from combframe.testing import (
+    full_graph_gradients,
+    isolated_registry,
+    make_loss,
+    multipose_gradients,
+    register_plugin,
+)
 from tests.conftest import make_mlp, make_poses
 from tests.example_plugin import install_example_plugin
 from tests.test_registry import Soft

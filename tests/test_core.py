@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
-from combframe.testing.parity import LOSSES, full_graph_gradients, make_loss, multipose_gradients
+from combframe.testing import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp, make_poses
 
 RTOL = 1e-10

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import combframe
-from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
+from combframe.testing import full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp, make_poses
 from tests.test_ddp import WORLD, _free_port, _worker
 from tests.test_training import AtomNet, assert_close, atoms, grads, kind_for, reference

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import combframe
-from combframe.testing.parity import make_loss
+from combframe.testing import make_loss
 from tests.conftest import make_mlp, make_poses
 
 WORLD = 2

@@ -164,7 +164,7 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
     check = textwrap.dedent(
         """
         import combframe
-        from combframe.testing.parity import gradient_parity
+        from combframe.testing import gradient_parity
 
         names = combframe.list_combinations()
         assert "expavg" in names, names

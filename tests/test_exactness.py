@@ -204,7 +204,7 @@ class ReadsItsBuffer(torch.nn.Module):
 def test_recompute_reruns_each_chunk_from_its_own_buffer_state(chunk: int) -> None:
     import copy
 
-    from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
+    from combframe.testing import full_graph_gradients, make_loss, multipose_gradients
 
     poses = make_poses(6)
     base = ReadsItsBuffer()
@@ -414,7 +414,7 @@ def test_parameters_of_mixed_dtypes_get_exact_gradients_in_their_own_dtype(
 ) -> None:
     import copy
 
-    from combframe.testing.parity import full_graph_gradients, make_loss, multipose_gradients
+    from combframe.testing import full_graph_gradients, make_loss, multipose_gradients
 
     base, poses = Mixed(), make_poses(5)
     loss = make_loss("combined" if strategy == "stream" else "both")

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.gradcheck import GradcheckError
 
 import combframe
-from combframe.testing.parity import LOSSES, full_graph_gradients, make_loss, multipose_gradients
+from combframe.testing import LOSSES, full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp
 
 FEATURES = 4

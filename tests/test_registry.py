@@ -20,10 +20,10 @@ from combframe.registry import current_registry
 from combframe.testing import (
     combframe_registry,  # noqa: F401 - the fixture, used by name below
     fake_distribution,
+    gradient_parity,
     isolated_registry,
     register_plugin,
 )
-from combframe.testing.parity import gradient_parity
 from tests.conftest import make_mlp, make_poses
 from tests.example_plugin import install_example_plugin
 

@@ -21,13 +21,13 @@ import combframe
 import combframe.core.strategies as strategies_module
 from combframe.core.batch import Segments
 from combframe.core.strategies import PoseRunner, resolve_strategy
-from combframe.testing import peak_tensor_bytes
-from combframe.testing.parity import (
+from combframe.testing import (
     LOSSES,
     full_graph_gradients,
     gradient_parity,
     make_loss,
     multipose_gradients,
+    peak_tensor_bytes,
 )
 from tests.conftest import make_mlp, make_poses
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import combframe
-from combframe.testing.parity import LOSSES, gradient_parity, make_loss
+from combframe.testing import LOSSES, gradient_parity, make_loss
 from tests.conftest import make_mlp, make_poses
 
 STRATEGIES = ["store", "recompute", "stream"]

@@ -154,7 +154,7 @@ def _same_mapping(like: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
         out.update(items)
         return out
     try:
-        return type(like)(items)  # type: ignore[call-arg]
+        return type(like)(items)  # type: ignore[call-arg]  # a Mapping's own constructor
     except TypeError:
         return items
 
@@ -189,53 +189,67 @@ def default_collate(poses: Sequence[Any]) -> Any:
     """
     first = poses[0]
     if isinstance(first, Tensor):
-        for k, p in enumerate(poses):
-            if not isinstance(p, Tensor) or p.shape != first.shape:
-                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                raise CombinationError(
-                    f"the default collate stacks pose tensors of one shape, but pose 0 of the "
-                    f"chunk has {tuple(first.shape)} and pose {k} has {got}. For poses of "
-                    "different sizes pass collate= to MultiPoseModel (for graphs: "
-                    "concatenate the atoms and return a batch vector), or use chunk_size=1"
-                )
-        return torch.stack(list(poses))
+        return _stack(poses, first)
     pyg = _pyg_batch(first)
     if pyg is not None:
         return pyg.from_data_list(list(poses))
     if isinstance(first, Mapping):
-        keys = list(first)
-        for k, p in enumerate(poses):
-            if not isinstance(p, Mapping) or list(p) != keys:
-                raise CombinationError(
-                    f"the default collate needs every pose to have the keys {keys}; pose {k} "
-                    f"of the chunk has {list(p) if isinstance(p, Mapping) else type(p).__name__}"
-                )
-        return _same_mapping(first, {key: default_collate([p[key] for p in poses]) for key in keys})
+        return _collate_mappings(poses, first)
     if isinstance(first, list | tuple):
-        for k, p in enumerate(poses):
-            if type(p) is not type(first) or len(p) != len(first):
-                raise CombinationError(
-                    f"the default collate needs every pose to be a {type(first).__name__} of "
-                    f"length {len(first)}; pose {k} of the chunk is {type(p).__name__} of "
-                    f"length {len(p) if isinstance(p, Sized) else '?'}"
-                )
-        fields = [default_collate(list(column)) for column in zip(*poses, strict=True)]
-        if hasattr(first, "_fields"):
-            return type(first)(*fields)
-        return type(first)(fields)
+        return _collate_sequences(poses, first)
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        for k, p in enumerate(poses):
-            if type(p) is not type(first):
-                raise CombinationError(
-                    f"the default collate needs every pose to be a {type(first).__name__}; "
-                    f"pose {k} of the chunk is {type(p).__name__}"
-                )
-        return type(first)(
-            **{
-                f.name: default_collate([getattr(p, f.name) for p in poses])
-                for f in _init_fields(first)
-            }
-        )
+        return _collate_dataclasses(poses, first)
     if isinstance(first, bool | int | float):
         return torch.tensor(list(poses))
     return list(poses)
+
+
+def _stack(poses: Sequence[Any], first: Tensor) -> Tensor:
+    for k, p in enumerate(poses):
+        if not isinstance(p, Tensor) or p.shape != first.shape:
+            got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise CombinationError(
+                f"the default collate stacks pose tensors of one shape, but pose 0 of the "
+                f"chunk has {tuple(first.shape)} and pose {k} has {got}. For poses of "
+                "different sizes pass collate= to MultiPoseModel (for graphs: "
+                "concatenate the atoms and return a batch vector), or use chunk_size=1"
+            )
+    return torch.stack(list(poses))
+
+
+def _collate_mappings(poses: Sequence[Any], first: Mapping[Any, Any]) -> Any:
+    keys = list(first)
+    for k, p in enumerate(poses):
+        if not isinstance(p, Mapping) or list(p) != keys:
+            raise CombinationError(
+                f"the default collate needs every pose to have the keys {keys}; pose {k} "
+                f"of the chunk has {list(p) if isinstance(p, Mapping) else type(p).__name__}"
+            )
+    return _same_mapping(first, {key: default_collate([p[key] for p in poses]) for key in keys})
+
+
+def _collate_sequences(poses: Sequence[Any], first: list[Any] | tuple[Any, ...]) -> Any:
+    for k, p in enumerate(poses):
+        if type(p) is not type(first) or len(p) != len(first):
+            raise CombinationError(
+                f"the default collate needs every pose to be a {type(first).__name__} of "
+                f"length {len(first)}; pose {k} of the chunk is {type(p).__name__} of "
+                f"length {len(p) if isinstance(p, Sized) else '?'}"
+            )
+    fields = [default_collate(list(column)) for column in zip(*poses, strict=True)]
+    if hasattr(first, "_fields"):  # a named tuple
+        return type(first)(*fields)
+    return type(first)(fields)
+
+
+def _collate_dataclasses(poses: Sequence[Any], first: Any) -> Any:
+    for k, p in enumerate(poses):
+        if type(p) is not type(first):
+            raise CombinationError(
+                f"the default collate needs every pose to be a {type(first).__name__}; "
+                f"pose {k} of the chunk is {type(p).__name__}"
+            )
+    fields = {
+        f.name: default_collate([getattr(p, f.name) for p in poses]) for f in _init_fields(first)
+    }
+    return type(first)(**fields)

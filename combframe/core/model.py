@@ -258,7 +258,7 @@ class MultiPoseModel(torch.nn.Module):
         named = {n: p for n, p in readout.named_parameters() if p.requires_grad}
         if not named:
             return {}
-        views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]
+        views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
         return dict(zip(named, views, strict=True))
 
     def _combine(
@@ -274,7 +274,7 @@ class MultiPoseModel(torch.nn.Module):
             preds = self._promote(preds, source.layout.dtype)
             inputs = (*source.targets.inputs, *held.values())
             if source.supports_pose_losses:
-                per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]
+                per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]  # untyped in torch
                     source, preds, *inputs
                 )
                 combined = self.combination.segment_value(per_pose, segments.index, count)
@@ -283,7 +283,7 @@ class MultiPoseModel(torch.nn.Module):
             with torch.no_grad():
                 combined = self.combination.segment_value(preds, segments.index, count)
             self._check_finite(preds, combined)
-            out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]
+            out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]  # untyped
                 source, combined, preds, *inputs
             )
             return out

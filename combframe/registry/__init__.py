@@ -788,16 +788,8 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
                 f"{spec!r}; set them on the module, or pass its name instead"
             )
         return spec
-    if isinstance(spec, pydantic.BaseModel):
-        spec = spec.model_dump()
-    if isinstance(spec, Mapping):
-        if "name" not in spec:
-            raise CombinationError(
-                "a combination mapping needs a 'name' key, as in {'name': 'max', "
-                f"'pred_scale': 100.0}}; got keys {sorted(map(str, spec))}"
-            )
-        params = {**{k: v for k, v in spec.items() if k != "name"}, **params}
-        spec = spec["name"]
+    if isinstance(spec, pydantic.BaseModel | Mapping):
+        spec, params = _name_and_params(spec, params)
     if not isinstance(spec, str):
         raise TypeError(
             "a combination is given by a registered name, a {'name': ...} mapping, a "
@@ -808,6 +800,18 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
     # field even when the class's own __init__ spells out its parameters
     cls.Params.model_validate(params)
     return cls(**params)
+
+
+def _name_and_params(spec: Any, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Split a ``{"name": ..., **params}`` mapping (or a config) into name and parameters."""
+    if isinstance(spec, pydantic.BaseModel):
+        spec = spec.model_dump()
+    if "name" not in spec:
+        raise CombinationError(
+            "a combination mapping needs a 'name' key, as in {'name': 'max', "
+            f"'pred_scale': 100.0}}; got keys {sorted(map(str, spec))}"
+        )
+    return spec["name"], {**{k: v for k, v in spec.items() if k != "name"}, **params}
 
 
 def describe_combinations() -> list[CombinationInfo]:

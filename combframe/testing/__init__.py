@@ -1,6 +1,9 @@
-"""Test helpers for plugin authors: isolated registries, fake distributions, peak memory.
+"""Test helpers for plugin authors: gradient parity, isolated registries, peak memory.
 
-Typical use in a plugin's own test suite::
+:func:`gradient_parity` checks a combination's gradients, every strategy and loss,
+against the full-graph autograd reference in float64 (what ``combframe check`` runs);
+:func:`full_graph_gradients` and :func:`multipose_gradients` are its two sides, for
+tests of your own. Typical use in a plugin's own test suite::
 
     from combframe.testing import fake_distribution, isolated_registry, register_plugin
 
@@ -34,13 +37,31 @@ from combframe.registry import (
     register_plugin,
     set_current_registry,
 )
+from combframe.testing.parity import (
+    LOSSES,
+    ParityResult,
+    full_graph_gradients,
+    gradient_parity,
+    make_loss,
+    mtenn_gradients,
+    multipose_gradients,
+    random_model,
+)
 
 __all__ = [
+    "LOSSES",
+    "ParityResult",
     "Registry",
     "combframe_registry",
     "fake_distribution",
+    "full_graph_gradients",
+    "gradient_parity",
     "isolated_registry",
+    "make_loss",
+    "mtenn_gradients",
+    "multipose_gradients",
     "peak_tensor_bytes",
+    "random_model",
     "register_plugin",
 ]
 

@@ -194,6 +194,11 @@ class ParityResult:
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def skip(self, note: str) -> None:
+        """Record a case that was not compared (once)."""
+        if note not in self.skipped:
+            self.skipped.append(note)
+
     def fail(self, case: str, exc: Exception, on_error: str) -> None:
         """Record ``exc`` as a failed case, or re-raise it when ``on_error == "raise"``."""
         if on_error == "raise":
@@ -286,17 +291,10 @@ def gradient_parity(
                     torch.randn((1, features), generator=gen, dtype=torch.float64)
                     for _ in range(sum(sizes))
                 ]
-                _parity_cases(
-                    result,
-                    combination,
-                    factory(seed, features),
-                    poses,
-                    sizes if count > 1 else None,
-                    chunk,
-                    strategies,
-                    losses,
-                    on_error,
-                )
+                model = factory(seed, features)
+                cases = (strategies, losses, on_error)
+                compounds_sizes = sizes if count > 1 else None
+                _parity_cases(result, combination, model, poses, compounds_sizes, chunk, *cases)
     return result
 
 
@@ -321,50 +319,50 @@ def _parity_cases(
     for kind in losses:
         loss = make_loss(kind)
         try:
-            want_c, want_p, want_g = full_graph_gradients(
-                base, combination, poses, loss, sizes=sizes
-            )
+            want = full_graph_gradients(base, combination, poses, loss, sizes=sizes)
         except Exception as exc:
             result.fail(f"reference/{kind}/{where}", exc, on_error)
             continue
         for strategy in strategies:
             if strategy == "stream" and not isinstance(combination, StreamingCombination):
-                note = f"stream: {combination.name!r} does not implement streaming"
-                if note not in result.skipped:
-                    result.skipped.append(note)
+                result.skip(f"stream: {combination.name!r} does not implement streaming")
                 continue
             if strategy == "mtenn" and (sizes is not None or chunk != 1):
                 continue  # the mtenn call takes one compound, one pose per pass
-            model = copy.deepcopy(base)
             try:
-                if strategy == "mtenn":
-                    got_c, got_p, got_g = mtenn_gradients(model, combination, poses, loss)
-                else:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", StrategyWarning)
-                        got_c, got_p, got_g = multipose_gradients(
-                            model,
-                            combination,
-                            poses,
-                            loss,
-                            strategy,
-                            sizes=sizes,
-                            chunk_size=chunk,
-                        )
+                got = _strategy_gradients(base, combination, poses, loss, strategy, sizes, chunk)
             except Exception as exc:
                 if isinstance(exc, StrategyError) and kind != "combined":
-                    note = f"{strategy}/{kind}: {exc}"
-                    if note not in result.skipped:
-                        result.skipped.append(note)
+                    result.skip(f"{strategy}/{kind}: {exc}")
                 else:
                     result.fail(f"{strategy}/{kind}/{where}", exc, on_error)
                 continue
             err = max(
-                _relative_error(got_g, want_g),
-                _relative_error([got_c], [want_c]),
-                _relative_error([got_p], [want_p]),
+                _relative_error(got[2], want[2]),
+                _relative_error([got[0]], [want[0]]),
+                _relative_error([got[1]], [want[1]]),
             )
             result.cases.append((strategy, kind, n, err))
             result.worst = max(result.worst, err)
             if not err <= result.rtol:
                 result.passed = False
+
+
+def _strategy_gradients(
+    base: torch.nn.Module,
+    combination: Combination,
+    poses: list[Tensor],
+    loss: LossFn,
+    strategy: str,
+    sizes: list[int] | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Gradients of one strategy (or the mtenn call) on a copy of ``base``."""
+    model = copy.deepcopy(base)
+    if strategy == "mtenn":
+        return mtenn_gradients(model, combination, poses, loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StrategyWarning)
+        return multipose_gradients(
+            model, combination, poses, loss, strategy, sizes=sizes, chunk_size=chunk
+        )

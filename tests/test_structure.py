@@ -1,0 +1,187 @@
+"""The package's shape, kept by tests: what ``import combframe`` loads, which way imports
+go, and the size of functions and plugins."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "combframe"
+PLUGINS = ROOT / "plugins"
+MAX_FUNCTION_LINES = 60
+#: Non-blank lines of a shipped plugin, its math docstring included.
+MAX_PLUGIN_LINES = 45
+
+
+def _sources(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        yield from sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of the ``combframe`` package that ``path`` imports, lazily or not.
+
+    Imports under ``if TYPE_CHECKING:`` are for the type checker only and not counted.
+    """
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    modules = {_module_name(p) for p in _sources(PACKAGE)}
+    return {m for m in found if m in modules and m != module}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in _sources(PACKAGE)}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """Return one import cycle (a list of modules), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_the_package_modules() -> None:
+    graph = _graph()
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+
+
+def test_the_core_imports_nothing_from_the_registry_the_mtenn_layer_or_the_app() -> None:
+    graph = _graph()
+    allowed = ("combframe.core", "combframe.errors", "combframe.segment")
+    for module, imported in graph.items():
+        if module.startswith("combframe.core"):
+            bad = sorted(m for m in imported if not m.startswith(allowed))
+            assert not bad, f"{module} imports {bad}; the core stands alone"
+        if not module.startswith(("combframe.app", "combframe.__main__")):
+            app = sorted(m for m in imported if m.startswith("combframe.app"))
+            assert not app, f"{module} imports the command line {app}"
+
+
+def test_the_app_uses_only_the_public_api() -> None:
+    for path in _sources(PACKAGE / "app"):
+        text = path.read_text(encoding="utf-8")
+        private = re.findall(r"\bcombframe\.(?:core|registry\.\w+|_(?!_)\w+)\b", text)
+        assert not private, f"{path.relative_to(ROOT)} reaches into {sorted(set(private))}"
+
+
+def test_import_combframe_loads_neither_torch_nor_plugins_nor_optional_extras() -> None:
+    code = (
+        "import sys, json; before = set(sys.modules); import combframe; "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = json.loads(out.stdout)
+    heavy = ("torch", "matplotlib", "tqdm", "yaml", "pydantic", "pluggy", "combframe_")
+    assert not [m for m in loaded if m.startswith(heavy)], loaded
+    assert not [m for m in loaded if m.startswith("combframe.")], loaded
+
+
+def test_using_the_api_loads_no_plugin_and_no_optional_extra() -> None:
+    code = (
+        "import sys, json, torch; before = set(sys.modules); import combframe; "
+        "combframe.MultiPoseModel; combframe.CombinationConfig; "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = json.loads(out.stdout)
+    bad = [m for m in loaded if m.startswith(("matplotlib", "tqdm", "yaml", "combframe_"))]
+    assert not bad, f"using combframe's API imported {bad}"
+    assert not [m for m in loaded if m.startswith("combframe.app")], loaded
+
+
+def _functions(path: Path) -> Iterator[tuple[str, int]]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            assert node.end_lineno is not None
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize(
+    "path", list(_sources(PACKAGE, PLUGINS)), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_function_is_longer_than_60_lines(path: Path) -> None:
+    long = [(name, n) for name, n in _functions(path) if n > MAX_FUNCTION_LINES]
+    assert not long, f"{path.relative_to(ROOT)}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+_IGNORE = re.compile(r"#\s*type:\s*ignore(\[[^\]]*\])?(?P<rest>.*)$")
+
+
+@pytest.mark.parametrize(
+    "path", list(_sources(PACKAGE, PLUGINS)), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_type_ignore_says_why_on_its_line(path: Path) -> None:
+    bare = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        match = _IGNORE.search(line)
+        if match and not re.match(r"\s*#\s*\S", match.group("rest")):
+            bare.append(number)
+    assert not bare, f"{path.relative_to(ROOT)}: type: ignore without a reason on lines {bare}"
+
+
+@pytest.mark.parametrize("path", sorted(PLUGINS.glob("*/__init__.py")), ids=lambda p: p.parent.name)
+def test_each_shipped_plugin_is_small(path: Path) -> None:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) <= MAX_PLUGIN_LINES, f"{path.parent.name}: {len(lines)} non-blank lines"
