@@ -42,6 +42,7 @@ from combframe.errors import CombinationError, StrategyError, StrategyWarning
 from combframe.segment import segment_max, segment_sum
 
 __all__ = [
+    "STRATEGIES",
     "PoseRunner",
     "Recompute",
     "Store",
@@ -1306,7 +1307,8 @@ def _coefficients(combination: StreamingCombination, combined: Tensor, center: T
         )
 
 
-_STRATEGIES: dict[str, type[Strategy]] = {"store": Store, "recompute": Recompute, "stream": Stream}
+#: The strategies by name: the one list every other place (configs, the CLI) reads.
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Store, Recompute, Stream)}
 
 
 def resolve_strategy(strategy: str | Strategy) -> Strategy:
@@ -1314,9 +1316,9 @@ def resolve_strategy(strategy: str | Strategy) -> Strategy:
     if isinstance(strategy, Strategy):
         return strategy
     key = str(strategy).strip().lower()
-    if key not in _STRATEGIES:
+    if key not in STRATEGIES:
         raise ValueError(
-            f"unknown strategy {strategy!r}; choose one of {sorted(_STRATEGIES)} "
+            f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)} "
             "or pass a combframe.Strategy instance"
         )
-    return _STRATEGIES[key]()
+    return STRATEGIES[key]()

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from combframe.core.batch import default_collate
 from combframe.core.combination import Combination, StreamingCombination
+from combframe.core.strategies import STRATEGIES
 from combframe.errors import StrategyError, StrategyWarning
 
 __all__ = [
@@ -242,7 +243,7 @@ def random_model(
 def gradient_parity(
     combination: Combination,
     *,
-    strategies: Sequence[str] = ("store", "recompute", "stream", "mtenn"),
+    strategies: Sequence[str] = (*STRATEGIES, "mtenn"),
     losses: Sequence[LossKind] = LOSSES,
     n_poses: Sequence[int] = (1, 2, 7),
     seeds: Sequence[int] = (0, 1),
