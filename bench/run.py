@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 import combframe
 from combframe.core.gradients import ParamLayout, StoredGradients
-from combframe.testing import _grads_of, full_graph_gradients, make_loss, peak_tensor_bytes
+from combframe.testing import full_graph_gradients, make_loss, peak_tensor_bytes
+from combframe.testing.parity import _grads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "loop", "store", "recompute", "stream")

@@ -8,14 +8,14 @@ mtenn (and asapdiscovery configs built on it) describe the combination with flat
 fields of the model config; each combination declares its own in ``mtenn_fields``. The
 shipped ones:
 
-========================  ==================================  ==========================
-mtenn field               meaning                             combframe parameter
-========================  ==================================  ==========================
-``combination``           ``"mean"``, ``"max"`` (enum or str)  ``name``
-``max_comb_neg``          smooth min instead of max            ``negate_preds`` (max)
-``max_comb_scale``        sharpness of the smooth max          ``pred_scale`` (max)
-``boltzmann_comb_kT``     thermal energy of the Boltzmann mean ``kT`` (boltzmann)
-========================  ==================================  ==========================
+========================  ======================================  ==========================
+mtenn field               meaning                                 combframe parameter
+========================  ======================================  ==========================
+``combination``           ``"mean"``, ``"max"`` (enum or str)     ``name``
+``max_comb_neg``          smooth min instead of max               ``negate_preds`` (max)
+``max_comb_scale``        sharpness of the smooth max             ``pred_scale`` (max)
+``boltzmann_comb_kT``     thermal energy of the Boltzmann mean    ``kT`` (boltzmann)
+========================  ======================================  ==========================
 
 ``boltzmann_comb_kT`` is combframe's name for the Boltzmann parameter in the same flat
 style (mtenn has no such field). Fields that belong to another combination are ignored,
@@ -122,8 +122,8 @@ def from_mtenn_config(config: Mapping[str, Any] | object) -> CombinationConfig |
 
     Examples
     --------
-    >>> import combframe
-    >>> combframe.from_mtenn_config(
+    >>> import combframe.mtenn
+    >>> combframe.mtenn.from_mtenn_config(
     ...     {"combination": "max", "max_comb_neg": True, "max_comb_scale": 100.0}
     ... )
     CombinationConfig(name='max', negate_preds=True, pred_scale=100.0)
@@ -190,8 +190,8 @@ def migrate_mtenn_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Examples
     --------
-    >>> import combframe
-    >>> combframe.migrate_mtenn_config({"combination": "mean", "max_comb_scale": 1000, "lr": 0.1})
+    >>> from combframe.mtenn import migrate_mtenn_config
+    >>> migrate_mtenn_config({"combination": "mean", "max_comb_scale": 1000, "lr": 0.1})
     {'combination': {'name': 'mean'}, 'lr': 0.1}
     """
     combination = from_mtenn_config(config)

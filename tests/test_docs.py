@@ -6,12 +6,16 @@ combframe discovers it through its entry point and that its gradients are exact.
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
+import importlib.metadata
 import importlib.util
+import inspect
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,6 +33,8 @@ EXAMPLE_PACKAGE = DOCS / "examples" / "combframe-expavg"
 #: Pages whose examples need the example plugin installed; they run in a subprocess.
 NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-guide.md"}
 SHIPPED_PLUGINS = ("combframe_max", "combframe_mean", "combframe_boltzmann")
+#: The class an example plugin's entry point names.
+EXAMPLE_CLASS = "combframe_expavg:ExpAverageCombination"
 
 # A fenced block: ```python, ```py or ```{code-block} python, up to the closing fence
 # of the same length. Directive options (":caption: ...") at its top are dropped.
@@ -90,6 +96,63 @@ def test_readme_and_docs_have_examples() -> None:
         assert required in found, f"{required} has no Python example; found {sorted(found)}"
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+_PRIVATE_ATTRIBUTE = re.compile(r"\bcombframe(?:\.\w+)*?\._(?!_)\w*")
+
+
+def private_uses(code: str) -> list[str]:
+    """Private combframe modules and names that ``code`` imports or reads."""
+
+    def private(dotted: str) -> bool:
+        parts = dotted.split(".")
+        return parts[0] == "combframe" and any(map(_is_private, parts[1:]))
+
+    found = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if private(alias.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if private(node.module):
+                found.append(node.module)
+                continue
+            names = (f"{node.module}.{alias.name}" for alias in node.names)
+            found += [name for name in names if private(name)]
+    found += _PRIVATE_ATTRIBUTE.findall(code)  # combframe._x, also inside strings
+    return sorted(set(found))
+
+
+def test_private_use_detector() -> None:
+    code = (
+        "import combframe._x\nfrom combframe._y import z\nfrom combframe.core import _w\n"
+        "import combframe, combframe.registry\nfrom combframe.registry import create_combination\n"
+        "print(combframe.__version__, combframe._HOMES, combframe.core.batch._pyg_batch)\n"
+    )
+    assert private_uses(code) == [
+        "combframe._HOMES",
+        "combframe._x",
+        "combframe._y",
+        "combframe.core._w",
+        "combframe.core.batch._pyg_batch",
+    ]
+
+
+_EXAMPLE_SOURCES = sorted((EXAMPLE_PACKAGE / "combframe_expavg").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _markdown_files() + _EXAMPLE_SOURCES, ids=_page_id)
+def test_docs_use_only_public_modules(path: Path) -> None:
+    """Examples import the public API only; private modules may change at any release."""
+    text = path.read_text(encoding="utf-8")
+    blocks = python_blocks(text) if path.suffix == ".md" else [(1, text)]
+    assert blocks or path.suffix == ".md", path
+    for line, code in blocks:
+        used = private_uses(code)
+        assert not used, f"{_page_id(path)}:{line}: the example uses private {used}"
+
+
 def _run_blocks_in_process(path: Path, blocks: list[tuple[int, str]]) -> None:
     namespace: dict[str, Any] = {"__name__": f"docs_example_{path.stem}"}
     for line, code in blocks:
@@ -120,13 +183,16 @@ def _run_blocks_in_subprocess(path: Path, blocks: list[tuple[int, str]], site: P
 def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example plugin package of the guide, pip-installed into a temp directory."""
     target = tmp_path_factory.mktemp("example-site")
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path_factory.mktemp("example-source") / EXAMPLE_PACKAGE.name
+    shutil.copytree(EXAMPLE_PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
     if importlib.util.find_spec("setuptools") is not None:
         # Build with the setuptools at hand: fast and offline. Without one (fresh
         # Python >= 3.12 environments), pip fetches it like any user's install would.
         command += ["--no-build-isolation", "--no-index"]
     proc = subprocess.run(
-        [*command, "--target", str(target), str(EXAMPLE_PACKAGE)],
+        [*command, "--target", str(target), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,13 +229,18 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
     """The guide's package, installed, registers through its entry point and passes parity."""
     check = textwrap.dedent(
         """
+        from importlib.metadata import entry_points
+
         import combframe
+        import combframe.registry
         from combframe.testing import gradient_parity
 
         names = combframe.list_combinations()
         assert "expavg" in names, names
-        cls = combframe.get_combination_class("expavg")
+        cls = combframe.registry.get_combination_class("expavg")
         assert cls.__module__ == "combframe_expavg", cls.__module__
+        (ep,) = [e for e in entry_points(group="combframe") if e.name == "expavg"]
+        assert ep.value == CLASS and ep.load() is cls, ep
         import combframe_expavg
         assert combframe_expavg.__file__.startswith(SITE), combframe_expavg.__file__
         comb = combframe.create_combination("expavg", kT=0.8)
@@ -185,17 +256,39 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
         """
     )
     proc = _run_with_site(
-        example_site, "-W", "error", "-c", f"SITE = {str(example_site)!r}\n{check}"
+        example_site,
+        "-W",
+        "error",
+        "-c",
+        f"SITE = {str(example_site)!r}\nCLASS = {EXAMPLE_CLASS!r}\n{check}",
     )
     assert float(proc.stdout.split()[-1]) <= 1e-10
 
 
-@pytest.mark.parametrize("module", ["combframe_max", "combframe_mean", "combframe_boltzmann"])
-def test_combination_pages_document_every_parameter(module: str) -> None:
-    plugin = importlib.import_module(module)
-    classes = plugin.combframe_add_combinations()
-    assert classes, f"{module} registers no combination"
+def _shipped_classes(module: str) -> list[type[combframe.Combination]]:
+    """The classes that combframe's own entry points register from ``module``."""
+    eps = importlib.metadata.distribution("combframe").entry_points
+    classes = [ep.load() for ep in eps if ep.group == "combframe" and ep.module == module]
     for cls in classes:
+        assert isinstance(cls, type) and issubclass(cls, combframe.Combination), cls
+    assert classes, f"no entry point in group 'combframe' names a class of {module}"
+    return classes
+
+
+def _public_names(module: ModuleType) -> set[str]:
+    """The public classes and functions a module defines itself (not those it imports)."""
+    return {
+        name
+        for name, obj in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and obj.__module__ == module.__name__
+    }
+
+
+@pytest.mark.parametrize("module", SHIPPED_PLUGINS)
+def test_combination_pages_document_every_parameter(module: str) -> None:
+    for cls in _shipped_classes(module):
         page = DOCS / "combinations" / f"{cls.name}.md"
         assert page.exists(), f"combination {cls.name!r} has no page {page.relative_to(ROOT)}"
         text = page.read_text(encoding="utf-8")
@@ -252,8 +345,10 @@ def test_api_reference_covers_public_api() -> None:
     assert not missing, f"docs/api.md does not document combframe.{missing}"
     for module in SHIPPED_PLUGINS:
         plugin = importlib.import_module(module)
+        public = _public_names(plugin)
+        assert {cls.__name__ for cls in _shipped_classes(module)} <= public, public
         names = set(re.findall(rf"^\.\. auto\w+:: {module}\.(\w+)\s*$", text, re.MULTILINE))
-        missing = sorted(set(plugin.__all__) - names)
+        missing = sorted(public - names)
         assert not missing, f"docs/api.md does not document {module}.{missing}"
 
 

@@ -4,7 +4,7 @@ Forward returns ``(combined, per_pose)``. Backward receives
 ``comb_grad`` :math:`= \partial L/\partial G` and ``pose_grads``
 :math:`= \partial L/\partial y_i`, forms
 :math:`c_i = \texttt{comb\_grad}\cdot\partial h/\partial y_i + \texttt{pose\_grads}_i`,
-and asks the strategy's :class:`~combframe.PoseGradients` for
+and asks the strategy's :class:`~combframe.core.gradients.PoseGradients` for
 :math:`\sum_i c_i\,\partial y_i/\partial\theta`, which it splits back into one
 gradient per parameter. A plugin's ``*CombinationFunc`` only changes the leading
 arguments (the combination's hyperparameters instead of a combination object); its

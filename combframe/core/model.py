@@ -35,7 +35,7 @@ class MultiPoseModel(torch.nn.Module):
         :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
     strategy
         ``"store"`` (default), ``"recompute"``, ``"stream"``, or a
-        :class:`~combframe.Strategy` instance such as ``Recompute(check=True)``.
+        :class:`~combframe.core.strategies.Strategy` instance such as ``Recompute(check=True)``.
     pred_readout
         Applied to each pose's prediction before combining (part of the per-pose graph).
     comb_readout

@@ -3,7 +3,7 @@ r"""Gradient strategies: how the gradients of the per-pose predictions are obtai
 Each strategy runs the single-pose model over the flat list of poses of a batch of
 compounds, ``chunk_size`` poses per pass, never holding more than one chunk's autograd
 graph, and returns the detached ``(M,)`` predictions and a
-:class:`~combframe.PoseGradients` that answers the backward.
+:class:`~combframe.core.gradients.PoseGradients` that answers the backward.
 
 =========  ===========================================  ===============================
 strategy   held between forward and backward            losses supported
@@ -408,7 +408,7 @@ class Store(Strategy):
     vmapped over poses of one shape (the default collate, no pose tensor requiring grad,
     no parameter reached through a closure or a readout module, no randomness and no
     buffer updated in place). Otherwise store runs one pose per pass (each pose collated
-    alone) and warns once per model with :class:`~combframe.StrategyWarning`.
+    alone) and warns once per model with :class:`~combframe.errors.StrategyWarning`.
     """
 
     name = "store"
@@ -939,9 +939,9 @@ def _module_buffers(runner: PoseRunner) -> list[Tensor]:
 class Stream(Strategy):
     r"""Single pass with flat memory: per-compound running sums of weighted gradients.
 
-    The combination must implement :class:`~combframe.StreamingCombination`. Exact for
-    losses on the combined predictions; a loss on the per-pose predictions raises in
-    backward.
+    The combination must implement
+    :class:`~combframe.core.combination.StreamingCombination`. Exact for losses on the
+    combined predictions; a loss on the per-pose predictions raises in backward.
 
     For each compound, with log weights :math:`a_i`, features :math:`\phi_i` (centred on
     the compound's first prediction) and running maximum :math:`m`, a chunk holding poses
@@ -1319,6 +1319,6 @@ def resolve_strategy(strategy: str | Strategy) -> Strategy:
     if key not in STRATEGIES:
         raise ValueError(
             f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)} "
-            "or pass a combframe.Strategy instance"
+            "or pass a combframe.core.strategies.Strategy instance"
         )
     return STRATEGIES[key]()

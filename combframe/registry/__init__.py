@@ -15,7 +15,7 @@ Environment variables, read when the registry is built:
     Comma-separated entry-point names that are not loaded (``max``, ``boltzmann``...).
 ``COMBFRAME_STRICT_PLUGINS``
     Non-empty (and not false-like): a plugin that fails to load or register raises
-    :class:`~combframe.PluginValidationError` instead of warning.
+    :class:`~combframe.errors.PluginValidationError` instead of warning.
 """
 
 from __future__ import annotations

@@ -23,22 +23,22 @@ def combframe_add_combinations() -> Sequence[type[Combination]]:
     """Return the combination classes this plugin provides.
 
     Called with no arguments, once each time the registry is built (first use, or
-    :func:`combframe.reload_registry`). Each class derives from
+    :func:`combframe.registry.reload_registry`). Each class derives from
     :class:`combframe.Combination`, sets a non-empty ``name``, a ``Params`` model
     derived from :class:`combframe.CombinationParams` (without a field called
     ``name``) and implements ``value``; it may set ``aliases`` and
     ``deprecated_aliases`` (tuples of names; a deprecated one warns when used).
 
     If this hook raises or returns something invalid, none of the plugin's classes is
-    registered, a :class:`combframe.PluginWarning` names the plugin and the error, and
-    the failure appears in :func:`combframe.plugin_errors` (with
-    ``COMBFRAME_STRICT_PLUGINS=1``: :class:`combframe.PluginValidationError`).
+    registered, a :class:`combframe.errors.PluginWarning` names the plugin and the error, and
+    the failure appears in :func:`combframe.registry.plugin_errors` (with
+    ``COMBFRAME_STRICT_PLUGINS=1``: :class:`combframe.errors.PluginValidationError`).
 
     Returns
     -------
     Sequence[type[Combination]]
         The combination classes; may be empty. Returning a class that another plugin
         already registered is a no-op; a different class under a name or alias that is
-        taken raises :class:`combframe.PluginValidationError` naming both plugins.
+        taken raises :class:`combframe.errors.PluginValidationError` naming both plugins.
     """
     raise NotImplementedError

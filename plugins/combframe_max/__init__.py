@@ -38,17 +38,17 @@ class MaxCombination(combframe.Combination[MaxParams]):
     name = "max"
     mtenn_fields: ClassVar = {"max_comb_neg": "negate_preds", "max_comb_scale": "pred_scale"}
 
-    def st(self) -> float:
+    def _st(self) -> float:
         return (-1.0 if self.params.negate_preds else 1.0) * self.params.pred_scale
 
     def value(self, preds: Tensor) -> Tensor:
-        return torch.logsumexp(self.st() * preds, dim=0) / self.st()
+        return torch.logsumexp(self._st() * preds, dim=0) / self._st()
 
     def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
-        return segment_logsumexp(self.st() * preds, index, num_segments) / self.st()
+        return segment_logsumexp(self._st() * preds, index, num_segments) / self._st()
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-        return self.st() * preds, torch.ones_like(preds).unsqueeze(-1)
+        return self._st() * preds, torch.ones_like(preds).unsqueeze(-1)
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         return combined.new_ones(1)

@@ -18,8 +18,7 @@ from pydantic import Field
 from torch import Tensor
 
 import combframe
-
-__all__ = ["ExpAverageCombination", "ExpAverageParams"]
+from combframe.mtenn import mtenn_function
 
 
 class ExpAverageParams(combframe.CombinationParams):
@@ -28,15 +27,10 @@ class ExpAverageParams(combframe.CombinationParams):
     kT: float = Field(0.6, gt=0, description="Thermal energy kT, in the predictions' units.")
 
 
-class ExpAverageCombination(combframe.Combination):
-    """Exponential average over poses; the math is in the module docstring."""
+class ExpAverageCombination(combframe.Combination[ExpAverageParams]):
+    """Exponential (free-energy) average of the per-pose predictions."""
 
     name = "expavg"
-    Params = ExpAverageParams
-    params: ExpAverageParams
-
-    def __init__(self, kT: float = 0.6) -> None:
-        super().__init__(kT=kT)
 
     def value(self, preds: Tensor) -> Tensor:
         r"""Return :math:`h(y)`; ``logsumexp`` keeps large :math:`\beta y` finite."""
@@ -44,8 +38,9 @@ class ExpAverageCombination(combframe.Combination):
         lse = torch.logsumexp(-beta * preds, dim=0) - math.log(preds.shape[0])
         return -lse / beta
 
+    # Optional: closed-form pose weights; without this method autograd derives them.
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
-        """Closed-form pose weights; without this method autograd derives them."""
+        r"""Return :math:`\operatorname{softmax}(-\beta y)`."""
         return torch.softmax(-preds / self.params.kT, dim=0)
 
     # Optional: these two make the single-pass ``stream`` strategy available.
@@ -58,7 +53,5 @@ class ExpAverageCombination(combframe.Combination):
         return torch.ones(1, dtype=combined.dtype, device=combined.device)
 
 
-@combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.Combination]]:
-    """Register :class:`ExpAverageCombination` with combframe."""
-    return [ExpAverageCombination]
+# Optional: mtenn's calling convention, ExpAverageCombinationFunc.apply(kT, pred_list, ...).
+ExpAverageCombinationFunc = mtenn_function(ExpAverageCombination)
