@@ -172,7 +172,8 @@ def _print_table(results: Sequence[Any]) -> None:
         )
         for r in results
     ]
-    best = min(range(len(results)), key=lambda i: results[i].metrics["test"]["rmse"])
+    # Compared as printed, so runs that tie at three decimals share the *.
+    printed = [float(row[1]) if row[1] != "n/a" else math.inf for row in rows]
     first = "combination" if by_name else "run"
     header = (first, "RMSE", "Pearson", "Spearman", "s/epoch", "step memory")
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
@@ -185,7 +186,7 @@ def _print_table(results: Sequence[Any]) -> None:
 
     print(f"  {line(header)}")
     for i, row in enumerate(rows):
-        print(f"{'*' if i == best else ' '} {line(row)}")
+        print(f"{'*' if printed[i] == min(printed) else ' '} {line(row)}")
     print("held-out metrics of compound-level predictions; * lowest RMSE")
     print(f"step memory: {results[0].metrics['peak_memory_kind']}")
 

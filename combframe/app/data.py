@@ -104,6 +104,28 @@ def _check_sizes(
         raise ValueError(f"test_fraction must lie strictly between 0 and 1; got {test_fraction}")
 
 
+def _draw(
+    n_compounds: int,
+    poses_per_compound: int,
+    features: int,
+    pose_spread: float,
+    noise: float,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw the poses, the teacher's pose energies and the compounds' values."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = _teacher(features, 16, gen)
+    centers = torch.randn((n_compounds, 1, features), generator=gen, dtype=torch.float64)
+    offsets = torch.randn(
+        (n_compounds, poses_per_compound, features), generator=gen, dtype=torch.float64
+    )
+    poses = (centers + pose_spread * offsets).float()
+    with torch.no_grad():
+        energies = -8.0 + 3.0 * teacher(poses).squeeze(-1)
+    targets = energies.amin(dim=1) + noise * torch.randn(n_compounds, generator=gen)
+    return poses, energies, targets
+
+
 def make_dataset(
     *,
     n_compounds: int = 240,
@@ -147,16 +169,9 @@ def make_dataset(
         If a count is below its minimum or ``test_fraction`` is outside ``(0, 1)``.
     """
     _check_sizes(n_compounds, poses_per_compound, features, test_fraction)
-    gen = torch.Generator().manual_seed(seed)
-    teacher = _teacher(features, 16, gen)
-    centers = torch.randn((n_compounds, 1, features), generator=gen, dtype=torch.float64)
-    offsets = torch.randn(
-        (n_compounds, poses_per_compound, features), generator=gen, dtype=torch.float64
+    poses, energies, targets = _draw(
+        n_compounds, poses_per_compound, features, pose_spread, noise, seed
     )
-    poses = (centers + pose_spread * offsets).float()
-    with torch.no_grad():
-        energies = -8.0 + 3.0 * teacher(poses).squeeze(-1)
-    targets = energies.amin(dim=1) + noise * torch.randn(n_compounds, generator=gen)
     n_test = _n_test(test_fraction, n_compounds)
     compounds = tuple(
         Compound(
