@@ -87,7 +87,7 @@ def test_one_held_out_compound_prints_na_with_a_note(
     args = ["train", "compounds=2", "epochs=1", "--no-progress", f"output_dir={tmp_path}"]
     assert main([*args, "name=two"]) == 0
     captured = capsys.readouterr()
-    assert "Pearson n/a   Spearman n/a   (1 compounds)" in captured.out, captured.out
+    assert "Pearson n/a   Spearman n/a   (1 compound)" in captured.out, captured.out
     assert "nan" not in captured.out
     assert "note: Pearson and Spearman are n/a: only 1 held-out compound" in captured.err
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())

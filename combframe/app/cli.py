@@ -80,6 +80,10 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _describe(combination: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v!r}" for k, v in combination.items() if k != "name")
     return f"{combination['name']}({params})"
@@ -135,7 +139,7 @@ def _report(results: Sequence[Any], folder: Any) -> None:
         print(f"strategy     {m['strategy']} on {m['device']}{processes}")
         print(
             f"held-out     RMSE {_fmt(test['rmse'])}{unit}   Pearson {_fmt(test['pearson'])}"
-            f"   Spearman {_fmt(test['spearman'])}   ({test['compounds']} compounds)"
+            f"   Spearman {_fmt(test['spearman'])}   ({_count(test['compounds'], 'compound')})"
         )
         print(f"time/epoch   {_fmt(m['time_per_epoch_s'], '.2f')} s")
         rss = m["process_peak_rss_mb"]
