@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,18 @@ def test_reasons_for_undefined_correlations() -> None:
     assert "every held-out compound has the same value" in str(
         undefined_correlation(x, torch.ones(3))
     )
+
+
+def test_the_documented_config_file_trains_without_an_alarm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The YAML example of docs/cli.md: no divergence, no note."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    [block] = re.findall(r"```yaml\n(.*?)```", page, re.DOTALL)
+    path = tmp_path / "run.yaml"
+    path.write_text(block)
+    args = ["train", "--config", str(path), "--no-progress", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    assert "boltzmann(kT=0.6)" in captured.out and "recompute" in captured.out
