@@ -22,17 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import combframe
-from combframe.app.cli import main
+from combframe.app.cli import _parity_harness, main
+from combframe.app.config import ConfigError, apply_overrides, load_config
 from combframe.app.data import make_dataset
-from combframe.app.train import (
-    ConfigError,
-    apply_overrides,
-    load_config,
-    pearson,
-    rmse,
-    spearman,
-)
-from combframe.testing import gradient_parity, isolated_registry, register_plugin
+from combframe.app.metrics import pearson, rmse, spearman
+from combframe.testing import isolated_registry, register_plugin
+
+gradient_parity = _parity_harness()
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG_PLUGIN = Path(__file__).resolve().parent / "wrong_plugin"
@@ -95,7 +91,7 @@ def test_default_train_finishes_and_writes_its_run_folder(
         assert math.isfinite(metrics["test"][key]), key
     assert metrics["test"]["pearson"] > 0.8
     assert metrics["time_per_epoch_s"] > 0
-    assert metrics["peak_memory_mb"] > 0
+    assert metrics["peak_memory_bytes"] > 0
 
 
 def test_smooth_min_beats_mean_on_held_out_rmse(
@@ -187,7 +183,8 @@ def test_recompute_strategy_trains_like_store(tmp_path: Path) -> None:
         (["combination.kT=1"], "combination.kT"),
         (["epochs"], "key=value"),
         (["epochs.deep=1"], "epochs"),
-        (["--compare", "max,nope"], "--compare.name"),
+        (["--compare", "max,nope"], "--compare combination.name=nope"),
+        (["--compare", "strategy=store,fast"], "--compare strategy=fast"),
     ],
 )
 def test_bad_train_input_exits_2_naming_the_field(

@@ -185,3 +185,13 @@ def test_every_type_ignore_says_why_on_its_line(path: Path) -> None:
 def test_each_shipped_plugin_is_small(path: Path) -> None:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(lines) <= MAX_PLUGIN_LINES, f"{path.parent.name}: {len(lines)} non-blank lines"
+
+
+def test_the_command_line_offers_exactly_the_strategies_of_the_core() -> None:
+    import typing
+
+    from combframe.app.config import TrainConfig
+    from combframe.core.strategies import STRATEGIES
+
+    offered = typing.get_args(TrainConfig.model_fields["strategy"].annotation)
+    assert offered == tuple(STRATEGIES), "combframe.app.config lists other strategies"

@@ -2,7 +2,12 @@
 
 Run ``combframe --help`` or ``combframe <command> --help``; ``docs/cli.md`` describes
 every command. Usage errors (a bad config, an unknown combination, a malformed
-override) print one line on stderr and exit with status 2; a failed ``check`` exits 1.
+override) print one line on stderr and exit with status 2; a failed ``check`` and a
+diverged training run exit 1; a closed standard output (``combframe check max | head
+-1``) ends quietly with status 141, as a process ended by SIGPIPE.
+
+Importing this module, ``--help`` and ``--version`` load neither torch nor the library:
+each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
+import textwrap
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["main"]
@@ -20,24 +28,60 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: A closed standard output: 128 + SIGPIPE, what a shell reports for ``yes | head -1``.
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(Exception):
-    """Bad input from the command line; printed as one line, exit status 2."""
+    """Bad input from the command line; printed as one line, exit status 2.
+
+    ``prog`` is the command the message is about, when the parser knows it.
+    """
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit 2."""
 
+    #: Builds text appended to ``--help`` when it is asked for (kept out of startup).
+    help_epilog: Callable[[], str] | None = None
+
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+        raise UsageError(f"{message} (see `{self.prog} --help`)", prog=self.prog)
+
+    def format_help(self) -> str:
+        if self.help_epilog is not None and self.epilog is None:
+            self.epilog = self.help_epilog()
+        return super().format_help()
+
+
+def _rank() -> tuple[int, int]:
+    """Return this process's rank and the number of processes, as ``torchrun`` sets them."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return (int(rank) if rank.isdigit() else 0), (int(world) if world.isdigit() else 1)
+
+
+def _say(message: str, *, every_rank: bool = False) -> None:
+    """Print ``message`` on stderr: on rank 0 only, or on every rank with its number."""
+    rank, world = _rank()
+    if world > 1 and every_rank:
+        print(f"[rank {rank}] {message}", file=sys.stderr)
+    elif rank == 0:
+        print(message, file=sys.stderr)
 
 
 # ---- train --------------------------------------------------------------------------
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _describe(combination: dict[str, Any]) -> str:
@@ -46,75 +90,109 @@ def _describe(combination: dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from combframe.app.train import ConfigError, TrainingDivergedError, compare, load_config, train
+    from combframe.app import distributed
+    from combframe.app.config import ConfigError, load_config
+    from combframe.app.train import TrainingDivergedError, check_config, parse_compare
 
+    ranks = distributed.from_environment()
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    progress = not args.no_progress
-    try:
-        if args.compare is None:
-            result = train(config, progress=progress)
-            results = [result]
-            folder = result.run_dir
-        else:
-            results, folder = compare(config, args.compare.split(","), progress=progress)
+        device = check_config(config, ranks)
+        variants = None if args.compare is None else parse_compare(args.compare)
+        results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except TrainingDivergedError as exc:
-        print(f"combframe train: {exc}", file=sys.stderr)
+        _say(f"combframe train: {exc}", every_rank=not exc.same_on_every_rank)
         return EXIT_FAILED
+    if ranks.main:
+        _report(results, folder)
+    return EXIT_OK
+
+
+def _train_runs(
+    config: Any, variants: tuple[str, list[str]] | None, device: Any, ranks: Any, progress: bool
+) -> tuple[list[Any], Any]:
+    """Train once, or once per ``--compare`` value, in the process group under torchrun."""
+    from combframe.app import distributed
+    from combframe.app.train import compare, load_data, train
+
+    if variants is None:
+        data = load_data(config)  # a bad compounds file is refused before the group forms
+        with distributed.process_group(ranks, device) as joined:
+            result = train(config, progress=progress, data=data, ranks=joined)
+        return [result], result.run_dir
+    key, values = variants
+    with distributed.process_group(ranks, device) as joined:
+        return compare(config, values, key=key, progress=progress, ranks=joined)
+
+
+def _report(results: Sequence[Any], folder: Any) -> None:
+    from combframe.app.memory import format_bytes
 
     if len(results) == 1:
         m = results[0].metrics
         test = m["test"]
+        unit = " kcal/mol" if m["data"]["source"] == "built-in" else ""
+        processes = f" ({m['processes']} processes)" if m["processes"] > 1 else ""
         print(f"combination  {_describe(m['combination'])}")
-        print(f"strategy     {m['strategy']} on {m['device']}")
+        print(f"strategy     {m['strategy']} on {m['device']}{processes}")
         print(
-            f"held-out     RMSE {_fmt(test['rmse'])} kcal/mol   Pearson {_fmt(test['pearson'])}"
-            f"   Spearman {_fmt(test['spearman'])}   ({test['compounds']} compounds)"
+            f"held-out     RMSE {_fmt(test['rmse'])}{unit}   Pearson {_fmt(test['pearson'])}"
+            f"   Spearman {_fmt(test['spearman'])}   ({_count(test['compounds'], 'compound')})"
         )
+        print(f"time/epoch   {_fmt(m['time_per_epoch_s'], '.2f')} s")
+        rss = m["process_peak_rss_mb"]
+        rss_text = f"; process peak RSS {rss:.0f} MiB" if rss is not None else ""
         print(
-            f"time/epoch   {_fmt(m['time_per_epoch_s'], '.2f')} s   peak memory "
-            f"{_fmt(m['peak_memory_mb'], '.0f')} MiB ({m['peak_memory_kind']})"
+            f"peak memory  {format_bytes(m['peak_memory_bytes'])}: {m['peak_memory_kind']}"
+            f"{rss_text}"
         )
     else:
         _print_table(results)
-    for note in (n for r in results for n in r.notes):
-        print(f"note: {note}", file=sys.stderr)
+    for r in results:
+        label = r.label
+        if label.startswith("combination.name="):
+            label = _describe(r.combination)
+        label = f"{label}: " if label else ""
+        for note in r.notes:
+            print(f"note: {label}{note}", file=sys.stderr)
     if folder is not None:
         print(f"run folder   {folder}")
-    return EXIT_OK
 
 
 def _print_table(results: Sequence[Any]) -> None:
+    from combframe.app.memory import format_bytes
+
+    by_name = all(r.label.startswith("combination.name=") for r in results)
     rows = [
         (
-            _describe(r.metrics["combination"]),
+            _describe(r.metrics["combination"]) if by_name else r.label,
             _fmt(r.metrics["test"]["rmse"]),
             _fmt(r.metrics["test"]["pearson"]),
             _fmt(r.metrics["test"]["spearman"]),
             _fmt(r.metrics["time_per_epoch_s"], ".2f"),
-            _fmt(r.metrics["peak_memory_mb"], ".0f"),
+            format_bytes(r.metrics["peak_memory_bytes"]),
         )
         for r in results
     ]
-    best = min(range(len(results)), key=lambda i: results[i].metrics["test"]["rmse"])
-    header = ("combination", "RMSE", "Pearson", "Spearman", "s/epoch", "peak MiB")
+    # Compared as printed, so runs that tie at three decimals share the *.
+    printed = [float(row[1]) if row[1] != "n/a" else math.inf for row in rows]
+    first = "combination" if by_name else "run"
+    header = (first, "RMSE", "Pearson", "Spearman", "s/epoch", "step memory")
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
-    line = "  ".join(
-        h.ljust(w) if c == 0 else h.rjust(w)
-        for c, (h, w) in enumerate(zip(header, widths, strict=True))
-    )
-    print(f"  {line}")
-    for i, row in enumerate(rows):
-        cells = "  ".join(
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
             v.ljust(w) if c == 0 else v.rjust(w)
-            for c, (v, w) in enumerate(zip(row, widths, strict=True))
+            for c, (v, w) in enumerate(zip(cells, widths, strict=True))
         )
-        print(f"{'*' if i == best else ' '} {cells}")
+
+    print(f"  {line(header)}")
+    for i, row in enumerate(rows):
+        print(f"{'*' if printed[i] == min(printed) else ' '} {line(row)}")
     print("held-out metrics of compound-level predictions; * lowest RMSE")
+    print(f"step memory: {results[0].metrics['peak_memory_kind']}")
 
 
 # ---- list ---------------------------------------------------------------------------
@@ -136,6 +214,27 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+def _origin(distribution: str | None, version: str | None) -> str:
+    origin = distribution or "not from a distribution"
+    return f"{origin} {version}" if version else origin
+
+
+def _print_combination(info: Any) -> None:
+    aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
+    stream = "yes" if info.supports_stream else "no"
+    print(f"{info.name}{aliases}")
+    print(f"    {info.description}")
+    print(f"    plugin {info.plugin}, {_origin(info.distribution, info.version)}; ", end="")
+    print(f"stream strategy: {stream}")
+    if not info.parameters:
+        print("    no parameters")
+    for p in info.parameters:
+        bounds = f", {p.bounds}" if p.bounds else ""
+        default = "required" if p.required else f"default {p.default!r}"
+        desc = f": {p.description}" if p.description else ""
+        print(f"    - {p.name} ({p.type}, {default}{bounds}){desc}")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import warnings
 
@@ -153,76 +252,107 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not infos:
         print("no combinations installed")
     for info in infos:
-        origin = info.distribution or "not from a distribution"
-        if info.version:
-            origin += f" {info.version}"
-        aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
-        stream = "yes" if info.supports_stream else "no"
-        print(f"{info.name}{aliases}")
-        print(f"    {info.description}")
-        print(f"    plugin {info.plugin}, {origin}; stream strategy: {stream}")
-        if not info.parameters:
-            print("    no parameters")
-        for p in info.parameters:
-            bounds = f", {p.bounds}" if p.bounds else ""
-            default = "required" if p.required else f"default {p.default!r}"
-            desc = f": {p.description}" if p.description else ""
-            print(f"    - {p.name} ({p.type}, {default}{bounds}){desc}")
+        _print_combination(info)
     if errors:
         print("plugins that failed to load:")
     for err in errors:
-        origin = err.distribution or "not from a distribution"
-        if err.version:
-            origin += f" {err.version}"
-        print(f"    {err.plugin} ({origin}): {err.exception}")
+        print(f"    {err.plugin} ({_origin(err.distribution, err.version)}): {err.exception}")
     return EXIT_OK
 
 
 # ---- check --------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """Return an argparse type: comma-separated integers, each at least ``minimum``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(
+                f"every value must be at least {minimum}; got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """Parse a finite number > 0 (an argparse type)."""
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-    return values
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
+    return value
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+def _non_negative_int(text: str) -> int:
+    """Parse an integer >= 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0; got {text!r}")
+    return value
 
-    import combframe
-    from combframe.app.train import format_validation_error, parse_value
-    from combframe.testing.parity import gradient_parity
+
+def _parity_harness() -> Callable[..., Any]:
+    """Return the gradient-parity harness (float64, every strategy, full-graph reference)."""
+    from combframe.testing import gradient_parity
+
+    return gradient_parity
+
+
+def _check_params(items: Sequence[str]) -> dict[str, Any]:
+    from combframe.app.config import parse_value
 
     params: dict[str, Any] = {}
-    for item in args.params:
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"parameter {item!r} is not of the form key=value (e.g. kT=0.6)")
         params[key.strip()] = parse_value(raw)
-    if any(n < 1 for n in args.poses):
-        raise UsageError(f"--poses: every pose count must be at least 1; got {args.poses}")
+    return params
+
+
+def _checked_combination(name: str | None, params: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    import combframe
+    from combframe.app.config import format_validation_error
+
+    if name is None:
+        installed = ", ".join(combframe.list_combinations()) or "none"
+        raise UsageError(
+            "give the NAME of the combination to check, e.g. `combframe check max` "
+            f"(installed: {installed}); KEY=VALUE parameters are optional"
+        )
     try:
-        config = combframe.CombinationConfig.model_validate({"name": args.name, **params})
+        config = combframe.CombinationConfig.model_validate({"name": name, **params})
     except ValidationError as exc:
         raise UsageError(format_validation_error(exc)) from None
-    combination = config.build()
+    return config.build()
 
-    label = _describe(combination.to_config())
-    print(f"check {label}: float64 gradients against the full-graph reference")
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    combination = _checked_combination(args.name, _check_params(args.params))
+    print(
+        f"check {_describe(combination.to_config())}: float64 gradients against the "
+        "full-graph reference"
+    )
     print(f"  poses N in {list(args.poses)}, seeds {list(args.seeds)}, rtol {args.rtol:g}")
-    result = gradient_parity(
-        combination,
-        n_poses=args.poses,
-        seeds=args.seeds,
-        rtol=args.rtol,
-        on_error="record",
+    result = _parity_harness()(
+        combination, n_poses=args.poses, seeds=args.seeds, rtol=args.rtol, on_error="record"
     )
     worst: dict[tuple[str, str], float] = {}
     for strategy, loss, _n, err in result.cases:
@@ -234,25 +364,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"  skip {note}")
     for error in result.errors:
         print(f"  FAIL {error}")
+    return _check_verdict(combination.name, result, args.rtol)
+
+
+def _check_verdict(name: str, result: Any, rtol: float) -> int:
     case = result.worst_case()
     where = f" ({case[0]}, {case[1]} loss, N={case[2]})" if case is not None else ""
     if result.passed and result.cases:
         print(
-            f"PASS {combination.name}: worst relative error {result.worst:.2e}{where} "
-            f"<= {args.rtol:g} over {len(result.cases)} cases"
+            f"PASS {name}: worst relative error {result.worst:.2e}{where} "
+            f"<= {rtol:g} over {len(result.cases)} cases"
         )
         return EXIT_OK
     reasons = []
-    if not result.worst <= args.rtol:
+    if not result.worst <= rtol:
         reasons.append(
-            f"worst relative error {result.worst:.2e}{where} > {args.rtol:g}: the pose "
+            f"worst relative error {result.worst:.2e}{where} > {rtol:g}: the pose "
             "weights do not match autograd of the combination's value"
         )
     if result.errors:
         reasons.append(f"{len(result.errors)} case(s) raised (listed above)")
     if not result.cases and not result.errors:
         reasons.append("no case ran")
-    print(f"FAIL {combination.name}: {'; '.join(reasons)}")
+    print(f"FAIL {name}: {'; '.join(reasons)}")
     return EXIT_FAILED
 
 
@@ -268,49 +402,57 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 # ---- entry point --------------------------------------------------------------------
 
+_TRACEBACK_HELP = "show the full traceback of unexpected errors"
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of ``combframe`` with its four subcommands."""
-    parser = _Parser(
-        prog="combframe",
-        description="Combine per-pose predictions into one, with exact gradients.",
-    )
-    parser.add_argument(
-        "--traceback", action="store_true", help="show the full traceback of unexpected errors"
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p_train = sub.add_parser(
+def _help_width() -> int:
+    import shutil
+
+    return max(shutil.get_terminal_size((100, 24)).columns - 2, 60)
+
+
+def _train_help() -> str:
+    from combframe.app.config import config_keys_help
+
+    return config_keys_help(width=_help_width())
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
         "train",
-        help="train on the built-in synthetic multi-pose dataset",
-        description=(
+        help="train on the built-in synthetic dataset or your own compounds",
+        description=textwrap.fill(
             "Train a small single-pose network, combined over each compound's poses, on a "
-            "built-in synthetic dataset; print held-out metrics and write a run folder."
+            "built-in synthetic dataset (or a compounds file, data=PATH); print held-out "
+            "metrics and write a run folder. Runs under torchrun on several processes.",
+            width=_help_width(),
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p_train.add_argument("--config", "-c", metavar="FILE", help="YAML or JSON config file")
-    p_train.add_argument(
+    p.help_epilog = _train_help
+    p.add_argument("--config", "-c", metavar="FILE", help="YAML or JSON config file")
+    p.add_argument(
         "--compare",
-        metavar="NAMES",
-        help="comma-separated combinations to train one after another, e.g. max,mean,boltzmann",
+        metavar="NAMES|KEY=VALUES",
+        help="train once per value and print one table: comma-separated combinations "
+        "(max,mean,boltzmann) or any config key with its values (strategy=store,stream)",
     )
-    p_train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p_train.add_argument(
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides, e.g. epochs=3 combination.name=boltzmann combination.kT=0.6",
+        help="config overrides, in any order, e.g. epochs=3 combination.name=boltzmann "
+        "combination.kT=0.6 (the keys are listed below)",
     )
-    p_train.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train)
 
-    p_list = sub.add_parser("list", help="list installed combinations and plugin load errors")
-    p_list.add_argument("--json", action="store_true", help="machine-readable output")
-    p_list.set_defaults(func=_cmd_list)
 
-    p_check = sub.add_parser(
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser(
         "check",
         help="check a combination's gradients against the full-graph reference",
+        usage="combframe check [options] NAME [KEY=VALUE ...]",
         description=(
             "Compare the gradients of every strategy the combination supports with plain "
             "autograd through all pose graphs, in float64, on random models and poses, with "
@@ -318,25 +460,92 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 0 on pass, 1 on failure, 2 on usage errors."
         ),
     )
-    p_check.add_argument("name", metavar="NAME", help="registered combination name")
-    p_check.add_argument(
-        "params", nargs="*", metavar="KEY=VALUE", help="combination parameters, e.g. kT=0.6"
+    p.add_argument("name", nargs="?", metavar="NAME", help="registered combination name")
+    p.add_argument(
+        "params",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="optional combination parameters, e.g. kT=0.6 (default: the combination's)",
     )
-    p_check.add_argument(
-        "--rtol", type=float, default=1e-10, help="relative tolerance (default 1e-10)"
+    p.add_argument(
+        "--rtol", type=_positive_float, default=1e-10, help="relative tolerance > 0 (1e-10)"
     )
-    p_check.add_argument(
-        "--poses", type=_int_list, default=(1, 2, 7), help="pose counts N (default 1,2,7)"
+    p.add_argument(
+        "--poses", type=_int_list(1), default=(1, 2, 7), help="pose counts N >= 1 (1,2,7)"
     )
-    p_check.add_argument("--seeds", type=_int_list, default=(0, 1), help="seeds (default 0,1)")
-    p_check.set_defaults(func=_cmd_check)
+    p.add_argument("--seeds", type=_int_list(0), default=(0, 1), help="seeds >= 0 (0,1)")
+    p.set_defaults(func=_cmd_check)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``combframe`` with its four subcommands."""
+    parser = _Parser(
+        prog="combframe",
+        description="Combine per-pose predictions into one, with exact gradients.",
+    )
+    parser.add_argument("--traceback", action="store_true", help=_TRACEBACK_HELP)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_train(sub)
+    p_list = sub.add_parser("list", help="list installed combinations and plugin load errors")
+    p_list.add_argument("--json", action="store_true", help="machine-readable output")
+    p_list.set_defaults(func=_cmd_list)
+    _add_check(sub)
     p_schema = sub.add_parser(
         "schema", help="print the JSON schema of CombinationConfig for installed combinations"
     )
-    p_schema.add_argument("--indent", type=int, default=2, help="JSON indentation (default 2)")
+    p_schema.add_argument(
+        "--indent", type=_non_negative_int, default=2, help="JSON indentation >= 0 (2)"
+    )
     p_schema.set_defaults(func=_cmd_schema)
+    for command in sub.choices.values():
+        # Also after the command, where error messages suggest it.
+        command.add_argument(
+            "--traceback", action="store_true", default=argparse.SUPPRESS, help=_TRACEBACK_HELP
+        )
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("combframe")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def _parse(argv: Sequence[str] | None, state: dict[str, Any]) -> argparse.Namespace:
+    args, extra = build_parser().parse_known_args(argv)
+    state["args"] = args
+    # key=value arguments may follow options: `train --no-progress epochs=3 name=x`.
+    rest = getattr(args, "overrides", getattr(args, "params", None))
+    unknown = [a for a in extra if a.startswith("-") or rest is None]
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest is not None:
+        rest.extend(extra)
+    return args
+
+
+def _run(argv: Sequence[str] | None, state: dict[str, Any]) -> int:
+    args = _parse(argv, state)
+    if args.version:
+        print(f"combframe {_version()}")
+        return EXIT_OK
+    if args.command is None:
+        raise UsageError("choose a command: train, list, check or schema (see `combframe --help`)")
+    status: int = args.func(args)
+    return status
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at the null device so that the exit's flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured in tests); nothing to flush
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,43 +556,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv
         Arguments without the program name; default ``sys.argv[1:]``.
     """
-    parser = build_parser()
-    args: argparse.Namespace | None = None
+    state: dict[str, Any] = {}
     try:
-        args, extra = parser.parse_known_args(argv)
-        # key=value arguments may follow options: `train --no-progress epochs=3 name=x`.
-        rest = getattr(args, "overrides", getattr(args, "params", None))
-        unknown = [a for a in extra if a.startswith("-") or rest is None]
-        if unknown:
-            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
-        if rest is not None:
-            rest.extend(extra)
-        if args.version:
-            import combframe
-
-            print(f"combframe {combframe.__version__}")
-            return EXIT_OK
-        if args.command is None:
-            raise UsageError(
-                "choose a command: train, list, check or schema (see `combframe --help`)"
-            )
-        status: int = args.func(args)
+        status = _run(argv, state)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return status
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except UsageError as exc:
-        command = f"combframe {args.command}" if args is not None and args.command else "combframe"
-        print(f"{command}: error: {exc}", file=sys.stderr)
+        _say(f"{exc.prog or _command(state)}: error: {exc}")
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        print("combframe: interrupted", file=sys.stderr)
+        _say("combframe: interrupted", every_rank=True)
         return 130
     except Exception as exc:
-        if args is not None and args.traceback:
+        if getattr(state.get("args"), "traceback", False):
             traceback.print_exc()
-        command = f"combframe {args.command}" if args is not None and args.command else "combframe"
-        print(
-            f"{command}: error: {type(exc).__name__}: {exc} (rerun with --traceback for details)",
-            file=sys.stderr,
+        _say(
+            f"{_command(state)}: error: {type(exc).__name__}: {exc} "
+            "(rerun with --traceback for details)",
+            every_rank=True,
         )
         return EXIT_FAILED
+
+
+def _command(state: dict[str, Any]) -> str:
+    args = state.get("args")
+    command = getattr(args, "command", None)
+    return f"combframe {command}" if command else "combframe"

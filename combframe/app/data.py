@@ -13,16 +13,31 @@ A single-pose model combined with a smooth minimum can represent this exactly; t
 of the per-pose predictions cannot, which is what ``combframe train --compare`` shows.
 Everything is generated from ``seed`` with a private :class:`torch.Generator`, so the
 same arguments give bit-identical data on every machine.
+
+:func:`load_compounds` reads a user's own compounds from a JSON file instead (the format
+is in ``docs/cli.md``) and :func:`split_compounds` holds some of them out.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Compound", "SyntheticDataset", "make_dataset"]
+__all__ = [
+    "Compound",
+    "DataError",
+    "SyntheticDataset",
+    "load_compounds",
+    "make_dataset",
+    "split_compounds",
+]
 
 
 @dataclass(frozen=True)
@@ -37,12 +52,16 @@ class Compound:
     target
         0-d tensor, the compound's free energy (the best pose's, plus noise).
     pose_energies
-        Shape ``(N,)``, the teacher's free energy of every pose (for inspection only).
+        Shape ``(N,)``, the teacher's free energy of every pose (for inspection only);
+        None for compounds read from a file.
+    name
+        The compound's name in its file, or None.
     """
 
     poses: Tensor
     target: Tensor
-    pose_energies: Tensor
+    pose_energies: Tensor | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,41 @@ def _teacher(features: int, hidden: int, gen: torch.Generator) -> torch.nn.Modul
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5))
     return net
+
+
+def _check_sizes(
+    n_compounds: int, poses_per_compound: int, features: int, test_fraction: float
+) -> None:
+    if n_compounds < 2:
+        raise ValueError(f"n_compounds must be at least 2 (one per split); got {n_compounds}")
+    if poses_per_compound < 1:
+        raise ValueError(f"poses_per_compound must be at least 1; got {poses_per_compound}")
+    if features < 1:
+        raise ValueError(f"features must be at least 1; got {features}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1; got {test_fraction}")
+
+
+def _draw(
+    n_compounds: int,
+    poses_per_compound: int,
+    features: int,
+    pose_spread: float,
+    noise: float,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw the poses, the teacher's pose energies and the compounds' values."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = _teacher(features, 16, gen)
+    centers = torch.randn((n_compounds, 1, features), generator=gen, dtype=torch.float64)
+    offsets = torch.randn(
+        (n_compounds, poses_per_compound, features), generator=gen, dtype=torch.float64
+    )
+    poses = (centers + pose_spread * offsets).float()
+    with torch.no_grad():
+        energies = -8.0 + 3.0 * teacher(poses).squeeze(-1)
+    targets = energies.amin(dim=1) + noise * torch.randn(n_compounds, generator=gen)
+    return poses, energies, targets
 
 
 def make_dataset(
@@ -114,25 +168,11 @@ def make_dataset(
     ValueError
         If a count is below its minimum or ``test_fraction`` is outside ``(0, 1)``.
     """
-    if n_compounds < 2:
-        raise ValueError(f"n_compounds must be at least 2 (one per split); got {n_compounds}")
-    if poses_per_compound < 1:
-        raise ValueError(f"poses_per_compound must be at least 1; got {poses_per_compound}")
-    if features < 1:
-        raise ValueError(f"features must be at least 1; got {features}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1; got {test_fraction}")
-    gen = torch.Generator().manual_seed(seed)
-    teacher = _teacher(features, 16, gen)
-    centers = torch.randn((n_compounds, 1, features), generator=gen, dtype=torch.float64)
-    offsets = torch.randn(
-        (n_compounds, poses_per_compound, features), generator=gen, dtype=torch.float64
+    _check_sizes(n_compounds, poses_per_compound, features, test_fraction)
+    poses, energies, targets = _draw(
+        n_compounds, poses_per_compound, features, pose_spread, noise, seed
     )
-    poses = (centers + pose_spread * offsets).float()
-    with torch.no_grad():
-        energies = -8.0 + 3.0 * teacher(poses).squeeze(-1)
-    targets = energies.amin(dim=1) + noise * torch.randn(n_compounds, generator=gen)
-    n_test = min(max(1, round(test_fraction * n_compounds)), n_compounds - 1)
+    n_test = _n_test(test_fraction, n_compounds)
     compounds = tuple(
         Compound(
             poses=poses[c].unsqueeze(1).to(dtype),
@@ -142,3 +182,153 @@ def make_dataset(
         for c in range(n_compounds)
     )
     return SyntheticDataset(train=compounds[n_test:], test=compounds[:n_test], features=features)
+
+
+def _n_test(test_fraction: float, n_compounds: int) -> int:
+    """Held-out compounds: ``test_fraction`` of them, at least one in each split."""
+    return min(max(1, round(test_fraction * n_compounds)), n_compounds - 1)
+
+
+# ---- a user's compounds -------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A compounds file that cannot be used; the message names the compound and problem."""
+
+
+_KEYS = ("name", "value", "poses")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{str(path)!r} is not a UTF-8 text (JSON) file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+def _label(index: int, entry: Any) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"compounds[{index}] ({name!r})" if isinstance(name, str) else f"compounds[{index}]"
+
+
+def _check_value(entry: dict[str, Any]) -> float:
+    if "value" not in entry:
+        raise DataError("has no 'value' (its measured value, a number)")
+    value = entry["value"]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"'value' must be a number; got {value!r}")
+    if not math.isfinite(value):
+        raise DataError(f"'value' is {value}; values must be finite")
+    return float(value)
+
+
+def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype) -> Tensor:
+    poses = entry.get("poses")
+    if not isinstance(poses, list):
+        what = "has no 'poses'" if poses is None else f"'poses' is a {type(poses).__name__}"
+        raise DataError(f"{what}; expected a list of poses, each a list of features")
+    if not poses:
+        raise DataError("has no poses; every compound needs at least one")
+    for i, pose in enumerate(poses):
+        if not isinstance(pose, list) or not pose:
+            raise DataError(f"pose {i} is not a non-empty list of numbers; got {pose!r:.60}")
+        if features is not None and len(pose) != features:
+            raise DataError(
+                f"pose {i} has {len(pose)} features; expected {features}, as the first "
+                "compound's poses have"
+            )
+        if len(pose) != len(poses[0]):
+            raise DataError(f"pose {i} has {len(pose)} features, pose 0 has {len(poses[0])}")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in pose):
+            raise DataError(f"pose {i} holds something other than numbers: {pose!r:.60}")
+    tensor = torch.tensor(poses, dtype=torch.float64)
+    bad = (~torch.isfinite(tensor)).nonzero()
+    if len(bad):
+        pose, feature = (int(v) for v in bad[0])
+        raise DataError(
+            f"pose {pose} feature {feature} is {float(tensor[pose, feature])}; "
+            "features must be finite"
+        )
+    return tensor.unsqueeze(1).to(dtype)
+
+
+def _compound(index: int, entry: Any, features: int | None, dtype: torch.dtype) -> Compound:
+    if not isinstance(entry, dict):
+        raise DataError(f"must be a mapping with 'value' and 'poses'; got {entry!r:.60}")
+    unknown = sorted(set(entry) - set(_KEYS))
+    if unknown:
+        raise DataError(f"unknown key(s) {unknown}; a compound has {', '.join(_KEYS)}")
+    name = entry.get("name")
+    if name is not None and not isinstance(name, str):
+        raise DataError(f"'name' must be a string; got {name!r}")
+    value = _check_value(entry)
+    poses = _check_poses(entry, features, dtype)
+    return Compound(poses=poses, target=torch.tensor(value, dtype=dtype), name=name)
+
+
+def load_compounds(path: str | Path, *, dtype: torch.dtype = torch.float32) -> list[Compound]:
+    """Read a user's compounds from a JSON file (the format is in ``docs/cli.md``).
+
+    The file holds ``{"compounds": [{"name": ..., "value": ..., "poses": [...]}, ...]}``:
+    per compound an optional name, the measured value (a number) and a non-empty list of
+    poses, each a list of the same number of features in every compound.
+
+    Returns
+    -------
+    list of Compound
+        Poses of shape ``(N, 1, F)`` and a 0-d target, in the file's order.
+
+    Raises
+    ------
+    DataError
+        One line naming the file, the compound (index and name) and the problem: no
+        poses, a missing or non-numeric value, features of another size, a NaN or
+        infinity, an unknown key, fewer than two compounds, a duplicate name.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    entries = data.get("compounds") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{str(path)!r}: expected a JSON object with a 'compounds' list")
+    if len(entries) < 2:
+        raise DataError(f"{str(path)!r}: has {len(entries)} compound(s); training needs 2")
+    compounds: list[Compound] = []
+    names: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        features = compounds[0].poses.shape[-1] if compounds else None
+        try:
+            compound = _compound(index, entry, features, dtype)
+            if compound.name is not None and compound.name in names:
+                raise DataError(f"has the same name as compounds[{names[compound.name]}]")
+        except DataError as exc:
+            raise DataError(f"{str(path)!r}: {_label(index, entry)}: {exc}") from None
+        if compound.name is not None:
+            names[compound.name] = index
+        compounds.append(compound)
+    return compounds
+
+
+def split_compounds(
+    compounds: Sequence[Compound], test_fraction: float, seed: int
+) -> tuple[tuple[Compound, ...], tuple[Compound, ...]]:
+    """Hold out ``test_fraction`` of ``compounds``, drawn with ``seed``; both keep file order.
+
+    Returns
+    -------
+    tuple
+        ``(train, test)``, each with at least one compound.
+    """
+    n_test = _n_test(test_fraction, len(compounds))
+    perm = torch.randperm(len(compounds), generator=torch.Generator().manual_seed(seed))
+    held_out = set(perm[:n_test].tolist())
+    train = tuple(c for i, c in enumerate(compounds) if i not in held_out)
+    test = tuple(c for i, c in enumerate(compounds) if i in held_out)
+    return train, test

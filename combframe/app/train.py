@@ -1,312 +1,134 @@
-"""Training on the built-in dataset: config, overrides, loop, metrics and the run folder.
+"""Training for ``combframe train``: data, model, loop, metrics and the run folder.
 
-This is what ``combframe train`` runs. :class:`TrainConfig` is the whole configuration
-(a YAML or JSON file and ``key=value`` overrides on top of it); :func:`train` fits a
-small single-pose network wrapped in :class:`~combframe.MultiPoseModel` to the
-compound-level values of :func:`~combframe.app.data.make_dataset`, reports held-out
-metrics and writes a run folder.
+:func:`train` fits a small single-pose network wrapped in :class:`combframe.MultiPoseModel`
+to compound-level values (the built-in synthetic set of :mod:`combframe.app.data` or a
+user's compounds file) and reports held-out metrics; :func:`compare` does so once per
+combination. Each optimizer step runs one batch of compounds through one
+``model(compounds=...)`` call and one backward. Under ``torchrun`` the batch is shared
+out over the processes (:mod:`combframe.app.distributed`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from torch import Tensor
 
-from combframe.app.data import Compound, make_dataset
-from combframe.core.combination import Combination, StreamingCombination
-from combframe.core.model import MultiPoseModel
-from combframe.errors import CombinationError
-from combframe.registry.config import CombinationConfig
+import combframe
+from combframe.app.config import (
+    SYNTHETIC_KEYS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_validation_error,
+)
+from combframe.app.data import Compound, DataError, load_compounds, make_dataset, split_compounds
+from combframe.app.distributed import Ranks
+from combframe.app.memory import measure_step, process_peak_rss_mb
+from combframe.app.metrics import (
+    baseline_note,
+    divergence,
+    pearson,
+    rmse,
+    spearman,
+    undefined_correlation,
+)
+from combframe.app.runs import RunResult, claimed_run_dir, write_run
 
 __all__ = [
-    "ConfigError",
+    "Dataset",
     "RunResult",
-    "TrainConfig",
     "TrainingDivergedError",
-    "apply_overrides",
+    "check_config",
     "compare",
-    "load_config",
-    "pearson",
-    "rmse",
-    "spearman",
+    "load_data",
+    "parse_compare",
     "train",
 ]
 
-
-class ConfigError(ValueError):
-    """A training configuration that cannot be used; the message names the field."""
+#: Compounds per evaluation call.
+_EVAL_BATCH = 64
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite during training."""
+    """Training diverged: a non-finite loss or a final RMSE far above the values' spread.
+
+    ``same_on_every_rank`` is True when every process reached the verdict together (from
+    metrics reduced over the ranks), False when one process found a non-finite loss.
+    """
+
+    def __init__(self, message: str, *, same_on_every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
 
 
-class TrainConfig(BaseModel):
-    """Everything ``combframe train`` needs. Unknown keys are rejected.
+@dataclass(frozen=True)
+class Dataset:
+    """The compounds of a run, split, and where they come from.
 
     Attributes
     ----------
-    combination
-        ``{name: ..., <params>}``: the combination by registered name and its parameters.
-    strategy
-        Gradient strategy of :class:`~combframe.MultiPoseModel`.
-    device
-        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available).
+    train, test
+        The two splits; ``test`` is never trained on.
+    features
+        Features of a pose.
+    source
+        ``"built-in"`` or the path of the compounds file.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    combination: CombinationConfig = Field(
-        default_factory=lambda: CombinationConfig(name="max", negate_preds=True),
-        description="Combination by registered name, with its parameters.",
-    )
-    strategy: Literal["store", "recompute", "stream"] = Field(
-        "store", description="How per-pose gradients are kept (see MultiPoseModel)."
-    )
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto.")
-    dtype: Literal["float32", "float64"] = Field("float32", description="Floating dtype.")
-    epochs: int = Field(10, ge=1, description="Passes over the training compounds.")
-    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate (cosine decay).")
-    batch_size: int = Field(8, ge=1, description="Compounds per optimizer step.")
-    hidden: int = Field(32, ge=1, description="Width of the single-pose network.")
-    seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
-    compounds: int = Field(240, ge=2, description="Compounds in the dataset (both splits).")
-    poses_per_compound: int = Field(8, ge=1, description="Poses of every compound.")
-    features: int = Field(8, ge=1, description="Features of a pose.")
-    pose_spread: float = Field(1.0, ge=0, description="Spread of a compound's poses.")
-    noise: float = Field(0.1, ge=0, description="Label noise, kcal/mol.")
-    test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of compounds held out.")
-    threads: int | None = Field(
-        1, ge=1, description="CPU threads for torch (null keeps torch's default)."
-    )
-    output_dir: Path = Field(Path("runs"), description="Where run folders are created.")
-    name: str | None = Field(None, description="Run folder name; default: a timestamp.")
-    plot: bool = Field(True, description="Write loss.png (needs matplotlib).")
-
-    @field_validator("device")
-    @classmethod
-    def _device_form(cls, value: str) -> str:
-        text = value.strip().lower()
-        if text in ("cpu", "cuda", "auto"):
-            return text
-        if text.startswith("cuda:") and text[5:].isdigit():
-            return text
-        raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {value!r}")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, value: str | None) -> str | None:
-        if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value):
-            raise ValueError(f"must be a plain folder name without slashes; got {value!r}")
-        return value
-
-    def build_combination(self) -> Combination:
-        """Build the configured combination module."""
-        return self.combination.build()
+    train: tuple[Compound, ...]
+    test: tuple[Compound, ...]
+    features: int
+    source: str
 
 
-def format_validation_error(
-    exc: ValidationError, prefix: str = "", known_fields: Sequence[str] = ()
-) -> str:
-    """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
-
-    An unknown top-level field is followed by ``known_fields`` when given.
-    """
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        got = ""
-        if err["type"] != "missing" and "input" in err and repr(err["input"]) not in msg:
-            got = f" (got {err['input']!r})"
-        known = ""
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-            if known_fields and len(err["loc"]) == 1:
-                known = "; known fields: " + ", ".join(known_fields)
-        parts.append(f"{loc or 'config'}: {msg}{got}{known}")
-    return "; ".join(parts)
+def _dtype(config: TrainConfig) -> torch.dtype:
+    return torch.float64 if config.dtype == "float64" else torch.float32
 
 
-# ---- config files and overrides -----------------------------------------------------
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping (JSON is YAML, so one parser reads both).
+def load_data(config: TrainConfig) -> Dataset:
+    """Load the built-in synthetic set or the compounds of ``config.data``, split.
 
     Raises
     ------
     ConfigError
-        If the file is missing, does not parse, or does not hold a mapping.
+        ``data: <file>: compounds[i] ('name'): <problem>`` for a file that cannot be used.
     """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold a mapping of settings; got {type(data).__name__}"
+    if config.data is None:
+        built_in = make_dataset(
+            n_compounds=config.compounds,
+            poses_per_compound=config.poses_per_compound,
+            features=config.features,
+            pose_spread=config.pose_spread,
+            noise=config.noise,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            dtype=_dtype(config),
         )
-    return data
-
-
-def parse_value(text: str) -> Any:
-    """Parse an override value as a YAML scalar or list (``3``, ``1e-3``, ``true``, ``null``)."""
+        return Dataset(built_in.train, built_in.test, built_in.features, "built-in")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    return value
+        compounds = load_compounds(config.data, dtype=_dtype(config))
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, int(compounds[0].poses.shape[-1]), str(config.data))
 
 
-_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``key=value`` overrides applied in order.
-
-    Keys are dotted paths (``combination.pred_scale=10``). Setting ``combination.name``
-    to another combination starts that combination from its defaults, so
-    ``combination.name=mean`` does not carry over the parameters of ``max``.
-
-    Raises
-    ------
-    ConfigError
-        If an override has no ``=``, an empty key, or walks into a value that is not a
-        mapping.
-    """
-    out: dict[str, Any] = json.loads(json.dumps(dict(data), default=str))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(
-                f"override {item!r} is not of the form key=value "
-                "(for example epochs=3 or combination.pred_scale=10)"
-            )
-        parts = key.split(".")
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {item!r}: {where} is not a section with fields")
-            node = child
-        value = parse_value(raw)
-        if parts == ["combination", "name"] and node.get("name") != value:
-            node.clear()
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read ``path`` (if given), apply ``overrides`` and validate.
-
-    Raises
-    ------
-    ConfigError
-        With one line naming the offending field.
-    """
-    data = read_config_file(path) if path is not None else {}
-    if "combination" not in data:
-        data["combination"] = TrainConfig().combination.model_dump(mode="json")
-    data = apply_overrides(data, overrides)
-    try:
-        config = TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        known = list(TrainConfig.model_fields)
-        raise ConfigError(format_validation_error(exc, known_fields=known)) from None
-    return config
-
-
-# ---- metrics ------------------------------------------------------------------------
-
-
-def rmse(pred: Tensor, target: Tensor) -> float:
-    """Root mean squared error."""
-    return float(((pred.double() - target.double()) ** 2).mean().sqrt())
-
-
-def pearson(pred: Tensor, target: Tensor) -> float:
-    """Pearson correlation; NaN when either side is constant."""
-    x = pred.double() - pred.double().mean()
-    y = target.double() - target.double().mean()
-    denom = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denom if denom > 0 else math.nan
-
-
-def _ranks(values: Tensor) -> Tensor:
-    """Ranks starting at 0, ties sharing their average rank."""
-    v = values.double().cpu()
-    order = torch.argsort(v, stable=True)
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(len(v), dtype=torch.float64)
-    uniq, inverse = torch.unique(v, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(
-        0, inverse, torch.ones_like(ranks)
-    )
-    return (sums / counts)[inverse]
-
-
-def spearman(pred: Tensor, target: Tensor) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(_ranks(pred), _ranks(target))
-
-
-# ---- training -----------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """What one training run produced.
-
-    Attributes
-    ----------
-    combination
-        The combination's resolved ``{name, <params>}``.
-    metrics
-        The content of ``metrics.json``.
-    run_dir
-        The run folder, or None when nothing was written.
-    notes
-        Things the user should know (a plot that could not be drawn).
-    """
-
-    combination: dict[str, Any]
-    metrics: dict[str, Any]
-    run_dir: Path | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _checked_combination(config: TrainConfig) -> Combination:
+def _checked_combination(config: TrainConfig) -> combframe.Combination:
     """Build the combination, refusing a strategy it does not support."""
-    combination = config.build_combination()
-    if config.strategy == "stream" and not isinstance(combination, StreamingCombination):
+    combination = config.combination.build()
+    if config.strategy == "stream" and not isinstance(combination, combframe.StreamingCombination):
         raise ConfigError(
             f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
             "does not implement stream_terms; use strategy=store or strategy=recompute"
@@ -314,22 +136,61 @@ def _checked_combination(config: TrainConfig) -> Combination:
     return combination
 
 
-def _resolve_device(spec: str) -> torch.device:
+def _resolve_device(spec: str, ranks: Ranks) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device: {spec!r} asked for, but CUDA is not available in this torch "
-                "build or machine; use device=cpu or device=auto"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device: {spec!r} asked for, but only {torch.cuda.device_count()} CUDA "
-                "device(s) exist"
-            )
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device: {spec!r} asked for, but CUDA is not available in this torch "
+            "build or machine; use device=cpu or device=auto"
+        )
+    if ranks.active and device.index is not None:
+        raise ConfigError(
+            f"device: {spec!r} names one GPU for {ranks.world} processes; use device=cuda "
+            "(each process takes cuda:LOCAL_RANK)"
+        )
+    if ranks.active:
+        device = torch.device("cuda", ranks.local_rank)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device: {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA "
+            "device(s) exist"
+        )
     return device
+
+
+def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.device:
+    """Check what pydantic cannot (combination and strategy, device); return the device.
+
+    Raises
+    ------
+    ConfigError
+        If the device is unavailable or the strategy does not fit the combination.
+    """
+    _checked_combination(config)
+    return _resolve_device(config.device, ranks or Ranks())
+
+
+# ---- one run ------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """A run being trained: its settings, data, model and optimizer."""
+
+    config: TrainConfig
+    data: Dataset
+    device: torch.device
+    ranks: Ranks
+    model: combframe.MultiPoseModel
+    trainer: torch.nn.Module  # the model, or the model wrapped in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    peak_bytes: int = 0
+    peak_kind: str = ""
 
 
 def _network(features: int, hidden: int, output_bias: float) -> torch.nn.Module:
@@ -347,23 +208,211 @@ def _network(features: int, hidden: int, output_bias: float) -> torch.nn.Module:
     )
 
 
-def _predict(model: MultiPoseModel, compounds: Sequence[Compound]) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        pred = torch.stack([model(list(c.poses))[0] for c in compounds])
-    target = torch.stack([c.target for c in compounds])
-    return pred.detach().cpu(), target.detach().cpu()
+def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Ranks) -> _Run:
+    """Move the data, build the model (seeded) and the optimizer."""
+    moved = Dataset(
+        tuple(Compound(c.poses.to(device), c.target.to(device)) for c in data.train),
+        tuple(Compound(c.poses.to(device), c.target.to(device)) for c in data.test),
+        data.features,
+        data.source,
+    )
+    mean_target = float(torch.stack([c.target for c in data.train]).double().mean())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = _network(data.features, config.hidden, mean_target)
+    net = net.to(device=device, dtype=_dtype(config))
+    model = combframe.MultiPoseModel(net, _checked_combination(config), strategy=config.strategy)
+    trainer: torch.nn.Module = model
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        trainer = DistributedDataParallel(model, device_ids=ids)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    steps = math.ceil(len(data.train) / config.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps)
+    return _Run(config, moved, device, ranks, model, trainer, optimizer, schedule)
 
 
-def _peak_memory_mb(device: torch.device) -> tuple[float | None, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+def _diverged(epoch: int, lr: float, what: str) -> TrainingDivergedError:
+    """Epoch 0: the verdict on the trained model, reached by every rank together."""
+    where = f" in epoch {epoch}" if epoch else ""
+    return TrainingDivergedError(
+        f"training diverged{where}: {what}; lower the learning rate (lr={lr:g})",
+        same_on_every_rank=epoch == 0,
+    )
+
+
+def _step(run: _Run, batch: Sequence[Compound], epoch: int) -> float:
+    """One optimizer step on ``batch``; return this rank's sum of squared errors.
+
+    The loss is the mean squared error over the whole batch: each rank weighs its share
+    by ``world / len(batch)`` and DistributedDataParallel averages over the ranks. A
+    rank left without compounds (a batch smaller than the number of ranks) takes part
+    in the backward with weight 0.
+    """
+    local = run.ranks.shard(batch)
+    weight = run.ranks.world / len(batch)
+    if not local:
+        local, weight = list(batch[:1]), 0.0
+    run.optimizer.zero_grad(set_to_none=True)
     try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return None, "unavailable on this platform"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB elsewhere
-    return peak / scale, "process peak RSS"
+        combined, _, _ = run.trainer(compounds=[list(c.poses) for c in local])
+    except combframe.CombinationError as exc:  # non-finite per-pose predictions
+        raise _diverged(epoch, run.config.lr, str(exc).split(";")[0]) from None
+    squared = (combined - torch.stack([c.target for c in local])) ** 2
+    (squared.sum() * weight).backward()
+    total = float(squared.detach().sum()) if weight else 0.0
+    if not math.isfinite(total):
+        raise _diverged(epoch, run.config.lr, f"the loss is {total}")
+    run.optimizer.step()
+    run.schedule.step()
+    return total
+
+
+def _epoch(run: _Run, epoch: int, shuffle: torch.Generator, bar: Any) -> tuple[float, float]:
+    """Train one epoch; return the sum of squared errors over all ranks and the seconds."""
+    start = time.perf_counter()
+    n_train = len(run.data.train)
+    order = torch.randperm(n_train, generator=shuffle).tolist()
+    total = 0.0
+    for b in range(0, n_train, run.config.batch_size):
+        batch = [run.data.train[i] for i in order[b : b + run.config.batch_size]]
+        if epoch == 1 and b == 0:
+            step = functools.partial(_step, run, batch, epoch)
+            loss, run.peak_bytes, run.peak_kind = measure_step(step, run.device)
+            total += loss
+        else:
+            total += _step(run, batch, epoch)
+        bar.update(1)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - start
+    return run.ranks.sum(total), seconds
+
+
+def _predict(run: _Run, compounds: Sequence[Compound]) -> tuple[Tensor, Tensor]:
+    """Predict ``compounds``; return predictions and values, float64 on the CPU, in order."""
+    local = run.ranks.shard(compounds)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(local), _EVAL_BATCH):
+            chunk = local[i : i + _EVAL_BATCH]
+            parts.append(run.model(compounds=[list(c.poses) for c in chunk]).combined)
+    pred = torch.cat(parts) if parts else torch.zeros(0)
+    pred = run.ranks.gather(pred.detach().double().cpu())
+    target = torch.stack([c.target for c in compounds]).detach().double().cpu()
+    return pred, target
+
+
+def _fit(run: _Run, progress: bool, stream: TextIO | None) -> tuple[list[dict[str, float]], float]:
+    """Train every epoch; return the per-epoch history and the mean seconds per epoch."""
+    history: list[dict[str, float]] = []
+    seconds: list[float] = []
+    shuffle = torch.Generator().manual_seed(run.config.seed + 1)
+    steps = math.ceil(len(run.data.train) / run.config.batch_size)
+    bar = _progress_bar(
+        run.config.epochs * steps,
+        f"train {run.config.combination.name}",
+        stream if stream is not None else sys.stderr,
+        progress and run.ranks.main,
+    )
+    with bar:
+        for epoch in range(1, run.config.epochs + 1):
+            total, elapsed = _epoch(run, epoch, shuffle, bar)
+            seconds.append(elapsed)
+            test_pred, test_target = _predict(run, run.data.test)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_rmse": math.sqrt(total / len(run.data.train)),
+                    "test_rmse": rmse(test_pred, test_target),
+                }
+            )
+            bar.set_postfix(
+                train_rmse=f"{history[-1]['train_rmse']:.3f}",
+                test_rmse=f"{history[-1]['test_rmse']:.3f}",
+            )
+    return history, sum(seconds) / len(seconds)
+
+
+def _held_out(run: _Run) -> tuple[dict[str, Any], list[str]]:
+    """Compute held-out metrics (None where undefined), with notes saying why."""
+    pred, target = _predict(run, run.data.test)
+    notes = []
+    undefined = undefined_correlation(pred, target)
+    if undefined is not None:
+        notes.append(f"Pearson and Spearman are n/a: {undefined}")
+    mean_train = torch.stack([c.target for c in run.data.train]).double().mean().cpu()
+    test_rmse, baseline = rmse(pred, target), rmse(mean_train.expand_as(target), target)
+    test = {
+        "rmse": test_rmse,
+        "pearson": None if undefined else pearson(pred, target),
+        "spearman": None if undefined else spearman(pred, target),
+        "compounds": len(run.data.test),
+        "mean_value_rmse": baseline,
+    }
+    note = baseline_note(test_rmse, baseline)
+    if note is not None:
+        notes.append(note)
+    return test, notes
+
+
+def _metrics(run: _Run, history: list[dict[str, float]], per_epoch: float) -> RunResult:
+    """Evaluate the trained model, check for divergence and assemble ``metrics.json``."""
+    test, notes = _held_out(run)
+    train_pred, train_target = _predict(run, run.data.train)
+    train_rmse = rmse(train_pred, train_target)
+    values = [float(c.target) for c in (*run.data.train, *run.data.test)]
+    why = divergence(train_rmse, test["rmse"], values)
+    if why is not None:
+        raise _diverged(0, run.config.lr, why)
+    resolved = run.config.model_dump(mode="json")
+    metrics: dict[str, Any] = {
+        "combination": resolved["combination"],
+        "strategy": run.config.strategy,
+        "device": str(run.device),
+        "processes": run.ranks.world,
+        "data": {"source": run.data.source, "features": run.data.features},
+        "test": test,
+        "train": {"rmse": train_rmse, "compounds": len(run.data.train)},
+        "time_per_epoch_s": per_epoch,
+        "peak_memory_bytes": int(run.ranks.max(float(run.peak_bytes))),
+        "peak_memory_kind": run.peak_kind,
+        "process_peak_rss_mb": process_peak_rss_mb(),
+        "history": history,
+        "versions": {"combframe": combframe.__version__, "torch": torch.__version__},
+    }
+    return RunResult(combination=resolved["combination"], metrics=metrics, notes=notes)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(
+    config: TrainConfig,
+    data: Dataset,
+    ranks: Ranks,
+    folder: Path | None,
+    progress: bool,
+    stream: TextIO | None,
+) -> RunResult:
+    device = check_config(config, ranks)
+    with _torch_threads(config.threads):
+        run = _build(config, data, device, ranks)
+        history, per_epoch = _fit(run, progress, stream)
+        result = _metrics(run, history, per_epoch)
+    if folder is not None and ranks.main:
+        write_run(folder, config.model_dump(mode="json"), result)
+    return result
 
 
 def train(
@@ -373,179 +422,157 @@ def train(
     write: bool = True,
     run_dir: Path | None = None,
     stream: TextIO | None = None,
+    data: Dataset | None = None,
+    ranks: Ranks | None = None,
 ) -> RunResult:
-    """Train on the built-in dataset and report held-out metrics.
+    """Train on the configured compounds and report held-out metrics.
 
     Parameters
     ----------
     config
         The validated configuration.
     progress
-        Show a tqdm progress bar on ``stream``.
+        Show a tqdm progress bar on ``stream`` (rank 0 only).
     write
         Write the run folder (``config.yaml``, ``metrics.json``, ``loss.png``).
     run_dir
-        Folder to write to; default ``config.output_dir / (config.name or a timestamp)``.
+        Folder to write to; default: a new folder under ``config.output_dir``, created
+        before training (and removed if the run fails).
     stream
         Where the progress bar goes; default ``sys.stderr``.
+    data
+        The compounds, if already loaded with :func:`load_data`.
+    ranks
+        This process's rank, under ``torchrun`` (in a joined process group).
 
     Returns
     -------
     RunResult
-        Resolved combination, metrics and the run folder.
+        Resolved combination, metrics, notes and the run folder.
 
     Raises
     ------
     ConfigError
-        If the device is unavailable or the strategy does not fit the combination.
+        If the device, the strategy, the data or the run folder cannot be used.
     TrainingDivergedError
-        If the loss stops being finite (the learning rate is too high).
+        If the loss stops being finite or the final RMSE is far above the values'
+        spread (the learning rate is too high).
     """
-    combination = _checked_combination(config)
-    device = _resolve_device(config.device)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        data = make_dataset(
-            n_compounds=config.compounds,
-            poses_per_compound=config.poses_per_compound,
-            features=config.features,
-            pose_spread=config.pose_spread,
-            noise=config.noise,
-            test_fraction=config.test_fraction,
-            seed=config.seed,
-            dtype=dtype,
+    ranks = ranks or Ranks()
+    check_config(config, ranks)
+    data = data if data is not None else load_data(config)
+    if not write or run_dir is not None:
+        return _run(config, data, ranks, run_dir if write else None, progress, stream)
+    with claimed_run_dir(config, ranks) as folder:
+        return _run(config, data, ranks, folder, progress, stream)
+
+
+def parse_compare(text: str) -> tuple[str, list[str]]:
+    """Split ``--compare``: ``max,mean`` or ``KEY=V1,V2,...``; return the key and values.
+
+    Raises
+    ------
+    ConfigError
+        If no value is given.
+    """
+    key, sep, values = text.partition("=")
+    if not sep:
+        key, values = "combination.name", text
+    cleaned = [v.strip() for v in values.split(",") if v.strip()]
+    if not key.strip() or not cleaned:
+        raise ConfigError(
+            "--compare: give combination names (max,mean) or KEY=V1,V2,... "
+            f"(strategy=store,stream); got {text!r}"
         )
-        train_set = [
-            Compound(c.poses.to(device), c.target.to(device), c.pose_energies) for c in data.train
-        ]
-        test_set = [
-            Compound(c.poses.to(device), c.target.to(device), c.pose_energies) for c in data.test
-        ]
-        mean_target = float(torch.stack([c.target for c in data.train]).mean())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            net = _network(config.features, config.hidden, mean_target)
-        net = net.to(device=device, dtype=dtype)
-        model = MultiPoseModel(net, combination, strategy=config.strategy)
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-        steps = math.ceil(len(train_set) / config.batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    return key.strip(), cleaned
 
-        history: list[dict[str, float]] = []
-        epoch_times: list[float] = []
-        n_train = len(train_set)
-        shuffle = torch.Generator().manual_seed(config.seed + 1)
-        bar = _progress_bar(
-            config.epochs * steps,
-            f"train {combination.name}",
-            stream if stream is not None else sys.stderr,
-            progress,
-        )
-        with bar:
-            for epoch in range(1, config.epochs + 1):
-                start = time.perf_counter()
-                order = torch.randperm(n_train, generator=shuffle).tolist()
-                total = 0.0
-                for b in range(0, n_train, config.batch_size):
-                    batch = order[b : b + config.batch_size]
-                    optimizer.zero_grad(set_to_none=True)
-                    try:
-                        for i in batch:
-                            compound = train_set[i]
-                            combined, _ = model(list(compound.poses))
-                            loss = (combined - compound.target) ** 2
-                            (loss / len(batch)).backward()
-                            total += float(loss.detach())
-                    except CombinationError as exc:  # non-finite per-pose predictions
-                        raise _diverged(epoch, config.lr, str(exc).split(";")[0]) from None
-                    if not math.isfinite(total):
-                        raise _diverged(epoch, config.lr, f"the loss is {total}")
-                    optimizer.step()
-                    schedule.step()
-                    bar.update(1)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                epoch_times.append(time.perf_counter() - start)
-                test_pred, test_target = _predict(model, test_set)
-                history.append(
-                    {
-                        "epoch": epoch,
-                        "train_rmse": math.sqrt(total / n_train),
-                        "test_rmse": rmse(test_pred, test_target),
-                    }
-                )
-                bar.set_postfix(
-                    train_rmse=f"{history[-1]['train_rmse']:.3f}",
-                    test_rmse=f"{history[-1]['test_rmse']:.3f}",
-                )
-        peak, peak_kind = _peak_memory_mb(device)
-        test_pred, test_target = _predict(model, test_set)
-        train_pred, train_target = _predict(model, train_set)
-    finally:
-        torch.set_num_threads(previous_threads)
 
-    from combframe import __version__
+def compare(
+    config: TrainConfig,
+    values: Sequence[str],
+    *,
+    key: str = "combination.name",
+    progress: bool = True,
+    write: bool = True,
+    stream: TextIO | None = None,
+    ranks: Ranks | None = None,
+) -> tuple[list[RunResult], Path | None]:
+    """Train once per value of ``key``, everything else as in ``config``.
 
-    resolved = config.model_dump(mode="json")
-    metrics: dict[str, Any] = {
-        "combination": resolved["combination"],
-        "strategy": config.strategy,
-        "device": str(device),
-        "test": {
-            "rmse": rmse(test_pred, test_target),
-            "pearson": pearson(test_pred, test_target),
-            "spearman": spearman(test_pred, test_target),
-            "compounds": len(test_set),
-        },
-        "train": {"rmse": rmse(train_pred, train_target), "compounds": n_train},
-        "time_per_epoch_s": sum(epoch_times) / len(epoch_times),
-        "peak_memory_mb": peak,
-        "peak_memory_kind": peak_kind,
-        "history": history,
-        "versions": {"combframe": __version__, "torch": torch.__version__},
-    }
-    result = RunResult(combination=resolved["combination"], metrics=metrics)
-    if write:
-        folder = run_dir if run_dir is not None else new_run_dir(config)
-        write_run(folder, resolved, result)
+    ``key`` is a dotted config key, as in an override. For ``combination.name``, a name
+    equal to the configured combination's keeps the configured parameters; the others
+    use their defaults. Runs go to subfolders of one run folder, next to a
+    ``compare.json`` with the table.
+
+    Raises
+    ------
+    ConfigError
+        If a value is invalid, not installed or its data cannot be read, before any run.
+    """
+    ranks = ranks or Ranks()
+    configs = _compare_configs(config, key, values)
+    datasets: dict[str, Dataset] = {}
+    for cfg in configs:  # refuse before the first run, not after it
+        check_config(cfg, ranks)
+        if _data_key(cfg) not in datasets:
+            datasets[_data_key(cfg)] = load_data(cfg)
+    runs = [
+        (cfg, datasets[_data_key(cfg)], f"{key}={value}")
+        for cfg, value in zip(configs, values, strict=True)
+    ]
+    if not write:
+        results = [_run(cfg, data, ranks, None, progress, stream) for cfg, data, _ in runs]
+        return [_labelled(r, label) for r, (_, _, label) in zip(results, runs, strict=True)], None
+    with claimed_run_dir(config, ranks) as top:
+        results = []
+        for i, (cfg, data, label) in enumerate(runs):
+            leaf = label.partition("=")[2].replace("/", "_").replace("\\", "_")
+            folder = None if top is None else top / f"{i + 1}-{leaf}"
+            results.append(_labelled(_run(cfg, data, ranks, folder, progress, stream), label))
+        if top is not None:
+            _write_table(top, results)
+    return results, top
+
+
+def _labelled(result: RunResult, label: str) -> RunResult:
+    result.label = label
     return result
 
 
-def _diverged(epoch: int, lr: float, what: str) -> TrainingDivergedError:
-    return TrainingDivergedError(
-        f"training diverged in epoch {epoch}: {what}; lower the learning rate (lr={lr:g})"
-    )
+def _data_key(config: TrainConfig) -> str:
+    """Return the settings that make the data of a run, as one string."""
+    fields = ("data", "dtype", "seed", "test_fraction", *SYNTHETIC_KEYS)
+    return json.dumps(config.model_dump(mode="json", include=set(fields)), sort_keys=True)
 
 
-def new_run_dir(config: TrainConfig, suffix: str = "") -> Path:
-    """Return a fresh folder under ``config.output_dir``: ``config.name`` or a timestamp."""
-    base = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(config.output_dir)
-    candidate = root / (base + suffix)
-    n = 2
-    while candidate.exists():
-        candidate = root / f"{base}-{n}{suffix}"
-        n += 1
-    return candidate
+def _compare_configs(config: TrainConfig, key: str, values: Sequence[str]) -> list[TrainConfig]:
+    base = config.model_dump(mode="json")
+    configs = []
+    for value in values:
+        override = f"{key}={value}"
+        try:
+            data = apply_overrides(base, [override])
+            configs.append(TrainConfig.model_validate(data))
+        except ConfigError as exc:
+            raise ConfigError(f"--compare {override}: {exc}") from None
+        except ValidationError as exc:
+            known = list(TrainConfig.model_fields)
+            error = format_validation_error(exc, known_fields=known)
+            raise ConfigError(f"--compare {override}: {error}") from None
+    return configs
 
 
-def write_run(folder: Path, resolved: Mapping[str, Any], result: RunResult) -> None:
-    """Write ``config.yaml``, ``metrics.json`` and (if possible) ``loss.png`` to ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(dict(resolved), sort_keys=False))
-    plot_note = None
-    if resolved.get("plot", True):
-        plot_note = _plot_history(folder / "loss.png", result)
-    if plot_note is not None:
-        result.notes.append(plot_note)
-    result.metrics["files"] = [*sorted(p.name for p in folder.iterdir()), "metrics.json"]
-    (folder / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
-    result.run_dir = folder
+def _write_table(top: Path, results: Sequence[RunResult]) -> None:
+    table = [
+        {
+            "run": r.label,
+            "combination": r.combination,
+            "test": r.metrics["test"],
+            "run_dir": str(r.run_dir),
+        }
+        for r in results
+    ]
+    (top / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
 
 
 class _NoBar:
@@ -581,78 +608,3 @@ def _progress_bar(total: int, desc: str, file: TextIO, enabled: bool) -> Any:
         dynamic_ncols=True,
         mininterval=0.5,
     )
-
-
-def _plot_history(path: Path, result: RunResult) -> str | None:
-    """Draw the loss curves; return a note instead when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return (
-            f"{path.name} not written: matplotlib is not installed (pip install 'combframe[plot]')"
-        )
-    history = result.metrics["history"]
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(
-        epochs, [h["train_rmse"] for h in history], marker="o", label="train (during the epoch)"
-    )
-    ax.plot(epochs, [h["test_rmse"] for h in history], marker="s", label="held-out")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("RMSE of compound value (kcal/mol)")
-    ax.set_title(f"combination: {result.combination['name']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return None
-
-
-def compare(
-    config: TrainConfig,
-    names: Sequence[str],
-    *,
-    progress: bool = True,
-    write: bool = True,
-    stream: TextIO | None = None,
-) -> tuple[list[RunResult], Path | None]:
-    """Train once per combination name, everything else as in ``config``.
-
-    A name equal to the configured combination's keeps the configured parameters; the
-    others use their defaults. Runs go to subfolders of one run folder, next to a
-    ``compare.json`` with the table.
-
-    Raises
-    ------
-    ConfigError
-        If ``names`` is empty or one of them is not installed.
-    """
-    cleaned = [n.strip() for n in names if n.strip()]
-    if not cleaned:
-        raise ConfigError("--compare: give at least one combination name, e.g. max,mean")
-    configs = []
-    for name in cleaned:
-        try:
-            comb = CombinationConfig(name=name)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, prefix="--compare")) from None
-        if comb.name == config.combination.name:
-            comb = config.combination
-        configs.append(config.model_copy(update={"combination": comb}))
-        _checked_combination(configs[-1])  # refuse before the first run, not after it
-    _resolve_device(config.device)
-    top = new_run_dir(config) if write else None
-    results = []
-    for i, cfg in enumerate(configs):
-        folder = None if top is None else top / f"{i + 1}-{cfg.combination.name}"
-        results.append(train(cfg, progress=progress, write=write, run_dir=folder, stream=stream))
-    if top is not None:
-        table = [
-            {"combination": r.combination, "test": r.metrics["test"], "run_dir": str(r.run_dir)}
-            for r in results
-        ]
-        (top / "compare.json").write_text(json.dumps(table, indent=2) + "\n")
-    return results, top

@@ -1,0 +1,350 @@
+"""The configuration of ``combframe train``: the model, files, overrides and help.
+
+Importing this module loads neither torch nor the library: the ``combination`` field is
+resolved to :class:`combframe.CombinationConfig` when a config is first validated, so
+``combframe train --help`` can list every key without the cost of importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from pydantic import GetCoreSchemaHandler
+    from pydantic_core import CoreSchema
+
+    from combframe import CombinationConfig as _CombinationField
+else:
+
+    class _CombinationField:
+        """Stands for :class:`combframe.CombinationConfig` until a config is validated."""
+
+        @classmethod
+        def __get_pydantic_core_schema__(
+            cls, source: Any, handler: GetCoreSchemaHandler
+        ) -> CoreSchema:
+            import combframe
+
+            return handler(combframe.CombinationConfig)
+
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "apply_overrides",
+    "config_keys_help",
+    "format_validation_error",
+    "load_config",
+    "parse_value",
+    "read_config_file",
+]
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the field."""
+
+
+def _default_combination() -> _CombinationField:
+    import combframe
+
+    return combframe.CombinationConfig(name="max", negate_preds=True)
+
+
+class TrainConfig(BaseModel):
+    """Everything ``combframe train`` needs. Unknown keys are rejected.
+
+    Every field has a description; ``combframe train --help`` lists them with their
+    types and defaults (:func:`config_keys_help`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    combination: _CombinationField = Field(
+        default_factory=_default_combination,
+        description="The combination by registered name, with its parameters "
+        "(combination.name=boltzmann combination.kT=0.6); see `combframe list`.",
+    )
+    strategy: Literal["store", "recompute", "stream"] = Field(
+        "store", description="How per-pose gradients are kept (see MultiPoseModel)."
+    )
+    device: str = Field(
+        "cpu",
+        description="cpu, cuda, cuda:N or auto (CUDA when available); under "
+        "torchrun, cuda and auto take cuda:LOCAL_RANK.",
+    )
+    dtype: Literal["float32", "float64"] = Field("float32", description="Floating dtype.")
+    epochs: int = Field(10, ge=1, description="Passes over the training compounds.")
+    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate (cosine decay to 0).")
+    batch_size: int = Field(8, ge=1, description="Compounds per optimizer step.")
+    hidden: int = Field(32, ge=1, description="Width of the single-pose network.")
+    seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
+    data: Path | None = Field(
+        None,
+        description="A compounds file (JSON, see docs/cli.md) to train on instead "
+        "of the built-in synthetic set; relative to the working directory.",
+    )
+    compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
+    poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
+    features: int = Field(8, ge=1, description="Built-in set: features of a pose.")
+    pose_spread: float = Field(1.0, ge=0, description="Built-in set: spread of the poses.")
+    noise: float = Field(0.1, ge=0, description="Built-in set: label noise, kcal/mol.")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of compounds held out.")
+    threads: int | None = Field(
+        1, ge=1, description="CPU threads for torch (null keeps torch's default)."
+    )
+    output_dir: Path = Field(Path("runs"), description="Where run folders are created.")
+    name: str | None = Field(
+        None, description="Run folder name (-2, -3, ... is appended if it exists)."
+    )
+    plot: bool = Field(True, description="Write loss.png (needs matplotlib).")
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text in ("cpu", "cuda", "auto"):
+            return text
+        if text.startswith("cuda:") and text[5:].isdigit():
+            return text
+        raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {value!r}")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (value in ("", ".", "..") or "/" in value or "\\" in value):
+            raise ValueError(f"must be a plain folder name without slashes; got {value!r}")
+        return value
+
+
+#: Keys that describe the built-in synthetic data set; ignored with ``data=PATH``.
+SYNTHETIC_KEYS = ("compounds", "poses_per_compound", "features", "pose_spread", "noise")
+
+#: Defaults shown in ``--help`` where the default is computed.
+_HELP_DEFAULTS = {"combination": "max, negate_preds=true", "name": "a timestamp"}
+
+
+def _type_name(annotation: Any) -> str:
+    """Name a field's type for ``--help``: ``int``, ``path or null``, ``a|b``."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(v) for v in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join([*names, "null"])
+    if annotation is _CombinationField:
+        return "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, Path):
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: Sequence[Any]) -> list[str]:
+    """Render pydantic's numeric constraints (``Ge(1)``) as ``>= 1``."""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return [
+        f"{symbol} {getattr(item, attr)}"
+        for item in metadata
+        for attr, symbol in ops.items()
+        if getattr(item, attr, None) is not None
+    ]
+
+
+def _default_text(name: str, default: Any) -> str:
+    if name in _HELP_DEFAULTS:
+        return _HELP_DEFAULTS[name]
+    if default is None:
+        return "null"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
+
+
+def config_keys_help(width: int = 100) -> str:
+    """List every key of :class:`TrainConfig` with its type, default and description.
+
+    Laid out as argparse lays out options: ``key=TYPE`` on the left, the description and
+    default wrapped to ``width`` columns on the right.
+    """
+    column = 26
+    lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
+    for name, info in TrainConfig.model_fields.items():
+        left = f"  {name}={_type_name(info.annotation)}"
+        bounds = "".join(f"; {b}" for b in _bounds(info.metadata))
+        text = f"{info.description or ''} (default: {_default_text(name, info.default)}{bounds})"
+        wrapped = textwrap.wrap(text, width=max(width - column, 30))
+        if len(left) + 2 > column:
+            lines.append(left)
+            left = ""
+        lines.append(left.ljust(column) + wrapped[0])
+        lines += [" " * column + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
+def format_validation_error(
+    exc: ValidationError, prefix: str = "", known_fields: Sequence[str] = ()
+) -> str:
+    """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
+
+    An unknown top-level field is followed by ``known_fields`` when given.
+    """
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        got = ""
+        if err["type"] != "missing" and "input" in err and repr(err["input"]) not in msg:
+            got = f" (got {err['input']!r})"
+        known = ""
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+            if known_fields and len(err["loc"]) == 1:
+                known = "; known fields: " + ", ".join(known_fields)
+            elif err["loc"][:1] == ("combination",):
+                msg = "not a parameter of this combination (see `combframe list`)"
+        parts.append(f"{loc or 'config'}: {msg}{got}{known}")
+    return "; ".join(parts)
+
+
+# ---- config files and overrides -----------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping (JSON is YAML, so one parser reads both).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, does not parse, or does not hold a mapping.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML or JSON{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping of settings; got {type(data).__name__}"
+        )
+    return data
+
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar or list (``3``, ``1e-3``, ``true``, ``null``)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    return value
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[tuple[str, ...], Any]:
+    """Split ``key=value`` overrides into dotted paths; refuse conflicting ones."""
+    parsed: dict[tuple[str, ...], Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        path = tuple(part.strip() for part in key.split("."))
+        if not sep or not all(path):
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value "
+                "(for example epochs=3 or combination.pred_scale=10)"
+            )
+        value = parse_value(raw)
+        for other, other_value in parsed.items():
+            shorter = min(len(path), len(other))
+            if other[:shorter] != path[:shorter] or (other == path and other_value == value):
+                continue
+            a, b = ".".join(other), ".".join(path)
+            what = f"{a} is given twice" if a == b else f"{a} and {b} overlap"
+            raise ConfigError(f"overrides: {what}; give each key once")
+        parsed[path] = value
+    return parsed
+
+
+def _same_name(a: Any, b: Any) -> bool:
+    def norm(x: Any) -> Any:
+        return x.strip().lower().replace("-", "_") if isinstance(x, str) else x
+
+    return bool(norm(a) == norm(b))
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key=value`` overrides applied.
+
+    Keys are dotted paths (``combination.pred_scale=10``). The result does not depend on
+    the order of the overrides: a key may be given once. Setting ``combination.name``
+    to another combination starts that combination from its defaults (the parameters in
+    ``data`` are dropped, the ones among ``overrides`` kept), so ``combination.name=mean``
+    does not carry over the parameters of ``max``.
+
+    Raises
+    ------
+    ConfigError
+        If an override has no ``=`` or an empty key, a key is given twice (or inside
+        another given key), or a path walks into a value that is not a mapping.
+    """
+    out: dict[str, Any] = json.loads(json.dumps(dict(data), default=str))
+    parsed = _parse_overrides(overrides)
+    new_name = parsed.get(("combination", "name"))
+    section = out.get("combination")
+    renamed = new_name is not None and not (
+        isinstance(section, dict) and _same_name(section.get("name"), new_name)
+    )
+    if renamed and isinstance(section, dict):
+        section.clear()
+    for path, value in parsed.items():
+        node = out
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(
+                    f"override {'.'.join(path)}: {where} is not a section with fields"
+                )
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read ``path`` (if given), apply ``overrides`` and validate.
+
+    Raises
+    ------
+    ConfigError
+        With one line naming the offending field.
+    """
+    data = read_config_file(path) if path is not None else {}
+    if "combination" not in data:
+        data["combination"] = {"name": "max", "negate_preds": True}
+    data = apply_overrides(data, overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        known = list(TrainConfig.model_fields)
+        raise ConfigError(format_validation_error(exc, known_fields=known)) from None

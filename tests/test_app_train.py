@@ -1,0 +1,121 @@
+"""``combframe train``: divergence, per-run step memory and undefined metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from combframe.app.cli import main
+from combframe.app.metrics import DIVERGENCE_FACTOR, divergence, undefined_correlation
+
+SMALL = ["compounds=40", "epochs=2", "--no-progress"]
+
+
+# ---- divergence -------------------------------------------------------------------------
+
+
+def test_a_huge_learning_rate_is_reported_as_divergence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lr=100 used to end with exit 0, a held-out RMSE of 1e5 kcal/mol and no word."""
+    assert main(["train", *SMALL, "lr=100", f"output_dir={tmp_path}", "name=big"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1, err
+    assert err.startswith("combframe train: training diverged: "), err
+    assert "times the spread of the values" in err
+    assert "lower the learning rate (lr=100)" in err
+    assert "held-out" not in captured.out, "no metrics printed for a diverged run"
+    assert not (tmp_path / "big").exists()
+
+
+def test_divergence_rule() -> None:
+    values = [-9.0, -8.0, -7.0, -8.0]  # standard deviation 0.707
+    spread = math.sqrt(0.5)
+    assert divergence(0.3, 0.5, values) is None
+    assert divergence(0.3, 0.99 * DIVERGENCE_FACTOR * spread, values) is None
+    message = divergence(0.3, 1.01 * DIVERGENCE_FACTOR * spread, values)
+    assert message is not None and message.startswith("the held-out RMSE")
+    message = divergence(1e6, 0.5, values)
+    assert message is not None and message.startswith("the training RMSE 1e+06")
+    assert divergence(math.nan, 0.5, values) == "the training RMSE is nan"
+    assert divergence(0.1, 50.0, [-8.0, -8.0]) is None, "no spread: only non-finite counts"
+
+
+# ---- memory -----------------------------------------------------------------------------
+
+
+def test_step_memory_differs_between_strategies_and_does_not_accumulate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to be the process's peak RSS: the same ~670 MiB for every strategy."""
+    args = ["train", "--compare", "strategy=store,recompute,stream,store", "epochs=1"]
+    assert main([*args, "compounds=24", "--no-progress", f"output_dir={tmp_path}", "name=m"]) == 0
+    out = capsys.readouterr().out
+    assert "step memory" in out and "CPU tensors of a training step (torch profiler)" in out
+    table = json.loads((tmp_path / "m" / "compare.json").read_text())
+    assert [row["run"] for row in table] == [
+        "strategy=store",
+        "strategy=recompute",
+        "strategy=stream",
+        "strategy=store",
+    ]
+    peaks = []
+    for row in table:
+        metrics = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+        assert metrics["peak_memory_kind"] == "CPU tensors of a training step (torch profiler)"
+        assert metrics["process_peak_rss_mb"] > 0  # kept, and labelled as what it is
+        peaks.append(metrics["peak_memory_bytes"])
+    store, recompute, stream, store_again = peaks
+    # store holds 8 compounds x 8 poses x 1377 float32 per-pose gradients (344 KiB).
+    assert store > 2 * recompute and store > 2 * stream, peaks
+    assert store_again == store, "the same run measures the same, first or last"
+    assert 0 < recompute < 2**20
+
+
+# ---- undefined metrics ------------------------------------------------------------------
+
+
+def test_one_held_out_compound_prints_na_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """compounds=2 used to print Pearson nan without a word."""
+    args = ["train", "compounds=2", "epochs=1", "--no-progress", f"output_dir={tmp_path}"]
+    assert main([*args, "name=two"]) == 0
+    captured = capsys.readouterr()
+    assert "Pearson n/a   Spearman n/a   (1 compound)" in captured.out, captured.out
+    assert "nan" not in captured.out
+    assert "note: Pearson and Spearman are n/a: only 1 held-out compound" in captured.err
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["test"]["pearson"] is None and metrics["test"]["spearman"] is None
+    assert math.isfinite(metrics["test"]["rmse"])
+
+
+def test_reasons_for_undefined_correlations() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert undefined_correlation(x, x) is None
+    assert "only 1 held-out compound" in str(undefined_correlation(x[:1], x[:1]))
+    assert "same value for every held-out compound" in str(undefined_correlation(torch.ones(3), x))
+    assert "every held-out compound has the same value" in str(
+        undefined_correlation(x, torch.ones(3))
+    )
+
+
+def test_the_documented_config_file_trains_without_an_alarm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The YAML example of docs/cli.md: no divergence, no note."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    [block] = re.findall(r"```yaml\n(.*?)```", page, re.DOTALL)
+    path = tmp_path / "run.yaml"
+    path.write_text(block)
+    args = ["train", "--config", str(path), "--no-progress", f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    assert "boltzmann(kT=0.6)" in captured.out and "recompute" in captured.out
