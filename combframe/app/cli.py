@@ -284,26 +284,25 @@ def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    """Parse a finite number > 0 (an argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text!r}")
-    return value
+def _number(kind: type[float] | type[int], bound: str) -> Callable[[str], Any]:
+    """Return an argparse type: a finite ``kind`` within ``bound`` (``"> 0"``, ``">= 0"``)."""
+    noun = "a number" if kind is float else "an integer"
+    rule = "a finite number > 0" if bound == "> 0" else "at least 0"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > 0 if bound == "> 0" else value >= 0)):
+            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    """Parse an integer >= 0 (an argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0; got {text!r}")
-    return value
+_positive_float = _number(float, "> 0")
+_non_negative_int = _number(int, ">= 0")
 
 
 def _parity_harness() -> Callable[..., Any]:
