@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 __all__ = [
     "CombinationError",
     "PluginValidationError",
@@ -91,3 +93,18 @@ class PluginWarning(UserWarning):
 
     Set ``COMBFRAME_STRICT_PLUGINS=1`` to turn these warnings into errors.
     """
+
+
+def user_stacklevel() -> int:
+    """Return the ``stacklevel`` of the first caller outside combframe, torch and pluggy.
+
+    A warning then points at the user's line, not at combframe's internals.
+    """
+    frame = sys._getframe(1)  # the function that will call warnings.warn
+    level = 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        ("combframe", "torch", "pluggy", "importlib")
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

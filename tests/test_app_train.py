@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,26 @@ def test_the_documented_config_file_trains_without_an_alarm(
     captured = capsys.readouterr()
     assert captured.err == "", captured.err
     assert "boltzmann(kT=0.6)" in captured.out and "recompute" in captured.out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tqdm_installed", [True, False])
+def test_the_progress_bar_is_drawn_on_a_terminal_or_says_how_to_get_it(
+    tqdm_installed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from combframe.app.config import load_config
+    from combframe.app.train import train
+
+    if not tqdm_installed:
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    terminal = _Terminal()
+    train(load_config(None, ["compounds=12", "epochs=1"]), write=False, stream=terminal)
+    shown = terminal.getvalue()
+    if tqdm_installed:
+        assert "train max" in shown, shown
+    else:
+        assert "pip install 'combframe[progress]'" in shown, shown

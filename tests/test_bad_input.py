@@ -262,3 +262,16 @@ def test_pose_dtype_the_model_rejects_leaves_state_alone(strategy: str) -> None:
     with state_unchanged(net), pytest.raises(RuntimeError, match="dtype"):
         model(poses)
     assert net.calls == 3
+
+
+def test_a_combination_stream_cannot_run_is_refused_when_the_model_is_built() -> None:
+    class Median(combframe.Combination):
+        """Median of the predictions (no stream terms)."""
+
+        name = "median"
+
+        def value(self, preds: Tensor) -> Tensor:
+            return preds.median()
+
+    with pytest.raises(combframe.StrategyError, match="does not support strategy='stream'"):
+        combframe.MultiPoseModel(make_mlp(), Median(), strategy="stream")

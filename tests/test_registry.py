@@ -406,6 +406,8 @@ def test_broken_plugin_is_isolated_reported_and_listed(tmp_path: Path, case: str
         assert names == ["boltzmann", "fine", "max", "mean"]
         (warning,) = record
         text = str(warning.message)
+        # the warning points at the caller (this file), not at combframe's internals
+        assert Path(warning.filename).resolve() == Path(__file__).resolve(), warning.filename
         assert "plugin 'broken' (distribution broken-dist 0.3) failed to load" in text
         assert expected in text
         assert "COMBFRAME_STRICT_PLUGINS=1" in text
@@ -623,3 +625,17 @@ def test_a_plugin_that_uses_the_registry_while_imported(tmp_path: Path, strict: 
             assert "softer" in combframe.list_combinations()
             assert combframe.create_combination("softer", pred_scale=2.0).pred_scale == 2.0
             assert combframe.plugin_errors() == []
+
+
+def test_a_subclass_does_not_inherit_its_parents_aliases() -> None:
+    class Softest(Soft):
+        """Soft, under another name."""
+
+        name = "softest"
+
+    with isolated_registry():
+        register_plugin(Soft)
+        register_plugin(Softest)  # Soft's aliases stay Soft's: no clash
+        infos = {i.name: i for i in combframe.describe_combinations()}
+        assert infos["softest"].aliases == ()
+        assert infos["soft_min"].aliases == ("gentle_min",)

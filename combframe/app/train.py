@@ -592,12 +592,17 @@ class _NoBar:
 
 
 def _progress_bar(total: int, desc: str, file: TextIO, enabled: bool) -> Any:
-    """Return a tqdm progress bar when tqdm is installed (``combframe[progress]``)."""
-    if not enabled:
+    """Return a tqdm progress bar on a terminal when tqdm is installed (``progress`` extra).
+
+    Nothing is drawn into a file or a pipe (logs, torchrun's output); on a terminal
+    without tqdm one line says how to get the bar.
+    """
+    if not enabled or not (hasattr(file, "isatty") and file.isatty()):
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
+        print("note: no progress bar: pip install 'combframe[progress]' (tqdm)", file=file)
         return _NoBar()
     return tqdm(
         total=total,

@@ -147,6 +147,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Validate the parameters (positional in ``Params`` field order, or by keyword)."""
         super().__init__()
         fields = list(self.Params.model_fields)
         if len(args) > len(fields):
@@ -160,14 +161,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             kwargs[field] = arg
         object.__setattr__(self, "params", self.Params(**kwargs))
 
-    # ---- parameters as attributes -------------------------------------------------
     def __getattr__(self, item: str) -> Any:
+        """Read a parameter as an attribute (``comb.pred_scale``)."""
         params = self.__dict__.get("params")
         if params is not None and item in type(params).model_fields:
             return getattr(params, item)
         return super().__getattr__(item)
 
     def __setattr__(self, key: str, value: Any) -> None:
+        """Assign a parameter as an attribute; the new value is validated."""
         if key in type(self).Params.model_fields and "params" in self.__dict__:
             new = self.params.model_dump()
             new[key] = value

@@ -113,6 +113,7 @@ class MultiPoseModel(torch.nn.Module):
         self.model = model
         self.combination: Combination = as_combination(combination)
         self.strategy = resolve_strategy(strategy)
+        self.strategy.check_combination(self.combination)
         self.pred_readout = pred_readout
         self.comb_readout = comb_readout
         self.check_finite = check_finite

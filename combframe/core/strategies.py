@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,7 @@ from typing_extensions import override
 from combframe.core.batch import Segments, default_collate, each_tensor, map_tensors
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients, StoredGradients
-from combframe.errors import CombinationError, StrategyError, StrategyWarning
+from combframe.errors import CombinationError, StrategyError, StrategyWarning, user_stacklevel
 from combframe.segment import segment_max, segment_sum
 
 __all__ = [
@@ -366,6 +365,14 @@ class Strategy(ABC):
     ) -> tuple[Tensor, PoseGradients]:
         """Run every pose; return the detached ``(M,)`` predictions and their gradient source."""
 
+    def check_combination(self, combination: Combination) -> None:
+        """Raise :class:`~combframe.StrategyError` if this strategy cannot run ``combination``.
+
+        Called when :class:`~combframe.MultiPoseModel` is built and again per forward;
+        every combination can run, unless a strategy says otherwise.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -501,20 +508,8 @@ class Store(Strategy):
             "torch.func.vmap can map over poses of one shape. strategy='recompute' or "
             "'stream' run whole chunks for any model.",
             StrategyWarning,
-            stacklevel=_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
-
-
-def _user_stacklevel() -> int:
-    """Return the ``stacklevel`` of the first caller outside combframe and torch."""
-    frame = sys._getframe(1)  # the function that will call warnings.warn
-    level = 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
-        ("combframe", "torch")
-    ):
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 @contextlib.contextmanager
@@ -966,6 +961,15 @@ class Stream(Strategy):
     supports_pose_losses = False
 
     @override
+    def check_combination(self, combination: Combination) -> None:
+        if not isinstance(combination, StreamingCombination):
+            raise StrategyError(
+                f"combination {combination.name!r} does not support strategy='stream' (it "
+                "does not implement stream_terms/stream_coefficients); use strategy='store' "
+                "or strategy='recompute'"
+            )
+
+    @override
     def collect(
         self,
         runner: PoseRunner,
@@ -973,12 +977,8 @@ class Stream(Strategy):
         segments: Segments,
         combination: Combination,
     ) -> tuple[Tensor, PoseGradients]:
-        if not isinstance(combination, StreamingCombination):
-            raise StrategyError(
-                f"combination {combination.name!r} does not support strategy='stream' (it "
-                "does not implement stream_terms/stream_coefficients); use strategy='store' "
-                "or strategy='recompute'"
-            )
+        self.check_combination(combination)
+        assert isinstance(combination, StreamingCombination)
         device = runner.device
         exact = _scalar_dtype(device)
         count = segments.count

@@ -21,7 +21,7 @@ import pluggy
 
 import combframe.registry.hookspecs as _hookspecs
 from combframe.core.combination import Combination, CombinationParams
-from combframe.errors import PluginValidationError, PluginWarning
+from combframe.errors import PluginValidationError, PluginWarning, user_stacklevel
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -135,7 +135,7 @@ def _qualname(cls: type) -> str:
 
 
 def _names(cls: type, attr: str) -> tuple[str, ...]:
-    raw = getattr(cls, attr, ())
+    raw = cls.__dict__.get(attr, ())  # a subclass does not inherit its parent's aliases
     if isinstance(raw, str) or not isinstance(raw, Sequence):
         raise _PluginFailureError(
             f"{_qualname(cls)}.{attr} must be a tuple of strings; got {raw!r}"
@@ -314,7 +314,7 @@ class Table:
             f"{message}. Set {ENV_BLOCK}={source.plugin} to skip it quietly, or "
             f"{ENV_STRICT}=1 to make this an error.",
             PluginWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     def fail_import(self, source: Source, exc: BaseException, strict: bool) -> None:
