@@ -115,5 +115,8 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Ranks]:
     dist.init_process_group(backend)
     try:
         yield Ranks(ranks.rank, ranks.world, ranks.local_rank, device)
+        # Leave together: rank 0 hosts torchrun's store, and a rank still talking to it
+        # when rank 0 exits aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
