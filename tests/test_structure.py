@@ -195,3 +195,20 @@ def test_the_command_line_offers_exactly_the_strategies_of_the_core() -> None:
 
     offered = typing.get_args(TrainConfig.model_fields["strategy"].annotation)
     assert offered == tuple(STRATEGIES), "combframe.app.config lists other strategies"
+
+
+def test_the_core_alone_takes_instances_and_says_how_to_get_names() -> None:
+    code = (
+        "import torch\n"
+        "from combframe.core.model import MultiPoseModel\n"
+        "net = torch.nn.Linear(2, 1)\n"
+        "try:\n"
+        "    MultiPoseModel(net, 'max')\n"
+        "except TypeError as exc:\n"
+        "    assert 'import combframe.registry' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('a name resolved without the registry')\n"
+        "import combframe.registry\n"
+        "assert MultiPoseModel(net, 'max').combination.name == 'max'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

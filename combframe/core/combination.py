@@ -278,7 +278,8 @@ def as_combination(spec: Any) -> Combination:
         return spec
     if _resolver is None:
         raise TypeError(
-            f"cannot turn {spec!r} into a combination: pass a combframe.Combination "
-            "instance, or import combframe (whose registry resolves names and configs)"
+            f"cannot turn {spec!r} into a combination: names and configs are resolved by "
+            "combframe's registry, which is not loaded. Use combframe.MultiPoseModel (it "
+            "loads it), import combframe.registry first, or pass a combframe.Combination"
         )
     return _resolver(spec)
