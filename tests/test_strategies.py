@@ -292,10 +292,12 @@ def test_stream_accepts_a_per_pose_output_that_the_loss_ignores() -> None:
 
 def test_stream_refuses_a_combination_without_streaming() -> None:
     model = make_mlp()
-    wrapped = combframe.MultiPoseModel(model, SoftAbsMeanCombination(), strategy="stream")
-    with pytest.raises(
-        combframe.StrategyError, match=r"'softabsmean'.*stream.*'store'.*'recompute'"
-    ):
+    match = r"'softabsmean'.*stream.*'store'.*'recompute'"
+    with pytest.raises(combframe.StrategyError, match=match):  # when the model is built
+        combframe.MultiPoseModel(model, SoftAbsMeanCombination(), strategy="stream")
+    wrapped = combframe.MultiPoseModel(model, SoftAbsMeanCombination())
+    wrapped.strategy = combframe.Stream()  # swapped afterwards: refused in forward
+    with pytest.raises(combframe.StrategyError, match=match):
         wrapped(make_poses(2))
 
 
