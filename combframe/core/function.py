@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
+MaybeTensor = Tensor | None
+#: A backward's result: one gradient (or None) per input of the Function.
+Grads = tuple[Tensor | None, ...]
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,7 @@ class CombinationFunction(torch.autograd.Function):
 
     @staticmethod
     @override
-    def backward(
-        ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, comb_grad: MaybeTensor, pose_grads: MaybeTensor) -> Grads:
         preds, combined = ctx.saved_tensors  # type: ignore[attr-defined]  # runtime field of the C++ ctx
         state: _MtennState = _kept(ctx)
         nones: tuple[None, ...] = (None,) * (state.lead + 3)
@@ -227,9 +228,7 @@ class StreamedPredictions(torch.autograd.Function):
 
     @staticmethod
     @override
-    def backward(
-        ctx: FunctionCtx, comb_grad: Tensor | None, pose_grads: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, comb_grad: MaybeTensor, pose_grads: MaybeTensor) -> Grads:
         source: PoseGradients
         combined: Tensor
         source, combined = _kept(ctx)

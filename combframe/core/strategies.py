@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 Aliases = dict[int, Tensor]
+#: The poses of a batch of compounds, flat.
+Poses = Sequence[Any]
+#: What a strategy's forward gives: the detached ``(M,)`` predictions and their gradients.
+Collected = tuple[Tensor, PoseGradients]
 
 
 def _graph_mark() -> int:
@@ -357,12 +361,8 @@ class Strategy(ABC):
 
     @abstractmethod
     def collect(
-        self,
-        runner: PoseRunner,
-        poses: Sequence[Any],
-        segments: Segments,
-        combination: Combination,
-    ) -> tuple[Tensor, PoseGradients]:
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
         """Run every pose; return the detached ``(M,)`` predictions and their gradient source."""
 
     def check_combination(self, combination: Combination) -> None:
@@ -425,12 +425,8 @@ class Store(Strategy):
 
     @override
     def collect(
-        self,
-        runner: PoseRunner,
-        poses: Sequence[Any],
-        segments: Segments,
-        combination: Combination,
-    ) -> tuple[Tensor, PoseGradients]:
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
         m = len(poses)
         preview: Tensor | None = None
         if runner.batched and m > 1:
@@ -749,12 +745,8 @@ class Recompute(Strategy):
 
     @override
     def collect(
-        self,
-        runner: PoseRunner,
-        poses: Sequence[Any],
-        segments: Segments,
-        combination: Combination,
-    ) -> tuple[Tensor, PoseGradients]:
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
         chunks = runner.chunks(len(poses))
         rng: list[_RngState] = []
         preds = []
@@ -971,12 +963,8 @@ class Stream(Strategy):
 
     @override
     def collect(
-        self,
-        runner: PoseRunner,
-        poses: Sequence[Any],
-        segments: Segments,
-        combination: Combination,
-    ) -> tuple[Tensor, PoseGradients]:
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
         self.check_combination(combination)
         assert isinstance(combination, StreamingCombination)
         device = runner.device

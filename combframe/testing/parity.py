@@ -65,6 +65,14 @@ def make_loss(kind: LossKind, target: float = 0.5) -> LossFn:
     return loss
 
 
+def _backward(
+    model: torch.nn.Module, loss: LossFn, combined: Tensor, per_pose: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Back-propagate ``loss``; return the values and the model's gradients (zeros if unused)."""
+    loss(combined, per_pose).backward()
+    return combined.detach(), per_pose.detach(), _grads_of(model)
+
+
 def _grads_of(model: torch.nn.Module) -> list[Tensor]:
     return [
         torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
@@ -106,8 +114,7 @@ def full_graph_gradients(
         combined = combination.value(per_pose)
     else:
         combined = torch.stack([combination.value(y) for y in per_pose.split(list(sizes))])
-    loss(combined, per_pose).backward()
-    return combined.detach(), per_pose.detach(), _grads_of(model)
+    return _backward(model, loss, combined, per_pose)
 
 
 def multipose_gradients(
@@ -134,8 +141,7 @@ def multipose_gradients(
         cut = torch.tensor(list(sizes)).cumsum(0).tolist()
         compounds = [list(poses[a:b]) for a, b in zip([0, *cut[:-1]], cut, strict=True)]
         combined, per_pose, _ = wrapped(compounds=compounds)
-    loss(combined, per_pose).backward()
-    return combined.detach(), per_pose.detach(), _grads_of(model)
+    return _backward(model, loss, combined, per_pose)
 
 
 def mtenn_gradients(
@@ -163,8 +169,7 @@ def mtenn_gradients(
             grad_dict[n].append(g)
         preds.append(pred.detach())
     combined, per_pose = combination(preds, grad_dict, names, *params)
-    loss(combined, per_pose).backward()
-    return combined.detach(), per_pose.detach(), _grads_of(model)
+    return _backward(model, loss, combined, per_pose)
 
 
 @dataclass
