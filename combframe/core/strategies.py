@@ -379,16 +379,40 @@ class Strategy(ABC):
 
 @contextlib.contextmanager
 def undo_side_effects(runner: PoseRunner) -> Iterator[None]:
-    """Run a look-ahead pass whose RNG draws and buffer updates are then undone."""
-    buffers = _module_buffers(runner)
-    saved = [b.clone() for b in buffers]
+    """Run a look-ahead pass whose RNG draws and buffer updates leave no trace.
+
+    The pass runs on copies of the buffers, so the model's own buffers are never written
+    (their version counters do not move, and a graph built earlier that saved one stays
+    valid).
+    """
+    copies = {id(b): b.clone() for b in _module_buffers(runner)}
     devices = [runner.device] if runner.device.type != "cpu" else []
-    try:
+    with stand_in_buffers(runner, copies):
         with torch.random.fork_rng(devices=devices, device_type=runner.device.type):
             yield
+
+
+@contextlib.contextmanager
+def stand_in_buffers(runner: PoseRunner, values: dict[int, Tensor]) -> Iterator[None]:
+    """Run the body with the buffers whose ids are keys of ``values`` replaced by them.
+
+    The modules hold the stand-ins only for the duration: whatever the body writes into
+    a buffer lands in its stand-in, and the module's own tensor keeps its value and its
+    version counter.
+    """
+    swapped: list[tuple[torch.nn.Module, str, Tensor]] = []
+    if values:
+        for top in _modules(runner):
+            for module in top.modules():
+                for name, b in module._buffers.items():
+                    if b is not None and id(b) in values:
+                        swapped.append((module, name, b))
+                        module._buffers[name] = values[id(b)]
+    try:
+        yield
     finally:
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
+        for module, name, b in swapped:
+            module._buffers[name] = b
 
 
 def _first_graph(
@@ -477,7 +501,9 @@ class Store(Strategy):
             )
             for r in rows
         ]
-        return torch.cat(preds), StoredGradients(targets, buffer, pose_rows, runner.used)
+        source = StoredGradients(targets, buffer, pose_rows, runner.used)
+        source.watch(poses)
+        return torch.cat(preds), source
 
     @staticmethod
     def _store(
@@ -753,13 +779,10 @@ class Recompute(Strategy):
         autocast = _AutocastState.capture(runner.device.type)
         kept: tuple[Tensor, Aliases] | None = None
         last = len(chunks) - 1
-        buffers = _module_buffers(runner) if _training(runner) else []
-        before: list[list[Tensor]] = []
-        versions = [(i, t, t._version) for i, pose in enumerate(poses) for t in each_tensor(pose)]
+        log = _BufferLog(_module_buffers(runner) if _training(runner) else [])
         for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
-            if buffers:
-                before.append([b.clone() for b in buffers])
+            log.start_chunk()
             if k == last:
                 # The last chunk runs with a graph, so that a prediction that does not
                 # depend on anything trainable is refused now, not in backward, and the
@@ -770,10 +793,12 @@ class Recompute(Strategy):
             else:
                 with torch.no_grad():
                     pred = runner.predict(poses[s:e], s)
+            log.end_chunk()
             preds.append(pred.detach())
             del pred
+        log.finish()
         stacked = torch.cat(preds)
-        state = _ChunkState(rng, autocast, before, versions)
+        state = _ChunkState(rng, autocast, log)
         return stacked, _RecomputedGradients(
             runner, list(poses), chunks, state, stacked, self.check, kept
         )
@@ -805,6 +830,7 @@ class _RecomputedGradients(PoseGradients):
         self.check = check
         self.kept = kept
         self.deviation: list[tuple[int, int, Tensor]] = []
+        self.watch(poses)
 
     def _rerun(self, k: int) -> tuple[Tensor, Aliases]:
         """Chunk ``k``'s predictions with a graph: kept from the forward, or re-run."""
@@ -814,11 +840,10 @@ class _RecomputedGradients(PoseGradients):
             return kept
         s, e = self.chunks[k]
         state = self.state
-        if state.buffers:
-            torch._foreach_copy_(_module_buffers(runner), state.buffers[k])
-        with _replay_rng(state.rng[k], runner.device), torch.enable_grad():
-            aliases = runner.aliases(self.poses[s:e])
-            with state.autocast.restore():
+        stand_ins = state.buffers.before(k)
+        with stand_in_buffers(runner, stand_ins), _replay_rng(state.rng[k], runner.device):
+            with torch.enable_grad(), state.autocast.restore():
+                aliases = runner.aliases(self.poses[s:e])
                 pred = runner.predict(self.poses[s:e], s, aliases)
         runner.require_grad(
             pred,
@@ -852,26 +877,12 @@ class _RecomputedGradients(PoseGradients):
             "re-run), or Recompute(check=False) if the difference is known to be harmless"
         )
 
-    def _check_versions(self) -> None:
-        """Raise if a pose tensor was modified in place since the forward."""
-        for i, t, version in self.state.versions:
-            if t._version != version:
-                raise StrategyError(
-                    f"a tensor of pose {i} (shape {tuple(t.shape)}) was modified in place "
-                    f"after the forward (version {version} -> {t._version}); recompute "
-                    "re-runs the poses in backward, so they must stay as they were. Clone "
-                    "the pose before changing it, or use strategy='store'"
-                )
-
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         runner = self.runner
         layout = self.layout
         flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
         acc = layout.views(flat)
         pose_acc: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
-        self._check_versions()
-        buffers = _module_buffers(runner)
-        saved = [b.clone() for b in buffers]
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
@@ -893,8 +904,6 @@ class _RecomputedGradients(PoseGradients):
             self._verify()
         finally:
             self.deviation = []
-            if buffers:
-                torch._foreach_copy_(buffers, saved)
         return [*layout.unflatten(flat), *pose_acc]
 
 
@@ -904,8 +913,69 @@ class _ChunkState:
 
     rng: list[_RngState]
     autocast: _AutocastState
-    buffers: list[list[Tensor]]  # per chunk, in training mode only
-    versions: list[tuple[int, Tensor, int]]  # (pose, tensor, version counter)
+    buffers: _BufferLog
+
+
+def changed_buffers(
+    buffers: Sequence[Tensor], versions: Sequence[int], values: dict[int, Tensor] | None = None
+) -> set[int]:
+    """Indices of the buffers written since ``versions`` (and ``values``) were taken.
+
+    A moved version counter says a buffer was written; with ``values`` (copies by index)
+    a buffer whose value differs counts too, compared on the device with one host sync.
+    """
+    moved = {k for k, (b, v) in enumerate(zip(buffers, versions, strict=True)) if b._version != v}
+    rest = [k for k in (values or {}) if k not in moved]
+    if rest and values is not None:
+        differs = torch.stack([(buffers[k] != values[k]).any() for k in rest]).tolist()
+        moved.update(k for k, d in zip(rest, differs, strict=True) if d)
+    return moved
+
+
+@final
+class _BufferLog:
+    """The buffer values each chunk's forward started from, for the buffers that change.
+
+    The forward of a model in training mode updates some buffers in place (batch-norm
+    statistics); a re-run of chunk ``k`` must start from their values before chunk
+    ``k``. Before the first chunk every buffer is copied once; afterwards only those
+    whose version counter has moved are copied per chunk, and at the end the copies of
+    buffers that never changed are dropped, so a constant buffer costs nothing per
+    chunk. A re-run uses fresh stand-ins (:func:`stand_in_buffers`): the model's own
+    buffers are never written back.
+    """
+
+    def __init__(self, buffers: list[Tensor]) -> None:
+        self.buffers = buffers
+        self.versions = [b._version for b in buffers]
+        self.initial: dict[int, Tensor] = {k: b.clone() for k, b in enumerate(buffers)}
+        self.changed: set[int] = set()
+        self.chunks: list[dict[int, Tensor]] = []
+
+    def start_chunk(self) -> None:
+        """Copy the buffers changed so far (the others still hold their first value)."""
+        self.chunks.append({k: self.buffers[k].clone() for k in sorted(self.changed)})
+
+    def end_chunk(self) -> None:
+        """Note the buffers the chunk changed.
+
+        After the first chunk the values are compared too (one host sync per forward):
+        batch norm updates its running statistics without moving their version counters.
+        """
+        self.changed |= changed_buffers(
+            self.buffers, self.versions, self.initial if len(self.chunks) == 1 else None
+        )
+
+    def finish(self) -> None:
+        """Drop the first values of the buffers no chunk changed."""
+        self.initial = {k: t for k, t in self.initial.items() if k in self.changed}
+
+    def before(self, k: int) -> dict[int, Tensor]:
+        """Fresh stand-ins holding chunk ``k``'s starting values, by id of the buffer."""
+        start = self.chunks[k] if self.chunks else {}
+        return {
+            id(self.buffers[j]): start.get(j, self.initial[j]).clone() for j in self.changed
+        }
 
 
 def _modules(runner: PoseRunner) -> list[torch.nn.Module]:
@@ -1013,7 +1083,9 @@ class Stream(Strategy):
                     del grads
             del pred, aliases  # free before the next chunk's graph is built
         sums.finish()
-        return torch.cat(preds), _StreamedGradients(sums, combination, runner.used)
+        source = _StreamedGradients(sums, combination, runner.used)
+        source.watch(poses)
+        return torch.cat(preds), source
 
     @staticmethod
     def _fold_host(

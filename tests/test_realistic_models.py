@@ -1,0 +1,131 @@
+"""The models people really train: hooks, spectral norm, shared buffers, forces, memory.
+
+Each case is checked against the float64 full graph (every pose's graph kept, one
+backward) to 1e-10, or must be refused before any ``.grad`` or buffer is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+from combframe_max import MaxCombination
+from combframe_mean import MeanCombination
+from torch import Tensor
+
+import combframe
+from combframe.testing import peak_tensor_bytes
+
+RTOL = 1e-10
+STRATEGIES = ("store", "recompute", "stream")
+
+
+def rel_err(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
+    scale = max(max(float(w.abs().max()) for w in want if w.numel()), 1e-300)
+    return max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) / scale
+
+
+def grads(model: torch.nn.Module) -> list[Tensor]:
+    return [
+        torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for p in model.parameters()
+    ]
+
+
+def atom_poses(n: int, atoms: int = 3, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((atoms, 5), generator=gen, dtype=torch.float64) for _ in range(n)]
+
+
+class Scaled(torch.nn.Module):
+    """Batch norm over a pose's atoms, then a constant buffer that ``mul`` saves."""
+
+    def __init__(self, big: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(5, 4).double()
+        self.norm = torch.nn.BatchNorm1d(4).double()
+        self.out = torch.nn.Linear(4, 1).double()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.register_buffer("big", torch.zeros(big, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, x.shape[-2], 5)  # one pose (atoms, 5) or a chunk (b, atoms, 5)
+        h = self.norm(self.lin(x).reshape(-1, 4)).reshape(*x.shape[:2], 4) * self.scale
+        return self.out(torch.tanh(h)).sum(dim=(-2, -1)) + 0.0 * self.big.sum()
+
+
+def full_graph(
+    model: Callable[[Any], Tensor], poses: Sequence[Any], comb: combframe.Combination
+) -> Tensor:
+    per_pose = torch.stack([model(p).reshape(()) for p in poses])
+    return comb.value(per_pose)
+
+
+# ---- item 4: buffers are never written back in place -----------------------------------
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_forwards_then_one_backward_match_the_full_graph(strategy: str, mode: str) -> None:
+    comb = MeanCombination()
+    a, b = atom_poses(4, seed=1), atom_poses(5, seed=2)
+    ref = getattr(Scaled(), mode)()
+    (full_graph(ref, a, comb) + 2 * full_graph(ref, b, comb)).backward()
+    net = getattr(Scaled(), mode)()
+    model = combframe.MultiPoseModel(net, comb, strategy=strategy)
+    (model(a)[0] + 2 * model(b)[0]).backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+    for got, want in zip(net.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_plain_term_computed_earlier_survives_the_forward_and_backward(strategy: str) -> None:
+    comb = MeanCombination()
+    x, poses = atom_poses(1, seed=3)[0], atom_poses(6, seed=4)
+    ref = Scaled().eval()
+    (ref(x) + full_graph(ref, poses, comb)).backward()
+    net = Scaled().eval()
+    model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=3)
+    before = [b._version for b in net.buffers()]
+    plain = net(x)  # saves the scale buffer (and the statistics, in eval)
+    combined, _ = model(poses)
+    (plain + combined).backward()
+    assert [b._version for b in net.buffers()] == before
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+# ---- item 6: recompute's memory does not grow with N in training mode -------------------
+def test_recompute_keeps_no_copy_of_an_unchanged_buffer_per_chunk() -> None:
+    def peak(n: int) -> int:
+        net = Scaled(big=1 << 19).train()  # a 4 MiB constant buffer
+        model = combframe.MultiPoseModel(net, "mean", strategy="recompute")
+        poses = atom_poses(n)
+
+        def step() -> None:
+            model(poses)[0].backward()
+
+        return peak_tensor_bytes(step)
+
+    small, large = peak(4), peak(32)
+    assert large - small < (1 << 20), (small, large)  # not 28 more copies of 4 MiB
+
+
+# ---- item 10: a pose changed in place after the forward is refused by every strategy ----
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_refuses_a_pose_changed_in_place_after_the_forward(
+    strategy: str, chunk: int
+) -> None:
+    net = Scaled().eval()
+    poses = atom_poses(4)
+    combined, _ = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)(
+        poses
+    )
+    poses[2].mul_(2.0)
+    with pytest.raises(combframe.StrategyError, match=r"pose 2 .*modified in place.*version"):
+        combined.backward()
+    assert all(p.grad is None for p in net.parameters())
