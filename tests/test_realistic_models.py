@@ -129,3 +129,59 @@ def test_every_strategy_refuses_a_pose_changed_in_place_after_the_forward(
     with pytest.raises(combframe.StrategyError, match=r"pose 2 .*modified in place.*version"):
         combined.backward()
     assert all(p.grad is None for p in net.parameters())
+
+
+# ---- item 2: store's per-sample path and models that update buffers in place -------------
+class Spectral(torch.nn.Module):
+    """A spectrally normalised layer: its power iteration updates buffers in training."""
+
+    def __init__(self, old_api: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        norm = torch.nn.utils.spectral_norm
+        if not old_api:
+            norm = torch.nn.utils.parametrizations.spectral_norm
+        self.lin = norm(torch.nn.Linear(5, 4).double())
+        self.out = torch.nn.Linear(4, 1).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.lin(x))).sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("old_api", [False, True])
+def test_store_in_chunks_on_spectral_norm_matches_the_full_graph(old_api: bool) -> None:
+    poses = [p[:1] for p in atom_poses(7, seed=5)]
+    ref = Spectral(old_api).train()
+    full_graph(ref, poses, MeanCombination()).backward()
+    net = Spectral(old_api).train()
+    model = combframe.MultiPoseModel(net, "mean", chunk_size=3)
+    with pytest.warns(combframe.errors.StrategyWarning, match="updates buffers in place"):
+        model(poses)[0].backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+    for got, want in zip(net.buffers(), ref.buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+
+
+def test_a_failed_per_sample_attempt_leaves_the_buffers_as_they_were() -> None:
+    """A buffer written only by the vmapped call is found, and the model's is untouched."""
+
+    class CountsCalls(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 1).double()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x: Tensor) -> Tensor:
+            if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under vmap only
+                with torch.no_grad():
+                    torch.add(self.calls, 1.0, out=self.calls)
+            return self.lin(x).sum(dim=(-2, -1))
+
+    poses = [p[:1] for p in atom_poses(5)]
+    ref = CountsCalls()
+    full_graph(ref, poses, MeanCombination()).backward()
+    net = CountsCalls()
+    with pytest.warns(combframe.errors.StrategyWarning, match="updates buffers in place"):
+        combframe.MultiPoseModel(net, "mean", chunk_size=3)(poses)[0].backward()
+    assert float(net.calls) == 0.0
+    assert rel_err(grads(net), grads(ref)) <= RTOL

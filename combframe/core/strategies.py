@@ -459,6 +459,9 @@ class Store(Strategy):
             # of a batch independently, which per-pose gradients assume.
             with undo_side_effects(runner), torch.no_grad():
                 preview = runner.predict(poses[: runner.chunk_size], 0)
+        buffers = _module_buffers(runner) if runner.batched and m > 1 else []
+        versions = [b._version for b in buffers]
+        values = {k: b.clone() for k, b in enumerate(buffers)} if _training(runner) else None
         with _one_pose_errors(runner, 0):
             pred, aliases = _first_graph(runner, poses, 1)
         targets = runner.targets
@@ -471,6 +474,9 @@ class Store(Strategy):
         start = 1
         if runner.batched and m > 1:
             reason = _per_sample_obstacle(runner)
+            if reason is None and changed_buffers(buffers, versions, values):
+                reason = _UPDATES_BUFFERS
+            del values
             if reason is None and _hidden_parameters(runner, poses[0]):
                 reason = (
                     "the model uses a parameter other than through its registered name (a "
@@ -481,7 +487,10 @@ class Store(Strategy):
                     reason = _per_sample_chunks(runner, poses, buffer, preds)
                 except Exception as exc:  # not vmappable: fall back for the rest
                     reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
-                start = sum(p.shape[0] for p in preds)
+                if reason is None:
+                    start = m
+                else:  # whatever the attempt computed is dropped; it wrote no buffer
+                    del preds[1:]
             if reason is not None:
                 self._warn(runner, reason)
         for i in range(start, m):
@@ -616,13 +625,21 @@ def _per_sample_chunks(
     disagree (a parameter the model reaches other than through its registered name),
     the rest falls back to one pose per pass. Returns why it stopped, or None.
     """
+    trainable, fixed = _functional_state(runner.model)
+    # The attempt runs on copies of the buffers: a buffer it writes is found afterwards
+    # and the model's own are left as they were.
+    named = dict(runner.model.named_buffers())
+    copies = {n: b.clone() for n, b in named.items()}
+    versions = [b._version for b in copies.values()]
+    fixed.update(copies)
+    tol = 256 * torch.finfo(buffer.dtype).eps
     for s, e in runner.chunks(len(poses)):
         rows = buffer[s:e] if s else torch.empty_like(buffer[s:e])
-        pred = _per_sample_grads(runner, poses[s:e], s, rows)
+        pred = _per_sample_grads(runner, (trainable, fixed), poses[s:e], s, rows)
         if s == 0:
             want = buffer[0]
             scale = float(want.abs().max()) if want.numel() else 0.0
-            if not torch.allclose(rows[0], want, rtol=1e-4, atol=1e-5 * scale):
+            if not torch.allclose(rows[0], want, rtol=tol, atol=tol * scale):
                 return (
                     "per-sample gradients by torch.func.vmap differ from autograd's for "
                     "this model (a parameter used other than through its registered name?)"
@@ -630,7 +647,16 @@ def _per_sample_chunks(
             buffer[1:e] = rows[1:]
             pred = pred[1:]
         preds.append(pred)
+    original = {k: b for k, b in enumerate(named.values())}
+    if changed_buffers(list(copies.values()), versions, original):
+        return _UPDATES_BUFFERS
     return None
+
+
+_UPDATES_BUFFERS = (
+    "the model updates buffers in place (batch-norm statistics, the power iteration of "
+    "spectral norm), once per call, so a chunk is not the same as its poses one by one"
+)
 
 
 def _named_trainable(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -644,12 +670,21 @@ def _functional_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[s
     return _named_trainable(model), fixed
 
 
-def _per_sample_grads(runner: PoseRunner, poses: Sequence[Any], start: int, out: Tensor) -> Tensor:
-    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds."""
+def _per_sample_grads(
+    runner: PoseRunner,
+    state: tuple[dict[str, Tensor], dict[str, Tensor]],
+    poses: Sequence[Any],
+    start: int,
+    out: Tensor,
+) -> Tensor:
+    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds.
+
+    ``state`` is the trainable parameters by name and the rest ``functional_call`` needs.
+    """
     from torch.func import functional_call, grad, vmap
 
     model = runner.model
-    trainable, fixed = _functional_state(model)
+    trainable, fixed = state
     readout = runner.pred_readout
 
     def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
