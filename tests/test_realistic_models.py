@@ -185,3 +185,165 @@ def test_a_failed_per_sample_attempt_leaves_the_buffers_as_they_were() -> None:
         combframe.MultiPoseModel(net, "mean", chunk_size=3)(poses)[0].backward()
     assert float(net.calls) == 0.0
     assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+# ---- item 1: gradient hooks -------------------------------------------------------------
+class Plain(torch.nn.Module):
+    """Poses ``(1, 5)``, chunks ``(b, 1, 5)``; optionally a clamp hook on an activation."""
+
+    def __init__(self, hook: str = "") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(5, 4).double()
+        self.out = torch.nn.Linear(4, 1).double()
+        self.hook = hook
+        if hook == "module":
+            self.out.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(-0.02, 0.02),))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        if self.hook == "tensor" and h.requires_grad:
+            h.register_hook(lambda g: g.clamp(-0.02, 0.02))
+        return self.out(h).sum(dim=(-2, -1))
+
+
+def hook_parameters(net: torch.nn.Module) -> None:
+    net.lin.weight.register_hook(lambda g: 3 * g)
+    net.out.weight.register_hook(lambda g: g.clamp(-0.05, 0.05))
+
+
+def row_poses(n: int, seed: int = 0) -> list[Tensor]:
+    return [p[:1] * 3 for p in atom_poses(n, seed=seed)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_parameter_hook_runs_once_on_the_total_gradient(strategy: str, chunk: int) -> None:
+    poses = row_poses(5)
+    comb = MaxCombination(negate_preds=True, pred_scale=2.0)
+    ref = Plain()
+    hook_parameters(ref)
+    full_graph(ref, poses, comb).backward()
+    net = Plain()
+    hook_parameters(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.errors.StrategyWarning)
+        model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=chunk)
+        model(poses)[0].backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("hook", ["tensor", "module"])
+def test_recompute_honours_hooks_on_activations(hook: str, chunk: int) -> None:
+    poses = row_poses(6, seed=1)
+    comb = MaxCombination(negate_preds=True, pred_scale=2.0)
+    ref = Plain(hook)
+    if chunk == 1:
+        full_graph(ref, poses, comb).backward()
+    else:
+        per_pose = torch.cat([ref(torch.stack(poses[s : s + 2])) for s in range(0, 6, 2)])
+        comb.value(per_pose).backward()
+    net = Plain(hook)
+    model = combframe.MultiPoseModel(net, comb, strategy="recompute", chunk_size=chunk)
+    model(poses)[0].backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+    # the hook changes the result: a strategy that skipped it would be caught
+    plain = Plain()
+    full_graph(plain, poses, comb).backward()
+    assert rel_err(grads(plain), grads(ref)) > 1e-3
+
+
+@pytest.mark.parametrize("hook", ["tensor", "module"])
+@pytest.mark.parametrize("strategy", ["store", "stream"])
+def test_store_and_stream_refuse_hooks_on_activations(strategy: str, hook: str) -> None:
+    net = Plain(hook)
+    model = combframe.MultiPoseModel(net, "max", strategy=strategy)
+    with pytest.raises(combframe.StrategyError, match=rf"hook .*{strategy}.*recompute"):
+        model(row_poses(4))
+    assert all(p.grad is None for p in net.parameters())
+
+
+# ---- item 5: energy + force models that make their own leaves ---------------------------
+class ForceField(torch.nn.Module):
+    """Energy and the squared forces of a pose ``(atoms, 3)`` (or a chunk ``(b, atoms, 3)``).
+
+    ``leaf``: "private" makes a leaf of its own; "inplace" calls ``pos.requires_grad_()``.
+    """
+
+    def __init__(self, leaf: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.leaf = leaf
+        self.lin = torch.nn.Linear(3, 6).double()
+        self.out = torch.nn.Linear(6, 1).double()
+
+    def forward(self, pos: Tensor) -> Tensor:
+        with torch.enable_grad():
+            p = pos.detach().requires_grad_() if self.leaf == "private" else pos.requires_grad_()
+            energy = self.out(torch.tanh(self.lin(p))).sum(dim=(-2, -1))
+            (grad,) = torch.autograd.grad(energy.sum(), p, create_graph=True)
+        return energy + 0.1 * grad.pow(2).sum(dim=(-2, -1))
+
+
+def positions(n: int, atoms: int = 4, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((atoms, 3), generator=gen, dtype=torch.float64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_model_with_a_private_leaf_for_forces_matches_the_full_graph(
+    strategy: str, chunk: int
+) -> None:
+    poses = positions(5)
+    comb = MeanCombination()
+    ref = ForceField("private")
+    full_graph(ref, poses, comb).backward()
+    net = ForceField("private")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.errors.StrategyWarning)
+        model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=chunk)
+        model(poses)[0].backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_model_that_makes_the_pose_require_grad_is_refused_with_the_fix(strategy: str) -> None:
+    poses = positions(4)
+    net = ForceField("inplace")
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy)
+    with pytest.raises(combframe.CombinationError, match=r"requires_grad on the poses"):
+        model(poses)
+    assert not any(p.requires_grad for p in poses)
+    # the fix the message gives: gradients reach the parameters and the positions
+    ref_poses = [p.clone().requires_grad_() for p in poses]
+    ref = ForceField("inplace")
+    full_graph(ref, ref_poses, MeanCombination()).backward()
+    for p in poses:
+        p.requires_grad_()
+    model(poses)[0].backward()
+    assert rel_err(grads(net), grads(ref)) <= RTOL
+    assert rel_err([p.grad for p in poses], [p.grad for p in ref_poses]) <= RTOL
+
+
+# ---- item 10: a parameter frozen between forward and backward ---------------------------
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_parameter_frozen_between_forward_and_backward_gets_no_gradient(
+    strategy: str, chunk: int
+) -> None:
+    poses = row_poses(5)
+    ref = Plain()
+    combined = full_graph(ref, poses, MeanCombination())
+    ref.lin.weight.requires_grad_(False)
+    combined.backward()
+    net = Plain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.errors.StrategyWarning)
+        model = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)
+        combined, _ = model(poses)
+    net.lin.weight.requires_grad_(False)
+    combined.backward()
+    assert net.lin.weight.grad is None and ref.lin.weight.grad is None
+    assert rel_err(grads(net), grads(ref)) <= RTOL

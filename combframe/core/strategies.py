@@ -32,6 +32,7 @@ from typing import Any, ClassVar, final
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from combframe.core.batch import Segments, default_collate, each_tensor, map_tensors
@@ -109,6 +110,68 @@ def _cached_cast(node: Any) -> bool:
     )
 
 
+class _Watch(TorchFunctionMode):
+    """Notes what a model does inside forward that the strategies must know about.
+
+    ``hooks``: a ``register_hook`` call (a hook on an activation, or on an input);
+    ``made``: tensors that did not require grad and were made to (``requires_grad_``,
+    ``t.requires_grad = True``, a factory called with ``requires_grad=True``), by id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooks = False
+        self.made: dict[int, Tensor] = {}
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        before = target is not None and target.requires_grad
+        out = func(*args, **kwargs)
+        if name == "register_hook":
+            self.hooks = True
+        elif name in ("requires_grad_", "__set__") and target is not None:
+            if target.requires_grad and not before:
+                self.made[id(target)] = target
+        elif kwargs.get("requires_grad") and isinstance(out, Tensor) and out.is_leaf:
+            self.made[id(out)] = out
+        return out
+
+
+def _module_backward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a module backward hook (``register_full_backward_hook``) can fire."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks for m in model.modules())
+
+
+@contextlib.contextmanager
+def _held_hooks(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Hold back the tensor hooks of leaves while a pose's own gradient is computed.
+
+    The full graph runs a hook registered on a parameter once, on its total gradient;
+    combframe's backward hands that total to the parameter, where the hook then runs.
+    Per-pose and per-chunk gradients are parts of it, on which the hook must not run.
+    """
+    held = [(t, t._backward_hooks) for t in tensors if t._backward_hooks]
+    for t, _ in held:
+        t._backward_hooks = None
+    try:
+        yield
+    finally:
+        for t, hooks in held:
+            t._backward_hooks = hooks
+
+
 @final
 class PoseRunner:
     """Runs the single-pose model on chunks of poses and checks what comes back.
@@ -157,6 +220,15 @@ class PoseRunner:
         #: Ids of the targets some pose graph run so far has reached (see ``discover``).
         self.used: set[int] = set()
         self._mark = 0
+        self.readers: list[list[int]] = []
+        self.inert: tuple[Tensor, ...] = ()
+        #: Whether a run with a graph met a gradient hook on a tensor other than a
+        #: parameter (``Tensor.register_hook`` inside forward, a module backward hook).
+        self.activation_hooks = False
+        #: Whether the model makes leaves of its own inside forward (forces): every later
+        #: run with a graph is then watched too, to tell them from captured tensors.
+        self.makes_leaves = False
+        self._private: set[int] = set()
 
     # ---- before any pose runs --------------------------------------------------------
     def scan(self, poses: Sequence[Any]) -> None:
@@ -166,6 +238,8 @@ class PoseRunner:
         ``move_poses``).
         """
         found: dict[int, Tensor] = {}
+        readers: dict[int, list[int]] = {}
+        inert: list[Tensor] = []
         params = {id(p) for p in self.params}
         grad = torch.is_grad_enabled()
         for i, pose in enumerate(poses):
@@ -174,7 +248,16 @@ class PoseRunner:
                     self._check_device(i, t)
                 if grad and t.requires_grad and id(t) not in params:
                     found.setdefault(id(t), t)
+                    mine = readers.setdefault(id(t), [])
+                    if not mine or mine[-1] != i:
+                        mine.append(i)
+                elif grad and t.is_leaf:
+                    inert.append(t)
         self.pose_inputs = tuple(found.values())
+        #: For each pose tensor that requires grad, the poses that hold it.
+        self.readers = [readers[id(t)] for t in self.pose_inputs]
+        #: The leaf pose tensors that did not require grad (see ``_made_leaves``).
+        self.inert = tuple(inert)
         self.targets = GradTargets(ParamLayout(self.params, self.device), self.pose_inputs)
 
     def chunks(self, m: int, start: int = 0) -> list[tuple[int, int]]:
@@ -206,7 +289,14 @@ class PoseRunner:
         placed = [
             self._place(start + k, self._substitute(pose, aliases)) for k, pose in enumerate(poses)
         ]
-        out = self.model(self.collate(placed) if self.batched else placed[0])
+        batch = self.collate(placed) if self.batched else placed[0]
+        if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
+            watch = _Watch()
+            with watch:
+                out = self.model(batch)
+            self._watched(watch, poses, start)
+        else:
+            out = self.model(batch)
         if not isinstance(out, Tensor):
             raise CombinationError(
                 f"the model returned {type(out).__name__} for {self.what(start, len(poses))}; "
@@ -254,6 +344,7 @@ class PoseRunner:
         """
         known = {id(p) for p in self.params} | {id(a) for a in aliases.values()}
         leaves, foreign, hit = _reached(pred, known, self._mark)
+        leaves = [t for t in leaves if id(t) not in self._private]
         self._mark_used(hit, aliases, leaves)
         if foreign:
             raise CombinationError(
@@ -278,6 +369,7 @@ class PoseRunner:
             return
         known = {id(t) for t in self.targets.layout.params} | {id(a) for a in aliases.values()}
         leaves, foreign, hit = _reached(pred, known, self._mark)
+        leaves = [t for t in leaves if id(t) not in self._private]
         self._mark_used(hit, aliases)
         if leaves or foreign:
             found = [f"a {t.dtype} leaf of shape ({', '.join(map(str, t.shape))})" for t in leaves]
@@ -305,18 +397,57 @@ class PoseRunner:
         """
         params = self.targets.layout.params
         slots = [self.targets.slots[k] for k in aliases]
-        got = torch.autograd.grad(
-            pred,
-            params + tuple(aliases.values()),
-            grad_outputs=weight,
-            retain_graph=retain,
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        inputs = params + tuple(aliases.values())
+        # A parameter frozen since the forward gets zeros, which autograd then drops
+        # (as the full graph does: its accumulator skips a tensor that no longer
+        # requires grad).
+        live = [t for t in inputs if t.requires_grad]
+        with _held_hooks(live):
+            got = torch.autograd.grad(
+                pred,
+                live,
+                grad_outputs=weight,
+                retain_graph=retain,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        if len(live) < len(inputs):
+            found = iter(got)
+            got = tuple(next(found) if t.requires_grad else torch.zeros_like(t) for t in inputs)
         n = len(params)
         return got[:n], list(zip(slots, got[n:], strict=True))
 
     # ---- helpers -----------------------------------------------------------------------
+    def _watched(self, watch: _Watch, poses: Sequence[Any], start: int) -> None:
+        """Take note of what a watched run saw: hooks, and leaves made in the model.
+
+        Raises
+        ------
+        CombinationError
+            If the model made a tensor of a pose require grad (``pos.requires_grad_()``):
+            the full graph would give that tensor a gradient, which combframe can only
+            return for tensors that require grad before the call. The flag is put back.
+        """
+        self.activation_hooks |= watch.hooks or _module_backward_hooks(self.model)
+        self._private = set(watch.made)
+        if not watch.made:
+            return
+        self.makes_leaves = True
+        mine = {id(t) for pose in poses for t in each_tensor(pose)}
+        flipped = [t for k, t in watch.made.items() if k in mine]
+        if flipped:
+            for t in self.inert:
+                t.requires_grad_(False)
+            shape = ", ".join(map(str, flipped[0].shape))
+            raise CombinationError(
+                f"the model made a tensor of {self.what(start, len(poses))} (shape ({shape})) "
+                "require grad inside its forward (pos.requires_grad_()); its gradient can "
+                "only be returned for a pose tensor that requires grad before the call. Set "
+                "requires_grad on the poses' tensors before calling MultiPoseModel (they "
+                "then get their gradients, as in the full graph), or make a private leaf in "
+                "the model (pos = pos.detach().requires_grad_()), which gets none"
+            )
+
     def _mark_used(self, hit: set[int], aliases: Aliases, leaves: Sequence[Tensor] = ()) -> None:
         """Record the targets a graph reached (a pose tensor through its stand-in)."""
         self.used |= hit
@@ -358,6 +489,8 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     supports_pose_losses: ClassVar[bool] = True
+    #: Whether gradient hooks on activations see what the full graph gives them.
+    activation_hooks: ClassVar[bool] = False
 
     @abstractmethod
     def collect(
@@ -416,14 +549,35 @@ def stand_in_buffers(runner: PoseRunner, values: dict[int, Tensor]) -> Iterator[
 
 
 def _first_graph(
-    runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
+    strategy: Strategy, runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
 ) -> tuple[Tensor, Aliases]:
-    """Run poses ``[start, stop)`` with a graph, check it and find the targets it reaches."""
+    """Run poses ``[start, stop)`` with a graph, check it and find the targets it reaches.
+
+    Raises
+    ------
+    StrategyError
+        If the model has a gradient hook on an activation that ``strategy`` cannot honour.
+    """
     with torch.enable_grad():
         aliases = runner.aliases(poses[start:stop])
         pred = runner.predict(poses[start:stop], start, aliases)
     runner.require_grad(pred, start)
     runner.discover(pred, aliases)
+    if runner.activation_hooks and not strategy.activation_hooks:
+        raise StrategyError(
+            f"the model has a gradient hook on a tensor other than a parameter "
+            "(Tensor.register_hook inside forward, or a module backward hook such as "
+            f"register_full_backward_hook); strategy={strategy.name!r} computes "
+            + (
+                "each pose's gradient before the loss is known"
+                if strategy.supports_pose_losses
+                else "running sums weighted by the combination alone"
+            )
+            + ", so such a hook would not see the c_i * dy_i/dh the full graph gives it. "
+            "Use strategy='recompute', which back-propagates each chunk with its "
+            "coefficients, or remove the hook (hooks on parameters, param.register_hook, "
+            "work with every strategy)"
+        )
     return pred, aliases
 
 
@@ -463,7 +617,7 @@ class Store(Strategy):
         versions = [b._version for b in buffers]
         values = {k: b.clone() for k, b in enumerate(buffers)} if _training(runner) else None
         with _one_pose_errors(runner, 0):
-            pred, aliases = _first_graph(runner, poses, 1)
+            pred, aliases = _first_graph(self, runner, poses, 1)
         targets = runner.targets
         layout = targets.layout
         buffer = layout.new_buffer(m)
@@ -800,6 +954,7 @@ class Recompute(Strategy):
     """
 
     name = "recompute"
+    activation_hooks = True
 
     def __init__(self, check: bool = True) -> None:
         self.check = check
@@ -823,7 +978,7 @@ class Recompute(Strategy):
                 # depend on anything trainable is refused now, not in backward, and the
                 # leaves the graph reaches become targets. Its graph is kept for the
                 # backward, which starts with it: one chunk graph alive at any time.
-                kept = _first_graph(runner, poses, e, s)
+                kept = _first_graph(self, runner, poses, e, s)
                 pred = kept[0]
             else:
                 with torch.no_grad():
@@ -1082,7 +1237,7 @@ class Stream(Strategy):
         on_host = _host_scalars(device)
         for k, (s, e) in enumerate(runner.chunks(len(poses))):
             if k == 0:
-                pred, aliases = _first_graph(runner, poses, e)
+                pred, aliases = _first_graph(self, runner, poses, e)
                 sums.allocate(runner.targets)
             else:
                 with torch.enable_grad():
