@@ -347,3 +347,37 @@ def test_a_parameter_frozen_between_forward_and_backward_gets_no_gradient(
     combined.backward()
     assert net.lin.weight.grad is None and ref.lin.weight.grad is None
     assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+# ---- item 8: a pose the combination gives no weight still gets a tensor gradient ---------
+class Energy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 1).double()
+
+    def forward(self, pos: Tensor) -> Tensor:
+        return self.lin(pos).sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_positions_of_poses_with_zero_weight_get_zeros(strategy: str, chunk: int) -> None:
+    comb = MaxCombination(negate_preds=True, pred_scale=1000.0)
+    base = positions(6, seed=2)
+    for k, p in enumerate(base):
+        p -= 3.0 * k  # the best pose first; the others get exactly zero weight
+    ref_pos = [p.clone().requires_grad_() for p in base]
+    ref = Energy()
+    per_pose = torch.stack([ref(p) for p in ref_pos])
+    assert int((torch.softmax(-1000.0 * per_pose.detach(), 0) == 0).sum()) >= 2
+    comb.value(per_pose).backward()
+    pos = [p.clone().requires_grad_() for p in base]
+    net = Energy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.errors.StrategyWarning)
+        model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=chunk)
+        model(pos)[0].backward()
+    forces = [-p.grad for p in pos]  # as the docs write it: every pose has a tensor
+    assert rel_err(forces, [-p.grad for p in ref_pos]) <= RTOL
+    assert rel_err(grads(net), grads(ref)) <= RTOL

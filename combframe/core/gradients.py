@@ -166,12 +166,18 @@ class PoseGradients(ABC):
         )
 
     def prune(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """Replace the gradient of every input no pose graph reached by ``None``."""
+        """Give every input no pose graph reached ``None``, and every one reached a tensor.
+
+        A pose graph that reaches an input with weight zero (a pose the smooth minimum
+        gives no weight) contributes zeros, as in the full graph, where its ``.grad``
+        becomes a tensor of zeros rather than staying ``None``.
+        """
         if self.used is None:
             return list(grads)
         used = self.used
         return [
-            g if id(t) in used else None for g, t in zip(grads, self.targets.inputs, strict=True)
+            (torch.zeros_like(t) if g is None else g) if id(t) in used else None
+            for g, t in zip(grads, self.targets.inputs, strict=True)
         ]
 
     def check_unchanged(self) -> None:

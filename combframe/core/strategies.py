@@ -1076,14 +1076,26 @@ class _RecomputedGradients(PoseGradients):
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
-        if self.kept is not None and active and active[-1] == len(self.chunks) - 1:
-            active = [active[-1], *active[:-1]]  # the kept graph first, then re-runs
+        # A skipped chunk still runs forward if it holds a pose tensor no graph has
+        # reached yet: reached, the tensor gets a gradient of zeros, as in the full graph.
+        unseen = [
+            runner.readers[slot]
+            for slot, t in enumerate(self.targets.pose_inputs)
+            if id(t) not in runner.used
+        ]
+        probe = sorted({i // step for poses in unseen for i in poses} - set(active))
+        order = sorted(active + probe)
+        if self.kept is not None and order and order[-1] == len(self.chunks) - 1:
+            order = [order[-1], *order[:-1]]  # the kept graph first, then re-runs
         else:
             self.kept = None  # the last chunk contributes nothing: free its graph
         try:
-            for k in active:
+            for k in order:
                 s, e = self.chunks[k]
                 pred, aliases = self._rerun(k)
+                if k in probe:
+                    del pred, aliases
+                    continue
                 with torch.enable_grad():
                     params, pose = runner.grads(pred, aliases, coeffs[s:e].to(pred.dtype))
                 torch._foreach_add_(acc, list(params))
