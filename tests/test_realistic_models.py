@@ -381,3 +381,25 @@ def test_positions_of_poses_with_zero_weight_get_zeros(strategy: str, chunk: int
     forces = [-p.grad for p in pos]  # as the docs write it: every pose has a tensor
     assert rel_err(forces, [-p.grad for p in ref_pos]) <= RTOL
     assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+# ---- item 9: store refuses a model that mixes the poses of a batch in either mode -------
+class MixesPoses(torch.nn.Module):
+    """Subtracts half the batch mean: its output depends on the other poses of a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(5, 1).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x - 0.5 * x.mean(0)).sum(dim=(-2, -1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch_in_either_mode(mode: str) -> None:
+    net = getattr(MixesPoses(), mode)()
+    model = combframe.MultiPoseModel(net, "mean", chunk_size=3)
+    with pytest.raises(combframe.CombinationError, match=r"mixes the poses of a batch"):
+        model(row_poses(6))
+    assert all(p.grad is None for p in net.parameters())

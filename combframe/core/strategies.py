@@ -609,10 +609,14 @@ class Store(Strategy):
         preview: Tensor | None = None
         if runner.batched and m > 1:
             # The first chunk as the model will see it from recompute and stream: checks
-            # the model's output per batch, and (in eval mode) that it treats the poses
-            # of a batch independently, which per-pose gradients assume.
+            # the model's output per batch, and (in either mode) that it treats the poses
+            # of a batch independently, which per-pose gradients assume. A model that
+            # draws random numbers cannot be compared (a batch draws other numbers).
             with undo_side_effects(runner), torch.no_grad():
+                drawn = _capture_rng(runner.device, None)
                 preview = runner.predict(poses[: runner.chunk_size], 0)
+                if _capture_rng(runner.device, drawn) is not drawn:
+                    preview = None
         buffers = _module_buffers(runner) if runner.batched and m > 1 else []
         versions = [b._version for b in buffers]
         values = {k: b.clone() for k, b in enumerate(buffers)} if _training(runner) else None
@@ -627,10 +631,11 @@ class Store(Strategy):
         del pred, aliases
         start = 1
         if runner.batched and m > 1:
-            reason = _per_sample_obstacle(runner)
-            if reason is None and changed_buffers(buffers, versions, values):
-                reason = _UPDATES_BUFFERS
+            mutated = bool(changed_buffers(buffers, versions, values))
             del values
+            if mutated and preview is not None:
+                preview = preview[:1]  # pose 1 on starts from the buffers pose 0 left
+            reason = _per_sample_obstacle(runner) or (_UPDATES_BUFFERS if mutated else None)
             if reason is None and _hidden_parameters(runner, poses[0]):
                 reason = (
                     "the model uses a parameter other than through its registered name (a "
@@ -655,7 +660,7 @@ class Store(Strategy):
                 self._store(runner, pred, aliases, i, buffer, rows)
             preds.append(pred.detach())
             del pred, aliases  # free before the next pose's graph is built
-        if preview is not None and not _training(runner):
+        if preview is not None:
             _check_independent(runner, torch.cat(preds)[: preview.shape[0]], preview)
         pose_rows = [
             (
