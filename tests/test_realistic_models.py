@@ -403,3 +403,51 @@ def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch_in_either_mode(mo
     with pytest.raises(combframe.CombinationError, match=r"mixes the poses of a batch"):
         model(row_poses(6))
     assert all(p.grad is None for p in net.parameters())
+
+
+# ---- item 7: store and a pose tensor that every pose shares -----------------------------
+class Pocket(torch.nn.Module):
+    """A ligand pose ``(atoms, 3)`` scored against a shared protein tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 1).double()
+
+    def forward(self, pose: dict[str, Tensor]) -> Tensor:
+        contact = pose["protein"].mean(0)
+        return self.lin(pose["ligand"] + contact).sum()
+
+
+def test_store_holds_one_gradient_per_pose_of_a_shared_pose_tensor_and_says_so() -> None:
+    def run(n: int) -> tuple[int, list[warnings.WarningMessage]]:
+        protein = torch.randn(1 << 15, 3, dtype=torch.float64, requires_grad=True)  # 0.75 MiB
+        poses = [{"ligand": p, "protein": protein} for p in positions(n)]
+        model = combframe.MultiPoseModel(Pocket(), "mean")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peak = peak_tensor_bytes(lambda: model(poses)[0].backward())
+        return peak, caught
+
+    mib = 1 << 20
+    small, _ = run(4)
+    large, caught = run(20)
+    # one 0.75 MiB copy per pose (16 more), not two
+    assert large - small < 16 * 0.75 * mib + mib, (small / mib, large / mib)
+    assert any("15.0 MiB until backward" in str(w.message) for w in caught)
+
+
+def test_a_shared_pose_tensor_gets_the_full_graph_gradient_under_store() -> None:
+    base = torch.randn(6, 3, dtype=torch.float64)
+    ref_protein = base.clone().requires_grad_()
+    ligands = positions(4)
+    ref = Pocket()
+    per_pose = torch.stack([ref({"ligand": p, "protein": ref_protein}) for p in ligands])
+    MaxCombination(negate_preds=True, pred_scale=3.0).value(per_pose).backward()
+    protein = base.clone().requires_grad_()
+    net = Pocket()
+    model = combframe.MultiPoseModel(net, MaxCombination(negate_preds=True, pred_scale=3.0))
+    model([{"ligand": p, "protein": protein} for p in ligands])[0].backward()
+    assert protein.grad is not None and ref_protein.grad is not None
+    assert rel_err([protein.grad], [ref_protein.grad]) <= RTOL
+    assert rel_err(grads(net), grads(ref)) <= RTOL

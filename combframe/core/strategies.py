@@ -625,7 +625,8 @@ class Store(Strategy):
         targets = runner.targets
         layout = targets.layout
         buffer = layout.new_buffer(m)
-        rows: list[list[tuple[int, Tensor]]] = [[] for _ in targets.pose_inputs]
+        rows = _PoseRows(runner, layout.device)
+        self._warn_shared(runner, rows, buffer)
         preds = [pred.detach()]
         self._store(runner, pred, aliases, 0, buffer, rows)
         del pred, aliases
@@ -662,14 +663,7 @@ class Store(Strategy):
             del pred, aliases  # free before the next pose's graph is built
         if preview is not None:
             _check_independent(runner, torch.cat(preds)[: preview.shape[0]], preview)
-        pose_rows = [
-            (
-                torch.tensor([i for i, _ in r], dtype=torch.long, device=buffer.device),
-                torch.stack([g for _, g in r]),
-            )
-            for r in rows
-        ]
-        source = StoredGradients(targets, buffer, pose_rows, runner.used)
+        source = StoredGradients(targets, buffer, rows.pairs(), runner.used)
         source.watch(poses)
         return torch.cat(preds), source
 
@@ -680,13 +674,31 @@ class Store(Strategy):
         aliases: Aliases,
         i: int,
         buffer: Tensor,
-        rows: list[list[tuple[int, Tensor]]],
+        rows: _PoseRows,
     ) -> None:
         with torch.enable_grad():
             params, pose = runner.grads(pred, aliases)
         runner.targets.layout.flatten_into(params, buffer[i])
-        for slot, g in pose:
-            rows[slot].append((i, g.detach()))
+        rows.write(i, pose)
+
+    def _warn_shared(self, runner: PoseRunner, rows: _PoseRows, buffer: Tensor) -> None:
+        """Warn once per model when copies of shared pose tensors' gradients dominate."""
+        shared = rows.shared_bytes()
+        if shared <= max(buffer.numel() * buffer.element_size(), 1 << 20):
+            return
+        key = -id(runner.model)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"strategy='store' keeps each pose's gradient with respect to the pose tensors "
+            f"that several poses share: {shared / 2**20:.1f} MiB until backward, more than "
+            "the per-pose gradients of the parameters. Each pose's coefficient is known "
+            "only in backward, so store cannot sum them as they come; strategy="
+            "'recompute' or 'stream' keep one copy",
+            StrategyWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _warn(self, runner: PoseRunner, reason: str) -> None:
         if id(runner.model) in self._warned:
@@ -700,6 +712,37 @@ class Store(Strategy):
             StrategyWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+@final
+class _PoseRows:
+    """Each pose's gradients with respect to the pose tensors it holds, stacked per tensor.
+
+    One ``(k, *shape)`` tensor per pose tensor held by ``k`` poses, allocated once and
+    written as the poses run (never a list of gradients stacked again at the end).
+    """
+
+    def __init__(self, runner: PoseRunner, device: torch.device) -> None:
+        inputs = runner.targets.pose_inputs
+        self.index = [torch.tensor(r, dtype=torch.long, device=device) for r in runner.readers]
+        self.row = [{i: k for k, i in enumerate(r)} for r in runner.readers]
+        self.stacked = [
+            torch.empty((len(r), *t.shape), dtype=t.dtype, device=t.device)
+            for r, t in zip(runner.readers, inputs, strict=True)
+        ]
+
+    def write(self, i: int, pose: Sequence[tuple[int, Tensor]]) -> None:
+        """Write pose ``i``'s gradients (``(slot, gradient)`` pairs)."""
+        for slot, g in pose:
+            self.stacked[slot][self.row[slot][i]] = g.detach()
+
+    def shared_bytes(self) -> int:
+        """Bytes held for pose tensors that more than one pose holds."""
+        return sum(t.numel() * t.element_size() for t in self.stacked if t.shape[0] > 1)
+
+    def pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(poses, stacked gradients)`` per pose tensor, as StoredGradients takes them."""
+        return list(zip(self.index, self.stacked, strict=True))
 
 
 @contextlib.contextmanager
