@@ -6,7 +6,6 @@ backward) to 1e-10, or must be refused before any ``.grad`` or buffer is written
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,9 +121,7 @@ def test_every_strategy_refuses_a_pose_changed_in_place_after_the_forward(
 ) -> None:
     net = Scaled().eval()
     poses = atom_poses(4)
-    combined, _ = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)(
-        poses
-    )
+    combined, _ = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)(poses)
     poses[2].mul_(2.0)
     with pytest.raises(combframe.StrategyError, match=r"pose 2 .*modified in place.*version"):
         combined.backward()

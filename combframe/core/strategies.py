@@ -520,9 +520,11 @@ def undo_side_effects(runner: PoseRunner) -> Iterator[None]:
     """
     copies = {id(b): b.clone() for b in _module_buffers(runner)}
     devices = [runner.device] if runner.device.type != "cpu" else []
-    with stand_in_buffers(runner, copies):
-        with torch.random.fork_rng(devices=devices, device_type=runner.device.type):
-            yield
+    with (
+        stand_in_buffers(runner, copies),
+        torch.random.fork_rng(devices=devices, device_type=runner.device.type),
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -1079,10 +1081,14 @@ class _RecomputedGradients(PoseGradients):
         s, e = self.chunks[k]
         state = self.state
         stand_ins = state.buffers.before(k)
-        with stand_in_buffers(runner, stand_ins), _replay_rng(state.rng[k], runner.device):
-            with torch.enable_grad(), state.autocast.restore():
-                aliases = runner.aliases(self.poses[s:e])
-                pred = runner.predict(self.poses[s:e], s, aliases)
+        with (
+            stand_in_buffers(runner, stand_ins),
+            _replay_rng(state.rng[k], runner.device),
+            torch.enable_grad(),
+            state.autocast.restore(),
+        ):
+            aliases = runner.aliases(self.poses[s:e])
+            pred = runner.predict(self.poses[s:e], s, aliases)
         runner.require_grad(
             pred,
             s,
@@ -1169,7 +1175,7 @@ class _ChunkState:
 def changed_buffers(
     buffers: Sequence[Tensor], versions: Sequence[int], values: dict[int, Tensor] | None = None
 ) -> set[int]:
-    """Indices of the buffers written since ``versions`` (and ``values``) were taken.
+    """Return the indices of the buffers written since ``versions`` (``values``) were taken.
 
     A moved version counter says a buffer was written; with ``values`` (copies by index)
     a buffer whose value differs counts too, compared on the device with one host sync.
@@ -1223,9 +1229,7 @@ class _BufferLog:
     def before(self, k: int) -> dict[int, Tensor]:
         """Fresh stand-ins holding chunk ``k``'s starting values, by id of the buffer."""
         start = self.chunks[k] if self.chunks else {}
-        return {
-            id(self.buffers[j]): start.get(j, self.initial[j]).clone() for j in self.changed
-        }
+        return {id(self.buffers[j]): start.get(j, self.initial[j]).clone() for j in self.changed}
 
 
 def _modules(runner: PoseRunner) -> list[torch.nn.Module]:
