@@ -608,17 +608,7 @@ class Store(Strategy):
         self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
     ) -> Collected:
         m = len(poses)
-        preview: Tensor | None = None
-        if runner.batched and m > 1:
-            # The first chunk as the model will see it from recompute and stream: checks
-            # the model's output per batch, and (in either mode) that it treats the poses
-            # of a batch independently, which per-pose gradients assume. A model that
-            # draws random numbers cannot be compared (a batch draws other numbers).
-            with undo_side_effects(runner), torch.no_grad():
-                drawn = _capture_rng(runner.device, None)
-                preview = runner.predict(poses[: runner.chunk_size], 0)
-                if _capture_rng(runner.device, drawn) is not drawn:
-                    preview = None
+        preview = _preview(runner, poses) if runner.batched and m > 1 else None
         buffers = _module_buffers(runner) if runner.batched and m > 1 else []
         versions = [b._version for b in buffers]
         values = {k: b.clone() for k, b in enumerate(buffers)} if _training(runner) else None
@@ -638,23 +628,8 @@ class Store(Strategy):
             del values
             if mutated and preview is not None:
                 preview = preview[:1]  # pose 1 on starts from the buffers pose 0 left
-            reason = _per_sample_obstacle(runner) or (_UPDATES_BUFFERS if mutated else None)
-            if reason is None and _hidden_parameters(runner, poses[0]):
-                reason = (
-                    "the model uses a parameter other than through its registered name (a "
-                    "closure or a list holding it), which torch.func.vmap cannot see"
-                )
-            if reason is None:
-                try:
-                    reason = _per_sample_chunks(runner, poses, buffer, preds)
-                except Exception as exc:  # not vmappable: fall back for the rest
-                    reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
-                if reason is None:
-                    start = m
-                else:  # whatever the attempt computed is dropped; it wrote no buffer
-                    del preds[1:]
-            if reason is not None:
-                self._warn(runner, reason)
+            if self._in_chunks(runner, poses, buffer, preds, mutated):
+                start = m
         for i in range(start, m):
             with torch.enable_grad(), _one_pose_errors(runner, i):
                 aliases = runner.aliases(poses[i : i + 1])
@@ -668,6 +643,36 @@ class Store(Strategy):
         source = StoredGradients(targets, buffer, rows.pairs(), runner.used)
         source.watch(poses)
         return torch.cat(preds), source
+
+    def _in_chunks(
+        self,
+        runner: PoseRunner,
+        poses: Poses,
+        buffer: Tensor,
+        preds: list[Tensor],
+        mutated: bool,
+    ) -> bool:
+        """Fill the rows of poses 1 on by per-sample gradients of whole chunks, if possible.
+
+        Returns whether it did; otherwise warns why (once per model) and leaves ``preds``
+        holding pose 0's prediction only.
+        """
+        reason = _per_sample_obstacle(runner) or (_UPDATES_BUFFERS if mutated else None)
+        if reason is None and _hidden_parameters(runner, poses[0]):
+            reason = (
+                "the model uses a parameter other than through its registered name (a "
+                "closure or a list holding it), which torch.func.vmap cannot see"
+            )
+        if reason is None:
+            try:
+                reason = _per_sample_chunks(runner, poses, buffer, preds)
+            except Exception as exc:  # not vmappable: fall back for the rest
+                reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
+        if reason is None:
+            return True
+        del preds[1:]  # whatever the attempt computed is dropped; it wrote no buffer
+        self._warn(runner, reason)
+        return False
 
     @staticmethod
     def _store(
@@ -763,6 +768,21 @@ def _one_pose_errors(runner: PoseRunner, index: int) -> Iterator[None]:
             "that needs several poses per batch (batch norm in training mode) cannot give "
             "per-pose gradients; use strategy='recompute' or 'stream', which run whole chunks"
         ) from exc
+
+
+def _preview(runner: PoseRunner, poses: Poses) -> Tensor | None:
+    """Return the first chunk's predictions as recompute and stream get them, or None.
+
+    Run without a graph and leaving no trace; store compares them with its one-pose
+    predictions (in either mode) to check that the model treats the poses of a batch
+    independently, which per-pose gradients assume, and the run checks the model's
+    output per batch. A model that draws random numbers cannot be compared (a batch
+    draws other numbers than its poses alone): None.
+    """
+    with undo_side_effects(runner), torch.no_grad():
+        drawn = _capture_rng(runner.device, None)
+        preview = runner.predict(poses[: runner.chunk_size], 0)
+        return preview if _capture_rng(runner.device, drawn) is drawn else None
 
 
 def _check_independent(runner: PoseRunner, alone: Tensor, together: Tensor) -> None:
