@@ -596,6 +596,9 @@ class Store(Strategy):
     no parameter reached through a closure or a readout module, no randomness and no
     buffer updated in place). Otherwise store runs one pose per pass (each pose collated
     alone) and warns once per model with :class:`~combframe.errors.StrategyWarning`.
+
+    A model with a gradient hook on an activation is refused (each pose's gradient is
+    taken before the loss is known); hooks on parameters run once, on the total.
     """
 
     name = "store"
@@ -1004,11 +1007,12 @@ class Recompute(Strategy):
     The RNG state of each chunk is saved and restored, so dropout replays identically,
     and the autocast state of the forward is restored. In training mode each chunk's
     re-run starts from the buffers (batch-norm running statistics) as they were before
-    that chunk's forward, and afterwards the buffers are put back as the forward left
-    them, so they are updated once per chunk. A pose tensor modified in place between
-    forward and backward is refused (its version counter moved, as autograd checks for
-    saved tensors). Chunks whose coefficients are all exactly zero (a sharp smooth-max
-    far from the best pose) are not re-run: they contribute nothing.
+    that chunk's forward, on copies swapped in for the re-run, so the buffers are updated
+    once per chunk and the model's own are never written back.
+    A pose tensor modified in place between forward and backward is refused (its version
+    counter moved, as autograd checks for saved tensors). Chunks whose coefficients are
+    all exactly zero (a sharp smooth-max far from the best pose) are not re-run: they
+    contribute nothing. Gradient hooks on activations see what the full graph gives them.
 
     Parameters
     ----------
@@ -1290,7 +1294,7 @@ class Stream(Strategy):
     per chunk and compound in it). Every exponent is at most zero, so nothing overflows
     however widely the predictions are spread. The scalar bookkeeping is done in float64
     whatever the model's dtype; only the ``k`` sums of ``P`` numbers per compound use the
-    parameters' dtype.
+    parameters' dtype. A model with a gradient hook on an activation is refused.
     """
 
     name = "stream"
