@@ -18,6 +18,7 @@ from torch import Tensor
 
 import combframe
 from combframe.testing import peak_tensor_bytes
+from tests.test_batched import MixesPoses
 
 RTOL = 1e-10
 STRATEGIES = ("store", "recompute", "stream")
@@ -65,7 +66,7 @@ def full_graph(
     return comb.value(per_pose)
 
 
-# ---- item 4: buffers are never written back in place -----------------------------------
+# ---- buffers are never written back in place -----------------------------------
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_forwards_then_one_backward_match_the_full_graph(strategy: str, mode: str) -> None:
@@ -97,7 +98,7 @@ def test_a_plain_term_computed_earlier_survives_the_forward_and_backward(strateg
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
 
-# ---- item 6: recompute's memory does not grow with N in training mode -------------------
+# ---- recompute's memory does not grow with N in training mode -------------------
 def test_recompute_keeps_no_copy_of_an_unchanged_buffer_per_chunk() -> None:
     def peak(n: int) -> int:
         net = Scaled(big=1 << 19).train()  # a 4 MiB constant buffer
@@ -113,7 +114,7 @@ def test_recompute_keeps_no_copy_of_an_unchanged_buffer_per_chunk() -> None:
     assert large - small < (1 << 20), (small, large)  # not 28 more copies of 4 MiB
 
 
-# ---- item 10: a pose changed in place after the forward is refused by every strategy ----
+# ---- a pose changed in place after the forward is refused by every strategy ----
 @pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_refuses_a_pose_changed_in_place_after_the_forward(
@@ -128,7 +129,7 @@ def test_every_strategy_refuses_a_pose_changed_in_place_after_the_forward(
     assert all(p.grad is None for p in net.parameters())
 
 
-# ---- item 2: store's per-sample path and models that update buffers in place -------------
+# ---- store's per-sample path and models that update buffers in place -------------
 class Spectral(torch.nn.Module):
     """A spectrally normalised layer: its power iteration updates buffers in training."""
 
@@ -184,7 +185,7 @@ def test_a_failed_per_sample_attempt_leaves_the_buffers_as_they_were() -> None:
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
 
-# ---- item 1: gradient hooks -------------------------------------------------------------
+# ---- gradient hooks -------------------------------------------------------------
 class Plain(torch.nn.Module):
     """Poses ``(1, 5)``, chunks ``(b, 1, 5)``; optionally a clamp hook on an activation."""
 
@@ -261,7 +262,7 @@ def test_store_and_stream_refuse_hooks_on_activations(strategy: str, hook: str) 
     assert all(p.grad is None for p in net.parameters())
 
 
-# ---- item 5: energy + force models that make their own leaves ---------------------------
+# ---- energy + force models that make their own leaves ---------------------------
 class ForceField(torch.nn.Module):
     """Energy and the squared forces of a pose ``(atoms, 3)`` (or a chunk ``(b, atoms, 3)``).
 
@@ -324,7 +325,7 @@ def test_a_model_that_makes_the_pose_require_grad_is_refused_with_the_fix(strate
     assert rel_err([p.grad for p in poses], [p.grad for p in ref_poses]) <= RTOL
 
 
-# ---- item 10: a parameter frozen between forward and backward ---------------------------
+# ---- a parameter frozen between forward and backward ---------------------------
 @pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_parameter_frozen_between_forward_and_backward_gets_no_gradient(
@@ -346,7 +347,7 @@ def test_a_parameter_frozen_between_forward_and_backward_gets_no_gradient(
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
 
-# ---- item 8: a pose the combination gives no weight still gets a tensor gradient ---------
+# ---- a pose the combination gives no weight still gets a tensor gradient ---------
 class Energy(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -380,19 +381,7 @@ def test_positions_of_poses_with_zero_weight_get_zeros(strategy: str, chunk: int
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
 
-# ---- item 9: store refuses a model that mixes the poses of a batch in either mode -------
-class MixesPoses(torch.nn.Module):
-    """Subtracts half the batch mean: its output depends on the other poses of a batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(5, 1).double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin(x - 0.5 * x.mean(0)).sum(dim=(-2, -1))
-
-
+# ---- store refuses a model that mixes the poses of a batch in either mode -------
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch_in_either_mode(mode: str) -> None:
     net = getattr(MixesPoses(), mode)()
@@ -402,7 +391,7 @@ def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch_in_either_mode(mo
     assert all(p.grad is None for p in net.parameters())
 
 
-# ---- item 7: store and a pose tensor that every pose shares -----------------------------
+# ---- store and a pose tensor that every pose shares -----------------------------
 class Pocket(torch.nn.Module):
     """A ligand pose ``(atoms, 3)`` scored against a shared protein tensor."""
 
