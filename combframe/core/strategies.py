@@ -162,14 +162,16 @@ def _held_hooks(tensors: Sequence[Tensor]) -> Iterator[None]:
     combframe's backward hands that total to the parameter, where the hook then runs.
     Per-pose and per-chunk gradients are parts of it, on which the hook must not run.
     """
-    held = [(t, t._backward_hooks) for t in tensors if t._backward_hooks]
-    for t, _ in held:
-        t._backward_hooks = None
+    # The hook autograd runs for a tensor's Python hooks reads their dict when it fires:
+    # emptied for the duration, it runs none (hooks registered from C++ are untouched).
+    held = [(hooks, dict(hooks)) for t in tensors if (hooks := t._backward_hooks)]
+    for hooks, _ in held:
+        hooks.clear()
     try:
         yield
     finally:
-        for t, hooks in held:
-            t._backward_hooks = hooks
+        for hooks, saved in held:
+            hooks.update(saved)
 
 
 @final
