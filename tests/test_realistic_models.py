@@ -437,3 +437,20 @@ def test_a_shared_pose_tensor_gets_the_full_graph_gradient_under_store() -> None
     assert protein.grad is not None and ref_protein.grad is not None
     assert rel_err([protein.grad], [ref_protein.grad]) <= RTOL
     assert rel_err(grads(net), grads(ref)) <= RTOL
+
+
+class Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.w
+
+
+def test_a_backward_hook_on_the_readout_module_is_seen() -> None:
+    readout = Scale()
+    readout.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(-0.02, 0.02),))
+    model = combframe.MultiPoseModel(Plain(), "max", pred_readout=readout)
+    with pytest.raises(combframe.StrategyError, match=r"hook .*store.*recompute"):
+        model(row_poses(3))

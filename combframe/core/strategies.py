@@ -430,7 +430,7 @@ class PoseRunner:
             the full graph would give that tensor a gradient, which combframe can only
             return for tensors that require grad before the call. The flag is put back.
         """
-        self.activation_hooks |= watch.hooks or _module_backward_hooks(self.model)
+        self.activation_hooks |= watch.hooks or any(map(_module_backward_hooks, _modules(self)))
         self._private = set(watch.made)
         if not watch.made:
             return
