@@ -258,7 +258,7 @@ class PoseRunner:
         self.pose_inputs = tuple(found.values())
         #: For each pose tensor that requires grad, the poses that hold it.
         self.readers = [readers[id(t)] for t in self.pose_inputs]
-        #: The leaf pose tensors that did not require grad (see ``_made_leaves``).
+        #: The leaf pose tensors that did not require grad (see ``_watched``).
         self.inert = tuple(inert)
         self.targets = GradTargets(ParamLayout(self.params, self.device), self.pose_inputs)
 
@@ -569,7 +569,7 @@ def _first_graph(
     runner.discover(pred, aliases)
     if runner.activation_hooks and not strategy.activation_hooks:
         raise StrategyError(
-            f"the model has a gradient hook on a tensor other than a parameter "
+            "the model has a gradient hook on a tensor other than a parameter "
             "(Tensor.register_hook inside forward, or a module backward hook such as "
             f"register_full_backward_hook); strategy={strategy.name!r} computes "
             + (
