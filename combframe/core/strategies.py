@@ -1007,8 +1007,8 @@ class Recompute(Strategy):
     ``autograd.grad`` with
     ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`.
     The RNG state of each chunk is saved and restored, so dropout replays identically,
-    and the autocast state of the forward is restored. In training mode each chunk's
-    re-run starts from the buffers (batch-norm running statistics) as they were before
+    and the autocast state of the forward is restored. Each chunk's re-run starts
+    from the buffers (batch-norm running statistics) as they were before
     that chunk's forward, on copies swapped in for the re-run, so the buffers are updated
     once per chunk and the model's own are never written back.
     A pose tensor modified in place between forward and backward is refused (its version
@@ -1045,7 +1045,7 @@ class Recompute(Strategy):
         autocast = _AutocastState.capture(runner.device.type)
         kept: tuple[Tensor, Aliases] | None = None
         last = len(chunks) - 1
-        log = _BufferLog(_module_buffers(runner) if _training(runner) else [])
+        log = _BufferLog(_module_buffers(runner), by_value=_training(runner))
         for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
             log.start_chunk()
@@ -1224,11 +1224,13 @@ class _BufferLog:
     whose version counter has moved are copied per chunk, and at the end the copies of
     buffers that never changed are dropped, so a constant buffer costs nothing per
     chunk. A re-run uses fresh stand-ins (:func:`stand_in_buffers`): the model's own
-    buffers are never written back.
+    buffers are never written back. ``by_value``: compare values too after the first
+    chunk (training mode, where batch norm writes without moving version counters).
     """
 
-    def __init__(self, buffers: list[Tensor]) -> None:
+    def __init__(self, buffers: list[Tensor], by_value: bool = True) -> None:
         self.buffers = buffers
+        self.by_value = by_value
         self.versions = [b._version for b in buffers]
         self.initial: dict[int, Tensor] = {k: b.clone() for k, b in enumerate(buffers)}
         self.changed: set[int] = set()
@@ -1244,8 +1246,9 @@ class _BufferLog:
         After the first chunk the values are compared too (one host sync per forward):
         batch norm updates its running statistics without moving their version counters.
         """
+        first = len(self.chunks) == 1 and self.by_value
         self.changed |= changed_buffers(
-            self.buffers, self.versions, self.initial if len(self.chunks) == 1 else None
+            self.buffers, self.versions, self.initial if first else None
         )
 
     def finish(self) -> None:
@@ -1254,7 +1257,7 @@ class _BufferLog:
 
     def before(self, k: int) -> dict[int, Tensor]:
         """Fresh stand-ins holding chunk ``k``'s starting values, by id of the buffer."""
-        start = self.chunks[k] if self.chunks else {}
+        start = self.chunks[k]
         return {id(self.buffers[j]): start.get(j, self.initial[j]).clone() for j in self.changed}
 
 
