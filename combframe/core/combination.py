@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 from typing_extensions import TypeVar
 
-from combframe.core.function import CombinationFunction
+from combframe.core.function import CombinationFunction, OwnParameters, as_pred_vector
 from combframe.core.gradients import PoseGradients
 
 __all__ = [
@@ -253,7 +253,17 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         combined, per_pose
             The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
         """
-        return CombinationFunction.call(self, pred_list, grad_dict, param_names, *model_params)
+        local: Tensor | None = None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # The combination's own parameters: h on the detached predictions, built
+            # before the Function (see OwnParameters).
+            local = self.value(as_pred_vector(pred_list))
+        combined, per_pose = CombinationFunction.call(
+            self, pred_list, grad_dict, param_names, *model_params
+        )
+        if local is not None:
+            combined = OwnParameters.apply(combined, local)  # type: ignore[no-untyped-call]  # untyped in torch
+        return combined, per_pose
 
 
 #: The name the first releases used for :class:`Combination`; the same class.

@@ -191,13 +191,22 @@ class PoseGradients(ABC):
         of ``targets.inputs`` (``None`` for a pose tensor no pose depends on).
         """
 
-    def contract_combined(self, comb_grad: Tensor, combined: Tensor) -> list[Tensor | None]:
+    def settle(self, combined: Tensor) -> None:
+        r"""Take note of the combined predictions :math:`G` (one per compound), in the forward.
+
+        Called once the forward has combined the predictions. A strategy whose backward
+        needs :math:`G` and what the combination derives from it (stream's coefficients)
+        computes them here, so that the backward uses the combination's parameters as the
+        forward did, whatever is changed in between. The default needs nothing.
+        """
+        return None
+
+    def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
         r"""Return the inputs' gradients for a loss on the combined predictions only.
 
-        ``comb_grad`` is :math:`\partial L/\partial G` and ``combined`` is :math:`G`,
-        one entry per compound. Only a
-        strategy that keeps per-compound running sums instead of per-pose information
-        (stream) implements it.
+        ``comb_grad`` is :math:`\partial L/\partial G`, one entry per compound, for the
+        :math:`G` given to :meth:`settle`. Only a strategy that keeps per-compound running
+        sums instead of per-pose information (stream) implements it.
         """
         raise CombinationError(
             f"the {self.strategy!r} gradient source answers per-pose coefficients only"

@@ -281,8 +281,9 @@ class MultiPoseModel(torch.nn.Module):
                 combined = self.combination.segment_value(per_pose, segments.index, count)
                 self._check_finite(preds, combined)
                 return combined, per_pose
-            with torch.no_grad():
-                combined = self.combination.segment_value(preds, segments.index, count)
+            # With the predictions detached, the graph of ``combined`` reaches only the
+            # combination's own parameters, which StreamedPredictions' backward serves.
+            combined = self.combination.segment_value(preds, segments.index, count)
             self._check_finite(preds, combined)
             out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]  # untyped
                 source, combined, preds, *inputs
@@ -293,9 +294,10 @@ class MultiPoseModel(torch.nn.Module):
             preds = torch.cat([runner.predict(poses[s:e], s) for s, e in chunks])
             if runner.params:
                 preds = self._promote(preds, runner.targets.layout.dtype)
-            combined = self.combination.segment_value(preds, segments.index, count)
-            self._check_finite(preds, combined)
-            return combined, preds
+        # in grad mode, the combination's own parameters still get their gradient
+        combined = self.combination.segment_value(preds, segments.index, count)
+        self._check_finite(preds, combined)
+        return combined, preds
 
     @staticmethod
     def _needs_graph(runner: PoseRunner, poses: Sequence[Any]) -> bool:

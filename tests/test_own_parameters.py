@@ -1,0 +1,289 @@
+"""A combination's own parameters and hyperparameters: exact gradients in every strategy
+and in the mtenn-style call, values taken in the forward, and mtenn's ``None`` gradients."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from combframe_boltzmann import BoltzmannCombination
+from combframe_max import MaxCombination, MaxCombinationFunc
+from torch import Tensor
+
+import combframe
+from combframe.testing import (
+    full_graph_gradients,
+    gradient_parity,
+    make_loss,
+    mtenn_gradients,
+    multipose_gradients,
+)
+from tests.conftest import make_mlp, make_poses
+
+RTOL = 1e-10
+STRATEGIES = ("store", "recompute", "stream")
+
+
+class LearnedBoltzmann(combframe.Combination):
+    r"""A Boltzmann mean whose temperature is learnt: :math:`kT = e^{\phi}`.
+
+    Its stream terms and coefficients both depend on :math:`\phi` (as the shipped
+    Boltzmann's depend on ``kT``).
+    """
+
+    name = "learned_boltzmann"
+
+    def __init__(self, log_kt: float = -0.4) -> None:
+        super().__init__()
+        self.log_kt = torch.nn.Parameter(torch.tensor(log_kt, dtype=torch.float64))
+
+    def value(self, preds: Tensor) -> Tensor:
+        return (torch.softmax(-preds / self.log_kt.exp(), dim=0) * preds).sum()
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        feats = torch.stack([torch.ones_like(preds), preds - center], -1)
+        return -preds / self.log_kt.exp(), feats
+
+    def stream_shift(self, old: Tensor, new: Tensor) -> Tensor:
+        one, zero = torch.ones_like(old), torch.zeros_like(old)
+        return torch.stack([torch.stack([one, zero]), torch.stack([old - new, one])])
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        beta = torch.exp(-self.log_kt).to(combined.dtype)
+        return torch.stack([1.0 + beta * (combined - center), -beta])
+
+
+class LearnedSoftMin(combframe.Combination):
+    """A smooth minimum with a learnt sharpness and a learnt offset (two parameters)."""
+
+    name = "learned_softmin"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_t = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        self.shift = torch.nn.Parameter(torch.tensor(0.25, dtype=torch.float64))
+
+    def value(self, preds: Tensor) -> Tensor:
+        t = self.log_t.exp()
+        return -t * torch.logsumexp(-preds / t, dim=0) + self.shift
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        return -preds / self.log_t.exp(), torch.ones_like(preds).unsqueeze(-1)
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        return combined.new_ones(1)
+
+
+def own_grads(combination: torch.nn.Module) -> list[Tensor]:
+    return [
+        p.grad.clone() if p.grad is not None else torch.zeros(0) for p in combination.parameters()
+    ]
+
+
+def assert_close(got: Sequence[Tensor], want: Sequence[Tensor], rtol: float = RTOL) -> None:
+    assert len(got) == len(want)
+    scale = max(w.abs().max().item() for w in want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape, f"gradient {i}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        err = (g - w).abs().max().item() / scale
+        assert err <= rtol, f"gradient {i} differs by {err:.3e} relative"
+
+
+# ---- issue 17 item 0: the combination's own parameters ---------------------------------------
+@pytest.mark.parametrize("make", [LearnedBoltzmann, LearnedSoftMin])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(("sizes", "chunk"), [(None, 1), (None, 3), ([4, 1, 6], 1), ([4, 1, 6], 3)])
+def test_own_parameters_get_the_full_graph_gradient(
+    make: Callable[[], combframe.Combination],
+    strategy: str,
+    sizes: list[int] | None,
+    chunk: int,
+) -> None:
+    comb = make()
+    poses = make_poses(11 if sizes else 7, seed=3)
+    loss = make_loss("combined")
+    want = full_graph_gradients(make_mlp(), comb, poses, loss, sizes=sizes)
+    want_own = own_grads(comb)
+    comb.zero_grad(set_to_none=True)
+    got = multipose_gradients(
+        make_mlp(), comb, poses, loss, strategy, sizes=sizes, chunk_size=chunk
+    )
+    assert all(p.grad is not None for p in comb.parameters()), "a parameter got no gradient"
+    assert_close(own_grads(comb), want_own)
+    assert_close(got[2], want[2])  # the model's and the combination's, as the harness lists them
+
+
+def test_parity_harness_compares_own_parameters() -> None:
+    result = gradient_parity(LearnedBoltzmann(), n_poses=(1, 5), seeds=(0,))
+    assert result.passed, result.cases
+    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "mtenn"}
+    assert result.worst <= RTOL
+
+
+class DetachedOwnParameter(LearnedSoftMin):
+    """Wrong on purpose: the batched value (used by MultiPoseModel) drops the parameter's
+    gradient, while :meth:`value` (the full graph's) keeps it."""
+
+    name = "detached_softmin"
+
+    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+        with torch.no_grad():
+            shift = self.shift.clone()
+        t = self.log_t.exp()
+        return torch.stack(
+            [
+                -t * torch.logsumexp(-p / t, 0) + shift
+                for p in preds.split(torch.bincount(index, minlength=num_segments).tolist())
+            ]
+        )
+
+
+def test_parity_harness_catches_a_wrong_own_gradient() -> None:
+    result = gradient_parity(
+        DetachedOwnParameter(),
+        strategies=("store",),
+        losses=("combined",),
+        n_poses=(3,),
+        seeds=(0,),
+    )
+    assert not result.passed
+    assert result.worst > 1e-3
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_own_parameters_train_with_a_frozen_model(strategy: str) -> None:
+    net = make_mlp().requires_grad_(False)
+    comb = LearnedBoltzmann()
+    poses = make_poses(5, seed=1)
+    combined, _ = combframe.MultiPoseModel(net, comb, strategy=strategy)(poses)
+    (combined - 0.5).pow(2).backward()
+    got = own_grads(comb)
+    want = full_graph_gradients(net, comb, poses, lambda c, _: (c - 0.5).pow(2))
+    assert_close(got, want[2])
+
+
+def test_stream_refusal_writes_no_own_gradient() -> None:
+    comb = LearnedBoltzmann()
+    net = make_mlp()
+    combined, per_pose = combframe.MultiPoseModel(net, comb, strategy="stream")(make_poses(4))
+    with pytest.raises(combframe.StrategyError, match="per-pose"):
+        (combined + per_pose.sum()).backward()
+    assert all(p.grad is None for p in [*comb.parameters(), *net.parameters()])
+
+
+def test_mtenn_call_gives_own_parameters_their_gradient() -> None:
+    comb = LearnedSoftMin()
+    poses = make_poses(6, seed=2)
+    for kind in ("combined", "both"):
+        loss = make_loss(kind)
+        want = full_graph_gradients(make_mlp(), comb, poses, loss)
+        got = mtenn_gradients(make_mlp(), comb, poses, loss)
+        assert_close(got[2], want[2])
+
+
+def test_mtenn_call_error_writes_no_own_gradient() -> None:
+    comb = LearnedSoftMin()
+    net = make_mlp()
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    grad_dict: dict[str, list[Tensor]] = {n: [] for n in names}
+    preds = []
+    for pose in make_poses(3):
+        pred = net(pose).reshape(())
+        for n, g in zip(names, torch.autograd.grad(pred, params), strict=True):
+            grad_dict[n].append(g)
+        preds.append(pred.detach())
+    combined, _ = comb(preds, grad_dict, names, *params)
+    with torch.no_grad():
+        params[0].add_(1.0)  # the optimizer stepped before backward
+    with pytest.raises(combframe.CombinationError, match="modified in place"):
+        combined.backward()
+    assert all(p.grad is None for p in [*comb.parameters(), *params])
+
+
+# ---- issue 17 item 3: hyperparameters are those of the forward ------------------------------
+def _schedule_step(comb: combframe.Combination) -> None:
+    """What a schedule stepped between forward and backward does."""
+    if isinstance(comb, MaxCombination):
+        comb.pred_scale = comb.pred_scale * 7.0
+    elif isinstance(comb, BoltzmannCombination):
+        comb.kT = comb.kT * 4.0
+    else:
+        with torch.no_grad():
+            for p in comb.parameters():
+                p.add_(0.9)
+
+
+COMBINATIONS: list[Callable[[], combframe.Combination]] = [
+    lambda: MaxCombination(negate_preds=True, pred_scale=3.0),
+    lambda: BoltzmannCombination(kT=0.5),
+    LearnedBoltzmann,
+]
+
+
+@pytest.mark.parametrize("make", COMBINATIONS)
+@pytest.mark.parametrize(("sizes", "chunk"), [(None, 1), (None, 4), ([3, 5, 2], 1), ([3, 5, 2], 4)])
+def test_stream_uses_the_forwards_hyperparameters(
+    make: Callable[[], combframe.Combination], sizes: list[int] | None, chunk: int
+) -> None:
+    comb = make()
+    poses = make_poses(10 if sizes else 8, seed=5)
+    loss = make_loss("combined")
+    want = full_graph_gradients(make_mlp(), copy.deepcopy(comb), poses, loss, sizes=sizes)
+    net = make_mlp()
+    model = combframe.MultiPoseModel(net, comb, strategy="stream", chunk_size=chunk)
+    if sizes is None:
+        combined, per_pose = model(poses)
+    else:
+        cut = [0, 3, 8, 10]
+        combined, per_pose, _ = model(compounds=[poses[a:b] for a, b in itertools.pairwise(cut)])
+    _schedule_step(comb)
+    loss(combined, per_pose).backward()
+    assert_close([p.grad for p in [*net.parameters(), *comb.parameters()]], want[2])
+
+
+@pytest.mark.parametrize("make", COMBINATIONS)
+@pytest.mark.parametrize("kind", ["combined", "both"])
+def test_mtenn_call_uses_the_forwards_hyperparameters(
+    make: Callable[[], combframe.Combination], kind: str
+) -> None:
+    comb = make()
+    poses = make_poses(6, seed=4)
+    loss = make_loss(kind)  # type: ignore[arg-type]  # one of LOSSES
+    want = full_graph_gradients(make_mlp(), copy.deepcopy(comb), poses, loss)
+    net = make_mlp()
+    preds, grad_dict, names, params = _collect(net, poses)
+    combined, per_pose = comb(preds, grad_dict, names, *params)
+    _schedule_step(comb)
+    loss(combined, per_pose).backward()
+    assert_close([p.grad for p in [*params, *comb.parameters()]], want[2])
+
+
+def test_mtenn_function_is_unaffected_by_later_changes() -> None:
+    poses = make_poses(5, seed=6)
+    loss = make_loss("combined")
+    want = full_graph_gradients(make_mlp(), MaxCombination(True, 3.0), poses, loss)
+    preds, grad_dict, names, params = _collect(make_mlp(), poses)
+    combined, per_pose = MaxCombinationFunc.apply(True, 3.0, preds, grad_dict, names, *params)
+    loss(combined, per_pose).backward()
+    assert_close([p.grad for p in params], want[2])
+
+
+def _collect(
+    net: torch.nn.Module, poses: Sequence[Tensor], allow_unused: bool = False
+) -> tuple[list[Tensor], dict[str, list[Tensor | None]], list[str], list[Tensor]]:
+    """What mtenn's GroupedModel collects: predictions and per-pose gradients."""
+    names = [n for n, _ in net.named_parameters()]
+    params = list(net.parameters())
+    grad_dict: dict[str, list[Tensor | None]] = {n: [] for n in names}
+    preds = []
+    for pose in poses:
+        pred = net(pose).reshape(())
+        grads = torch.autograd.grad(pred, params, allow_unused=allow_unused)
+        for n, g in zip(names, grads, strict=True):
+            grad_dict[n].append(g)
+        preds.append(pred.detach())
+    return preds, grad_dict, names, params
