@@ -287,3 +287,47 @@ def _collect(
             grad_dict[n].append(g)
         preds.append(pred.detach())
     return preds, grad_dict, names, params
+
+
+# ---- issue 17 item 10: mtenn's None gradients -------------------------------------------------
+class PartlyUsed(torch.nn.Module):
+    """A model with a branch some poses skip and a parameter no pose uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.bias = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+        self.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, pose: Tensor) -> Tensor:
+        out = self.net(pose).reshape(())
+        return out + self.bias if bool(pose.sum() > 0) else out
+
+
+@pytest.mark.parametrize("kind", ["combined", "per_pose", "both"])
+def test_mtenn_none_gradients_count_as_zeros(kind: str) -> None:
+    poses = make_poses(6, seed=8)
+    assert 0 < sum(bool(p.sum() > 0) for p in poses) < 6, "the branch must be mixed"
+    loss = make_loss(kind)  # type: ignore[arg-type]  # one of LOSSES
+    comb = BoltzmannCombination(kT=0.7)
+    reference = PartlyUsed()
+    per_pose = torch.stack([reference(p) for p in poses])
+    loss(comb.value(per_pose), per_pose).backward()
+    model = PartlyUsed()
+    preds, grad_dict, names, params = _collect(model, poses, allow_unused=True)
+    assert any(g is None for g in grad_dict["bias"]) and all(g is None for g in grad_dict["unused"])
+    combined, per_pose = comb(preds, grad_dict, names, *params)
+    loss(combined, per_pose).backward()
+    assert model.unused.grad is None and reference.unused.grad is None  # as autograd
+    used = [n for n in names if n != "unused"]
+    assert_close(
+        [model.get_parameter(n).grad for n in used],
+        [reference.get_parameter(n).grad for n in used],
+    )
+
+
+def test_mtenn_grad_dict_of_non_tensors_is_refused_up_front() -> None:
+    preds, grad_dict, names, params = _collect(make_mlp(), make_poses(3))
+    grad_dict[names[1]][2] = 0.0  # type: ignore[call-overload]  # the wrong type on purpose
+    with pytest.raises(combframe.CombinationError, match=r"tensors .*'0.bias'\[2\]: float"):
+        MaxCombination()(preds, grad_dict, names, *params)

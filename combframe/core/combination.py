@@ -229,7 +229,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     def forward(
         self,
         pred_list: Sequence[Tensor] | Tensor,
-        grad_dict: Mapping[str, Sequence[Tensor]] | PoseGradients,
+        grad_dict: Mapping[str, Sequence[Tensor | None]] | PoseGradients,
         param_names: Sequence[str],
         *model_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
@@ -241,7 +241,10 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients).
+            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients). An
+            entry may be ``None`` (what ``torch.autograd.grad(..., allow_unused=True)``
+            gives for a parameter that pose does not use): it counts as zeros, and a
+            parameter with only ``None`` entries gets no gradient, as with autograd.
         param_names
             Names of ``model_params``, in the same order; every name is a key of
             ``grad_dict``.
@@ -252,6 +255,16 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         -------
         combined, per_pose
             The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
+            The backward uses the combination's parameters as they were in this call (a
+            value changed before ``backward()`` does not count), and the combination's
+            own trainable parameters (an ``nn.Parameter`` it holds) get their gradient.
+
+        Raises
+        ------
+        CombinationError
+            Before any work, if ``grad_dict`` does not match ``param_names`` and
+            ``model_params`` (missing or extra names, not N entries per name, an entry
+            that is neither a tensor nor ``None``, a gradient of the wrong size).
         """
         local: Tensor | None = None
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):

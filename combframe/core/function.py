@@ -37,7 +37,7 @@ __all__ = [
     "refuse_second_order",
 ]
 
-GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
+GradSource = Mapping[str, Sequence[Tensor | None]] | PoseGradients
 MaybeTensor = Tensor | None
 #: A backward's result: one gradient (or None) per input of the Function.
 Grads = tuple[Tensor | None, ...]
