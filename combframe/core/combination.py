@@ -23,6 +23,7 @@ from typing_extensions import TypeVar
 
 from combframe.core.function import CombinationFunction, OwnParameters, as_pred_vector
 from combframe.core.gradients import PoseGradients
+from combframe.errors import CombinationError
 
 __all__ = [
     "BaseCombination",
@@ -30,6 +31,7 @@ __all__ = [
     "CombinationParams",
     "StreamingCombination",
     "as_combination",
+    "normalize_name",
     "set_resolver",
 ]
 
@@ -185,6 +187,86 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
         return {"name": self.name, **self.params.model_dump()}
 
+    # ---- the settings in a state_dict ---------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """Return the name and parameters that ``state_dict()`` carries (``_extra_state``).
+
+        Plain dicts, strings and numbers (the JSON form of the parameters), so a
+        checkpoint loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {"name": self.name, "params": self.params.model_dump(mode="json")}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a ``state_dict``'s combination against this one; raise if they differ.
+
+        Loading a state_dict does not change a combination's settings: the model must be
+        built with the combination it was saved with, so a difference is an error (the
+        weights were trained for the saved settings).
+
+        Raises
+        ------
+        CombinationError
+            If the saved name or a saved parameter differs from this combination's, or
+            the saved state is not what :meth:`get_extra_state` writes. The message names
+            the field, the saved value and the current one.
+        """
+        if not (
+            isinstance(state, Mapping)
+            and isinstance(state.get("name"), str)
+            and isinstance(state.get("params"), Mapping)
+        ):
+            raise CombinationError(
+                f"the state_dict's combination state {state!r} is not a mapping "
+                "{'name': str, 'params': {...}} as Combination.get_extra_state writes it"
+            )
+        saved = {"name": state["name"], **state["params"]}
+        build = (
+            f"build the model with the saved combination, MultiPoseModel(model, {saved!r}), "
+            "and load again"
+        )
+        if normalize_name(state["name"]) not in {
+            normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)
+        }:
+            raise CombinationError(
+                f"the state_dict was saved with combination {state['name']!r}, but this "
+                f"model's combination is {self.name!r}; {build}"
+            )
+        current = self.params.model_dump(mode="json")
+        for field, value in state["params"].items():
+            if field not in current:
+                raise CombinationError(
+                    f"the state_dict's combination {self.name!r} has parameter {field!r} "
+                    f"(= {value!r}), which this version of {type(self).__name__} does not "
+                    f"know (it has {sorted(current)}); {build}"
+                )
+            if current[field] != value:
+                raise CombinationError(
+                    f"the state_dict was saved with {self.name}'s {field}={value!r}, but "
+                    f"this model's combination has {field}={current[field]!r}; {build}"
+                )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load as torch does; a state_dict without the combination's state still loads.
+
+        state_dicts saved before the combination carried its settings have no
+        ``_extra_state`` key; they load (strictly too) into the combination as built.
+        """
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
     def extra_repr(self) -> str:
         """Show the parameters in the module's repr."""
         return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
@@ -277,6 +359,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         if local is not None:
             combined = OwnParameters.apply(combined, local)  # type: ignore[no-untyped-call]  # untyped in torch
         return combined, per_pose
+
+
+def normalize_name(name: str) -> str:
+    """Case-fold a combination name and treat ``-`` and ``_`` alike.
+
+    >>> normalize_name(" Smooth-Max ")
+    'smooth_max'
+    """
+    return name.strip().lower().replace("-", "_")
 
 
 #: The name the first releases used for :class:`Combination`; the same class.

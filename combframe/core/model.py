@@ -118,6 +118,7 @@ class MultiPoseModel(torch.nn.Module):
         self.comb_readout = comb_readout
         self.check_finite = check_finite
         self.move_poses = move_poses
+        self.register_load_state_dict_pre_hook(_combination_first)  # type: ignore[no-untyped-call]  # untyped in torch
 
     @override
     def extra_repr(self) -> str:
@@ -353,6 +354,21 @@ class MultiPoseModel(torch.nn.Module):
             "on these values (a pred_scale or 1/kT so large that scale x prediction exceeds "
             "the dtype's range); choose a smaller one, or pass check_finite=False"
         )
+
+
+def _combination_first(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Check the saved combination before any weight is loaded.
+
+    ``load_state_dict`` loads the model's weights before reaching the combination, so
+    a mismatch found there would leave them replaced; checked first, it leaves the
+    whole model as it was.
+    """
+    key = f"{prefix}combination._extra_state"
+    if key in state_dict:
+        assert isinstance(module, MultiPoseModel)
+        module.combination.set_extra_state(state_dict[key])
 
 
 def _as_pose_list(poses: Any) -> list[Any]:
