@@ -14,12 +14,15 @@ from combframe_max import MaxCombination, MaxCombinationFunc
 from torch import Tensor
 
 import combframe
+from combframe.app.cli import main
 from combframe.testing import (
     full_graph_gradients,
     gradient_parity,
+    isolated_registry,
     make_loss,
     mtenn_gradients,
     multipose_gradients,
+    register_plugin,
 )
 from tests.conftest import make_mlp, make_poses
 
@@ -153,6 +156,16 @@ def test_parity_harness_catches_a_wrong_own_gradient() -> None:
     assert result.worst > 1e-3
 
 
+def test_check_command_covers_own_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    with isolated_registry():
+        register_plugin(LearnedBoltzmann)
+        register_plugin(DetachedOwnParameter)
+        assert main(["check", "learned_boltzmann", "--seeds", "0", "--poses", "3"]) == 0
+        assert "PASS learned_boltzmann" in capsys.readouterr().out
+        assert main(["check", "detached_softmin", "--seeds", "0", "--poses", "3"]) == 1
+        assert "FAIL detached_softmin" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_own_parameters_train_with_a_frozen_model(strategy: str) -> None:
     net = make_mlp().requires_grad_(False)
@@ -180,7 +193,11 @@ def test_mtenn_call_gives_own_parameters_their_gradient() -> None:
     for kind in ("combined", "both"):
         loss = make_loss(kind)
         want = full_graph_gradients(make_mlp(), comb, poses, loss)
+        want_own = own_grads(comb)
+        comb.zero_grad(set_to_none=True)
         got = mtenn_gradients(make_mlp(), comb, poses, loss)
+        assert all(p.grad is not None for p in comb.parameters()), "a parameter got no gradient"
+        assert_close(own_grads(comb), want_own)
         assert_close(got[2], want[2])
 
 
