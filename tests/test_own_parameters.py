@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Sequence
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from combframe_max import MaxCombination, MaxCombinationFunc
 from torch import Tensor
 
 import combframe
+import combframe.core.strategies as strategies_module
 from combframe.app.cli import main
 from combframe.testing import (
     full_graph_gradients,
@@ -118,6 +120,30 @@ def test_own_parameters_get_the_full_graph_gradient(
     assert all(p.grad is not None for p in comb.parameters()), "a parameter got no gradient"
     assert_close(own_grads(comb), want_own)
     assert_close(got[2], want[2])  # the model's and the combination's, as the harness lists them
+
+
+@pytest.mark.parametrize(("sizes", "chunk"), [(None, 1), (None, 3), ([4, 1, 6], 1), ([4, 1, 6], 3)])
+def test_own_parameters_under_stream_with_device_bookkeeping(
+    sizes: list[int] | None, chunk: int
+) -> None:
+    """Stream's tensor bookkeeping (GPUs) as well as its host one (CPU): phi stays out of
+    the running sums, and gets its gradient."""
+    comb = LearnedBoltzmann()
+    poses = make_poses(11 if sizes else 7, seed=3)
+    loss = make_loss("combined")
+    want = full_graph_gradients(make_mlp(), comb, poses, loss, sizes=sizes)
+    sums = strategies_module._StreamSums
+    with (
+        mock.patch.object(strategies_module, "_host_scalars", return_value=False),
+        mock.patch.object(sums, "finish", autospec=True, side_effect=sums.finish) as finish,
+    ):
+        got = multipose_gradients(
+            make_mlp(), comb, poses, loss, "stream", sizes=sizes, chunk_size=chunk
+        )
+    assert_close(got[2], want[2])
+    state = finish.call_args.args[0]
+    held = {"acc": state.acc, "total": state.total, "running_max": state.running_max}
+    assert not any(t.requires_grad for t in held.values()), "the running sums hold a graph"
 
 
 def test_parity_harness_compares_own_parameters() -> None:
@@ -242,10 +268,11 @@ COMBINATIONS: list[Callable[[], combframe.Combination]] = [
 ]
 
 
+@pytest.mark.parametrize("on_host", [True, False])
 @pytest.mark.parametrize("make", COMBINATIONS)
 @pytest.mark.parametrize(("sizes", "chunk"), [(None, 1), (None, 4), ([3, 5, 2], 1), ([3, 5, 2], 4)])
 def test_stream_uses_the_forwards_hyperparameters(
-    make: Callable[[], combframe.Combination], sizes: list[int] | None, chunk: int
+    make: Callable[[], combframe.Combination], sizes: list[int] | None, chunk: int, on_host: bool
 ) -> None:
     comb = make()
     poses = make_poses(10 if sizes else 8, seed=5)
@@ -253,11 +280,13 @@ def test_stream_uses_the_forwards_hyperparameters(
     want = full_graph_gradients(make_mlp(), copy.deepcopy(comb), poses, loss, sizes=sizes)
     net = make_mlp()
     model = combframe.MultiPoseModel(net, comb, strategy="stream", chunk_size=chunk)
-    if sizes is None:
-        combined, per_pose = model(poses)
-    else:
-        cut = [0, 3, 8, 10]
-        combined, per_pose, _ = model(compounds=[poses[a:b] for a, b in itertools.pairwise(cut)])
+    with mock.patch.object(strategies_module, "_host_scalars", return_value=on_host):
+        if sizes is None:
+            combined, per_pose = model(poses)
+        else:
+            cut = [0, 3, 8, 10]
+            compounds = [poses[a:b] for a, b in itertools.pairwise(cut)]
+            combined, per_pose, _ = model(compounds=compounds)
     _schedule_step(comb)
     loss(combined, per_pose).backward()
     assert_close([p.grad for p in [*net.parameters(), *comb.parameters()]], want[2])
