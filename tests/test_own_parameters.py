@@ -205,6 +205,55 @@ def test_own_parameters_train_with_a_frozen_model(strategy: str) -> None:
     assert_close(got, want[2])
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_backward_error_writes_no_own_gradient(strategy: str) -> None:
+    """The combination's parameters wait for the poses' backward, as a comb_readout's do."""
+    comb = LearnedBoltzmann()
+    net = make_mlp()
+    combined, _ = combframe.MultiPoseModel(net, comb, strategy=strategy)(make_poses(4))
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)  # the optimizer stepped before backward
+    with pytest.raises(combframe.CombinationError, match="modified in place"):
+        combined.backward()
+    assert all(p.grad is None for p in [*comb.parameters(), *net.parameters()])
+
+
+class PositiveTemperature(torch.nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(x)
+
+
+class ParametrizedBoltzmann(LearnedBoltzmann):
+    """kT kept positive by a parametrization (its parameter is ``parametrizations.kt.original``)."""
+
+    name = "parametrized_boltzmann"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kt = torch.nn.Parameter(torch.tensor(0.4, dtype=torch.float64))
+        torch.nn.utils.parametrize.register_parametrization(self, "kt", PositiveTemperature())
+        del self.log_kt
+
+    def value(self, preds: Tensor) -> Tensor:
+        return (torch.softmax(-preds / self.kt, dim=0) * preds).sum()
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        feats = torch.stack([torch.ones_like(preds), preds - center], -1)
+        return -preds / self.kt, feats
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        beta = (1.0 / self.kt).to(combined.dtype)
+        return torch.stack([1.0 + beta * (combined - center), -beta])
+
+
+def test_a_parametrized_own_parameter_is_exact_everywhere() -> None:
+    comb = ParametrizedBoltzmann()
+    assert [n for n, _ in comb.named_parameters()] == ["parametrizations.kt.original"]
+    result = gradient_parity(comb, n_poses=(1, 5), seeds=(0,))
+    assert result.passed, result.cases
+    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "mtenn"}
+
+
 def test_stream_refusal_writes_no_own_gradient() -> None:
     comb = LearnedBoltzmann()
     net = make_mlp()

@@ -231,7 +231,7 @@ class MultiPoseModel(torch.nn.Module):
         segments = Segments.from_sizes([len(c) for c in compounds], device)
         snapshot = self._snapshot_buffers()
         try:
-            held = self._hold_readout()
+            held = _hold(self.comb_readout)
             combined, per_pose = self._combine(runner, poses, segments, held)
             if single:
                 combined = combined[0]
@@ -246,23 +246,6 @@ class MultiPoseModel(torch.nn.Module):
             raise
         return CompoundPredictions(combined, per_pose, segments.index)
 
-    def _hold_readout(self) -> dict[str, Tensor]:
-        """Hold the ``comb_readout``'s trainable parameters until the poses' backward.
-
-        Used by the readout in place of its parameters and passed to the pose Function
-        as extra inputs (:class:`~combframe.core.function.AfterPoses`), so that an error in
-        the poses' backward comes before the readout's ``.grad`` is written. Empty when
-        no gradient is recorded or the readout is not a module with trainable parameters.
-        """
-        readout = self.comb_readout
-        if not torch.is_grad_enabled() or not isinstance(readout, torch.nn.Module):
-            return {}
-        named = {n: p for n, p in readout.named_parameters() if p.requires_grad}
-        if not named:
-            return {}
-        views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
-        return dict(zip(named, views, strict=True))
-
     def _combine(
         self,
         runner: PoseRunner,
@@ -276,10 +259,11 @@ class MultiPoseModel(torch.nn.Module):
             preds = self._promote(preds, source.layout.dtype)
             inputs = (*source.targets.inputs, *held.values())
             if source.supports_pose_losses:
+                own = _hold(self.combination)
                 per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]  # untyped in torch
-                    source, preds, *inputs
+                    source, preds, *inputs, *own.values()
                 )
-                combined = self.combination.segment_value(per_pose, segments.index, count)
+                combined = _segment_value(self.combination, own, per_pose, segments)
                 self._check_finite(preds, combined)
                 return combined, per_pose
             # With the predictions detached, the graph of ``combined`` reaches only the
@@ -354,6 +338,48 @@ class MultiPoseModel(torch.nn.Module):
             "on these values (a pred_scale or 1/kT so large that scale x prediction exceeds "
             "the dtype's range); choose a smaller one, or pass check_finite=False"
         )
+
+
+def _hold(module: object) -> dict[str, Tensor]:
+    """Hold a module's trainable parameters until the poses' backward.
+
+    Used in place of the parameters by the ``comb_readout`` (or the combination) and
+    passed to the pose Function as extra inputs
+    (:class:`~combframe.core.function.AfterPoses`), so that an error in the poses'
+    backward comes before their ``.grad`` is written. Empty when no gradient is
+    recorded or ``module`` is not a module with trainable parameters.
+    """
+    if not torch.is_grad_enabled() or not isinstance(module, torch.nn.Module):
+        return {}
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not named:
+        return {}
+    views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
+    return dict(zip(named, views, strict=True))
+
+
+class _SegmentValue(torch.nn.Module):
+    """``combination.segment_value`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, combination: Combination) -> None:
+        super().__init__()
+        self.combination = combination
+
+    @override
+    def forward(self, preds: Tensor, index: Tensor, count: int) -> Tensor:
+        return self.combination.segment_value(preds, index, count)
+
+
+def _segment_value(
+    combination: Combination, held: dict[str, Tensor], preds: Tensor, segments: Segments
+) -> Tensor:
+    """Return the combined values, with the combination's parameters replaced by ``held``."""
+    args = (preds, segments.index, segments.count)
+    if not held:
+        return combination.segment_value(*args)
+    named = {f"combination.{n}": v for n, v in held.items()}
+    out: Tensor = torch.func.functional_call(_SegmentValue(combination), named, args)
+    return out
 
 
 def _combination_first(
