@@ -340,6 +340,14 @@ class MultiPoseModel(torch.nn.Module):
         )
 
 
+def _as_pose_list(poses: Any) -> list[Any]:
+    """Return one compound's poses as a list (a tensor is split along its first dimension).
+
+    A single dict is one pose, not a collection of them.
+    """
+    return [poses] if isinstance(poses, dict) else list(poses)
+
+
 def _hold(module: object) -> dict[str, Tensor]:
     """Hold a module's trainable parameters until the poses' backward.
 
@@ -395,11 +403,3 @@ def _combination_first(
     if key in state_dict:
         assert isinstance(module, MultiPoseModel)
         module.combination.set_extra_state(state_dict[key])
-
-
-def _as_pose_list(poses: Any) -> list[Any]:
-    """Return one compound's poses as a list (a tensor is split along its first dimension).
-
-    A single dict is one pose, not a collection of them.
-    """
-    return [poses] if isinstance(poses, dict) else list(poses)
