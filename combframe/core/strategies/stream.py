@@ -1,0 +1,188 @@
+"""The stream strategy: one pass, per-compound running sums of weighted gradients."""
+
+from __future__ import annotations
+
+from typing import final
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from combframe.core.batch import Segments
+from combframe.core.combination import Combination, StreamingCombination
+from combframe.core.gradients import PoseGradients
+from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.sums import _StreamSums
+from combframe.errors import StrategyError
+
+
+@final
+class Stream(Strategy):
+    r"""Single pass with flat memory: per-compound running sums of weighted gradients.
+
+    The combination must implement
+    :class:`~combframe.core.combination.StreamingCombination`. Exact for losses on the
+    combined predictions; a loss on the per-pose predictions raises in backward.
+
+    For each compound, with log weights :math:`a_i`, features :math:`\phi_i` (centred on
+    the compound's first prediction) and running maximum :math:`m`, a chunk holding poses
+    :math:`i \in B` of the compound updates, as the online softmax of FlashAttention,
+
+    .. math::
+
+        m' = \max(m, \max_{i \in B} a_i), \quad
+        Z \leftarrow e^{m - m'} Z + \sum_{i \in B} e^{a_i - m'}, \quad
+        A_j \leftarrow e^{m - m'} A_j
+            + \frac{\partial}{\partial\theta} \sum_{i \in B} e^{a_i - m'} \phi_{ij}\, y_i ,
+
+    the last term for every compound and feature of a chunk being one batched backward
+    of the chunk (``is_grads_batched``) whose ``grad_outputs`` are those weights, one row
+    per compound and feature; where the chunk holds fewer poses than rows (one pose per
+    compound), the rows are its poses' own gradients, contracted with the weights.
+    Every exponent is at most zero, so nothing overflows however widely the predictions
+    are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
+    only the ``k`` sums of ``P`` numbers per compound use the parameters' dtype. A model
+    with a gradient hook on an activation is refused.
+    """
+
+    name = "stream"
+    supports_pose_losses = False
+
+    @override
+    def check_combination(self, combination: Combination) -> None:
+        if not isinstance(combination, StreamingCombination):
+            raise StrategyError(
+                f"combination {combination.name!r} does not support strategy='stream' (it "
+                "does not implement stream_terms/stream_coefficients); use strategy='store' "
+                "or strategy='recompute'"
+            )
+
+    @override
+    def collect(
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
+        self.check_combination(combination)
+        assert isinstance(combination, StreamingCombination)
+        device = runner.device
+        sums = _StreamSums(segments.count, _scalar_dtype(device), device)
+        preds: list[Tensor] = []
+        # On the CPU reading a scalar costs nothing, so the bookkeeping runs on Python
+        # floats there and backward rows whose weights are all zero (a sharp smooth-min
+        # far from the best pose) are skipped.
+        on_host = _host_scalars(device)
+        for k, (s, e) in enumerate(runner.chunks(len(poses))):
+            if k == 0:
+                chunk = self.first_chunk(runner, poses, s, e)
+                sums.allocate(runner.targets)
+            else:
+                chunk = runner.run_chunk(poses, s, e)
+            y = chunk.pred.detach()
+            preds.append(y)
+            lo, hi = segments.owner[s], segments.owner[e - 1] + 1
+            if on_host:
+                rows, weights = sums.update_host(combination, segments, s, y)
+            else:
+                local = segments.index[s:e] - lo
+                rows, weights = sums.update(combination, segments, s, y, lo, hi, local)
+            if rows:
+                sums.add_rows(rows, *_weighted_grads(chunk, weights.to(y.dtype)))
+            del chunk  # free before the next chunk's graph is built
+        sums.finish()
+        source = _StreamedGradients(sums, combination, runner.used)
+        source.watch(runner.leaves)
+        return torch.cat(preds), source
+
+    def __repr__(self) -> str:
+        return "Stream()"
+
+
+def _weighted_grads(chunk: Chunk, weights: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+    """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
+
+    One backward for the whole chunk: a plain one for one row, a batched one
+    (``is_grads_batched``) for several. When the chunk holds fewer poses than rows (one
+    pose per compound), the batched rows are the poses' own gradients, contracted with
+    the weights afterwards. Returns ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
+    """
+    n, b = weights.shape
+    per_pose = b < n
+    grad_outputs = torch.eye(b, dtype=weights.dtype, device=weights.device) if per_pose else weights
+    if grad_outputs.shape[0] == 1:
+        params, pose = chunk.grads(grad_outputs[0])
+        layout = chunk.runner.targets.layout
+        flat = layout.new_buffer(1)
+        layout.flatten_into(params, flat[0])
+        pairs = [(slot, g.unsqueeze(0)) for slot, g in pose]
+    else:
+        flat, pairs = chunk.batched_grads(grad_outputs)
+    if per_pose:
+        flat = weights.to(flat.dtype) @ flat
+        pairs = [(slot, torch.tensordot(weights.to(g.dtype), g, dims=1)) for slot, g in pairs]
+    return flat, pairs
+
+
+def _host_scalars(device: torch.device) -> bool:
+    """Whether stream may read scalars on the host per chunk (no sync cost)."""
+    return device.type == "cpu"
+
+
+def _scalar_dtype(device: torch.device) -> torch.dtype:
+    """float64 for per-pose scalars, except on devices without it (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@final
+class _StreamedGradients(PoseGradients):
+    supports_pose_losses = Stream.supports_pose_losses
+    strategy = "stream"
+
+    def __init__(
+        self, sums: _StreamSums, combination: StreamingCombination, used: set[int]
+    ) -> None:
+        super().__init__(sums.targets, used)
+        self.sums = sums
+        self.combination: StreamingCombination | None = combination
+        self.coefficients: Tensor | None = None
+
+    def contract(self, coeffs: Tensor) -> list[Tensor | None]:  # pragma: no cover - guarded
+        raise StrategyError(
+            "the 'stream' strategy keeps only running sums, so it cannot weight poses "
+            "individually; use strategy='store' or strategy='recompute'"
+        )
+
+    @override
+    def settle(self, combined: Tensor) -> None:
+        # The coefficients lambda(G) with the combination as the forward used it: a
+        # hyperparameter changed before backward (a schedule step) must not change them.
+        sums = self.sums
+        assert self.combination is not None, "settle is called once, by the forward"
+        with torch.no_grad():
+            self.coefficients = _coefficients(
+                self.combination, combined.detach().to(sums.exact), sums.center
+            ).to(sums.exact)
+        self.combination = None
+
+    def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
+        sums = self.sums
+        assert self.coefficients is not None, "settle runs in the forward, before any backward"
+        coeffs = self.coefficients * (comb_grad.to(sums.exact) / sums.total)[:, None]
+        acc = sums.acc
+        flat = torch.mv(acc.reshape(-1, acc.shape[-1]).t(), coeffs.reshape(-1).to(acc.dtype))
+        grads: list[Tensor | None] = list(self.layout.unflatten(flat))
+        pose: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
+        for (c, slot), t in sums.pose_acc.items():
+            g = torch.tensordot(coeffs[c].to(t.dtype), t, dims=1)
+            prev = pose[slot]
+            pose[slot] = g if prev is None else prev + g
+        return grads + pose
+
+
+def _coefficients(combination: StreamingCombination, combined: Tensor, center: Tensor) -> Tensor:
+    """``stream_coefficients`` of every compound, shape ``(C, k)``."""
+    try:
+        return torch.vmap(combination.stream_coefficients)(combined, center)
+    except Exception:  # a plugin whose coefficients vmap cannot map: one call per compound
+        return torch.stack(
+            [combination.stream_coefficients(g, c) for g, c in zip(combined, center, strict=True)]
+        )
