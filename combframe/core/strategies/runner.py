@@ -267,14 +267,11 @@ class PoseRunner:
         aliases: Aliases,
         weight: Tensor | None = None,
         retain: bool = False,
-        batched: bool = False,
     ) -> tuple[Sequence[Tensor], list[tuple[int, Tensor]]]:
         """Gradients of ``pred`` (weighted by ``weight``) w.r.t. every target.
 
         Returns the parameters' gradients (zeros for unused ones; see ``used``) and
-        ``(slot, grad)`` for each pose tensor of the chunk. ``batched``: ``weight`` is
-        ``(n, b)``, ``n`` weightings of the chunk's ``b`` predictions, back-propagated in
-        one pass (``is_grads_batched``); every gradient then has a leading ``n``.
+        ``(slot, grad)`` for each pose tensor of the chunk.
         """
         params = self.targets.layout.params
         slots = [self.targets.slots[k] for k in aliases]
@@ -290,17 +287,11 @@ class PoseRunner:
                 grad_outputs=weight,
                 retain_graph=retain,
                 allow_unused=True,
-                is_grads_batched=batched,
+                materialize_grads=True,
             )
-        lead = (weight.shape[0],) if batched and weight is not None else ()
-        found = iter(got)
-        got = tuple(
-            g
-            if (g := next(found) if t.requires_grad else None) is not None
-            # unused, or frozen since the forward: zeros, as the full graph gives
-            else t.new_zeros((*lead, *t.shape))
-            for t in inputs
-        )
+        if len(live) < len(inputs):
+            found = iter(got)
+            got = tuple(next(found) if t.requires_grad else torch.zeros_like(t) for t in inputs)
         n = len(params)
         return got[:n], list(zip(slots, got[n:], strict=True))
 
@@ -404,22 +395,3 @@ class Chunk:
         """Return the gradients of the predictions (weighted sum) w.r.t. every target."""
         with torch.enable_grad():
             return self.runner.grads(self.pred, self.aliases, weights, retain)
-
-    def batched_grads(
-        self, weights: Tensor, retain: bool = False
-    ) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-        """Return the gradients of ``n`` weightings (``(n, b)``) of the predictions at once.
-
-        Returns the parameters' as one ``(n, P)`` tensor (the layout's dtype) and
-        ``(slot, (n, *shape))`` for each pose tensor of the chunk.
-        """
-        layout = self.runner.targets.layout
-        with torch.enable_grad():
-            params, pose = self.runner.grads(self.pred, self.aliases, weights, retain, True)
-        n = weights.shape[0]
-        flat = (
-            torch.cat([g.detach().reshape(n, -1).to(layout.dtype) for g in params], dim=1)
-            if params
-            else weights.new_zeros((n, 0), dtype=layout.dtype)
-        )
-        return flat, pose

@@ -16,6 +16,7 @@ from combframe.core.combination import Combination
 from combframe.core.gradients import StoredGradients
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.per_sample import (
+    HIDDEN_PARAMETERS,
     UNDECIDED,
     UPDATES_BUFFERS,
     PerSampleVerdicts,
@@ -118,10 +119,7 @@ class Store(Strategy):
         if reason is None and verdict in (None, UNDECIDED):
             compare = verdict is UNDECIDED
             if compare and hidden_parameters(runner, poses[0]):
-                verdict = (
-                    "the model uses a parameter other than through its registered name (a "
-                    "closure or a list holding it), which torch.func.vmap cannot see"
-                )
+                verdict = HIDDEN_PARAMETERS
             else:
                 try:
                     verdict = per_sample_chunks(runner, poses, buffer, preds, compare)

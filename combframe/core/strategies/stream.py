@@ -12,6 +12,7 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.per_sample import PerPoseGradients, PerSampleVerdicts
 from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import _StreamSums
 from combframe.errors import StrategyError
@@ -49,6 +50,9 @@ class Stream(Strategy):
     name = "stream"
     supports_pose_losses = False
 
+    def __init__(self) -> None:
+        self._verdicts = PerSampleVerdicts()
+
     @override
     def check_combination(self, combination: Combination) -> None:
         if not isinstance(combination, StreamingCombination):
@@ -71,21 +75,37 @@ class Stream(Strategy):
         # floats there and backward rows whose weights are all zero (a sharp smooth-min
         # far from the best pose) are skipped.
         on_host = _host_scalars(device)
-        for k, (s, e) in enumerate(runner.chunks(len(poses))):
+        chunks = runner.chunks(len(poses))
+        owner = segments.owner
+        several = [owner[e - 1] > owner[s] for s, e in chunks]
+        path = PerPoseGradients(self._verdicts, runner, poses)
+        for k, (s, e) in enumerate(chunks):
+            lo, hi = owner[s], owner[e - 1] + 1
+            chunk: Chunk | None = None
             if k == 0:
-                chunk = self.first_chunk(runner, poses, s, e)
+                chunk = path.first(self, any(several))
                 sums.allocate(runner.targets)
+                y = chunk.pred.detach()
+                if several[0] and path.serves():
+                    per_pose = path.first_grads()
+                    chunk = None  # its graph is not needed: free it now
+            elif several[k] and path.serves():
+                # Several compounds: each pose's own gradient, by torch.func, once.
+                y, per_pose = path.run(s, e)
             else:
                 chunk = runner.run_chunk(poses, s, e)
-            y = chunk.pred.detach()
+                y = chunk.pred.detach()
             preds.append(y)
-            lo, hi = segments.owner[s], segments.owner[e - 1] + 1
             if on_host:
                 rows, weights = sums.update_host(combination, segments, s, y)
             else:
                 local = segments.index[s:e] - lo
                 rows, weights = sums.update(combination, segments, s, y, lo, hi, local)
-            if rows:
+            if not rows:
+                continue
+            if chunk is None:
+                sums.add_rows(rows, weights.to(per_pose.dtype) @ per_pose, [])
+            else:
                 sums.add_rows(rows, *_weighted_grads(chunk, weights.to(y.dtype)))
             del chunk  # free before the next chunk's graph is built
         sums.finish()
@@ -100,22 +120,23 @@ class Stream(Strategy):
 def _weighted_grads(chunk: Chunk, weights: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
     """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
 
-    One backward for the whole chunk: a plain one for one row, a batched one
-    (``is_grads_batched``) for several. When the chunk holds fewer poses than rows (one
-    pose per compound), the batched rows are the poses' own gradients, contracted with
-    the weights afterwards. Returns ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
+    One backward per weighting, or, when the chunk holds fewer poses than weightings
+    (one pose per compound), one per pose, contracted with the weights afterwards.
+    Returns ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
     """
     n, b = weights.shape
     per_pose = b < n
     grad_outputs = torch.eye(b, dtype=weights.dtype, device=weights.device) if per_pose else weights
-    if grad_outputs.shape[0] == 1:
-        params, pose = chunk.grads(grad_outputs[0])
-        layout = chunk.runner.targets.layout
-        flat = layout.new_buffer(1)
-        layout.flatten_into(params, flat[0])
-        pairs = [(slot, g.unsqueeze(0)) for slot, g in pose]
-    else:
-        flat, pairs = chunk.batched_grads(grad_outputs)
+    layout = chunk.runner.targets.layout
+    rows = grad_outputs.shape[0]
+    flat = layout.new_buffer(rows)
+    pose: dict[int, list[Tensor]] = {}
+    for r in range(rows):
+        params, got = chunk.grads(grad_outputs[r], retain=r < rows - 1)
+        layout.flatten_into(params, flat[r])
+        for slot, g in got:
+            pose.setdefault(slot, []).append(g)
+    pairs = [(slot, torch.stack(g)) for slot, g in pose.items()]
     if per_pose:
         flat = weights.to(flat.dtype) @ flat
         pairs = [(slot, torch.tensordot(weights.to(g.dtype), g, dims=1)) for slot, g in pairs]

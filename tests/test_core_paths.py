@@ -1,0 +1,117 @@
+"""The core's fast paths: stream's per-pose gradients for chunks of many compounds, store's
+per-sample verdict kept per model, and poses walked once per forward (float64 parity with
+the full graph, and the work done counted, never timed)."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from torch import Tensor
+
+import combframe
+import combframe.core.strategies.per_sample as per_sample
+from combframe.testing import full_graph_gradients, make_loss, multipose_gradients
+from tests.conftest import make_mlp, make_poses
+from tests.test_batched import MixesPoses, rel_err
+
+SIZES = [1, 3, 1, 1, 2, 4, 1, 3]
+
+
+class Counting(torch.nn.Module):
+    """Counts its forward calls (a ``torch.func`` pass over a chunk counts once)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out: Tensor = self.inner(x)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+@pytest.mark.parametrize("combination", ["boltzmann", "max", "mean"])
+def test_stream_takes_each_poses_gradient_once_for_chunks_of_many_compounds(
+    chunk: int, combination: str
+) -> None:
+    poses = make_poses(sum(SIZES), seed=2)
+    comb = combframe.create_combination(combination)
+    loss = make_loss("combined")
+    want = full_graph_gradients(make_mlp(), comb, poses, loss, sizes=SIZES)
+    with mock.patch.object(
+        per_sample, "_per_sample_grads", wraps=per_sample._per_sample_grads
+    ) as per_pose:
+        got = multipose_gradients(
+            make_mlp(), comb, poses, loss, "stream", sizes=SIZES, chunk_size=chunk
+        )
+    assert per_pose.called, "the per-pose path did not run"
+    assert rel_err(got[2], want[2]) < 1e-10
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+
+
+def test_stream_keeps_whole_chunks_for_a_model_that_mixes_the_poses_of_a_batch() -> None:
+    """Its one-pose gradients are not the chunk's: the path is refused, the result exact."""
+    poses = [torch.randn(1, 5, dtype=torch.float64) for _ in range(12)]
+    sizes = [2, 2, 2, 2, 2, 2]
+    loss = make_loss("combined")
+    torch.manual_seed(0)
+    net = MixesPoses()
+    want = full_graph_gradients(net, combframe.create_combination("boltzmann"), poses, loss,
+                                sizes=sizes, chunk_size=4)  # fmt: skip
+    got = multipose_gradients(net, combframe.create_combination("boltzmann"), poses, loss,
+                              "stream", sizes=sizes, chunk_size=4)  # fmt: skip
+    assert rel_err(got[2], want[2]) < 1e-10
+
+
+def _store_step(wrapped: combframe.MultiPoseModel, poses: list[Any]) -> None:
+    wrapped.zero_grad(set_to_none=True)
+    wrapped(poses)[0].backward()
+
+
+def test_store_decides_the_per_sample_path_once_per_model() -> None:
+    """After the first step: one forward for pose 0 and one per chunk, nothing more."""
+    net = Counting(make_mlp())
+    wrapped = combframe.MultiPoseModel(net, "boltzmann", chunk_size=4)
+    poses = make_poses(13)
+    _store_step(wrapped, poses)
+    first = net.calls
+    net.calls = 0
+    _store_step(wrapped, poses)
+    assert net.calls == 1 + 3, f"{net.calls} forwards for pose 0 and 3 chunks"
+    assert first > net.calls, "the first step checks the model"
+    net.calls = 0
+    wrapped.model.inner[0].bias.requires_grad_(False)  # the structure changed: decide again
+    _store_step(wrapped, poses)
+    assert net.calls > 1 + 3
+    want = full_graph_gradients(net, combframe.create_combination("boltzmann"), poses,
+                                make_loss("combined"))  # fmt: skip
+    got = multipose_gradients(net, combframe.create_combination("boltzmann"), poses,
+                              make_loss("combined"), "store", chunk_size=4)  # fmt: skip
+    assert rel_err(got[2], want[2]) < 1e-10
+
+
+def test_store_checks_a_new_model_that_mixes_poses_although_another_passed() -> None:
+    store = combframe.Store()
+    good = combframe.MultiPoseModel(make_mlp(), "mean", strategy=store, chunk_size=3)
+    good(make_poses(6))[0].backward()
+    bad = combframe.MultiPoseModel(MixesPoses(), "mean", strategy=store, chunk_size=3)
+    with pytest.raises(combframe.CombinationError, match="mixes the poses of a batch"):
+        bad(make_poses(6))
+
+
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream"])
+def test_each_pose_is_walked_once_per_forward(strategy: str) -> None:
+    """The runner flattens each pose once; nothing walks the poses again."""
+    import combframe.core.strategies.runner as runner
+
+    poses = make_poses(6)
+    wrapped = combframe.MultiPoseModel(make_mlp(), "boltzmann", strategy=strategy)
+    with mock.patch.object(runner, "each_tensor", wraps=runner.each_tensor) as walk:
+        combined, _ = wrapped(poses)
+        combined.backward()
+    assert walk.call_count == len(poses)
