@@ -168,10 +168,12 @@ def overhead_suite(reps: int, m: int = 256) -> dict[str, dict[str, float]]:
         model = _Nothing()
         steps = {}
         for chunk, n in ((1, m), (m, m), (m, m // 4)):
-            wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy=strategy, chunk_size=chunk)
+            wrapped = combframe.MultiPoseModel(
+                model, "boltzmann", strategy=strategy, chunk_size=chunk
+            )
 
             def step(wrapped: combframe.MultiPoseModel = wrapped, n: int = n) -> None:
-                model.zero_grad(set_to_none=True)
+                wrapped.zero_grad(set_to_none=True)
                 _loss(wrapped(poses[:n])[0]).backward()
 
             steps[f"{chunk}/{n}"] = step
