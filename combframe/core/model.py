@@ -230,7 +230,10 @@ class MultiPoseModel(torch.nn.Module):
         )
         runner.scan(poses)
         segments = Segments.from_sizes([len(c) for c in compounds], device)
-        snapshot = self._snapshot_buffers()
+        # The buffers a training-mode forward may update (batch-norm statistics), put
+        # back if it fails; any module in training mode counts (the wrapper may be in
+        # eval while the model, or a readout module, trains).
+        snapshot = BufferSnapshot.of([self])
         try:
             held = _hold(self.comb_readout)
             combined, per_pose = self._combine(runner, poses, segments, held)
@@ -305,15 +308,6 @@ class MultiPoseModel(torch.nn.Module):
     def _promote(preds: Tensor, dtype: torch.dtype) -> Tensor:
         """Combine in at least the parameters' precision (autocast outputs are lower)."""
         return preds.to(torch.promote_types(preds.dtype, dtype))
-
-    def _snapshot_buffers(self) -> BufferSnapshot:
-        """Copy the buffers a training-mode forward may update (batch-norm statistics).
-
-        Any module in training mode counts (the wrapper may be in eval while the model,
-        or a readout module, trains).
-        """
-        training = any(m.training for m in self.modules())
-        return BufferSnapshot(list(self.buffers()) if training else [], by_value=training)
 
     def _check_finite(self, preds: Tensor, combined: Tensor) -> None:
         """Raise if a per-pose or combined prediction is NaN or infinite (one host sync)."""

@@ -20,7 +20,12 @@ from torch import Tensor
 
 from combframe.core.batch import default_collate
 from combframe.core.strategies.graph import _graph_mark, _reached
-from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
+from combframe.core.strategies.replay import (
+    BufferSnapshot,
+    RngState,
+    buffer_copies,
+    undo_side_effects,
+)
 from combframe.core.strategies.runner import Chunk, PoseRunner, Poses
 from combframe.errors import CombinationError
 
@@ -244,8 +249,7 @@ def per_sample_chunks(
     trainable, fixed = _functional_state(runner.model)
     # The attempt runs on copies of the buffers: a buffer it writes is found afterwards
     # and the model's own are left as they were.
-    named = dict(runner.model.named_buffers())
-    copies = {n: b.clone() for n, b in named.items()}
+    copies = buffer_copies(runner.model)
     snapshot = BufferSnapshot(list(copies.values()), by_value=True)
     fixed.update(copies)
     tol = 256 * torch.finfo(buffer.dtype).eps

@@ -128,6 +128,11 @@ class BufferLog:
         return {id(self.buffers[j]): start.get(j, first[j]).clone() for j in self.changed}
 
 
+def buffer_copies(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Return fresh copies of ``model``'s buffers by name, for a pass that must not write them."""
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
 @contextlib.contextmanager
 def stand_in_buffers(modules: Modules, values: dict[int, Tensor]) -> Iterator[None]:
     """Run the body with the buffers whose ids are keys of ``values`` replaced by them.
