@@ -14,7 +14,7 @@ from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.per_sample import PerPoseGradients, PerSampleVerdicts
 from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
-from combframe.core.strategies.sums import _StreamSums
+from combframe.core.strategies.sums import Fold, _StreamSums
 from combframe.errors import StrategyError
 
 
@@ -82,6 +82,7 @@ class Stream(Strategy):
         for k, (s, e) in enumerate(chunks):
             lo, hi = owner[s], owner[e - 1] + 1
             chunk: Chunk | None = None
+            per_pose: Tensor | None = None
             if k == 0:
                 chunk = path.first(self, any(several))
                 sums.allocate(runner.targets)
@@ -97,21 +98,38 @@ class Stream(Strategy):
                 y = chunk.pred.detach()
             preds.append(y)
             if on_host:
-                rows, weights = sums.update_host(combination, segments, s, y)
+                fold = sums.update_host(combination, segments, s, y)
             else:
                 local = segments.index[s:e] - lo
-                rows, weights = sums.update(combination, segments, s, y, lo, hi, local)
-            if not rows:
-                continue
-            if chunk is None:
-                sums.add_rows(rows, weights.to(per_pose.dtype) @ per_pose, [])
-            else:
-                sums.add_rows(rows, *_weighted_grads(chunk, weights.to(y.dtype)))
-            del chunk  # free before the next chunk's graph is built
+                fold = sums.update(combination, segments, s, y, lo, hi, local)
+            if fold.rows:
+                self._add(sums, fold, chunk, per_pose, segments.index[s:e])
+            del chunk, per_pose  # free before the next chunk's graph is built
         sums.finish()
         source = _StreamedGradients(sums, combination, runner.used)
         source.watch(runner.leaves)
         return torch.cat(preds), source
+
+    @staticmethod
+    def _add(
+        sums: _StreamSums,
+        fold: Fold,
+        chunk: Chunk | None,
+        per_pose: Tensor | None,
+        owners: Tensor,
+    ) -> None:
+        """Add a chunk's gradients to the sums: ``per_pose`` when the chunk is None."""
+        if chunk is not None:
+            y = chunk.pred
+            if y.shape[0] >= len(fold.rows):
+                sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
+                return
+            # Fewer poses than rows (one pose per compound): each pose's own gradient.
+            per_pose, pose = _weighted_grads(chunk, torch.eye(y.shape[0], dtype=y.dtype))
+            by_row = fold.by_row
+            sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
+        assert per_pose is not None, "a chunk is run by autograd or by torch.func"
+        sums.add_poses(owners, fold.by_pose, per_pose)
 
     def __repr__(self) -> str:
         return "Stream()"
@@ -120,27 +138,25 @@ class Stream(Strategy):
 def _weighted_grads(chunk: Chunk, weights: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
     """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
 
-    One backward per weighting, or, when the chunk holds fewer poses than weightings
-    (one pose per compound), one per pose, contracted with the weights afterwards.
-    Returns ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
+    One backward of the chunk per weighting. Returns ``(n, P)`` and
+    ``(slot, (n, *shape))`` per pose tensor.
     """
-    n, b = weights.shape
-    per_pose = b < n
-    grad_outputs = torch.eye(b, dtype=weights.dtype, device=weights.device) if per_pose else weights
     layout = chunk.runner.targets.layout
-    rows = grad_outputs.shape[0]
+    rows = weights.shape[0]
     flat = layout.new_buffer(rows)
     pose: dict[int, list[Tensor]] = {}
     for r in range(rows):
-        params, got = chunk.grads(grad_outputs[r], retain=r < rows - 1)
+        params, got = chunk.grads(weights[r], retain=r < rows - 1)
         layout.flatten_into(params, flat[r])
         for slot, g in got:
             pose.setdefault(slot, []).append(g)
-    pairs = [(slot, torch.stack(g)) for slot, g in pose.items()]
-    if per_pose:
-        flat = weights.to(flat.dtype) @ flat
-        pairs = [(slot, torch.tensordot(weights.to(g.dtype), g, dims=1)) for slot, g in pairs]
-    return flat, pairs
+    return flat, [(slot, torch.stack(g)) for slot, g in pose.items()]
+
+
+def _contract(weights: Tensor, grads: Tensor) -> Tensor:
+    """``(n, b)`` weights times ``(b, *shape)`` gradients: ``(n, *shape)``."""
+    out: Tensor = torch.tensordot(weights.to(grads.dtype), grads, dims=1)
+    return out
 
 
 def _host_scalars(device: torch.device) -> bool:

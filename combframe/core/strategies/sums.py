@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import final
+from typing import NamedTuple, final
 
 import torch
 from torch import Tensor
@@ -12,6 +12,17 @@ from combframe.core.batch import Segments
 from combframe.core.combination import StreamingCombination
 from combframe.core.gradients import GradTargets, ParamLayout
 from combframe.segment import segment_max, segment_sum
+
+
+class Fold(NamedTuple):
+    """A chunk's weights, as :meth:`_StreamSums.update` returns them."""
+
+    #: The ``(compound, feature)`` of each backward row.
+    rows: list[tuple[int, int]]
+    #: ``(n, b)``: each row's weights on the chunk's poses (zero for other compounds').
+    by_row: Tensor
+    #: ``(b, k)``: each pose's weight on its compound's ``k`` sums.
+    by_pose: Tensor
 
 
 @final
@@ -47,7 +58,7 @@ class _StreamSums:
         lo: int,
         hi: int,
         local: Tensor,
-    ) -> tuple[list[tuple[int, int]], Tensor]:
+    ) -> Fold:
         """Fold a chunk's predictions into the state; return its backward rows.
 
         The rows are every ``(compound, feature)`` of the chunk, with their ``(n, b)``
@@ -95,12 +106,12 @@ class _StreamSums:
         mine = torch.nn.functional.one_hot(local, hi - lo).T.to(weights.dtype)  # (n, b)
         k = weights.shape[1]
         pairs = [(c, j) for c in range(lo, hi) for j in range(k)]
-        return pairs, (mine[:, None, :] * weights.T[None]).reshape((hi - lo) * k, -1)
+        return Fold(pairs, (mine[:, None, :] * weights.T[None]).reshape((hi - lo) * k, -1), weights)
 
     @torch.no_grad()
     def update_host(
         self, combination: StreamingCombination, segments: Segments, start: int, pred: Tensor
-    ) -> tuple[list[tuple[int, int]], Tensor]:
+    ) -> Fold:
         """:meth:`update` on Python floats; rows whose weights are all zero are left out."""
         self.on_host = True
         y = pred.to(self.exact)
@@ -116,6 +127,7 @@ class _StreamSums:
         shift = getattr(combination, "stream_shift", None)
         rows: list[tuple[int, int]] = []
         weights: list[list[float]] = []
+        by_pose = [[0.0] * len(phis[0]) for _ in values]
         for c in range(owners[0], owners[-1] + 1):
             mine = [i for i, o in enumerate(owners) if o == c]
             best = max(mine, key=lambda i: logs[i])
@@ -140,11 +152,12 @@ class _StreamSums:
             for j in range(len(features[0])):
                 row = [0.0] * len(values)
                 for i, wi, f in zip(mine, w, features, strict=True):
-                    row[i] = wi * f[j]
+                    row[i] = by_pose[i][j] = wi * f[j]
                 if any(row):
                     rows.append((c, j))
                     weights.append(row)
-        return rows, torch.tensor(weights, dtype=self.exact).reshape(len(rows), len(values))
+        by_row = torch.tensor(weights, dtype=self.exact).reshape(len(rows), len(values))
+        return Fold(rows, by_row, torch.tensor(by_pose, dtype=self.exact))
 
     def _scale(self, c: int, scale: float | Tensor) -> None:
         """Multiply compound ``c``'s sums by ``scale`` (a new running maximum)."""
@@ -174,19 +187,32 @@ class _StreamSums:
                 (self.count, features, layout.numel), dtype=layout.dtype, device=layout.device
             )
 
+    def add_poses(self, owners: Tensor, weights: Tensor, grads: Tensor) -> None:
+        """Add each pose's own gradient (``(b, P)``), weighted (``(b, k)``), to its compound's sums.
+
+        ``owners``: the compound of each pose. One scaled copy of the gradients per
+        feature, added by index (never a dense compounds-by-poses product).
+        """
+        weights = weights.to(grads.dtype)
+        for j in range(weights.shape[1]):
+            self.acc[:, j].index_add_(0, owners, grads * weights[:, j : j + 1])
+
     def add_rows(
-        self, rows: list[tuple[int, int]], flat: Tensor, pose: list[tuple[int, Tensor]]
+        self, rows: list[tuple[int, int]], flat: Tensor | None, pose: list[tuple[int, Tensor]]
     ) -> None:
         """Add one backward's gradients, row ``n`` to the sums of ``rows[n]`` (compound, feature).
 
-        ``flat`` is ``(n, P)``; ``pose`` holds ``(slot, (n, *shape))`` per pose tensor.
+        ``flat`` is ``(n, P)`` (or None: the parameters' are added otherwise); ``pose``
+        holds ``(slot, (n, *shape))`` per pose tensor.
         """
         k = self.acc.shape[1]
         acc = self.acc.view(-1, self.acc.shape[-1])
         (c0, j0), (c1, j1) = rows[0], rows[-1]
-        if flat.shape[1] and len(rows) == (c1 - c0) * k + j1 - j0 + 1:  # consecutive
+        if flat is None or not flat.shape[1]:
+            pass
+        elif len(rows) == (c1 - c0) * k + j1 - j0 + 1:  # consecutive rows
             acc[c0 * k + j0 : c1 * k + j1 + 1].add_(flat)
-        elif flat.shape[1]:
+        else:
             index = torch.tensor([c * k + j for c, j in rows], device=acc.device)
             acc.index_add_(0, index, flat)
         for slot, g in pose:
