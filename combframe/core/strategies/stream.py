@@ -103,7 +103,7 @@ class Stream(Strategy):
                 local = segments.index[s:e] - lo
                 fold = sums.update(combination, segments, s, y, lo, hi, local)
             if fold.rows:
-                self._add(sums, fold, chunk, per_pose, segments.index[s:e])
+                self._add(sums, fold, chunk, per_pose, segments, s)
             del chunk, per_pose  # free before the next chunk's graph is built
         sums.finish()
         source = _StreamedGradients(sums, combination, runner.used)
@@ -116,7 +116,8 @@ class Stream(Strategy):
         fold: Fold,
         chunk: Chunk | None,
         per_pose: Tensor | None,
-        owners: Tensor,
+        segments: Segments,
+        start: int,
     ) -> None:
         """Add a chunk's gradients to the sums: ``per_pose`` when the chunk is None."""
         if chunk is not None:
@@ -129,7 +130,7 @@ class Stream(Strategy):
             by_row = fold.by_row
             sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
         assert per_pose is not None, "a chunk is run by autograd or by torch.func"
-        sums.add_poses(owners, fold.by_pose, per_pose)
+        sums.add_poses(segments, start, fold.by_pose, per_pose)
 
     def __repr__(self) -> str:
         return "Stream()"

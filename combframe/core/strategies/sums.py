@@ -134,7 +134,7 @@ class _StreamSums:
             old = self.host_max[c]
             new = max(old, logs[best])
             scale = math.exp(old - new) if old > -math.inf else 0.0
-            if scale != 1.0:
+            if scale != 1.0 and old > -math.inf:  # a compound's first poses: its sums are 0
                 self._scale(c, scale)
             features = [phis[i] for i in mine]
             if shift is not None and logs[best] > old and values[best] != self.host_center[c]:
@@ -187,15 +187,19 @@ class _StreamSums:
                 (self.count, features, layout.numel), dtype=layout.dtype, device=layout.device
             )
 
-    def add_poses(self, owners: Tensor, weights: Tensor, grads: Tensor) -> None:
+    def add_poses(self, segments: Segments, start: int, weights: Tensor, grads: Tensor) -> None:
         """Add each pose's own gradient (``(b, P)``), weighted (``(b, k)``), to its compound's sums.
 
-        ``owners``: the compound of each pose. One scaled copy of the gradients per
-        feature, added by index (never a dense compounds-by-poses product).
+        The poses from ``start`` on. One ``k x b_c`` by ``b_c x P`` product per compound
+        of the chunk (never a dense compounds-by-poses one, nor a scaled copy of the
+        gradients).
         """
+        stop = start + grads.shape[0]
         weights = weights.to(grads.dtype)
-        for j in range(weights.shape[1]):
-            self.acc[:, j].index_add_(0, owners, grads * weights[:, j : j + 1])
+        for c in range(segments.owner[start], segments.owner[stop - 1] + 1):
+            first = max(segments.starts[c], start) - start
+            last = min(segments.starts[c] + segments.sizes[c], stop) - start
+            self.acc[c].addmm_(weights[first:last].T, grads[first:last])
 
     def add_rows(
         self, rows: list[tuple[int, int]], flat: Tensor | None, pose: list[tuple[int, Tensor]]
