@@ -115,3 +115,35 @@ def test_each_pose_is_walked_once_per_forward(strategy: str) -> None:
         combined, _ = wrapped(poses)
         combined.backward()
     assert walk.call_count == len(poses)
+
+
+class Records(torch.nn.Module):
+    """Keeps the type of what it is called on; one output per graph or per pose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1).double()
+        self.seen: list[type] = []
+
+    def forward(self, data: Any) -> Tensor:
+        self.seen.append(type(data))
+        if isinstance(data, Tensor):
+            return self.lin(data).sum(dim=(-2, -1))
+        atom = self.lin(data.x).squeeze(-1)
+        return torch.zeros(data.num_graphs, dtype=atom.dtype).index_add(0, data.batch, atom)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_pyg_model_gets_a_batch_at_every_chunk_size(chunk: int) -> None:
+    pyg = pytest.importorskip("torch_geometric.data")
+    poses = [pyg.Data(x=torch.randn(n, 3, dtype=torch.float64)) for n in (2, 4, 3)]
+    net = Records()
+    combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)(poses)
+    assert net.seen and all(issubclass(t, pyg.Batch) for t in net.seen), net.seen
+
+
+def test_a_tensor_model_gets_the_pose_itself_at_chunk_size_one() -> None:
+    net = Records()
+    poses = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    combframe.MultiPoseModel(net, "mean")(poses)
+    assert set(net.seen) == {Tensor}

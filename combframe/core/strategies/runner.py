@@ -14,7 +14,7 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
-from combframe.core.batch import default_collate, each_tensor, map_tensors
+from combframe.core.batch import collated_alone, default_collate, each_tensor, map_tensors
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients
 from combframe.core.strategies.graph import (
     _graph_mark,
@@ -167,7 +167,8 @@ class PoseRunner:
         if torch.is_grad_enabled():
             self._mark = _graph_mark()
         placed = [self.place(start + k, pose, aliases) for k, pose in enumerate(poses)]
-        batch = self.collate(placed) if self.batched else placed[0]
+        alone = not self.batched and not collated_alone(placed[0])
+        batch = placed[0] if alone else self.collate(placed)
         if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
             watch = _Watch()
             with watch:
