@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 import combframe
-import combframe.core.strategies.per_sample as per_sample
 from combframe.testing import full_graph_gradients, make_loss, multipose_gradients
 from tests.conftest import make_mlp, make_poses
 from tests.test_batched import MixesPoses, rel_err
@@ -34,38 +33,68 @@ class Counting(torch.nn.Module):
         return out
 
 
+def _stream_grads(wrapped: combframe.MultiPoseModel, poses: list[Any]) -> list[Tensor]:
+    wrapped.zero_grad(set_to_none=True)
+    compounds, start = [], 0
+    for size in SIZES:
+        compounds.append(poses[start : start + size])
+        start += size
+    combined = wrapped(compounds=compounds).combined
+    make_loss("combined")(combined, combined).backward()
+    return [p.grad.clone() for p in wrapped.model.parameters()]  # type: ignore[union-attr]  # reached
+
+
 @pytest.mark.parametrize("chunk", [4, 16])
 @pytest.mark.parametrize("combination", ["boltzmann", "max", "mean"])
-def test_stream_takes_each_poses_gradient_once_for_chunks_of_many_compounds(
+def test_stream_runs_chunks_of_many_compounds_one_compound_at_a_time(
     chunk: int, combination: str
 ) -> None:
+    """After the first step a model that treats poses independently runs per compound."""
     poses = make_poses(sum(SIZES), seed=2)
     comb = combframe.create_combination(combination)
-    loss = make_loss("combined")
-    want = full_graph_gradients(make_mlp(), comb, poses, loss, sizes=SIZES)
-    with mock.patch.object(
-        per_sample, "_per_sample_grads", wraps=per_sample._per_sample_grads
-    ) as per_pose:
-        got = multipose_gradients(
-            make_mlp(), comb, poses, loss, "stream", sizes=SIZES, chunk_size=chunk
-        )
-    assert per_pose.called, "the per-pose path did not run"
-    assert rel_err(got[2], want[2]) < 1e-10
-    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    want = full_graph_gradients(make_mlp(), comb, poses, make_loss("combined"), sizes=SIZES)
+    net = Counting(make_mlp())
+    wrapped = combframe.MultiPoseModel(net, comb, strategy="stream", chunk_size=chunk)
+    for step in range(2):
+        net.calls = 0
+        got = _stream_grads(wrapped, poses)
+        assert rel_err(got, want[2]) < 1e-10, f"step {step}"
+    owner = [c for c, size in enumerate(SIZES) for _ in range(size)]
+    chunks = [(s, min(s + chunk, len(poses))) for s in range(0, len(poses), chunk)]
+    pieces = sum(owner[e - 1] - owner[s] + 1 for s, e in chunks)  # (chunk, compound) pairs
+    assert net.calls == pieces, f"{net.calls} model calls for {pieces} pieces"
+
+
+def test_stream_split_returns_the_gradients_of_pose_tensors() -> None:
+    """Pose tensors that require grad (forces) get theirs on the split path too."""
+    ref = [p.requires_grad_() for p in make_poses(sum(SIZES), seed=4)]
+    comb = combframe.create_combination("boltzmann")
+    full_graph_gradients(make_mlp(), comb, ref, make_loss("combined"), sizes=SIZES)
+    poses = [p.detach().clone().requires_grad_() for p in ref]
+    wrapped = combframe.MultiPoseModel(make_mlp(), comb, strategy="stream", chunk_size=4)
+    for _ in range(2):
+        for p in poses:
+            p.grad = None
+        _stream_grads(wrapped, poses)
+        assert rel_err([p.grad for p in poses], [p.grad for p in ref]) < 1e-10
 
 
 def test_stream_keeps_whole_chunks_for_a_model_that_mixes_the_poses_of_a_batch() -> None:
-    """Its one-pose gradients are not the chunk's: the path is refused, the result exact."""
+    """Its one-compound predictions are not the chunk's: no split, the result exact."""
     poses = [torch.randn(1, 5, dtype=torch.float64) for _ in range(12)]
     sizes = [2, 2, 2, 2, 2, 2]
     loss = make_loss("combined")
     torch.manual_seed(0)
     net = MixesPoses()
-    want = full_graph_gradients(net, combframe.create_combination("boltzmann"), poses, loss,
-                                sizes=sizes, chunk_size=4)  # fmt: skip
-    got = multipose_gradients(net, combframe.create_combination("boltzmann"), poses, loss,
-                              "stream", sizes=sizes, chunk_size=4)  # fmt: skip
-    assert rel_err(got[2], want[2]) < 1e-10
+    comb = combframe.create_combination("boltzmann")
+    want = full_graph_gradients(net, comb, poses, loss, sizes=sizes, chunk_size=4)
+    wrapped = combframe.MultiPoseModel(net, comb, strategy="stream", chunk_size=4)
+    compounds = [poses[i : i + 2] for i in range(0, 12, 2)]
+    for _ in range(2):
+        wrapped.zero_grad(set_to_none=True)
+        combined = wrapped(compounds=compounds).combined
+        loss(combined, combined).backward()
+        assert rel_err([p.grad for p in net.parameters()], want[2]) < 1e-10
 
 
 def _store_step(wrapped: combframe.MultiPoseModel, poses: list[Any]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, final
 
 import torch
 from torch import Tensor
@@ -26,11 +26,8 @@ from combframe.core.strategies.replay import (
     buffer_copies,
     undo_side_effects,
 )
-from combframe.core.strategies.runner import Chunk, PoseRunner, Poses
+from combframe.core.strategies.runner import PoseRunner, Poses
 from combframe.errors import CombinationError
-
-if TYPE_CHECKING:
-    from combframe.core.strategies.base import Strategy
 
 UPDATES_BUFFERS = (
     "the model updates buffers in place (batch-norm statistics, the power iteration of "
@@ -88,83 +85,6 @@ class PerSampleVerdicts:
     def set(self, runner: PoseRunner, verdict: Verdict) -> None:
         """Keep ``verdict`` for the runner's model as it is now."""
         self._known[runner.model] = (self.structure(runner), verdict)
-
-
-@final
-class PerPoseGradients:
-    """Stream's per-sample path: each pose's own gradient for chunks of several compounds.
-
-    A chunk of ``n`` compounds needs ``n k`` weighted sums of its poses' gradients;
-    from each pose's own gradient (one ``torch.func`` pass) they are one matrix product.
-    The path serves a model that store's per-sample path serves, and whose batched
-    predictions of the first chunk match its one-pose ones and whose gradients match
-    autograd's (checked on the first step for a model, kept in ``verdicts``).
-    """
-
-    def __init__(self, verdicts: PerSampleVerdicts, runner: PoseRunner, poses: Poses) -> None:
-        self.verdicts = verdicts
-        self.runner = runner
-        self.poses = poses
-        self.verdict: Verdict = UNDECIDED
-        self._state: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
-        self._first: Tensor | None = None
-
-    def serves(self) -> bool:
-        """Whether the path serves this call (decided by :meth:`first`)."""
-        return self.verdict is None
-
-    def first(self, strategy: Strategy, decide: bool) -> Chunk:
-        """Run the first chunk with a graph; with ``decide``, decide whether the path serves."""
-        runner = self.runner
-        start, stop = runner.chunks(len(self.poses))[0]
-        snapshot = BufferSnapshot.of(runner.modules) if decide else None
-        chunk = strategy.first_chunk(runner, self.poses, start, stop)
-        if snapshot is None:
-            return chunk
-        reason = obstacle(runner) or (UPDATES_BUFFERS if snapshot.changed() else None)
-        known, verdict = self.verdicts.get(runner)
-        if reason is None and not known:
-            verdict = self._decide(chunk)
-            self.verdicts.set(runner, verdict)
-        self.verdict = reason or verdict
-        return chunk
-
-    def first_grads(self) -> Tensor:
-        """Return the first chunk's ``(b, P)`` gradients (computed once, when deciding)."""
-        first, self._first = self._first, None
-        if first is None:
-            start, stop = self.runner.chunks(len(self.poses))[0]
-            first = self.run(start, stop)[1]
-        return first
-
-    def run(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """Return the ``(b,)`` predictions and ``(b, P)`` gradients of poses ``[start, stop)``."""
-        runner = self.runner
-        if self._state is None:
-            self._state = _functional_state(runner.model)
-        out = runner.targets.layout.new_buffer(stop - start)
-        preds = _per_sample_grads(runner, self._state, self.poses[start:stop], start, out)
-        return preds, out
-
-    def _decide(self, chunk: Chunk) -> Verdict:
-        """Compare the path with autograd on the first chunk; return why it cannot serve."""
-        if hidden_parameters(self.runner, self.poses[0]):
-            return HIDDEN_PARAMETERS
-        try:
-            preds, grads = self.run(chunk.start, chunk.stop)
-        except Exception as exc:  # not vmappable
-            return f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
-        want = chunk.pred.detach()
-        params, _ = chunk.grads(torch.ones_like(want), retain=True)
-        total = self.runner.targets.layout.new_buffer(1)[0]
-        self.runner.targets.layout.flatten_into(params, total)
-        tol = 256 * torch.finfo(grads.dtype).eps
-        scale = float(total.abs().max()) if total.numel() else 0.0
-        same = torch.allclose(preds.to(want.dtype), want, rtol=tol, atol=tol)
-        if not (same and torch.allclose(grads.sum(0), total, rtol=tol, atol=tol * scale)):
-            return "its one-pose predictions or gradients differ from the batched ones"
-        self._first = grads
-        return None
 
 
 def obstacle(runner: PoseRunner) -> str | None:

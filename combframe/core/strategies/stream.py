@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import final
 
 import torch
@@ -12,7 +13,8 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
-from combframe.core.strategies.per_sample import PerPoseGradients, PerSampleVerdicts
+from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts
+from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
 from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
 from combframe.errors import StrategyError
@@ -75,27 +77,21 @@ class Stream(Strategy):
         # floats there and backward rows whose weights are all zero (a sharp smooth-min
         # far from the best pose) are skipped.
         on_host = _host_scalars(device)
-        chunks = runner.chunks(len(poses))
-        owner = segments.owner
-        several = [owner[e - 1] > owner[s] for s, e in chunks]
-        path = PerPoseGradients(self._verdicts, runner, poses)
-        for k, (s, e) in enumerate(chunks):
-            lo, hi = owner[s], owner[e - 1] + 1
-            chunk: Chunk | None = None
-            per_pose: Tensor | None = None
+        split = _Split(self._verdicts, runner, poses, segments)
+        plan = split.plan()
+        k = 0
+        while k < len(plan):
+            s, e = plan[k]
+            lo, hi = segments.owner[s], segments.owner[e - 1] + 1
+            snapshot = split.snapshot(s, e)
+            chunk = (
+                self.first_chunk(runner, poses, s, e) if k == 0 else runner.run_chunk(poses, s, e)
+            )
             if k == 0:
-                chunk = path.first(self, any(several))
                 sums.allocate(runner.targets)
-                y = chunk.pred.detach()
-                if several[0] and path.serves():
-                    per_pose = path.first_grads()
-                    chunk = None  # its graph is not needed: free it now
-            elif several[k] and path.serves():
-                # Several compounds: each pose's own gradient, by torch.func, once.
-                y, per_pose = path.run(s, e)
-            else:
-                chunk = runner.run_chunk(poses, s, e)
-                y = chunk.pred.detach()
+            if snapshot is not None and split.decide(chunk, snapshot):
+                plan[k + 1 :] = split.pieces(plan[k + 1 :])
+            y = chunk.pred.detach()
             preds.append(y)
             if on_host:
                 fold = sums.update_host(combination, segments, s, y)
@@ -103,37 +99,98 @@ class Stream(Strategy):
                 local = segments.index[s:e] - lo
                 fold = sums.update(combination, segments, s, y, lo, hi, local)
             if fold.rows:
-                self._add(sums, fold, chunk, per_pose, segments, s)
-            del chunk, per_pose  # free before the next chunk's graph is built
+                self._add(sums, fold, chunk, segments, s)
+            del chunk  # free before the next chunk's graph is built
+            k += 1
         sums.finish()
         source = _StreamedGradients(sums, combination, runner.used)
         source.watch(runner.leaves)
         return torch.cat(preds), source
 
     @staticmethod
-    def _add(
-        sums: _StreamSums,
-        fold: Fold,
-        chunk: Chunk | None,
-        per_pose: Tensor | None,
-        segments: Segments,
-        start: int,
-    ) -> None:
-        """Add a chunk's gradients to the sums: ``per_pose`` when the chunk is None."""
-        if chunk is not None:
-            y = chunk.pred
-            if y.shape[0] >= len(fold.rows):
-                sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
-                return
-            # Fewer poses than rows (one pose per compound): each pose's own gradient.
-            per_pose, pose = _weighted_grads(chunk, torch.eye(y.shape[0], dtype=y.dtype))
-            by_row = fold.by_row
-            sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
-        assert per_pose is not None, "a chunk is run by autograd or by torch.func"
+    def _add(sums: _StreamSums, fold: Fold, chunk: Chunk, segments: Segments, start: int) -> None:
+        """Add a chunk's gradients to the sums of its compounds."""
+        y = chunk.pred
+        if y.shape[0] >= len(fold.rows):
+            sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
+            return
+        # Fewer poses than rows (one pose per compound): each pose's own gradient.
+        per_pose, pose = _weighted_grads(chunk, torch.eye(y.shape[0], dtype=y.dtype))
+        by_row = fold.by_row
+        sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
         sums.add_poses(segments, start, fold.by_pose, per_pose)
 
     def __repr__(self) -> str:
         return "Stream()"
+
+
+@final
+class _Split:
+    """Whether chunks of several compounds may run one compound at a time.
+
+    A chunk of ``n`` compounds needs ``n k`` weighted sums of its poses' gradients: one
+    backward of the whole chunk each, or one backward of each compound's poses. The
+    second is allowed for a model that treats the poses of a batch independently: the
+    first chunk of several compounds run whole (with a graph) and one compound at a time
+    (without, leaving no trace) must give the same predictions, draw no random numbers
+    and write no buffer. Decided on the first step for a model, kept with its structure
+    (:class:`~combframe.core.strategies.per_sample.PerSampleVerdicts`).
+    """
+
+    def __init__(
+        self, verdicts: PerSampleVerdicts, runner: PoseRunner, poses: Poses, segments: Segments
+    ) -> None:
+        self.verdicts = verdicts
+        self.runner = runner
+        self.poses = poses
+        self.segments = segments
+        self.known, verdict = verdicts.get(runner)
+        self.allowed = self.known and verdict is None
+
+    def plan(self) -> list[tuple[int, int]]:
+        """Return the chunks to run: the runner's, split at compounds when allowed."""
+        chunks = self.runner.chunks(len(self.poses))
+        return self.pieces(chunks) if self.allowed else chunks
+
+    def pieces(self, chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Return ``chunks`` split where a compound starts."""
+        starts, owner, out = self.segments.starts, self.segments.owner, []
+        for s, e in chunks:
+            inside = starts[owner[s] + 1 : owner[e - 1] + 1]  # compounds that start in it
+            out += list(itertools.pairwise([s, *inside, e]))
+        return out
+
+    def snapshot(self, start: int, stop: int) -> BufferSnapshot | None:
+        """Return a snapshot before the chunk that decides (the first of several compounds)."""
+        owner = self.segments.owner
+        if self.known or owner[stop - 1] == owner[start]:
+            return None
+        return BufferSnapshot.of(self.runner.modules)
+
+    def decide(self, chunk: Chunk, snapshot: BufferSnapshot) -> bool:
+        """Decide on ``chunk`` (run whole); return whether later chunks may be split."""
+        runner, verdict = self.runner, None
+        if snapshot.changed():
+            verdict = UPDATES_BUFFERS
+        else:
+            with undo_side_effects(runner.modules, runner.device), torch.no_grad():
+                drawn = RngState.capture(runner.device)
+                alone = [
+                    runner.predict(self.poses[s:e], s)
+                    for s, e in self.pieces([(chunk.start, chunk.stop)])
+                ]
+                if RngState.capture(runner.device, drawn) is not drawn:
+                    verdict = "the model draws random numbers"
+            want = chunk.pred.detach()
+            got = torch.cat(alone).to(want.dtype)
+            tol = max(1e3 * torch.finfo(want.dtype).eps, 1e-9)
+            if verdict is None and not bool(
+                ((got - want).abs() <= tol * want.abs().clamp_min(1.0)).all()
+            ):
+                verdict = "the model mixes the poses of a batch"
+        self.verdicts.set(runner, verdict)
+        self.known, self.allowed = True, verdict is None
+        return self.allowed
 
 
 def _weighted_grads(chunk: Chunk, weights: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
