@@ -9,6 +9,7 @@ for the chunk's gradients, weighted or batched.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, final
 
 import torch
@@ -281,6 +282,10 @@ class PoseRunner:
         # (as the full graph does: its accumulator skips a tensor that no longer
         # requires grad).
         live = [t for t in inputs if t.requires_grad]
+        if weight is not None:
+            # The weighted sum as the output, rather than grad_outputs: autograd checks
+            # grad_outputs' shapes symbolically, which costs more than the two nodes.
+            pred, weight = (pred * weight).sum(), None
         with _held_hooks(live):
             got = torch.autograd.grad(
                 pred,
@@ -362,28 +367,19 @@ class PoseRunner:
 
 
 @final
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """A chunk of poses run by :meth:`PoseRunner.run_chunk`: what a strategy asks of it.
 
-    Parameters
-    ----------
-    runner
-        The runner that ran it.
-    start
-        The index of its first pose in the flat list.
-    pred
-        The ``(b,)`` predictions, with a graph when run with one.
-    aliases
-        The stand-ins of the pose tensors that require grad, by id of the pose tensor.
+    ``start`` is the index of its first pose in the flat list, ``pred`` the ``(b,)``
+    predictions (with a graph when run with one), ``aliases`` the stand-ins of the pose
+    tensors that require grad, by id of the pose tensor.
     """
 
-    __slots__ = ("aliases", "pred", "runner", "start")
-
-    def __init__(self, runner: PoseRunner, start: int, pred: Tensor, aliases: Aliases) -> None:
-        self.runner = runner
-        self.start = start
-        self.pred = pred
-        self.aliases = aliases
+    runner: PoseRunner
+    start: int
+    pred: Tensor
+    aliases: Aliases
 
     @property
     def stop(self) -> int:

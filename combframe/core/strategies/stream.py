@@ -114,10 +114,13 @@ class Stream(Strategy):
         if y.shape[0] >= len(fold.rows):
             sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
             return
-        # Fewer poses than rows (one pose per compound): each pose's own gradient.
-        per_pose, pose = _weighted_grads(chunk, torch.eye(y.shape[0], dtype=y.dtype))
-        by_row = fold.by_row
-        sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
+        # Fewer poses than rows (one pose per compound): each pose's own gradient (one
+        # pose alone: the gradient of its prediction, unweighted).
+        b = y.shape[0]
+        per_pose, pose = _weighted_grads(chunk, None if b == 1 else torch.eye(b, dtype=y.dtype))
+        if pose:
+            by_row = fold.by_row
+            sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
         sums.add_poses(segments, start, fold.by_pose, per_pose)
 
     def __repr__(self) -> str:
@@ -193,18 +196,20 @@ class _Split:
         return self.allowed
 
 
-def _weighted_grads(chunk: Chunk, weights: Tensor) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+def _weighted_grads(
+    chunk: Chunk, weights: Tensor | None
+) -> tuple[Tensor, list[tuple[int, Tensor]]]:
     """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
 
-    One backward of the chunk per weighting. Returns ``(n, P)`` and
-    ``(slot, (n, *shape))`` per pose tensor.
+    One backward of the chunk per weighting (``None``: one, of their sum). Returns
+    ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
     """
     layout = chunk.runner.targets.layout
-    rows = weights.shape[0]
+    rows = 1 if weights is None else weights.shape[0]
     flat = layout.new_buffer(rows)
     pose: dict[int, list[Tensor]] = {}
     for r in range(rows):
-        params, got = chunk.grads(weights[r], retain=r < rows - 1)
+        params, got = chunk.grads(None if weights is None else weights[r], retain=r < rows - 1)
         layout.flatten_into(params, flat[r])
         for slot, g in got:
             pose.setdefault(slot, []).append(g)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple, final
+from collections.abc import Callable
+from typing import final
 
 import torch
 from torch import Tensor
@@ -14,15 +16,32 @@ from combframe.core.gradients import GradTargets, ParamLayout
 from combframe.segment import segment_max, segment_sum
 
 
-class Fold(NamedTuple):
-    """A chunk's weights, as :meth:`_StreamSums.update` returns them."""
+@final
+class Fold:
+    """A chunk's weights, as :meth:`_StreamSums.update` returns them.
 
-    #: The ``(compound, feature)`` of each backward row.
-    rows: list[tuple[int, int]]
-    #: ``(n, b)``: each row's weights on the chunk's poses (zero for other compounds').
-    by_row: Tensor
-    #: ``(b, k)``: each pose's weight on its compound's ``k`` sums.
-    by_pose: Tensor
+    Attributes
+    ----------
+    rows
+        The ``(compound, feature)`` of each backward row.
+    by_row
+        ``(n, b)``: each row's weights on the chunk's poses (zero for other compounds'),
+        made when first asked for.
+    by_pose
+        ``(b, k)``: each pose's weight on its compound's ``k`` sums.
+    """
+
+    def __init__(
+        self, rows: list[tuple[int, int]], by_row: Callable[[], Tensor], by_pose: Tensor
+    ) -> None:
+        self.rows = rows
+        self._by_row = by_row
+        self.by_pose = by_pose
+
+    @functools.cached_property
+    def by_row(self) -> Tensor:
+        """``(n, b)``: each row's weights on the chunk's poses."""
+        return self._by_row()
 
 
 @final
@@ -106,7 +125,8 @@ class _StreamSums:
         mine = torch.nn.functional.one_hot(local, hi - lo).T.to(weights.dtype)  # (n, b)
         k = weights.shape[1]
         pairs = [(c, j) for c in range(lo, hi) for j in range(k)]
-        return Fold(pairs, (mine[:, None, :] * weights.T[None]).reshape((hi - lo) * k, -1), weights)
+        n = (hi - lo) * k
+        return Fold(pairs, lambda: (mine[:, None, :] * weights.T[None]).reshape(n, -1), weights)
 
     @torch.no_grad()
     def update_host(
@@ -156,7 +176,8 @@ class _StreamSums:
                 if any(row):
                     rows.append((c, j))
                     weights.append(row)
-        by_row = torch.tensor(weights, dtype=self.exact).reshape(len(rows), len(values))
+        shape = (len(rows), len(values))
+        by_row = lambda: torch.tensor(weights, dtype=self.exact).reshape(shape)  # noqa: E731
         return Fold(rows, by_row, torch.tensor(by_pose, dtype=self.exact))
 
     def _scale(self, c: int, scale: float | Tensor) -> None:
