@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, ValidationError
 
 import combframe
-from combframe import PluginValidationError, PluginWarning, UnknownCombinationError
+from combframe import InvalidPluginError, PluginWarning, UnknownCombinationError
 from combframe.errors import AmbiguousCombinationError
 from combframe.registry import current_registry
 from combframe.testing import (
@@ -306,7 +306,7 @@ def test_in_process_clash_names_both_plugins_and_leaves_registry_intact() -> Non
     with isolated_registry():
         register_plugin(Plugin(Soft), name="first")
         before = combframe.describe_combinations()
-        with pytest.raises(PluginValidationError) as info:
+        with pytest.raises(InvalidPluginError) as info:
             register_plugin(Plugin(OtherSoft), name="second")
         message = str(info.value)
         assert "'soft_min' is claimed twice" in message
@@ -319,7 +319,7 @@ def test_in_process_clash_names_both_plugins_and_leaves_registry_intact() -> Non
 
 
 def test_alias_clash_with_shipped_plugin_names_its_distribution() -> None:
-    with isolated_registry(), pytest.raises(PluginValidationError) as info:
+    with isolated_registry(), pytest.raises(InvalidPluginError) as info:
         register_plugin(MaxAlias, name="greedy-plugin")
     message = str(info.value)
     assert f"plugin 'max' (distribution combframe {VERSION})" in message
@@ -415,7 +415,7 @@ def test_entry_point_clash_raises_when_strict(tmp_path: Path) -> None:
     with (
         isolated_registry(strict=True),
         _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body),
-        pytest.raises(PluginValidationError, match="'max' is claimed twice"),
+        pytest.raises(InvalidPluginError, match="'max' is claimed twice"),
     ):
         combframe.list_combinations()
 
@@ -498,7 +498,7 @@ def test_strict_mode_raises_with_the_cause(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("COMBFRAME_STRICT_PLUGINS", "1")
     body = BROKEN["import"][0]
     with isolated_registry(), _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body):
-        with pytest.raises(PluginValidationError) as info:
+        with pytest.raises(InvalidPluginError) as info:
             combframe.list_combinations()
         assert "plugin 'broken' (distribution broken-dist 0.3) failed to load" in str(info.value)
         assert isinstance(info.value.__cause__, ImportError)
@@ -521,7 +521,7 @@ def test_strict_mode_rejects_an_invalid_class(tmp_path: Path) -> None:
     with (
         isolated_registry(strict=True),
         _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body),
-        pytest.raises(PluginValidationError, match="returned 42, which is not a subclass"),
+        pytest.raises(InvalidPluginError, match="returned 42, which is not a subclass"),
     ):
         combframe.list_combinations()
 
@@ -565,7 +565,7 @@ def test_shipped_module_registered_in_process_with_autoload_off() -> None:
 def test_invalid_in_process_plugin_raises_and_registers_nothing() -> None:
     with isolated_registry():
         before = combframe.list_combinations()
-        with pytest.raises(PluginValidationError, match="not a subclass of combframe"):
+        with pytest.raises(InvalidPluginError, match="not a subclass of combframe"):
             register_plugin(Plugin(int), name="ints")
         assert combframe.list_combinations() == before
         register_plugin(Plugin(Soft), name="ints")  # the name is free again
@@ -575,7 +575,7 @@ def test_invalid_in_process_plugin_raises_and_registers_nothing() -> None:
 def test_in_process_plugin_name_must_be_unique() -> None:
     with isolated_registry():
         register_plugin(Plugin(Soft), name="p")
-        with pytest.raises(PluginValidationError, match="'p' is already registered"):
+        with pytest.raises(InvalidPluginError, match="'p' is already registered"):
             register_plugin(Plugin(OtherSoft), name="p")
 
 

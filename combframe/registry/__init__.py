@@ -17,7 +17,7 @@ Environment variables, read when the registry is built:
     ``my-plugins:max``) or ``distribution:*`` (all of one distribution's).
 ``COMBFRAME_STRICT_PLUGINS``
     Non-empty (and not false-like): a plugin that fails to load or register raises
-    :class:`~combframe.errors.PluginValidationError` instead of warning.
+    :class:`~combframe.errors.InvalidPluginError` instead of warning.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from typing import Any, Final
 
 import pydantic
 
-from combframe.core.combination import Combination, set_resolver
+from combframe.core.combination import Combination, set_mtenn_call, set_resolver
 from combframe.errors import (
     AmbiguousCombinationError,
     CombinationError,
-    PluginValidationError,
+    InvalidPluginError,
     UnknownCombinationError,
 )
+from combframe.mtenn.function import mtenn_call
 from combframe.registry.info import CombinationInfo, ParameterInfo, combination_info
 from combframe.registry.plugins import (
     ENV_BLOCK,
@@ -179,7 +180,7 @@ class Registry:
                 if given is plugin:
                     return known
             if any(n == name for _, _, n in self._in_process):
-                raise PluginValidationError(
+                raise InvalidPluginError(
                     obj, f"a plugin named {name!r} is already registered in-process; pass name="
                 )
             # build (if needed) and apply now, so that errors surface at this call
@@ -378,7 +379,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
     Raises
     ------
-    PluginValidationError
+    InvalidPluginError
         If the plugin is invalid, another in-process plugin already has ``name``, or one
         of its names clashes with an installed combination; nothing is registered then.
 
@@ -404,3 +405,4 @@ def reload_registry() -> None:
 
 
 set_resolver(create_combination)
+set_mtenn_call(mtenn_call)

@@ -32,13 +32,13 @@ def combframe_add_combinations() -> Sequence[type[Combination]]:
     If this hook raises or returns something invalid, none of the plugin's classes is
     registered, a :class:`combframe.errors.PluginWarning` names the plugin and the error, and
     the failure appears in :func:`combframe.registry.plugin_errors` (with
-    ``COMBFRAME_STRICT_PLUGINS=1``: :class:`combframe.errors.PluginValidationError`).
+    ``COMBFRAME_STRICT_PLUGINS=1``: :class:`combframe.errors.InvalidPluginError`).
 
     Returns
     -------
     Sequence[type[Combination]]
         The combination classes; may be empty. Returning a class that another plugin
         already registered is a no-op; a different class under a name or alias that is
-        taken raises :class:`combframe.errors.PluginValidationError` naming both plugins.
+        taken raises :class:`combframe.errors.InvalidPluginError` naming both plugins.
     """
     raise NotImplementedError

@@ -21,7 +21,7 @@ import pluggy
 
 import combframe.registry.hookspecs as _hookspecs
 from combframe.core.combination import Combination, CombinationParams, normalize_name
-from combframe.errors import PluginValidationError, PluginWarning, user_stacklevel
+from combframe.errors import InvalidPluginError, PluginWarning, user_stacklevel
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -281,7 +281,7 @@ class Table:
                 elif ambiguous_ok and owner.source != entry.source:
                     clashes.append((key, owner, entry))
                 else:
-                    raise PluginValidationError(
+                    raise InvalidPluginError(
                         entry.cls,
                         f"combination name {key!r} is claimed twice: "
                         f"{claim_of(owner)} and {claim_of(entry)}. Uninstall one of them, "
@@ -371,7 +371,7 @@ class Table:
     ) -> None:
         message = f"{source.describe()} failed to load and was skipped: {text}"
         if strict:
-            raise PluginValidationError(plugin, message) from cause
+            raise InvalidPluginError(plugin, message) from cause
         self.errors.append(
             PluginLoadError(source.plugin, source.distribution, source.version, text)
         )
