@@ -42,7 +42,6 @@ if TYPE_CHECKING:
         reload_registry,
     )
     from combframe.registry.config import CombinationConfig, combination_config_schema
-    from combframe.registry.hookspecs import hookimpl
 
 __all__ = [
     "CombframeError",
@@ -69,7 +68,6 @@ __all__ = [
     "describe_combinations",
     "from_mtenn_config",
     "get_combination_class",
-    "hookimpl",
     "list_combinations",
     "migrate_mtenn_config",
     "plugin_errors",
@@ -108,7 +106,6 @@ _HOMES = {
     "plugin_errors": "combframe.registry",
     "register_plugin": "combframe.registry",
     "reload_registry": "combframe.registry",
-    "hookimpl": "combframe.registry.hookspecs",
 }
 
 #: Names of the 0.1 releases that are not public API any more: each still works, with a
@@ -138,6 +135,11 @@ _DEPRECATED = {
         "combframe.registry",
         "create_combination",
         "combframe.create_combination",
+    ),
+    "hookimpl": (
+        "combframe.registry",
+        "hookimpl",
+        "nothing: a plugin's entry point names its Combination classes or their module",
     ),
 }
 

@@ -150,14 +150,14 @@ class PluginWarning(CombframeWarning):
 
 
 def user_stacklevel() -> int:
-    """Return the ``stacklevel`` of the first caller outside combframe, torch and pluggy.
+    """Return the ``stacklevel`` of the first caller outside combframe and torch.
 
     A warning then points at the user's line, not at combframe's internals.
     """
     frame = sys._getframe(1)  # the function that will call warnings.warn
     level = 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
-        ("combframe", "torch", "pluggy", "importlib")
+        ("combframe", "torch", "importlib")
     ):
         frame = frame.f_back
         level += 1

@@ -308,6 +308,7 @@ def test_all_lists_every_name_the_app_bench_and_docs_use() -> None:
         "ParameterInfo",
         "PluginLoadError",
         "resolve_combination",
+        "hookimpl",
     ],
 )
 def test_names_of_earlier_releases_warn_and_still_work(name: str) -> None:
