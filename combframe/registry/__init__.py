@@ -3,22 +3,10 @@
 A plugin is a :class:`~combframe.Combination` subclass or a module of them, named by an
 entry point of the group ``combframe`` (the three shipped combinations included) or
 given to :func:`register_plugin`.
-The registry is built on first use, from the environment at that moment, and cached
-until :func:`reload_registry`. Reading entry-point metadata imports nothing; a plugin
-module is imported only when the registry is built.
-
-Environment variables, read when the registry is built:
-
-``COMBFRAME_DISABLE_PLUGIN_AUTOLOAD``
-    Non-empty (and not ``0``/``false``/``no``/``off``): load no entry points.
-    Plugins registered in-process still work.
-``COMBFRAME_BLOCK_PLUGINS``
-    Comma-separated entry points that are not loaded: an entry-point name (``max``
-    blocks every distribution's ``max``), ``distribution:name`` (one distribution's,
-    ``my-plugins:max``) or ``distribution:*`` (all of one distribution's).
-``COMBFRAME_STRICT_PLUGINS``
-    Non-empty (and not false-like): a plugin that fails to load or register raises
-    :class:`~combframe.errors.InvalidPluginError` instead of warning.
+The registry is built on first use, from the environment at that moment
+(:data:`ENV_AUTOLOAD`, :data:`ENV_BLOCK`, :data:`ENV_STRICT`), and cached until
+:func:`reload_registry`. Reading entry-point metadata imports nothing; a plugin module
+is imported only when the registry is built.
 """
 
 from __future__ import annotations
