@@ -208,8 +208,20 @@ def test_the_core_alone_takes_instances_and_says_how_to_get_names() -> None:
         "    assert 'import combframe.registry' in str(exc), exc\n"
         "else:\n"
         "    raise AssertionError('a name resolved without the registry')\n"
+        "from combframe.core.combination import Combination\n"
+        "class Mean(Combination):\n"
+        "    name = 'plain_mean'\n"
+        "    def value(self, preds):\n"
+        "        return preds.mean()\n"
+        "try:\n"
+        "    Mean()(torch.ones(2), {}, [])\n"
+        "except TypeError as exc:\n"
+        "    assert 'import combframe.registry first' in str(exc), exc\n"
+        "else:\n"
+        '    raise AssertionError("mtenn\'s call ran without the registry")\n'
         "import combframe.registry\n"
         "assert MultiPoseModel(net, 'max').combination.name == 'max'\n"
+        "assert float(Mean()(torch.ones(2), {}, [])[0]) == 1.0\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
