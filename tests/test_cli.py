@@ -81,7 +81,16 @@ def test_default_train_finishes_and_writes_its_run_folder(
         assert label in proc.stdout, f"{label!r} missing from the output:\n{proc.stdout}"
     assert "train max" not in proc.stderr, "a progress bar was drawn into a pipe"
     folder = one_folder(cwd / "runs")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "loss.png", "metrics.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint.pt",
+        "config.yaml",
+        "loss.png",
+        "metrics.csv",
+        "metrics.json",
+        "model.json",
+        "model.safetensors",
+        "status.json",
+    ]
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["combination"] == {"name": "max", "negate_preds": True, "pred_scale": 1000.0}

@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from pydantic import GetCoreSchemaHandler
@@ -83,7 +90,12 @@ class TrainConfig(BaseModel):
     )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating dtype.")
     epochs: int = Field(10, ge=1, description="Passes over the training compounds.")
-    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate (cosine decay to 0).")
+    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="Learning-rate schedule over all steps: cosine or linear decay to 0, "
+        "or constant.",
+    )
     batch_size: int = Field(8, ge=1, description="Compounds per optimizer step.")
     hidden: int = Field(32, ge=1, description="Width of the single-pose network.")
     seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
@@ -98,6 +110,19 @@ class TrainConfig(BaseModel):
     pose_spread: float = Field(1.0, ge=0, description="Built-in set: spread of the poses.")
     noise: float = Field(0.1, ge=0, description="Built-in set: label noise, kcal/mol.")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of compounds held out.")
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the training compounds set aside for validation (the best "
+        "model, early stopping, --compare's choice); 0: none.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many epochs without a lower validation RMSE "
+        "(needs val_fraction > 0); null: train every epoch.",
+    )
     threads: int | None = Field(
         1, ge=1, description="CPU threads for torch (null keeps torch's default)."
     )
@@ -106,6 +131,18 @@ class TrainConfig(BaseModel):
         None, description="Run folder name (-2, -3, ... is appended if it exists)."
     )
     plot: bool = Field(True, description="Write loss.png (needs matplotlib).")
+    tensorboard: bool = Field(
+        False, description="Write a TensorBoard log to the run folder (needs tensorboard)."
+    )
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> TrainConfig:
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError(
+                f"patience={self.patience} stops on the validation RMSE; set val_fraction "
+                "(e.g. val_fraction=0.2) or leave patience null"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

@@ -260,7 +260,9 @@ def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype
     return tensor.unsqueeze(1).to(dtype)
 
 
-def _compound(index: int, entry: Any, features: int | None, dtype: torch.dtype) -> Compound:
+def _compound(
+    index: int, entry: Any, features: int | None, dtype: torch.dtype, values: bool = True
+) -> Compound:
     if not isinstance(entry, dict):
         raise DataError(f"must be a mapping with 'value' and 'poses'; got {entry!r:.60}")
     unknown = sorted(set(entry) - set(_KEYS))
@@ -269,17 +271,21 @@ def _compound(index: int, entry: Any, features: int | None, dtype: torch.dtype) 
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
         raise DataError(f"'name' must be a string; got {name!r}")
-    value = _check_value(entry)
+    value = _check_value(entry) if values or "value" in entry else math.nan
     poses = _check_poses(entry, features, dtype)
     return Compound(poses=poses, target=torch.tensor(value, dtype=dtype), name=name)
 
 
-def load_compounds(path: str | Path, *, dtype: torch.dtype = torch.float32) -> list[Compound]:
+def load_compounds(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, values: bool = True
+) -> list[Compound]:
     """Read a user's compounds from a JSON file (the format is in ``docs/cli.md``).
 
     The file holds ``{"compounds": [{"name": ..., "value": ..., "poses": [...]}, ...]}``:
     per compound an optional name, the measured value (a number) and a non-empty list of
-    poses, each a list of the same number of features in every compound.
+    poses, each a list of the same number of features in every compound. With
+    ``values=False`` (compounds to predict) a compound may have no value; its target is
+    then NaN.
 
     Returns
     -------
@@ -305,7 +311,7 @@ def load_compounds(path: str | Path, *, dtype: torch.dtype = torch.float32) -> l
     for index, entry in enumerate(entries):
         features = compounds[0].poses.shape[-1] if compounds else None
         try:
-            compound = _compound(index, entry, features, dtype)
+            compound = _compound(index, entry, features, dtype, values)
             if compound.name is not None and compound.name in names:
                 raise DataError(f"has the same name as compounds[{names[compound.name]}]")
         except DataError as exc:
