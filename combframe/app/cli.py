@@ -131,7 +131,22 @@ def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | 
         raise UsageError("--seeds and --compare cannot be combined; give one of them")
     if args.seeds is not None:
         return "seed", [str(config.seed + i) for i in range(args.seeds)]
-    return None if args.compare is None else parse_compare(args.compare)
+    if args.compare is None:
+        return None
+    if len(args.compare) > 1:
+        raise UsageError(
+            f"--compare is given {len(args.compare)} times ({', '.join(args.compare)}); give "
+            "it once, with one key and its values (epochs=1,2,3)"
+        )
+    key, values = parse_compare(args.compare[0])
+    for item in args.overrides:
+        other = item.partition("=")[0].strip()
+        if other == key or other.startswith(f"{key}.") or key.startswith(f"{other}."):
+            raise UsageError(
+                f"--compare varies {key}, and the override {item!r} sets it too; give its "
+                f"values in --compare only (--compare {key}=V1,V2,...)"
+            )
+    return key, values
 
 
 def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
@@ -226,9 +241,11 @@ def _print_table(results: Sequence[Any]) -> None:
     from combframe.app.memory import format_bytes
 
     by_name = all(r.label.startswith("combination.name=") for r in results)
+    validated = all(r.metrics.get("validation") for r in results)
     rows = [
         (
             _describe(r.metrics["combination"]) if by_name else r.label,
+            *([_fmt(r.metrics["validation"]["best_rmse"])] if validated else []),
             _fmt(r.metrics["test"]["rmse"]),
             _fmt(r.metrics["test"]["pearson"]),
             _fmt(r.metrics["test"]["spearman"]),
@@ -237,10 +254,11 @@ def _print_table(results: Sequence[Any]) -> None:
         )
         for r in results
     ]
-    # Compared as printed, so runs that tie at three decimals share the *.
-    printed = [float(row[1]) if row[1] != "n/a" else math.inf for row in rows]
+    # Chosen on validation, as printed, so that runs tying at three decimals share the *.
+    printed = [float(row[1]) if validated and row[1] != "n/a" else math.inf for row in rows]
     first = "combination" if by_name else "run"
-    header = (first, "RMSE", "Pearson", "Spearman", "s/epoch", "step memory")
+    header = (first, *(["val RMSE"] if validated else []), "RMSE", "Pearson", "Spearman")
+    header += ("s/epoch", "step memory")
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -251,8 +269,13 @@ def _print_table(results: Sequence[Any]) -> None:
 
     print(f"  {line(header)}")
     for i, row in enumerate(rows):
-        print(f"{'*' if printed[i] == min(printed) else ' '} {line(row)}")
-    print("held-out metrics of compound-level predictions; * lowest RMSE")
+        chosen = validated and printed[i] == min(printed)
+        print(f"{'*' if chosen else ' '} {line(row)}")
+    print("held-out metrics of compound-level predictions (each measured once, never chosen on)")
+    if validated:
+        print("* lowest validation RMSE (best epoch): the run chosen on validation")
+    else:
+        print("no run is chosen: set val_fraction (e.g. val_fraction=0.2) to choose on validation")
     print(f"step memory: {results[0].metrics['peak_memory_kind']}")
 
 
@@ -560,6 +583,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML or JSON config file")
     p.add_argument(
         "--compare",
+        action="append",
         metavar="NAMES|KEY=VALUES",
         help="train once per value and print one table: comma-separated combinations "
         "(max,mean,boltzmann) or any config key with its values (strategy=store,stream)",

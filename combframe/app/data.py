@@ -212,6 +212,10 @@ def _read_json(path: Path) -> Any:
         raise DataError(
             f"{str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise DataError(
+            f"{str(path)!r} is nested too deeply to be a compounds file (see docs/cli.md)"
+        ) from None
 
 
 def _label(index: int, entry: Any) -> str:
@@ -257,7 +261,20 @@ def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype
             f"pose {pose} feature {feature} is {float(tensor[pose, feature])}; "
             "features must be finite"
         )
-    return tensor.unsqueeze(1).to(dtype)
+    converted = tensor.to(dtype)
+    bad = (~torch.isfinite(converted)).nonzero()
+    if len(bad):
+        pose, feature = (int(v) for v in bad[0])
+        raise DataError(
+            f"pose {pose} feature {feature} is {float(tensor[pose, feature]):g}, which is "
+            f"not finite in {_name(dtype)} (the training dtype); rescale the features or "
+            "use dtype=float64"
+        )
+    return converted.unsqueeze(1)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _compound(
@@ -272,8 +289,14 @@ def _compound(
     if name is not None and not isinstance(name, str):
         raise DataError(f"'name' must be a string; got {name!r}")
     value = _check_value(entry) if values or "value" in entry else math.nan
+    target = torch.tensor(value, dtype=dtype)
+    if math.isfinite(value) and not torch.isfinite(target):
+        raise DataError(
+            f"'value' is {value:g}, which is not finite in {_name(dtype)} (the training "
+            "dtype); rescale the values or use dtype=float64"
+        )
     poses = _check_poses(entry, features, dtype)
-    return Compound(poses=poses, target=torch.tensor(value, dtype=dtype), name=name)
+    return Compound(poses=poses, target=target, name=name)
 
 
 def load_compounds(

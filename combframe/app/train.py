@@ -11,6 +11,7 @@ out over the processes (:mod:`combframe.app.distributed`).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import signal
@@ -45,8 +46,14 @@ from combframe.app.config import (
 )
 from combframe.app.data import Compound, DataError, load_compounds, make_dataset, split_compounds
 from combframe.app.distributed import Ranks
-from combframe.app.memory import measure_step, process_peak_rss_mb
-from combframe.app.metrics import baseline_note, divergence, held_out_metrics, rmse
+from combframe.app.memory import CUDA_RUN_KIND, measure_step, process_peak_rss_mb, run_peak
+from combframe.app.metrics import (
+    DIVERGENCE_FACTOR,
+    baseline_note,
+    divergence,
+    held_out_metrics,
+    rmse,
+)
 from combframe.app.runs import (
     RunInterruptedError,
     RunResult,
@@ -195,6 +202,7 @@ def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.devic
         If the device is unavailable or the strategy does not fit the combination.
     """
     _checked_combination(config)
+    _strategy(config)
     return _resolve_device(config.device, ranks or Ranks())
 
 
@@ -221,6 +229,7 @@ class _Progress:
     best_model: dict[str, Any] | None = None
     stale: int = 0
     stopped_early: bool = False
+    initial_rmse: float = 0.0
     peak_bytes: int = 0
     peak_kind: str = ""
 
@@ -257,23 +266,59 @@ def _network(features: int, hidden: int, output_bias: float) -> torch.nn.Module:
     )
 
 
+class _Standardized(torch.nn.Module):
+    """A network trained on standardised values: its output times ``scale`` plus ``shift``."""
+
+    def __init__(self, net: torch.nn.Module, shift: float, scale: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("shift", torch.tensor(shift))
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(x) * self.scale + self.shift
+        return out
+
+
 def build_model(
     config: TrainConfig,
     features: int,
     output_bias: float = 0.0,
     device: torch.device | str = "cpu",
+    output_scale: float = 1.0,
 ) -> combframe.MultiPoseModel:
     """Build the configured model, seeded: the one place a run's network is made.
 
-    Training calls it with the data's ``features`` and the mean training value as the
-    output bias; :func:`combframe.app.load` calls it with the ``network`` entry saved
-    next to the weights (``{"features": F}``) and then loads the weights.
+    Training calls it with the data's ``features`` and the training values' mean (and,
+    with ``normalize_targets``, their standard deviation ``output_scale``);
+    :func:`combframe.app.load` calls it with the ``network`` entry saved next to the
+    weights (``{"features": F}``) and then loads the weights (the mean and scale too).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = _network(features, config.hidden, output_bias)
+        net: torch.nn.Module
+        if config.normalize_targets:
+            net = _Standardized(_network(features, config.hidden, 0.0), output_bias, output_scale)
+        else:
+            net = _network(features, config.hidden, output_bias)
     net = net.to(device=device, dtype=_dtype(config))
-    return combframe.MultiPoseModel(net, _checked_combination(config), strategy=config.strategy)
+    return combframe.MultiPoseModel(
+        net, _checked_combination(config), strategy=_strategy(config), chunk_size=config.chunk_size
+    )
+
+
+def _strategy(config: TrainConfig) -> Any:
+    """Return the configured strategy, built with ``strategy_options``."""
+    cls = {"store": combframe.Store, "recompute": combframe.Recompute, "stream": combframe.Stream}
+    chosen = cls[config.strategy]
+    try:
+        return chosen(**config.strategy_options)
+    except TypeError:
+        known = [n for n in inspect.signature(chosen).parameters if n != "self"]
+        raise ConfigError(
+            f"strategy_options: {sorted(config.strategy_options)} are not options of the "
+            f"{config.strategy!r} strategy (its options: {', '.join(known) or 'none'})"
+        ) from None
 
 
 def _schedule(
@@ -303,8 +348,9 @@ def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Rank
     moved = Dataset(
         _moved(train_set, device), _moved(data.test, device), data.features, data.source
     )
-    mean_target = float(torch.stack([c.target for c in train_set]).double().mean())
-    model = build_model(config, data.features, mean_target, device)
+    targets = torch.stack([c.target for c in train_set]).double()
+    spread = float(targets.std(correction=0)) if len(targets) > 1 else 0.0
+    model = build_model(config, data.features, float(targets.mean()), device, spread or 1.0)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -329,11 +375,33 @@ def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Rank
     )
 
 
-def _diverged(epoch: int, lr: float, what: str) -> TrainingDivergedError:
-    """Epoch 0: the verdict on the trained model, reached by every rank together."""
-    where = f" in epoch {epoch}" if epoch else ""
+def _diverged(run: _Run, epoch: int, what: str) -> TrainingDivergedError:
+    """Say what was measured and what likely caused it; epoch 0: the final verdict.
+
+    Epoch 0 is the verdict on the trained model, reached by every rank together.
+    """
+    lr, dtype = run.config.lr, run.config.dtype
+    initial = run.progress.initial_rmse
+    values = [float(c.target) for c in (*run.data.train, *run.val, *run.data.test)]
+    spread = float(torch.tensor(values, dtype=torch.float64).std(correction=0))
+    if epoch:
+        measured = f"in epoch {epoch} (a training batch): {what}"
+        causes = [
+            f"a learning rate too high (lower the learning rate (lr={lr:g}))",
+            f"a network whose output overflows in {dtype} (try dtype=float64)",
+        ]
+    else:
+        measured = f": {what}"
+        causes = [f"a learning rate too high (lower the learning rate (lr={lr:g}))"]
+    if spread > 0 and initial > DIVERGENCE_FACTOR * spread:
+        causes.insert(
+            0,
+            f"values whose spread ({spread:.3g}) is far below the untrained model's error "
+            f"(training RMSE {initial:.3g} before the first step), which no learning rate "
+            "fixes: rescale the values or set normalize_targets=true",
+        )
     return TrainingDivergedError(
-        f"training diverged{where}: {what}; lower the learning rate (lr={lr:g})",
+        f"training diverged{' ' if epoch else ''}{measured}; likely causes: {'; or '.join(causes)}",
         same_on_every_rank=epoch == 0,
     )
 
@@ -354,12 +422,12 @@ def _step(run: _Run, batch: Sequence[Compound], epoch: int) -> float:
     try:
         combined, _, _ = run.trainer(compounds=[list(c.poses) for c in local])
     except combframe.CombinationError as exc:  # non-finite per-pose predictions
-        raise _diverged(epoch, run.config.lr, str(exc).split(";")[0]) from None
+        raise _diverged(run, epoch, str(exc).split(";")[0]) from None
     squared = (combined - torch.stack([c.target for c in local])) ** 2
     (squared.sum() * weight).backward()
     total = float(squared.detach().sum()) if weight else 0.0
     if not math.isfinite(total):
-        raise _diverged(epoch, run.config.lr, f"the loss is {total}")
+        raise _diverged(run, epoch, f"the loss is {total}")
     run.optimizer.step()
     run.schedule.step()
     return total
@@ -385,7 +453,7 @@ def _epoch(run: _Run, bar: Any, stop: StopRequest) -> None:
     n_steps = math.ceil(n_train / size)
     for k in range(p.step, n_steps):
         batch = [run.data.train[i] for i in order[k * size : (k + 1) * size]]
-        if epoch == 1 and k == 0:
+        if epoch == 1 and k == 0 and run.config.memory and run.device.type == "cpu":
             step = functools.partial(_step, run, batch, epoch)
             loss, p.peak_bytes, p.peak_kind = measure_step(step, run.device)
         else:
@@ -492,10 +560,11 @@ def _fit(run: _Run, progress: bool, stream: TextIO | None) -> None:
     )
     p = run.progress
     if p.epoch == 0 and p.step == 0:
+        p.initial_rmse = rmse(*_predict(run, run.data.train))  # for the divergence message
         _save_checkpoint(run)  # a run killed in its first epoch resumes from the start
     bar.update(p.epoch * steps + p.step)
     lines = not _is_terminal(stream) and run.ranks.main and progress
-    with bar, stop_on_signals() as stop:
+    with bar, stop_on_signals() as stop, _cuda_peak(run):
         while p.epoch < run.config.epochs and not p.stopped_early:
             _epoch(run, bar, stop)
             p = run.progress
@@ -505,6 +574,20 @@ def _fit(run: _Run, progress: bool, stream: TextIO | None) -> None:
             signum = _stop_now(run, stop)
             if signum and p.epoch < run.config.epochs and not p.stopped_early:
                 raise _interrupted(run, signum)
+
+
+@contextmanager
+def _cuda_peak(run: _Run) -> Iterator[None]:
+    """Keep the CUDA allocator's peak over the run (when asked for and on CUDA)."""
+    if not run.config.memory or run.device.type != "cuda":
+        yield
+        return
+    p = run.progress
+    with run_peak(run.device) as peak:
+        try:
+            yield
+        finally:
+            p.peak_bytes, p.peak_kind = max(p.peak_bytes, *peak), CUDA_RUN_KIND
 
 
 def _is_terminal(stream: TextIO | None) -> bool:
@@ -545,7 +628,7 @@ def _metrics(run: _Run) -> RunResult:
     values = [float(c.target) for c in (*run.data.train, *run.val, *run.data.test)]
     why = divergence(train_rmse, test["rmse"], values)
     if why is not None:
-        raise _diverged(0, run.config.lr, why)
+        raise _diverged(run, 0, why)
     p = run.progress
     resolved = run.config.model_dump(mode="json")
     metrics: dict[str, Any] = {
@@ -560,13 +643,18 @@ def _metrics(run: _Run) -> RunResult:
         "epochs_trained": p.epoch,
         "stopped_early": p.stopped_early,
         "time_per_epoch_s": sum(p.seconds) / len(p.seconds),
-        "peak_memory_bytes": int(run.ranks.max(float(p.peak_bytes))),
-        "peak_memory_kind": p.peak_kind,
+        "peak_memory_bytes": _peak_bytes(run),
+        "peak_memory_kind": p.peak_kind or "not measured (memory=false)",
         "process_peak_rss_mb": process_peak_rss_mb(),
         "history": p.history,
         "versions": _versions(),
     }
     return RunResult(combination=resolved["combination"], metrics=metrics, notes=notes)
+
+
+def _peak_bytes(run: _Run) -> int | None:
+    peak = int(run.ranks.max(float(run.progress.peak_bytes)))
+    return peak if run.config.memory else None
 
 
 def _validation(run: _Run) -> dict[str, Any] | None:
