@@ -104,6 +104,9 @@ class Predictions:
         The compound of each pose, shape ``(M,)``.
     models
         How many models were averaged.
+    digits
+        Significant digits that tell the models' values apart (9 for float32, 17 for
+        float64), for writing them as text.
     """
 
     combined: Tensor
@@ -112,6 +115,7 @@ class Predictions:
     weights: Tensor
     index: Tensor
     models: int
+    digits: int = 17
 
 
 def _pose_weights(model: combframe.MultiPoseModel, per_pose: Tensor, index: Tensor) -> Tensor:
@@ -158,6 +162,7 @@ def predict(
         weights=torch.stack([r[2] for r in runs]).mean(dim=0),
         index=runs[0][3],
         models=len(runs),
+        digits=max(9 if next(m.parameters()).dtype != torch.float64 else 17 for m in models),
     )
 
 
@@ -182,7 +187,7 @@ def write_csv(
         row += [float(result.combined_std[i]), result.models] if result.models > 1 else []
         row += [targets[i]] if with_target else []
         rows.append(row)
-    _write_rows(path, header, rows)
+    _write_rows(path, header, rows, result.digits)
     if poses is not None:
         pose_rows: list[list[object]] = []
         counts = [0] * len(compounds)
@@ -191,12 +196,16 @@ def write_csv(
         ):
             pose_rows.append([c, names[c], counts[c], y, w])
             counts[c] += 1
-        _write_rows(poses, ["index", "name", "pose", "prediction", "weight"], pose_rows)
+        header = ["index", "name", "pose", "prediction", "weight"]
+        _write_rows(poses, header, pose_rows, result.digits)
 
 
-def _write_rows(path: Path, header: list[str], rows: list[list[object]]) -> None:
+def _write_rows(path: Path, header: list[str], rows: list[list[object]], digits: int) -> None:
+    """Write a CSV; floats with ``digits`` significant digits (float32's round trip: 9)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in rows])
+    writer.writerows(
+        [[f"{v:.{digits}g}" if isinstance(v, float) else v for v in row] for row in rows]
+    )
     atomic_write(path, out.getvalue().encode())
