@@ -163,8 +163,9 @@ def test_an_ensemble_gives_the_mean_and_std_of_its_members(runs: Path, tmp_path:
     assert len(ensemble) == 4
     for i, row in enumerate(ensemble):
         assert row["models"] == "2"
-        assert float(row["prediction"]) == pytest.approx(float(mean[i]), rel=1e-12)
-        assert float(row["std"]) == pytest.approx(float(std[i]), rel=1e-9)
+        # float32 models: 9 significant digits in the file, each member's and the mean.
+        assert float(row["prediction"]) == pytest.approx(float(mean[i]), rel=1e-8)
+        assert float(row["std"]) == pytest.approx(float(std[i]), rel=1e-6)
     assert float(std.min()) > 0
 
 
