@@ -187,3 +187,18 @@ def test_the_best_model_needs_a_validation_split(
 ) -> None:
     assert main(["predict", str(runs / "pair" / "1-0"), "--best"]) == 2
     assert "val_fraction > 0" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_a_model_trained_on_cuda_predicts_the_same_on_the_cpu(tmp_path: Path) -> None:
+    args = ["train", *TINY, "dtype=float64", "device=cuda", f"output_dir={tmp_path}", "name=g"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    assert metrics["peak_memory_kind"].startswith("CUDA tensors over the run")
+    assert metrics["peak_memory_bytes"] > 0
+    test = load_data(model_config(tmp_path / "g")).test
+    on_cpu = predict([load(tmp_path / "g")], test).combined
+    on_gpu = predict([load(tmp_path / "g", device="cuda")], test).combined
+    assert torch.allclose(on_cpu, on_gpu, rtol=1e-12, atol=1e-12)
+    target = torch.stack([c.target for c in test])
+    assert rmse(on_cpu, target) == pytest.approx(metrics["test"]["rmse"], rel=1e-12)

@@ -124,7 +124,7 @@ def test_compare_prints_one_table_and_writes_each_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["train", "--no-progress", "--compare", "max,mean,boltzmann", *TINY]
-    assert main([*args, f"output_dir={tmp_path}", "name=cmp"]) == 0
+    assert main([*args, "val_fraction=0.25", f"output_dir={tmp_path}", "name=cmp"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line[2:].startswith(("max(", "mean(", "boltz"))]
     assert len(rows) == 3, out
