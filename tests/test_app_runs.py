@@ -199,3 +199,23 @@ def test_processes_creating_run_folders_at_once_get_one_each(tmp_path: Path) -> 
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         names = pool.map(_create, [(str(tmp_path), i) for i in range(8)])
     assert sorted(names) == sorted(["same", *(f"same-{i}" for i in range(2, 9))])
+
+
+def test_compare_marks_each_run_and_points_resume_at_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", *TINY, "--compare", "lr=0.001,1e30", f"output_dir={tmp_path}"]
+    assert main([*args, "name=c"]) == 1
+    top = tmp_path / "c"
+    first, second = (
+        json.loads((top / n / "status.json").read_text()) for n in ("1-0.001", "2-1e30")
+    )
+    assert first["state"] == "completed"
+    assert second["state"] == "failed" and "training diverged" in second["reason"]
+    assert "resume" not in second, "a diverged run is not resumed; it is retrained"
+    assert json.loads((top / "status.json").read_text())["state"] == "failed"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(top)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the runs of --compare or --seeds (1-0.001, 2-1e30)" in err
+    assert f"--resume {str(top / '2-1e30')!r}" in err

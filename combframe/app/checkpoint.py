@@ -101,6 +101,14 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     path = folder / CHECKPOINT
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} is not a run folder (no such folder)")
+    runs = sorted(p.parent for p in folder.glob(f"*/{CHECKPOINT}"))
+    if not path.is_file() and runs:
+        left = [r for r in runs if read_status(r).get("state") != "completed"] or runs
+        raise CheckpointError(
+            f"{str(folder)!r} holds the runs of --compare or --seeds "
+            f"({', '.join(r.name for r in runs)}); resume one of them: "
+            f"combframe train --resume {str(left[0])!r}"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"{str(folder)!r} holds no {CHECKPOINT}: the run stopped before its first "

@@ -1,8 +1,11 @@
-"""Held-out metrics of ``combframe train``, when they are undefined, and divergence.
+"""Held-out metrics of ``combframe train``, their intervals, when undefined, and divergence.
 
-Pearson and Spearman correlations need at least two held-out compounds and predictions
-and values that are not all equal; :func:`undefined_correlation` says why when they are
-not defined, and the command prints ``n/a`` with that reason instead of ``nan``.
+:func:`held_out_metrics` gives MAE, RMSE, Pearson, Spearman and Kendall's tau-b of the
+held-out compounds, each with a 95% percentile bootstrap interval over resampled
+compounds (:func:`bootstrap_intervals`); the resamples are evaluated together, as rows of
+one tensor. Correlations need at least two held-out compounds and predictions and values
+that are not all equal; :func:`undefined_correlation` says why when they are not defined,
+and the command prints ``n/a`` with that reason instead of ``nan``.
 
 :func:`divergence` is the rule that ends a run with exit status 1: training diverged
 when the final training RMSE or the held-out RMSE is more than :data:`DIVERGENCE_FACTOR`
@@ -175,7 +178,7 @@ def held_out_metrics(
 
 
 def undefined_correlation(pred: Tensor, target: Tensor) -> str | None:
-    """Say why Pearson and Spearman are undefined for these values; None when defined."""
+    """Say why the correlations are undefined for these values; None when defined."""
     n = pred.numel()
     if n < 2:
         return (

@@ -189,8 +189,9 @@ def _mark_stopped(folder: Path, exc: BaseException) -> None:
         state, reason = "interrupted", "stopped by SIGINT (Ctrl-C)"
     else:
         state, reason = "failed", f"{type(exc).__name__}: {exc}"
+    how = {"resume": f"combframe train --resume {folder}"} if state == "interrupted" else {}
     with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
-        write_status(folder, state, reason=reason, resume=f"combframe train --resume {folder}")
+        write_status(folder, state, reason=reason, **how)
 
 
 def write_run(folder: Path, resolved: Mapping[str, Any], result: RunResult) -> None:

@@ -708,8 +708,6 @@ def _run(
         run.folder = folder if ranks.main else None
         if resume is not None:
             _restore(run, resume)
-        elif run.folder is not None:
-            run.folder.mkdir(parents=True, exist_ok=True)  # a --compare run's subfolder
         _fit(run, progress, stream)
         result = _metrics(run)
         if run.folder is not None:
@@ -872,9 +870,15 @@ def compare(
         for i, (cfg, data, label) in enumerate(runs):
             leaf = label.partition("=")[2].replace("/", "_").replace("\\", "_")
             folder = None if top is None else top / f"{i + 1}-{leaf}"
-            results.append(_labelled(_run(cfg, data, ranks, folder, progress, stream), label))
+            if folder is not None:
+                folder.mkdir()
+                write_status(folder, "running")
+            with claimed_run_dir(cfg, ranks, existing=folder):  # marks a failed run
+                result = _run(cfg, data, ranks, folder, progress, stream)
+            results.append(_labelled(result, label))
         if top is not None:
             _write_table(top, results)
+            write_status(top, "completed")
     return results, top
 
 
