@@ -20,7 +20,7 @@ from typing import Any, Final
 import pluggy
 
 import combframe.registry.hookspecs as _hookspecs
-from combframe.core.combination import Combination, CombinationParams
+from combframe.core.combination import Combination, CombinationParams, normalize_name
 from combframe.errors import PluginValidationError, PluginWarning, user_stacklevel
 
 __all__ = [
@@ -48,15 +48,6 @@ ENV_BLOCK: Final = "COMBFRAME_BLOCK_PLUGINS"
 ENV_STRICT: Final = "COMBFRAME_STRICT_PLUGINS"
 
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]*")
-
-
-def normalize_name(name: str) -> str:
-    """Case-fold a combination name and treat ``-`` and ``_`` alike.
-
-    >>> normalize_name(" Smooth-Max ")
-    'smooth_max'
-    """
-    return name.strip().lower().replace("-", "_")
 
 
 @dataclass(frozen=True)
