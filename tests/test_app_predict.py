@@ -80,6 +80,18 @@ def test_the_combination_travels_with_the_model(runs: Path) -> None:
     assert set(meta["versions"]) == {"combframe", "torch"}
 
 
+def test_a_config_edited_to_another_combination_is_refused(runs: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((runs / "one" / "model.safetensors").read_bytes())
+    meta = json.loads((runs / "one" / "model.json").read_text())
+    assert meta["extra_state"]["combination._extra_state"]["params"]["pred_scale"] == 1000.0
+    meta["config"]["combination"]["pred_scale"] = 10.0
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit the model its config describes"):
+        load(folder)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_tampered_or_truncated_weights_are_refused_by_their_hash(
     damage: str, runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

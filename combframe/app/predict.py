@@ -60,8 +60,10 @@ def load(
     Raises
     ------
     CheckpointError
-        If the folder holds no such model, its weights fail their sha256 check, or the
-        config names a combination that is not installed.
+        If the folder holds no such model, its weights fail their sha256 check, the
+        config names a combination that is not installed, or the weights (with the
+        combination's settings saved next to them) do not fit the model the config
+        describes.
     """
     folder = Path(run_dir)
     state, meta = read_model(folder, which)
@@ -72,7 +74,12 @@ def load(
             f"{str(folder)!r}: the saved config cannot be used here: {format_validation_error(exc)}"
         ) from None
     model = build_model(config, **meta["network"])
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (combframe.CombinationError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{str(folder)!r}: the weights do not fit the model its config describes: {exc}"
+        ) from None
     return model.to(device).eval()
 
 

@@ -10,6 +10,7 @@ out over the processes (:mod:`combframe.app.distributed`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -507,7 +508,7 @@ def _end_epoch(run: _Run, train_rmse: float) -> None:
         row["val_rmse"] = rmse(*_predict(run, run.val))
         if row["val_rmse"] < p.best_rmse:
             p.best_epoch, p.best_rmse, p.stale = p.epoch, row["val_rmse"], 0
-            p.best_model = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            p.best_model = copy.deepcopy(run.model.state_dict())
         else:
             p.stale += 1
         patience = run.config.patience
