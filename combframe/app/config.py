@@ -39,6 +39,8 @@ else:
 
 __all__ = [
     "ConfigError",
+    "ModelConfig",
+    "ReaderConfig",
     "TrainConfig",
     "apply_overrides",
     "config_keys_help",
@@ -57,6 +59,59 @@ def _default_combination() -> _CombinationField:
     import combframe
 
     return combframe.CombinationConfig(name="max", negate_preds=True)
+
+
+class ModelConfig(BaseModel):
+    """The single-pose network: a built-in one by name, or a class by import path.
+
+    Extra keys are accepted only for a class named by import path, as its keyword
+    arguments (:func:`combframe.app.models.build_network` checks them).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(
+        "auto",
+        description="auto (mlp for vectors, schnet for molecules), mlp, schnet, or "
+        "package.module:Class (extra model.* keys are its keyword arguments).",
+    )
+    interactions: int = Field(3, ge=1, description="SchNet: interaction blocks.")
+    cutoff: float = Field(5.0, gt=0, description="SchNet: interaction radius, Å.")
+    gaussians: int = Field(25, ge=1, description="SchNet: radial basis functions.")
+
+
+class ReaderConfig(BaseModel):
+    """How molecular input is read (docs/data.md); ignored for the JSON of vectors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str | None = Field(
+        None, description="SD property (SDF) or column (SMILES CSV) holding the value."
+    )
+    values: Path | None = Field(None, description="CSV of name,value rows giving the values.")
+    group_by: str | None = Field(
+        None,
+        description="SD property grouping an SDF's records into compounds "
+        "(default: the molecule name).",
+    )
+    protein: Path | None = Field(
+        None, description="Protein PDB: each SDF pose keeps the pocket atoms near it."
+    )
+    pocket_cutoff: float = Field(6.0, gt=0, description="Pocket radius around the ligand, Å.")
+    conformers: int = Field(8, ge=1, description="Conformers generated per SMILES.")
+    conformer_seed: int = Field(0, ge=0, description="Seed of the conformer generator.")
+    minimize: bool = Field(False, description="MMFF-minimise generated conformers.")
+    hydrogens: bool = Field(False, description="Keep hydrogen atoms in the poses.")
+    limit: int | None = Field(
+        None, ge=2, description="Read only N compounds, spread evenly over the input."
+    )
+    skip_invalid: bool = Field(
+        False, description="Leave out unusable records and compounds (counted) instead of stopping."
+    )
+    cache: bool = Field(True, description="Cache the read molecules on disk.")
+    cache_dir: Path | None = Field(
+        None, description="Cache folder (default: $XDG_CACHE_HOME/combframe)."
+    )
 
 
 class TrainConfig(BaseModel):
@@ -85,12 +140,28 @@ class TrainConfig(BaseModel):
     epochs: int = Field(10, ge=1, description="Passes over the training compounds.")
     lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate (cosine decay to 0).")
     batch_size: int = Field(8, ge=1, description="Compounds per optimizer step.")
-    hidden: int = Field(32, ge=1, description="Width of the single-pose network.")
+    hidden: int = Field(
+        32, ge=1, description="Width of the single-pose network (SchNet: hidden channels)."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The single-pose network (model.name=...)."
+    )
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Poses per network call (molecules are batched with "
+        "PyG's Batch); null: 16 for molecules with recompute or stream, else 1.",
+    )
     seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
     data: Path | None = Field(
         None,
-        description="A compounds file (JSON, see docs/cli.md) to train on instead "
-        "of the built-in synthetic set; relative to the working directory.",
+        description="What to train on instead of the built-in synthetic set: a "
+        "compounds file (JSON vectors, SDF, SMILES .smi/.csv, CSV manifest; "
+        "docs/data.md) or a built-in real set: chembl, cmet, posebusters.",
+    )
+    reader: ReaderConfig = Field(
+        default_factory=ReaderConfig,
+        description="How molecular input is read (reader.target=..., see docs/data.md).",
     )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
     poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
@@ -129,7 +200,12 @@ class TrainConfig(BaseModel):
 SYNTHETIC_KEYS = ("compounds", "poses_per_compound", "features", "pose_spread", "noise")
 
 #: Defaults shown in ``--help`` where the default is computed.
-_HELP_DEFAULTS = {"combination": "max, negate_preds=true", "name": "a timestamp"}
+_HELP_DEFAULTS = {
+    "combination": "max, negate_preds=true",
+    "name": "a timestamp",
+    "model": "name=auto",
+    "reader": "see docs/data.md",
+}
 
 
 def _type_name(annotation: Any) -> str:
@@ -140,7 +216,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation is _CombinationField:
+    if annotation in (_CombinationField, ModelConfig, ReaderConfig):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"

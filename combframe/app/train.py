@@ -10,6 +10,7 @@ out over the processes (:mod:`combframe.app.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -44,6 +45,8 @@ from combframe.app.metrics import (
     spearman,
     undefined_correlation,
 )
+from combframe.app.models import DataInfo, build_network
+from combframe.app.readers import is_molecular, read_molecules
 from combframe.app.runs import RunResult, claimed_run_dir, write_run
 
 __all__ = [
@@ -82,15 +85,35 @@ class Dataset:
     train, test
         The two splits; ``test`` is never trained on.
     features
-        Features of a pose.
+        Features of a pose (0 for molecules).
     source
-        ``"built-in"`` or the path of the compounds file.
+        ``"built-in"``, the path of the compounds file or ``"built-in <name>"``.
+    kind
+        ``"vectors"`` (poses are feature rows) or ``"molecules"`` (PyG ``Data``).
+    skipped
+        What ``reader.skip_invalid`` left out, one line each.
     """
 
     train: tuple[Compound, ...]
     test: tuple[Compound, ...]
     features: int
     source: str
+    kind: str = "vectors"
+    skipped: tuple[str, ...] = ()
+
+    def info(self, combination: combframe.Combination) -> DataInfo:
+        """Describe the data for the network: kind, features and starting prediction.
+
+        The starting prediction is the per-pose value whose ``combination`` over a
+        compound of the typical (median) number of poses is the training compounds'
+        mean value: the mean itself for ``mean``, a little above it for a smooth minimum.
+        """
+        mean = float(torch.stack([c.target for c in self.train]).double().mean())
+        poses = int(torch.tensor([len(c.poses) for c in self.train]).median())
+        with torch.no_grad():
+            combined = float(combination.value(torch.full((poses,), mean, dtype=torch.float64)))
+        start = 2 * mean - combined
+        return DataInfo(self.kind, self.features, start if math.isfinite(start) else mean)
 
 
 def _dtype(config: TrainConfig) -> torch.dtype:
@@ -98,13 +121,19 @@ def _dtype(config: TrainConfig) -> torch.dtype:
 
 
 def load_data(config: TrainConfig) -> Dataset:
-    """Load the built-in synthetic set or the compounds of ``config.data``, split.
+    """Load the compounds of a run, split: the one entry point for every input format.
+
+    The built-in synthetic set (``data`` unset), a JSON file of feature vectors, or
+    molecules (a built-in real set by name, an SDF, SMILES, a manifest; see
+    :mod:`combframe.app.readers` and ``docs/data.md``).
 
     Raises
     ------
     ConfigError
-        ``data: <file>: compounds[i] ('name'): <problem>`` for a file that cannot be used.
+        ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used.
     """
+    if is_molecular(config.data):
+        return _molecules(config)
     if config.data is None:
         built_in = make_dataset(
             n_compounds=config.compounds,
@@ -122,7 +151,18 @@ def load_data(config: TrainConfig) -> Dataset:
     except DataError as exc:
         raise ConfigError(f"data: {exc}") from None
     train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
-    return Dataset(train_set, test_set, int(compounds[0].poses.shape[-1]), str(config.data))
+    first = compounds[0].poses
+    features = int(first.shape[-1]) if isinstance(first, Tensor) else 0
+    return Dataset(train_set, test_set, features, str(config.data))
+
+
+def _molecules(config: TrainConfig) -> Dataset:
+    try:
+        read = read_molecules(str(config.data), config.reader, _dtype(config))
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    train_set, test_set = split_compounds(read.compounds, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, 0, read.source, "molecules", read.skipped)
 
 
 def _checked_combination(config: TrainConfig) -> combframe.Combination:
@@ -193,35 +233,42 @@ class _Run:
     peak_kind: str = ""
 
 
-def _network(features: int, hidden: int, output_bias: float) -> torch.nn.Module:
-    """Build the single-pose model: an MLP from a pose's features to one value."""
-    head = torch.nn.Linear(hidden, 1)
-    with torch.no_grad():
-        head.bias.fill_(output_bias)  # start at the mean target, not at 0 kcal/mol
-    return torch.nn.Sequential(
-        torch.nn.Linear(features, hidden),
-        torch.nn.SiLU(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.SiLU(),
-        head,
-        torch.nn.Flatten(0),
-    )
+def chunk_size(config: TrainConfig, kind: str) -> int:
+    """Poses per network call: ``config.chunk_size``, else 16 for molecules, otherwise 1.
+
+    ``strategy=store`` takes molecules one per call: its per-pose gradients of a chunk
+    come from ``torch.func.vmap``, which cannot map over a PyG ``Batch``.
+    """
+    if config.chunk_size is not None:
+        return config.chunk_size
+    return 16 if kind == "molecules" and config.strategy != "store" else 1
+
+
+def _moved(compound: Compound, device: torch.device) -> Compound:
+    """``compound`` with its poses (tensor or ``Data``) and target on ``device``."""
+    poses = compound.poses
+    moved = poses.to(device) if isinstance(poses, Tensor) else tuple(p.to(device) for p in poses)
+    return Compound(moved, compound.target.to(device), name=compound.name)
 
 
 def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Ranks) -> _Run:
     """Move the data, build the model (seeded) and the optimizer."""
-    moved = Dataset(
-        tuple(Compound(c.poses.to(device), c.target.to(device)) for c in data.train),
-        tuple(Compound(c.poses.to(device), c.target.to(device)) for c in data.test),
-        data.features,
-        data.source,
+    moved = dataclasses.replace(
+        data,
+        train=tuple(_moved(c, device) for c in data.train),
+        test=tuple(_moved(c, device) for c in data.test),
     )
-    mean_target = float(torch.stack([c.target for c in data.train]).double().mean())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net = _network(data.features, config.hidden, mean_target)
+        combination = _checked_combination(config)
+        net = build_network(config, data.info(combination))
     net = net.to(device=device, dtype=_dtype(config))
-    model = combframe.MultiPoseModel(net, _checked_combination(config), strategy=config.strategy)
+    model = combframe.MultiPoseModel(
+        net,
+        combination,
+        strategy=config.strategy,
+        chunk_size=chunk_size(config, data.kind),
+    )
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -355,6 +402,11 @@ def _held_out(run: _Run) -> tuple[dict[str, Any], list[str]]:
     note = baseline_note(test_rmse, baseline)
     if note is not None:
         notes.append(note)
+    if run.data.skipped:
+        notes.append(
+            f"reader.skip_invalid left out {len(run.data.skipped)} record(s) or "
+            f"compound(s); the first: {run.data.skipped[0]}"
+        )
     return test, notes
 
 
@@ -373,7 +425,12 @@ def _metrics(run: _Run, history: list[dict[str, float]], per_epoch: float) -> Ru
         "strategy": run.config.strategy,
         "device": str(run.device),
         "processes": run.ranks.world,
-        "data": {"source": run.data.source, "features": run.data.features},
+        "data": {
+            "source": run.data.source,
+            "kind": run.data.kind,
+            "features": run.data.features,
+            "skipped": len(run.data.skipped),
+        },
         "test": test,
         "train": {"rmse": train_rmse, "compounds": len(run.data.train)},
         "time_per_epoch_s": per_epoch,
@@ -541,7 +598,7 @@ def _labelled(result: RunResult, label: str) -> RunResult:
 
 def _data_key(config: TrainConfig) -> str:
     """Return the settings that make the data of a run, as one string."""
-    fields = ("data", "dtype", "seed", "test_fraction", *SYNTHETIC_KEYS)
+    fields = ("data", "reader", "dtype", "seed", "test_fraction", *SYNTHETIC_KEYS)
     return json.dumps(config.model_dump(mode="json", include=set(fields)), sort_keys=True)
 
 
