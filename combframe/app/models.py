@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from combframe.app.config import ConfigError, TrainConfig
+from combframe.app.readers import import_quietly
 
 __all__ = ["DataInfo", "RadiusGraph", "SchNetNetwork", "build_network", "resolve_model_name"]
 
@@ -119,8 +120,7 @@ class SchNetNetwork(torch.nn.Module):
         self, hidden: int, interactions: int, cutoff: float, gaussians: int, offset: float
     ) -> None:
         super().__init__()
-        from torch_geometric.nn.models import SchNet
-
+        SchNet = import_quietly("torch_geometric.nn.models").SchNet
         self.schnet = SchNet(
             hidden_channels=hidden,
             num_filters=hidden,

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,7 +44,14 @@ if TYPE_CHECKING:
     from combframe.app.chem import Atoms
     from combframe.app.config import ReaderConfig
 
-__all__ = ["BUILT_IN", "MoleculeSet", "is_molecular", "read_molecules", "require_chem"]
+__all__ = [
+    "BUILT_IN",
+    "MoleculeSet",
+    "import_quietly",
+    "is_molecular",
+    "read_molecules",
+    "require_chem",
+]
 
 #: Bumped when the cached layout or the featurisation changes.
 _CACHE_VERSION = 2
@@ -78,12 +88,23 @@ class MoleculeSet:
     source: str
 
 
+def import_quietly(module: str) -> ModuleType:
+    """Import ``module`` without PyTorch Geometric's ``torch.jit.script`` deprecation warning.
+
+    PyG 2.8 scripts a helper at import time, which recent torch reports on every import;
+    the warning is about PyG's code, not the user's, so it is not passed on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is", DeprecationWarning)
+        return importlib.import_module(module)
+
+
 def require_chem() -> None:
     """Raise a :class:`DataError` saying how to install RDKit and PyG if they are missing."""
     missing = []
     for module, what in (("rdkit", "RDKit"), ("torch_geometric", "PyTorch Geometric")):
         try:
-            __import__(module)
+            import_quietly(module)
         except ImportError:
             missing.append(what)
     if missing:
@@ -492,8 +513,7 @@ def _pack(raws: list[_Raw], skipped: list[str], source: str) -> dict[str, Any]:
 
 def _unpack(packed: dict[str, Any], dtype: torch.dtype) -> tuple[list[Compound], list[str]]:
     """Build the compounds of :func:`_pack`'s tensors: ``Data`` poses in ``dtype``."""
-    from torch_geometric.data import Data
-
+    Data = import_quietly("torch_geometric.data").Data
     meta = json.loads(packed["meta"])
     atoms = packed["atoms"].tolist()
     pos = torch.split(packed["pos"].to(dtype), atoms)
