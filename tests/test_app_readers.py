@@ -446,3 +446,25 @@ def test_a_network_that_cannot_be_built_says_why(
     with pytest.raises(ConfigError, match="model") as info:
         build_network(load_config(None, overrides), DataInfo(kind, 3, 0.0))
     assert says in str(info.value)
+
+
+def test_each_file_format_trains_from_the_command_line(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smi, values = _smiles(tmp_path)
+    rows = [
+        f"1ia1,1.5,{PDB}/1ia1/1ia1_ligand.sdf,{PDB}/1ia1/1ia1_protein_one_lig_removed.pdb",
+        f"1uou,2.5,{PDB}/1uou/1uou_ligand.sdf,{PDB}/1uou/1uou_protein_one_lig_removed.pdb",
+        f"1s3v,0.5,{PDB}/1s3v/1s3v_ligand.sdf,{PDB}/1s3v/1s3v_protein_one_lig_removed.pdb",
+    ]
+    inputs = [
+        [f"data={_cmet(tmp_path)}", "reader.target=r_exp_dg"],
+        [f"data={_manifest(tmp_path, rows)}", "reader.pocket_cutoff=4"],
+        [f"data={smi}", f"reader.values={values}", "reader.conformers=2"],
+    ]
+    for i, data in enumerate(inputs):
+        runs = tmp_path / f"runs{i}"
+        assert main(["train", *data, *FAST, cache, f"output_dir={runs}"]) == 0
+        (run,) = runs.iterdir()
+        assert json.loads((run / "metrics.json").read_text())["data"]["kind"] == "molecules"
+    assert capsys.readouterr().out.count("held-out") == 3
