@@ -91,8 +91,8 @@ class ReaderConfig(BaseModel):
     values: Path | None = Field(None, description="CSV of name,value rows giving the values.")
     group_by: str | None = Field(
         None,
-        description="SD property grouping an SDF's records into compounds "
-        "(default: the molecule name).",
+        description="SD property grouping an SDF's records into compounds; null: the "
+        "molecule name.",
     )
     protein: Path | None = Field(
         None, description="Protein PDB: each SDF pose keeps the pocket atoms near it."
@@ -110,7 +110,7 @@ class ReaderConfig(BaseModel):
     )
     cache: bool = Field(True, description="Cache the read molecules on disk.")
     cache_dir: Path | None = Field(
-        None, description="Cache folder (default: $XDG_CACHE_HOME/combframe)."
+        None, description="Cache folder; null: $XDG_CACHE_HOME/combframe or ~/.cache/combframe."
     )
 
 
@@ -252,7 +252,14 @@ def config_keys_help(width: int = 100) -> str:
     """
     column = 26
     lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
-    for name, info in TrainConfig.model_fields.items():
+    sections = {"model": ModelConfig, "reader": ReaderConfig}
+    fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
+    fields += [
+        (f"{section}.{name}", info)
+        for section, model in sections.items()
+        for name, info in model.model_fields.items()
+    ]
+    for name, info in fields:
         left = f"  {name}={_type_name(info.annotation)}"
         bounds = "".join(f"; {b}" for b in _bounds(info.metadata))
         text = f"{info.description or ''} (default: {_default_text(name, info.default)}{bounds})"
