@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 __all__ = [
+    "AmbiguousCombinationError",
     "CombinationError",
     "PluginValidationError",
     "PluginWarning",
@@ -69,6 +70,39 @@ class UnknownCombinationError(LookupError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class AmbiguousCombinationError(UnknownCombinationError):
+    """Two installed plugins claim the requested name, so it names neither.
+
+    The other names of both plugins keep working; this one is refused when it is used,
+    until one of the two plugins is blocked or uninstalled.
+
+    Parameters
+    ----------
+    name
+        The name that was asked for, as given.
+    claims
+        Who claims it: one description per plugin, with its class.
+    block
+        The ``COMBFRAME_BLOCK_PLUGINS`` values that block each claimant.
+    installed
+        The names that are installed and usable, sorted.
+    """
+
+    def __init__(
+        self, name: str, claims: list[str], block: list[str], installed: list[str]
+    ) -> None:
+        self.claims = claims
+        self.block = block
+        super().__init__(name, installed, None)
+        self.args = (
+            f"combination name {name!r} is ambiguous: "
+            + " and ".join(claims)
+            + ". Uninstall one of them, or block one by distribution, e.g. "
+            + " or ".join(f"COMBFRAME_BLOCK_PLUGINS={b}" for b in block)
+            + ".",
+        )
 
 
 class PluginValidationError(Exception):

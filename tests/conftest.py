@@ -1,11 +1,33 @@
-"""Shared fixtures: float64 models, poses, and CUDA skipping."""
+"""Shared fixtures: float64 models, poses, CUDA skipping, and the project's own plugins."""
 
 from __future__ import annotations
+
+import importlib.metadata
 
 import pytest
 import torch
 
+import combframe.registry
+from combframe.registry.plugins import dist_of, entry_points
 from combframe.testing import random_model
+
+#: Distributions with combframe plugins installed beside the project when the session
+#: started (a user's own plugin, the plugin guide's example). The tests count and list
+#: combinations, so they see only the project's plugins and those a test installs.
+FOREIGN = frozenset(
+    name for name in (dist_of(ep)[0] for ep in entry_points()) if name not in (None, "combframe")
+)
+
+
+def _own_entry_points() -> list[importlib.metadata.EntryPoint]:
+    return [ep for ep in entry_points() if dist_of(ep)[0] not in FOREIGN]
+
+
+if FOREIGN:
+    # for the whole session, collection included (tests parametrized over the installed
+    # combinations): every registry is built from the project's and the tests' plugins
+    combframe.registry.entry_points = _own_entry_points  # type: ignore[attr-defined]  # patched on purpose
+    combframe.registry.current_registry().invalidate()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 
 import combframe
 from combframe import PluginValidationError, PluginWarning, UnknownCombinationError
+from combframe.errors import AmbiguousCombinationError
 from combframe.registry import current_registry
 from combframe.testing import (
     combframe_registry,  # noqa: F401 - the fixture, used by name below
@@ -24,7 +25,7 @@ from combframe.testing import (
     isolated_registry,
     register_plugin,
 )
-from tests.conftest import make_mlp, make_poses
+from tests.conftest import FOREIGN, make_mlp, make_poses
 from tests.example_plugin import install_example_plugin
 
 SHIPPED = ("boltzmann", "max", "mean")
@@ -131,8 +132,11 @@ def test_shipped_plugins_found_through_entry_points() -> None:
 
 
 def _run(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter that sees only the project's own plugins."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("COMBFRAME_")}
     full_env.update(env)
+    blocked = [full_env.get("COMBFRAME_BLOCK_PLUGINS", ""), *(f"{d}:*" for d in FOREIGN)]
+    full_env["COMBFRAME_BLOCK_PLUGINS"] = ",".join(b for b in blocked if b)
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -152,7 +156,7 @@ def test_import_and_metadata_import_no_plugin_module() -> None:
         plugins = lambda: sorted(m for m in sys.modules if m.startswith("combframe_"))
         print(plugins())
         eps = importlib.metadata.entry_points(group="combframe")
-        print(sorted(ep.name for ep in eps), plugins())
+        print(sorted(ep.name for ep in eps if ep.dist.name == "combframe"), plugins())
         print(combframe.list_combinations(), plugins())
         """
     )
@@ -323,29 +327,97 @@ def test_alias_clash_with_shipped_plugin_names_its_distribution() -> None:
     assert "COMBFRAME_BLOCK_PLUGINS=greedy-plugin" in message
 
 
-def test_entry_point_clash_names_both_distributions(tmp_path: Path) -> None:
-    body = GOOD_CLASS.format(name="dup") + (
+TWO_CLASSES = """
+class Good(combframe.Combination):
+    name = "dup"
+    aliases = ("{alias}",)
+
+    def value(self, preds):
+        return preds.mean()
+
+
+class Own(combframe.Combination):
+    name = "{own}"
+
+    def value(self, preds):
+        return preds.sum()
+
+
+@combframe.hookimpl
+def combframe_add_combinations():
+    return [Good, Own]
+"""
+
+
+def test_entry_point_clash_makes_the_name_ambiguous_and_keeps_the_rest(tmp_path: Path) -> None:
+    body_a = TWO_CLASSES.format(alias="dup_a", own="own_a")
+    body_b = TWO_CLASSES.format(alias="dup_b", own="own_b")
+    with (
+        isolated_registry(),
+        _dist(tmp_path, "dist-a", "1.0", "alpha", "clash_a", body_a),
+        _dist(tmp_path, "dist-b", "2.5", "beta", "clash_b", body_b),
+    ):
+        with pytest.warns(PluginWarning, match="'dup' is claimed twice"):
+            names = combframe.list_combinations()
+        # every other name of both plugins, and every shipped one, keeps working
+        assert names == [*SHIPPED, "own_a", "own_b"]
+        assert combframe.get_combination_class("own_b").__module__ == "clash_b"
+        assert combframe.get_combination_class("dup_a").__module__ == "clash_a"
+        assert combframe.get_combination_class("dup_b").__module__ == "clash_b"
+        with pytest.raises(AmbiguousCombinationError) as info:
+            combframe.create_combination("dup")
+        message = str(info.value)
+        assert "'dup' is ambiguous" in message
+        assert "plugin 'alpha' (distribution dist-a 1.0) registers clash_a.Good" in message
+        assert "plugin 'beta' (distribution dist-b 2.5) registers clash_b.Good" in message
+        assert "COMBFRAME_BLOCK_PLUGINS=dist-a:alpha" in message
+        assert "COMBFRAME_BLOCK_PLUGINS=dist-b:beta" in message
+        assert isinstance(info.value, UnknownCombinationError)  # what configs catch
+        (error,) = combframe.plugin_errors()
+        assert (error.plugin, error.distribution) == ("beta", "dist-b")
+    # blocking one of them by distribution resolves it
+    for block in ("dist-b:beta", "dist_b:*", "DIST-B:Beta"):
+        with (
+            isolated_registry(blocked=[block]),
+            _dist(tmp_path / block, "dist-a", "1.0", "alpha", "clash_a", body_a),
+            _dist(tmp_path / block, "dist-b", "2.5", "beta", "clash_b", body_b),
+        ):
+            (info_dup,) = [i for i in combframe.describe_combinations() if i.name == "dup"]
+            assert (info_dup.plugin, info_dup.distribution) == ("alpha", "dist-a"), block
+            assert "own_b" not in combframe.list_combinations()
+
+
+def test_third_party_max_leaves_every_other_name_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = GOOD_CLASS.format(name="max") + (
+        "\n@combframe.hookimpl\ndef combframe_add_combinations():\n    return [Good]\n"
+    )
+    with isolated_registry(), _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body):
+        with pytest.warns(PluginWarning, match="'max' is claimed twice"):
+            assert combframe.list_combinations() == ["boltzmann", "mean"]
+        model = combframe.MultiPoseModel(make_mlp(), "boltzmann")
+        model(make_poses(3))
+        with pytest.raises(AmbiguousCombinationError, match="COMBFRAME_BLOCK_PLUGINS=greedy:max"):
+            combframe.MultiPoseModel(make_mlp(), "max")
+    # the cure the message gives: the shipped max is back, the other one is not loaded
+    monkeypatch.setenv("COMBFRAME_BLOCK_PLUGINS", "greedy:max")
+    with isolated_registry(), _dist(tmp_path / "2", "greedy", "0.1", "max", "greedy_max", body):
+        assert combframe.list_combinations() == list(SHIPPED)
+        assert combframe.get_combination_class("max").__module__ == "combframe_max"
+        assert combframe.plugin_errors() == []
+
+
+def test_entry_point_clash_raises_when_strict(tmp_path: Path) -> None:
+    body = GOOD_CLASS.format(name="max") + (
         "\n@combframe.hookimpl\ndef combframe_add_combinations():\n    return [Good]\n"
     )
     with (
-        isolated_registry(),
-        _dist(tmp_path, "dist-a", "1.0", "alpha", "clash_a", body),
-        _dist(tmp_path, "dist-b", "2.5", "beta", "clash_b", body),
+        isolated_registry(strict=True),
+        _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body),
+        pytest.raises(PluginValidationError, match="'max' is claimed twice"),
     ):
-        with pytest.raises(PluginValidationError) as info:
-            combframe.list_combinations()
-        message = str(info.value)
-        assert "'dup' is claimed twice" in message
-        assert "plugin 'alpha' (distribution dist-a 1.0)" in message
-        assert "plugin 'beta' (distribution dist-b 2.5)" in message
-        # blocking one of them resolves it
-    with (
-        isolated_registry(blocked=["beta"]),
-        _dist(tmp_path / "again", "dist-a", "1.0", "alpha", "clash_a", body),
-        _dist(tmp_path / "again", "dist-b", "2.5", "beta", "clash_b", body),
-    ):
-        (info_dup,) = [i for i in combframe.describe_combinations() if i.name == "dup"]
-        assert (info_dup.plugin, info_dup.distribution) == ("alpha", "dist-a")
+        combframe.list_combinations()
 
 
 # ---- broken plugins ---------------------------------------------------------------------

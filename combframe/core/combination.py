@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 from typing_extensions import TypeVar
 
-from combframe.core.function import CombinationFunction
+from combframe.core.function import CombinationFunction, OwnParameters, as_pred_vector
 from combframe.core.gradients import PoseGradients
+from combframe.errors import CombinationError
 
 __all__ = [
     "BaseCombination",
@@ -30,6 +31,7 @@ __all__ = [
     "CombinationParams",
     "StreamingCombination",
     "as_combination",
+    "normalize_name",
     "set_resolver",
 ]
 
@@ -185,6 +187,86 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
         return {"name": self.name, **self.params.model_dump()}
 
+    # ---- the settings in a state_dict ---------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """Return the name and parameters that ``state_dict()`` carries (``_extra_state``).
+
+        Plain dicts, strings and numbers (the JSON form of the parameters), so a
+        checkpoint loads with ``torch.load(..., weights_only=True)``.
+        """
+        return {"name": self.name, "params": self.params.model_dump(mode="json")}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a ``state_dict``'s combination against this one; raise if they differ.
+
+        Loading a state_dict does not change a combination's settings: the model must be
+        built with the combination it was saved with, so a difference is an error (the
+        weights were trained for the saved settings).
+
+        Raises
+        ------
+        CombinationError
+            If the saved name or a saved parameter differs from this combination's, or
+            the saved state is not what :meth:`get_extra_state` writes. The message names
+            the field, the saved value and the current one.
+        """
+        if not (
+            isinstance(state, Mapping)
+            and isinstance(state.get("name"), str)
+            and isinstance(state.get("params"), Mapping)
+        ):
+            raise CombinationError(
+                f"the state_dict's combination state {state!r} is not a mapping "
+                "{'name': str, 'params': {...}} as Combination.get_extra_state writes it"
+            )
+        saved = {"name": state["name"], **state["params"]}
+        build = (
+            f"build the model with the saved combination, MultiPoseModel(model, {saved!r}), "
+            "and load again"
+        )
+        if normalize_name(state["name"]) not in {
+            normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)
+        }:
+            raise CombinationError(
+                f"the state_dict was saved with combination {state['name']!r}, but this "
+                f"model's combination is {self.name!r}; {build}"
+            )
+        current = self.params.model_dump(mode="json")
+        for field, value in state["params"].items():
+            if field not in current:
+                raise CombinationError(
+                    f"the state_dict's combination {self.name!r} has parameter {field!r} "
+                    f"(= {value!r}), which this version of {type(self).__name__} does not "
+                    f"know (it has {sorted(current)}); {build}"
+                )
+            if current[field] != value:
+                raise CombinationError(
+                    f"the state_dict was saved with {self.name}'s {field}={value!r}, but "
+                    f"this model's combination has {field}={current[field]!r}; {build}"
+                )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load as torch does; a state_dict without the combination's state still loads.
+
+        state_dicts saved before the combination carried its settings have no
+        ``_extra_state`` key; they load (strictly too) into the combination as built.
+        """
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
     def extra_repr(self) -> str:
         """Show the parameters in the module's repr."""
         return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
@@ -229,7 +311,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     def forward(
         self,
         pred_list: Sequence[Tensor] | Tensor,
-        grad_dict: Mapping[str, Sequence[Tensor]] | PoseGradients,
+        grad_dict: Mapping[str, Sequence[Tensor | None]] | PoseGradients,
         param_names: Sequence[str],
         *model_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
@@ -241,7 +323,10 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients).
+            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients). An
+            entry may be ``None`` (what ``torch.autograd.grad(..., allow_unused=True)``
+            gives for a parameter that pose does not use): it counts as zeros, and a
+            parameter with only ``None`` entries gets no gradient, as with autograd.
         param_names
             Names of ``model_params``, in the same order; every name is a key of
             ``grad_dict``.
@@ -252,8 +337,37 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         -------
         combined, per_pose
             The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
+            The backward uses the combination's parameters as they were in this call (a
+            value changed before ``backward()`` does not count), and the combination's
+            own trainable parameters (an ``nn.Parameter`` it holds) get their gradient.
+
+        Raises
+        ------
+        CombinationError
+            Before any work, if ``grad_dict`` does not match ``param_names`` and
+            ``model_params`` (missing or extra names, not N entries per name, an entry
+            that is neither a tensor nor ``None``, a gradient of the wrong size).
         """
-        return CombinationFunction.call(self, pred_list, grad_dict, param_names, *model_params)
+        local: Tensor | None = None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # The combination's own parameters: h on the detached predictions, built
+            # before the Function (see OwnParameters).
+            local = self.value(as_pred_vector(pred_list))
+        combined, per_pose = CombinationFunction.call(
+            self, pred_list, grad_dict, param_names, *model_params
+        )
+        if local is not None:
+            combined = OwnParameters.apply(combined, local)  # type: ignore[no-untyped-call]  # untyped in torch
+        return combined, per_pose
+
+
+def normalize_name(name: str) -> str:
+    """Case-fold a combination name and treat ``-`` and ``_`` alike.
+
+    >>> normalize_name(" Smooth-Max ")
+    'smooth_max'
+    """
+    return name.strip().lower().replace("-", "_")
 
 
 #: The name the first releases used for :class:`Combination`; the same class.

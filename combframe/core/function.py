@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 __all__ = [
     "AfterPoses",
     "CombinationFunction",
+    "OwnParameters",
     "PosePredictions",
     "StreamedPredictions",
     "refuse_second_order",
 ]
 
-GradSource = Mapping[str, Sequence[Tensor]] | PoseGradients
+GradSource = Mapping[str, Sequence[Tensor | None]] | PoseGradients
 MaybeTensor = Tensor | None
 #: A backward's result: one gradient (or None) per input of the Function.
 Grads = tuple[Tensor | None, ...]
@@ -48,7 +49,9 @@ class _MtennState:
 
     lead: int
     needs: tuple[bool, ...]
-    combination: Combination
+    #: The pose weights dh/dy_i, computed in the forward (its hyperparameters); None
+    #: when no gradient can be asked for.
+    weights: Tensor | None
     empty: bool
     source: PoseGradients | None
 
@@ -130,14 +133,15 @@ class CombinationFunction(torch.autograd.Function):
                 grad_dict, param_names, model_params, preds.shape[0]
             )
         empty = not isinstance(grad_dict, PoseGradients) and len(grad_dict) == 0
-        _keep(ctx, _MtennState(lead, needs, combination, empty, source))
-        ctx.save_for_backward(preds, combined)
+        # The pose weights are taken now, with the combination as the forward used it: a
+        # hyperparameter changed before backward (a schedule step) must not change them.
+        weights = None if source is None else combination.pose_weights(preds, combined)
+        _keep(ctx, _MtennState(lead, needs, weights, empty, source))
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @override
     def backward(ctx: FunctionCtx, comb_grad: MaybeTensor, pose_grads: MaybeTensor) -> Grads:
-        preds, combined = ctx.saved_tensors  # type: ignore[attr-defined]  # runtime field of the C++ ctx
         state: _MtennState = _kept(ctx)
         nones: tuple[None, ...] = (None,) * (state.lead + 3)
         asked = any(state.needs) and (comb_grad is not None or pose_grads is not None)
@@ -155,11 +159,40 @@ class CombinationFunction(torch.autograd.Function):
         source.check_unchanged()
         coeffs: Tensor | None = None
         if comb_grad is not None:
-            coeffs = comb_grad * state.combination.pose_weights(preds, combined)
+            assert state.weights is not None, "taken in the forward whenever there is a source"
+            coeffs = comb_grad * state.weights
         if pose_grads is not None:
             coeffs = pose_grads if coeffs is None else coeffs + pose_grads
         assert coeffs is not None
-        return nones + _select(source.contract(coeffs), state.needs)
+        return nones + _select(source.prune(source.contract(coeffs)), state.needs)
+
+
+class OwnParameters(torch.autograd.Function):
+    r"""``combined`` unchanged, its gradient also handed to ``local`` (the combination's own).
+
+    ``OwnParameters.apply(combined, local)`` returns ``combined``; ``local`` is
+    :math:`h(y; \phi)` computed from the detached predictions, whose graph reaches only
+    the combination's parameters :math:`\phi`. Passing :math:`\partial L/\partial G` to
+    both gives :math:`\phi` its gradient :math:`\partial L/\partial G \cdot
+    \partial h/\partial\phi` and the model's parameters theirs. Build ``local`` before
+    the Function that makes ``combined``: autograd then runs that Function's backward
+    first, so an error it raises leaves :math:`\phi`'s ``.grad`` untouched.
+    """
+
+    @staticmethod
+    @override
+    def forward(combined: Tensor, local: Tensor) -> Tensor:
+        return combined.clone()
+
+    @staticmethod
+    @override
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @override
+    def backward(ctx: FunctionCtx, grad: MaybeTensor) -> Grads:
+        return grad, grad
 
 
 class PosePredictions(torch.autograd.Function):
@@ -209,6 +242,13 @@ class StreamedPredictions(torch.autograd.Function):
     ``source.contract_combined`` turns into the inputs' gradients. A non-zero gradient on
     the per-pose predictions cannot be honoured (the sums weight poses by the
     combination's own weights) and raises :class:`~combframe.StrategyError`.
+
+    ``combined`` is :math:`h(y; \phi)` computed from the detached predictions: its own
+    graph reaches only the combination's parameters :math:`\phi`, and the backward
+    hands it :math:`\partial L/\partial G`, so :math:`\phi` receives
+    :math:`\partial L/\partial G \cdot \partial h/\partial\phi` (after the check on
+    the per-pose gradient, so a refused loss writes no ``.grad``). The forward gives
+    ``combined`` to ``source.settle``.
     """
 
     @staticmethod
@@ -223,31 +263,33 @@ class StreamedPredictions(torch.autograd.Function):
     def setup_context(  # type: ignore[override,unused-ignore]  # typed narrower than torch's
         ctx: FunctionCtx, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
     ) -> None:
-        _keep(ctx, (inputs[0], output[0].detach()))
+        source: PoseGradients = inputs[0]
+        source.settle(output[0].detach())
+        _keep(ctx, source)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     @override
     def backward(ctx: FunctionCtx, comb_grad: MaybeTensor, pose_grads: MaybeTensor) -> Grads:
-        source: PoseGradients
-        combined: Tensor
-        source, combined = _kept(ctx)
+        source: PoseGradients = _kept(ctx)
+        own = _needs(ctx)[1]
         needs = _needs(ctx)[3:]
-        nones: tuple[None, ...] = (None,) * 3
         # Refused before any gradient is returned; the comb_readout's parameters wait for
-        # this backward (AfterPoses), so no .grad has been written yet.
+        # this backward (AfterPoses), and so do the combination's (through ``combined``),
+        # so no .grad has been written yet.
         if pose_grads is not None and bool(pose_grads.ne(0).any()):
             raise StrategyError(
                 f"the {source.strategy!r} strategy is exact only for losses on the "
                 "combined prediction, but the loss also depends on the per-pose "
                 "predictions. Use strategy='store' or strategy='recompute' for such losses."
             )
+        lead = (None, comb_grad if own else None, None)
         if comb_grad is None or not any(needs):
-            return nones + (None,) * len(needs)
+            return lead + (None,) * len(needs)
         refuse_second_order(source.strategy)
         source.check_unchanged()
-        grads = source.prune(source.contract_combined(comb_grad, combined))
-        return nones + _select(grads, needs)
+        grads = source.prune(source.contract_combined(comb_grad))
+        return lead + _select(grads, needs)
 
 
 def _select(grads: Sequence[Tensor | None], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:

@@ -191,13 +191,22 @@ class PoseGradients(ABC):
         of ``targets.inputs`` (``None`` for a pose tensor no pose depends on).
         """
 
-    def contract_combined(self, comb_grad: Tensor, combined: Tensor) -> list[Tensor | None]:
+    def settle(self, combined: Tensor) -> None:
+        r"""Take note of the combined predictions :math:`G` (one per compound), in the forward.
+
+        Called once the forward has combined the predictions. A strategy whose backward
+        needs :math:`G` and what the combination derives from it (stream's coefficients)
+        computes them here, so that the backward uses the combination's parameters as the
+        forward did, whatever is changed in between. The default needs nothing.
+        """
+        return None
+
+    def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
         r"""Return the inputs' gradients for a loss on the combined predictions only.
 
-        ``comb_grad`` is :math:`\partial L/\partial G` and ``combined`` is :math:`G`,
-        one entry per compound. Only a
-        strategy that keeps per-compound running sums instead of per-pose information
-        (stream) implements it.
+        ``comb_grad`` is :math:`\partial L/\partial G`, one entry per compound, for the
+        :math:`G` given to :meth:`settle`. Only a strategy that keeps per-compound running
+        sums instead of per-pose information (stream) implements it.
         """
         raise CombinationError(
             f"the {self.strategy!r} gradient source answers per-pose coefficients only"
@@ -244,12 +253,17 @@ class StoredGradients(PoseGradients):
     @classmethod
     def from_grad_dict(
         cls,
-        grad_dict: Mapping[str, Sequence[Tensor]],
+        grad_dict: Mapping[str, Sequence[Tensor | None]],
         param_names: Sequence[str],
         model_params: Sequence[Tensor],
         n_poses: int,
     ) -> StoredGradients:
         """Build the buffer from mtenn's ``{name: [N gradients]}``, after validating it.
+
+        A ``None`` gradient (what ``torch.autograd.grad(..., allow_unused=True)`` gives
+        for a parameter the pose's prediction does not depend on) counts as zeros, as
+        autograd counts it; a parameter whose gradients are all ``None`` gets no
+        gradient (``.grad`` stays ``None``), as with autograd.
 
         Raises
         ------
@@ -260,26 +274,40 @@ class StoredGradients(PoseGradients):
         validate_grad_dict(grad_dict, param_names, model_params, n_poses)
         layout = ParamLayout(model_params)
         for name, p in zip(param_names, model_params, strict=True):
-            bad = [i for i, g in enumerate(grad_dict[name]) if g.numel() != p.numel()]
+            bad = [
+                (i, g.numel())
+                for i, g in enumerate(grad_dict[name])
+                if g is not None and g.numel() != p.numel()
+            ]
             if bad:
                 raise CombinationError(
-                    f"gradient {bad[0]} of {name!r} has {grad_dict[name][bad[0]].numel()} "
-                    f"elements; the parameter has {p.numel()}"
+                    f"gradient {bad[0][0]} of {name!r} has {bad[0][1]} elements; the "
+                    f"parameter has {p.numel()}"
                 )
+        used = {
+            id(p)
+            for n, p in zip(param_names, model_params, strict=True)
+            if any(g is not None for g in grad_dict[n])
+        }
         if not model_params:
-            return cls(layout, layout.new_buffer(n_poses))
+            return cls(layout, layout.new_buffer(n_poses), used=used)
         buffer = torch.cat(
             [
-                torch.stack([g.detach().reshape(-1) for g in grad_dict[n]]).to(layout.dtype)
-                for n in param_names
+                torch.stack(
+                    [
+                        p.new_zeros(p.numel()) if g is None else g.detach().reshape(-1)
+                        for g in grad_dict[n]
+                    ]
+                ).to(layout.dtype)
+                for n, p in zip(param_names, model_params, strict=True)
             ],
             dim=1,
         )
-        return cls(layout, buffer)
+        return cls(layout, buffer, used=used)
 
 
 def validate_grad_dict(
-    grad_dict: Mapping[str, Sequence[Tensor]],
+    grad_dict: Mapping[str, Sequence[Tensor | None]],
     param_names: Sequence[str],
     model_params: Sequence[Tensor],
     n_poses: int,
@@ -289,8 +317,9 @@ def validate_grad_dict(
     Raises
     ------
     CombinationError
-        If names and parameters disagree in number, keys are missing or extra, or a
-        list does not hold ``n_poses`` gradients.
+        If names and parameters disagree in number, keys are missing or extra, a
+        list does not hold ``n_poses`` gradients, or an entry is neither a tensor nor
+        ``None``.
     """
     names = list(param_names)
     if len(names) != len(model_params):
@@ -309,4 +338,16 @@ def validate_grad_dict(
         raise CombinationError(
             f"grad_dict must hold {n_poses} gradients per parameter (one per prediction "
             "in pred_list); got " + ", ".join(f"{n!r}: {k}" for n, k in wrong[:5])
+        )
+    odd = [
+        (n, i, type(g).__name__)
+        for n in names
+        for i, g in enumerate(grad_dict[n])
+        if g is not None and not isinstance(g, Tensor)
+    ]
+    if odd:
+        raise CombinationError(
+            "grad_dict must hold tensors (or None for a parameter a pose does not use, as "
+            "torch.autograd.grad(..., allow_unused=True) gives); got "
+            + ", ".join(f"{n!r}[{i}]: {t}" for n, i, t in odd[:5])
         )

@@ -118,6 +118,7 @@ class MultiPoseModel(torch.nn.Module):
         self.comb_readout = comb_readout
         self.check_finite = check_finite
         self.move_poses = move_poses
+        self.register_load_state_dict_pre_hook(_combination_first)  # type: ignore[no-untyped-call]  # untyped in torch
 
     @override
     def extra_repr(self) -> str:
@@ -230,7 +231,7 @@ class MultiPoseModel(torch.nn.Module):
         segments = Segments.from_sizes([len(c) for c in compounds], device)
         snapshot = self._snapshot_buffers()
         try:
-            held = self._hold_readout()
+            held = _hold(self.comb_readout)
             combined, per_pose = self._combine(runner, poses, segments, held)
             if single:
                 combined = combined[0]
@@ -245,23 +246,6 @@ class MultiPoseModel(torch.nn.Module):
             raise
         return CompoundPredictions(combined, per_pose, segments.index)
 
-    def _hold_readout(self) -> dict[str, Tensor]:
-        """Hold the ``comb_readout``'s trainable parameters until the poses' backward.
-
-        Used by the readout in place of its parameters and passed to the pose Function
-        as extra inputs (:class:`~combframe.core.function.AfterPoses`), so that an error in
-        the poses' backward comes before the readout's ``.grad`` is written. Empty when
-        no gradient is recorded or the readout is not a module with trainable parameters.
-        """
-        readout = self.comb_readout
-        if not torch.is_grad_enabled() or not isinstance(readout, torch.nn.Module):
-            return {}
-        named = {n: p for n, p in readout.named_parameters() if p.requires_grad}
-        if not named:
-            return {}
-        views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
-        return dict(zip(named, views, strict=True))
-
     def _combine(
         self,
         runner: PoseRunner,
@@ -275,14 +259,16 @@ class MultiPoseModel(torch.nn.Module):
             preds = self._promote(preds, source.layout.dtype)
             inputs = (*source.targets.inputs, *held.values())
             if source.supports_pose_losses:
+                own = _hold(self.combination)
                 per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]  # untyped in torch
-                    source, preds, *inputs
+                    source, preds, *inputs, *own.values()
                 )
-                combined = self.combination.segment_value(per_pose, segments.index, count)
+                combined = _segment_value(self.combination, own, per_pose, segments)
                 self._check_finite(preds, combined)
                 return combined, per_pose
-            with torch.no_grad():
-                combined = self.combination.segment_value(preds, segments.index, count)
+            # With the predictions detached, the graph of ``combined`` reaches only the
+            # combination's own parameters, which StreamedPredictions' backward serves.
+            combined = self.combination.segment_value(preds, segments.index, count)
             self._check_finite(preds, combined)
             out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]  # untyped
                 source, combined, preds, *inputs
@@ -293,9 +279,10 @@ class MultiPoseModel(torch.nn.Module):
             preds = torch.cat([runner.predict(poses[s:e], s) for s, e in chunks])
             if runner.params:
                 preds = self._promote(preds, runner.targets.layout.dtype)
-            combined = self.combination.segment_value(preds, segments.index, count)
-            self._check_finite(preds, combined)
-            return combined, preds
+        # in grad mode, the combination's own parameters still get their gradient
+        combined = self.combination.segment_value(preds, segments.index, count)
+        self._check_finite(preds, combined)
+        return combined, preds
 
     @staticmethod
     def _needs_graph(runner: PoseRunner, poses: Sequence[Any]) -> bool:
@@ -359,3 +346,60 @@ def _as_pose_list(poses: Any) -> list[Any]:
     A single dict is one pose, not a collection of them.
     """
     return [poses] if isinstance(poses, dict) else list(poses)
+
+
+def _hold(module: object) -> dict[str, Tensor]:
+    """Hold a module's trainable parameters until the poses' backward.
+
+    Used in place of the parameters by the ``comb_readout`` (or the combination) and
+    passed to the pose Function as extra inputs
+    (:class:`~combframe.core.function.AfterPoses`), so that an error in the poses'
+    backward comes before their ``.grad`` is written. Empty when no gradient is
+    recorded or ``module`` is not a module with trainable parameters.
+    """
+    if not torch.is_grad_enabled() or not isinstance(module, torch.nn.Module):
+        return {}
+    named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not named:
+        return {}
+    views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
+    return dict(zip(named, views, strict=True))
+
+
+class _SegmentValue(torch.nn.Module):
+    """``combination.segment_value`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, combination: Combination) -> None:
+        super().__init__()
+        self.combination = combination
+
+    @override
+    def forward(self, preds: Tensor, index: Tensor, count: int) -> Tensor:
+        return self.combination.segment_value(preds, index, count)
+
+
+def _segment_value(
+    combination: Combination, held: dict[str, Tensor], preds: Tensor, segments: Segments
+) -> Tensor:
+    """Return the combined values, with the combination's parameters replaced by ``held``."""
+    args = (preds, segments.index, segments.count)
+    if not held:
+        return combination.segment_value(*args)
+    named = {f"combination.{n}": v for n, v in held.items()}
+    out: Tensor = torch.func.functional_call(_SegmentValue(combination), named, args)
+    return out
+
+
+def _combination_first(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Check the saved combination before any weight is loaded.
+
+    ``load_state_dict`` loads the model's weights before reaching the combination, so
+    a mismatch found there would leave them replaced; checked first, it leaves the
+    whole model as it was.
+    """
+    key = f"{prefix}combination._extra_state"
+    if key in state_dict:
+        assert isinstance(module, MultiPoseModel)
+        module.combination.set_extra_state(state_dict[key])

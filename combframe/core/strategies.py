@@ -1083,6 +1083,7 @@ class _StreamSums:
         """Fix the targets (known once the first chunk's graph was walked)."""
         self.targets = targets
 
+    @torch.no_grad()
     def update(
         self,
         combination: StreamingCombination,
@@ -1134,6 +1135,7 @@ class _StreamSums:
             self.center[lo:hi] = moved
         return w[:, None] * feats
 
+    @torch.no_grad()
     def update_host(
         self, combination: StreamingCombination, segments: Segments, start: int, pred: Tensor
     ) -> list[list[float]]:
@@ -1261,7 +1263,8 @@ class _StreamedGradients(PoseGradients):
     ) -> None:
         super().__init__(sums.targets, used)
         self.sums = sums
-        self.combination = combination
+        self.combination: StreamingCombination | None = combination
+        self.coefficients: Tensor | None = None
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:  # pragma: no cover - guarded
         raise StrategyError(
@@ -1269,11 +1272,22 @@ class _StreamedGradients(PoseGradients):
             "individually; use strategy='store' or strategy='recompute'"
         )
 
-    def contract_combined(self, comb_grad: Tensor, combined: Tensor) -> list[Tensor | None]:
+    @override
+    def settle(self, combined: Tensor) -> None:
+        # The coefficients lambda(G) with the combination as the forward used it: a
+        # hyperparameter changed before backward (a schedule step) must not change them.
         sums = self.sums
-        exact = sums.total.dtype
-        lam = _coefficients(self.combination, combined.to(exact), sums.center)
-        coeffs = lam.to(exact) * (comb_grad.to(exact) / sums.total)[:, None]
+        assert self.combination is not None, "settle is called once, by the forward"
+        with torch.no_grad():
+            self.coefficients = _coefficients(
+                self.combination, combined.detach().to(sums.exact), sums.center
+            ).to(sums.exact)
+        self.combination = None
+
+    def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
+        sums = self.sums
+        assert self.coefficients is not None, "settle runs in the forward, before any backward"
+        coeffs = self.coefficients * (comb_grad.to(sums.exact) / sums.total)[:, None]
         acc = sums.acc
         flat = torch.mv(acc.reshape(-1, acc.shape[-1]).t(), coeffs.reshape(-1).to(acc.dtype))
         grads: list[Tensor | None] = list(self.layout.unflatten(flat))

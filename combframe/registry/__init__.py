@@ -12,7 +12,9 @@ Environment variables, read when the registry is built:
     Non-empty (and not ``0``/``false``/``no``/``off``): load no entry points.
     Plugins registered in-process still work.
 ``COMBFRAME_BLOCK_PLUGINS``
-    Comma-separated entry-point names that are not loaded (``max``, ``boltzmann``...).
+    Comma-separated entry points that are not loaded: an entry-point name (``max``
+    blocks every distribution's ``max``), ``distribution:name`` (one distribution's,
+    ``my-plugins:max``) or ``distribution:*`` (all of one distribution's).
 ``COMBFRAME_STRICT_PLUGINS``
     Non-empty (and not false-like): a plugin that fails to load or register raises
     :class:`~combframe.errors.PluginValidationError` instead of warning.
@@ -33,6 +35,7 @@ import pydantic
 
 from combframe.core.combination import Combination, set_resolver
 from combframe.errors import (
+    AmbiguousCombinationError,
     CombinationError,
     PluginValidationError,
     UnknownCombinationError,
@@ -47,6 +50,7 @@ from combframe.registry.plugins import (
     Source,
     Table,
     as_plugin,
+    claim_of,
     dist_of,
     entry_points,
     normalize_name,
@@ -131,12 +135,12 @@ class Registry:
         table = Table()
         if settings.autoload:
             for ep in entry_points():
-                if normalize_name(ep.name) in settings.blocked:
+                dist, version = dist_of(ep)
+                source = Source(ep.name, dist, version)
+                if source.blocked_by(settings.blocked):
                     continue
                 if ep.name in self._importing:
                     continue  # its own import asked for the registry: not ready yet
-                dist, version = dist_of(ep)
-                source = Source(ep.name, dist, version)
                 self._importing.add(ep.name)
                 try:
                     plugin = as_plugin(ep.load())
@@ -189,9 +193,17 @@ class Registry:
             raise TypeError(f"a combination name must be a string; got {name!r}")
         table = self.table()
         key = normalize_name(name)
+        if key in table.ambiguous:
+            claimants = table.ambiguous[key]
+            raise AmbiguousCombinationError(
+                name,
+                [claim_of(e) for e in claimants],
+                [e.source.block_key() for e in claimants],
+                sorted(table.entries),
+            )
         found = table.lookup.get(key)
         if found is None:
-            candidates = {k: v[0] for k, v in table.lookup.items()}
+            candidates = {k: v[0].name for k, v in table.lookup.items()}
             close = difflib.get_close_matches(key, list(candidates), n=1)
             raise UnknownCombinationError(
                 name,
@@ -199,14 +211,14 @@ class Registry:
                 candidates[close[0]] if close else None,
                 failed=tuple(e.plugin for e in table.errors),
             )
-        canonical, deprecated = found
+        entry, deprecated = found
         if deprecated:
             warnings.warn(
-                f"combination name {name!r} is deprecated; use {canonical!r} instead",
+                f"combination name {name!r} is deprecated; use {entry.name!r} instead",
                 FutureWarning,
                 stacklevel=4,
             )
-        return table.entries[canonical]
+        return entry
 
     def resolve(self, name: str) -> tuple[str, type[Combination]]:
         """Canonical name and class for ``name`` or an alias (a deprecated alias warns)."""

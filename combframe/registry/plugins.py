@@ -20,7 +20,7 @@ from typing import Any, Final
 import pluggy
 
 import combframe.registry.hookspecs as _hookspecs
-from combframe.core.combination import Combination, CombinationParams
+from combframe.core.combination import Combination, CombinationParams, normalize_name
 from combframe.errors import PluginValidationError, PluginWarning, user_stacklevel
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Source",
     "Table",
     "as_plugin",
+    "claim_of",
     "dist_of",
     "entry_points",
     "normalize_name",
@@ -40,21 +41,13 @@ __all__ = [
 
 #: Entry-point group that plugins declare.
 ENTRY_POINT_GROUP: Final = "combframe"
-#: Comma-separated entry-point names that are not loaded.
+#: Comma-separated entry points that are not loaded: ``name``, ``distribution:name`` or
+#: ``distribution:*``.
 ENV_BLOCK: Final = "COMBFRAME_BLOCK_PLUGINS"
 #: Makes plugin load failures raise instead of warn.
 ENV_STRICT: Final = "COMBFRAME_STRICT_PLUGINS"
 
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]*")
-
-
-def normalize_name(name: str) -> str:
-    """Case-fold a combination name and treat ``-`` and ``_`` alike.
-
-    >>> normalize_name(" Smooth-Max ")
-    'smooth_max'
-    """
-    return name.strip().lower().replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -99,6 +92,27 @@ class Source:
         """Say which plugin this is, for messages."""
         return f"plugin {self.plugin!r} ({_origin(self.distribution, self.version)})"
 
+    def block_key(self) -> str:
+        """Return the ``COMBFRAME_BLOCK_PLUGINS`` value that blocks this plugin alone.
+
+        ``distribution:entry-point`` for an installed plugin (a plain entry-point name
+        would also block another distribution's plugin of the same name), the plugin's
+        name for one registered in-process.
+        """
+        if self.distribution is None:
+            return self.plugin
+        return f"{self.distribution}:{self.plugin}"
+
+    def blocked_by(self, blocked: frozenset[str]) -> bool:
+        """Whether a normalized block list names this plugin, alone or by distribution."""
+        name = normalize_name(self.plugin)
+        if name in blocked:
+            return True
+        if self.distribution is None:
+            return False
+        dist = normalize_name(self.distribution)
+        return f"{dist}:{name}" in blocked or f"{dist}:*" in blocked
+
 
 def _origin(distribution: str | None, version: str | None) -> str:
     if distribution is None:
@@ -132,6 +146,11 @@ class _PluginFailureError(Exception):
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def claim_of(entry: Entry) -> str:
+    """Say who claims a name: the plugin and the class it registers."""
+    return f"{entry.source.describe()} registers {_qualname(entry.cls)}"
 
 
 def _names(cls: type, attr: str) -> tuple[str, ...]:
@@ -205,9 +224,11 @@ class Table:
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(_hookspecs)
         self.entries: dict[str, Entry] = {}
-        # normalized name or alias -> (canonical name, deprecated?)
-        self.lookup: dict[str, tuple[str, bool]] = {}
+        # normalized name or alias -> (its entry, deprecated?)
+        self.lookup: dict[str, tuple[Entry, bool]] = {}
         self.errors: list[PluginLoadError] = []
+        # name -> every entry that claims it (clashes between installed plugins)
+        self.ambiguous: dict[str, list[Entry]] = {}
         self.schema_type: Any = None
 
     def _classes_of(self, plugin: object, source: Source) -> list[Entry]:
@@ -235,10 +256,17 @@ class Table:
                     entries.append(entry)
         return entries
 
-    def _stage(self, entries: list[Entry]) -> tuple[dict[str, Entry], dict[str, Any]]:
-        """Return new entries and lookup keys, or raise on a clash; the table is untouched."""
+    def _stage(
+        self, entries: list[Entry], *, ambiguous_ok: bool
+    ) -> tuple[dict[str, Entry], dict[str, tuple[Entry, bool]], list[tuple[str, Entry, Entry]]]:
+        """Return new entries, lookup keys and clashes, or raise; the table is untouched.
+
+        A key that another plugin already claims raises, or, with ``ambiguous_ok``, is
+        returned as a clash ``(key, owner, newcomer)`` and left out of the new keys.
+        """
         new_entries: dict[str, Entry] = {}
-        new_lookup: dict[str, tuple[str, bool]] = {}
+        new_lookup: dict[str, tuple[Entry, bool]] = {}
+        clashes: list[tuple[str, Entry, Entry]] = []
         for entry in entries:
             existing = self.entries.get(entry.name)
             if existing is not None and existing.cls is entry.cls:
@@ -247,26 +275,37 @@ class Table:
             keys += [(a, False) for a in entry.aliases]
             keys += [(a, True) for a in entry.deprecated]
             for key, deprecated in keys:
-                owner_name = (self.lookup.get(key) or new_lookup.get(key) or (None,))[0]
-                if owner_name is not None:
-                    owner = self.entries.get(owner_name) or new_entries[owner_name]
+                owner = self._owner(key) or new_lookup.get(key, (None,))[0]
+                if owner is None:
+                    new_lookup[key] = (entry, deprecated)
+                elif ambiguous_ok and owner.source != entry.source:
+                    clashes.append((key, owner, entry))
+                else:
                     raise PluginValidationError(
                         entry.cls,
                         f"combination name {key!r} is claimed twice: "
-                        f"{owner.source.describe()} registers {_qualname(owner.cls)} and "
-                        f"{entry.source.describe()} registers {_qualname(entry.cls)}. "
-                        "Uninstall one of them, or block one with "
-                        f"{ENV_BLOCK}={entry.source.plugin}.",
+                        f"{claim_of(owner)} and {claim_of(entry)}. Uninstall one of them, "
+                        f"or block one with {ENV_BLOCK}={entry.source.block_key()}.",
                     )
-                new_lookup[key] = (entry.name, deprecated)
-            new_entries[entry.name] = entry
-        return new_entries, new_lookup
+            if not any(key == entry.name for key, _, new in clashes if new is entry):
+                new_entries[entry.name] = entry
+        return new_entries, new_lookup, clashes
+
+    def _owner(self, key: str) -> Entry | None:
+        """Return the entry that already claims ``key`` (the first one if ambiguous)."""
+        if key in self.ambiguous:
+            return self.ambiguous[key][0]
+        return self.lookup.get(key, (None,))[0]
 
     def add_plugin(self, plugin: object, source: Source, *, strict: bool) -> None:
         """Register ``plugin``; isolate (or, when ``strict``, raise) its own failures.
 
-        A name clash with another plugin always raises: it is not one plugin's fault, and
-        keeping whichever came first would be a silent choice.
+        A name that an installed plugin already claims is a clash. For plugins loaded
+        from entry points (and not ``strict``) it makes that name ambiguous: using it
+        raises :class:`~combframe.errors.AmbiguousCombinationError` naming both sides,
+        and every other name of both plugins keeps working. Registered in-process or
+        when ``strict``, a clash raises and registers nothing: keeping whichever came
+        first would be a silent choice.
         """
         if self.pm.is_registered(plugin):
             return
@@ -282,7 +321,8 @@ class Table:
                 raise
             except Exception as exc:
                 raise _PluginFailureError(f"{type(exc).__name__}: {exc}") from exc
-            new_entries, new_lookup = self._stage(entries)
+            ambiguous_ok = source.distribution is not None and not strict
+            new_entries, new_lookup, clashes = self._stage(entries, ambiguous_ok=ambiguous_ok)
         except _PluginFailureError as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
@@ -299,7 +339,32 @@ class Table:
             raise
         self.entries.update(new_entries)
         self.lookup.update(new_lookup)
+        for key, owner, entry in clashes:
+            self._make_ambiguous(key, owner, entry)
         self.schema_type = None
+
+    def _make_ambiguous(self, key: str, owner: Entry, entry: Entry) -> None:
+        """Take ``key`` away from every claimant and record the clash (with a warning)."""
+        claimants = self.ambiguous.setdefault(key, [owner])
+        claimants.append(entry)
+        self.lookup.pop(key, None)
+        if self.entries.get(key) is owner:
+            del self.entries[key]  # still reachable through its aliases, if it has any
+        text = (
+            f"combination name {key!r} is claimed twice: {claim_of(owner)} and "
+            f"{claim_of(entry)}; the name is ambiguous and refused when used, while the "
+            "other names of both plugins keep working"
+        )
+        source = entry.source
+        self.errors.append(
+            PluginLoadError(source.plugin, source.distribution, source.version, text)
+        )
+        blocks = " or ".join(f"{ENV_BLOCK}={c.source.block_key()}" for c in claimants)
+        warnings.warn(
+            f"{text}. Uninstall one of them, or block one with {blocks}.",
+            PluginWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _fail(
         self, plugin: object, source: Source, text: str, strict: bool, cause: BaseException

@@ -66,19 +66,30 @@ def make_loss(kind: LossKind, target: float = 0.5) -> LossFn:
 
 
 def _backward(
-    model: torch.nn.Module, loss: LossFn, combined: Tensor, per_pose: Tensor
+    modules: Sequence[torch.nn.Module], loss: LossFn, combined: Tensor, per_pose: Tensor
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Back-propagate ``loss``; return the values and the model's gradients (zeros if unused)."""
+    """Back-propagate ``loss``; return the values and the gradients (zeros if unused).
+
+    The gradients are those of the trainable parameters of ``modules`` (the model, then
+    the combination's own), in order.
+    """
     loss(combined, per_pose).backward()
-    return combined.detach(), per_pose.detach(), _grads_of(model)
+    return combined.detach(), per_pose.detach(), [g for m in modules for g in _grads_of(m)]
 
 
-def _grads_of(model: torch.nn.Module) -> list[Tensor]:
+def _grads_of(module: torch.nn.Module) -> list[Tensor]:
     return [
         torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-        for p in model.parameters()
+        for p in module.parameters()
         if p.requires_grad
     ]
+
+
+def _clear(*modules: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """Set every ``.grad`` of ``modules`` to None; return them."""
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    return modules
 
 
 def full_graph_gradients(
@@ -93,13 +104,15 @@ def full_graph_gradients(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Return combined value(s), per-pose predictions and gradients with all graphs kept.
 
-    ``model``'s ``.grad`` fields are cleared first and hold the result afterwards.
+    The gradients are those of ``model``'s trainable parameters, then of the
+    combination's own (a learnable temperature), if it has any. Their ``.grad`` fields
+    are cleared first and hold the result afterwards.
     ``poses`` is one compound, or with ``sizes`` the flat poses of several compounds
     (then the combined values have shape ``(C,)``). With ``chunk_size`` the model runs on
     collated chunks, as :class:`~combframe.MultiPoseModel` does, still keeping every
     graph (the reference for models whose poses interact within a batch).
     """
-    model.zero_grad(set_to_none=True)
+    modules = _clear(model, combination)
     if chunk_size is None:
         per_pose = torch.stack([model(p).reshape(()) for p in poses])
     else:
@@ -114,7 +127,7 @@ def full_graph_gradients(
         combined = combination.value(per_pose)
     else:
         combined = torch.stack([combination.value(y) for y in per_pose.split(list(sizes))])
-    return _backward(model, loss, combined, per_pose)
+    return _backward(modules, loss, combined, per_pose)
 
 
 def multipose_gradients(
@@ -131,7 +144,7 @@ def multipose_gradients(
     """Return what :func:`full_graph_gradients` does, through ``MultiPoseModel``."""
     from combframe.core.model import MultiPoseModel
 
-    model.zero_grad(set_to_none=True)
+    modules = _clear(model, combination)
     wrapped = MultiPoseModel(
         model, combination, strategy=strategy, chunk_size=chunk_size, collate=collate
     )
@@ -141,7 +154,7 @@ def multipose_gradients(
         cut = torch.tensor(list(sizes)).cumsum(0).tolist()
         compounds = [list(poses[a:b]) for a, b in zip([0, *cut[:-1]], cut, strict=True)]
         combined, per_pose, _ = wrapped(compounds=compounds)
-    return _backward(model, loss, combined, per_pose)
+    return _backward(modules, loss, combined, per_pose)
 
 
 def mtenn_gradients(
@@ -156,7 +169,7 @@ def mtenn_gradients(
     ``combination(pred_list, grad_dict, param_names, *model_params)``, whose backward
     uses the combination's :meth:`~combframe.Combination.pose_weights`.
     """
-    model.zero_grad(set_to_none=True)
+    modules = _clear(model, combination)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p for _, p in named]
@@ -169,7 +182,7 @@ def mtenn_gradients(
             grad_dict[n].append(g)
         preds.append(pred.detach())
     combined, per_pose = combination(preds, grad_dict, names, *params)
-    return _backward(model, loss, combined, per_pose)
+    return _backward(modules, loss, combined, per_pose)
 
 
 @dataclass
@@ -262,11 +275,13 @@ def gradient_parity(
     """Check a combination's gradients against the full-graph reference in float64.
 
     Random models and poses are drawn for every seed and N; for each strategy and loss
-    the gradients of every parameter from :class:`~combframe.MultiPoseModel` are compared
-    with those of the full-graph reference, one pose per pass and in chunks of each of
-    ``chunk_sizes`` (stacked poses), for one compound and for batches of each of
-    ``compounds`` compounds (the ``c``-th has ``N + c`` poses, so the combination's
-    :meth:`~combframe.Combination.segment_value` is checked on unequal segments).
+    the gradients of every parameter from :class:`~combframe.MultiPoseModel` (the
+    model's, and the combination's own trainable parameters, such as a learnable
+    temperature) are compared with those of the full-graph reference, one pose per
+    pass and in chunks of each of ``chunk_sizes`` (stacked poses), for one compound and
+    for batches of each of ``compounds`` compounds (the ``c``-th has ``N + c`` poses, so
+    the combination's :meth:`~combframe.Combination.segment_value` is checked on unequal
+    segments).
     ``"mtenn"`` checks the mtenn-style call
     ``combination(pred_list, grad_dict, param_names, *params)`` (one compound, one pose
     per pass), whose backward uses the closed-form
@@ -322,6 +337,7 @@ def _parity_cases(
         + ("" if sizes is None else f", C={len(sizes)}")
         + ("" if chunk == 1 else f", chunk={chunk}")
     )
+    own = sum(1 for p in combination.parameters() if p.requires_grad)
     for kind in losses:
         loss = make_loss(kind)
         try:
@@ -343,8 +359,10 @@ def _parity_cases(
                 else:
                     result.fail(f"{strategy}/{kind}/{where}", exc, on_error)
                 continue
+            cut = len(got[2]) - own  # the combination's own gradients, on their own scale
             err = max(
-                _relative_error(got[2], want[2]),
+                _relative_error(got[2][:cut], want[2][:cut]),
+                _relative_error(got[2][cut:], want[2][cut:]),
                 _relative_error([got[0]], [want[0]]),
                 _relative_error([got[1]], [want[1]]),
             )
