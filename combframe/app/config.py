@@ -252,7 +252,7 @@ def config_keys_help(width: int = 100) -> str:
     """
     column = 26
     lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
-    sections = {"model": ModelConfig, "reader": ReaderConfig}
+    sections: dict[str, type[BaseModel]] = {"model": ModelConfig, "reader": ReaderConfig}
     fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
     fields += [
         (f"{section}.{name}", info)
