@@ -468,3 +468,17 @@ def test_each_file_format_trains_from_the_command_line(
         (run,) = runs.iterdir()
         assert json.loads((run / "metrics.json").read_text())["data"]["kind"] == "molecules"
     assert capsys.readouterr().out.count("held-out") == 3
+
+
+def test_an_empty_sdf_a_bad_protein_and_an_unknown_name_are_one_line_errors(
+    tmp_path: Path, cache: str
+) -> None:
+    empty = tmp_path / "empty.sdf"
+    empty.write_text("")
+    assert "RDKit cannot read it as an SDF file" in _error([f"data={empty}", "reader.target=x"])
+    (tmp_path / "bad.pdb").write_text("HETATM garbage\n")
+    rows = [f"{c},1,{PDB}/{c}/{c}_ligand.sdf,bad.pdb" for c in ("1ia1", "1uou")]
+    message = _error([f"data={_manifest(tmp_path, rows)}", cache])
+    assert "row 2 (compound '1ia1'): protein" in message and "bad.pdb" in message
+    message = _error(["data=chembI", cache])
+    assert "neither a file nor a built-in set (chembl, cmet, posebusters)" in message

@@ -64,8 +64,17 @@ class SdfRecord:
 
 
 def sdf_records(path: Path) -> Iterator[SdfRecord]:
-    """Yield every record of the SDF ``path``, hydrogens kept, unreadable ones as None."""
-    supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=True)
+    """Yield every record of the SDF ``path``, hydrogens kept, unreadable ones as None.
+
+    Raises
+    ------
+    ChemError
+        If RDKit cannot open the file as an SDF at all (empty, not an SDF).
+    """
+    try:
+        supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=True)
+    except OSError as exc:  # an empty or unreadable file
+        raise ChemError(f"RDKit cannot read it as an SDF file ({exc})") from None
     for index in range(len(supplier)):
         text = supplier.GetItemText(index)
         title = text.splitlines()[0].strip() if text.strip() else ""

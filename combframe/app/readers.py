@@ -205,7 +205,11 @@ def _sdf(
     from combframe.app import chem
 
     compounds: dict[str, _Raw] = {}
-    for record in chem.sdf_records(_check_file(path, "SDF")):
+    try:
+        records = list(chem.sdf_records(_check_file(path, "SDF")))
+    except chem.ChemError as exc:
+        raise DataError(f"{str(path)!r}: {exc}") from None
+    for record in records:
         key = opts.group_by
         name = group or (record.properties.get(key, "") if key else record.title)
         where = f"{str(path)!r}: record {record.index} (compound {name!r})"
@@ -349,8 +353,12 @@ def _from_entries(entries: Iterable[_Entry], opts: ReaderConfig, problems: _Prob
             continue
         protein = None
         if entry.protein is not None:
-            if entry.protein not in proteins:
-                proteins[entry.protein] = chem.read_protein(entry.protein, opts.hydrogens)
+            try:
+                if entry.protein not in proteins:
+                    proteins[entry.protein] = chem.read_protein(entry.protein, opts.hydrogens)
+            except chem.ChemError as exc:
+                problems.report(entry.where, f"protein {str(entry.protein)!r}: {exc}")
+                continue
             protein = proteins[entry.protein]
         raw = _Raw(entry.name, entry.value, entry.where)
         for pose_file in entry.poses:

@@ -46,7 +46,7 @@ from combframe.app.metrics import (
     undefined_correlation,
 )
 from combframe.app.models import DataInfo, build_network
-from combframe.app.readers import is_molecular, read_molecules
+from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
 from combframe.app.runs import RunResult, claimed_run_dir, write_run
 
 __all__ = [
@@ -134,6 +134,11 @@ def load_data(config: TrainConfig) -> Dataset:
     """
     if is_molecular(config.data):
         return _molecules(config)
+    if config.data is not None and not config.data.suffix and not config.data.exists():
+        raise ConfigError(
+            f"data: {str(config.data)!r} is neither a file nor a built-in set "
+            f"({', '.join(BUILT_IN)})"
+        )
     if config.data is None:
         built_in = make_dataset(
             n_compounds=config.compounds,
