@@ -12,7 +12,9 @@ intervals (2,000 resamples of the pooled compounds).
 
     python bench/conformers.py --compounds 400 --conformers 8 --epochs 20 --seeds 0 1 2
 
-needs the ``chem`` extra. Results go to ``--out`` (JSON) and a Markdown table on stdout.
+needs the ``chem`` extra. Results go to ``--out`` (JSON, default
+``docs/bench/conformers.json``) and a Markdown table on stdout, the one in
+``docs/results.md``.
 """
 
 from __future__ import annotations
