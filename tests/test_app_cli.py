@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -138,12 +139,16 @@ def test_an_unusable_output_dir_is_a_usage_error_before_training(
         assert str(blocker) in err and why in err, err
 
 
-def test_a_failed_run_leaves_no_run_folder(
+def test_a_failed_run_keeps_its_folder_marked_failed_with_the_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A failed run used to delete its folder, checkpoint and epochs included."""
     assert main(["train", *TINY, "lr=1e30", f"output_dir={tmp_path}", "name=x"]) == 1
     assert "diverged" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    status = json.loads((tmp_path / "x" / "status.json").read_text())
+    assert status["state"] == "failed"
+    assert status["reason"].startswith("TrainingDivergedError: training diverged"), status
+    assert (tmp_path / "x" / "checkpoint.pt").is_file()
 
 
 def test_the_run_folder_exists_while_training(

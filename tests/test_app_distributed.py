@@ -68,3 +68,56 @@ def test_two_processes_under_torchrun_match_one_process(
         for x, y in zip(a["history"], b["history"], strict=True):
             assert _same(x["train_rmse"], y["train_rmse"]), (run, a["history"], b["history"])
             assert _same(x["test_rmse"], y["test_rmse"]), (run, a["history"], b["history"])
+
+
+#: Rank 1 alone receives SIGTERM after its third step; rank 0 must stop at the same step.
+_SIGTERM_ON_RANK_1 = """
+import os, signal, sys
+import combframe.app.train as train
+from combframe.app.cli import main
+
+real_step, count = train._step, [0]
+def step(*args):
+    loss = real_step(*args)
+    count[0] += 1
+    if count[0] == 3 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss
+train._step = step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_sigterm_stops_every_rank_and_every_rank_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    settings = ["compounds=21", "epochs=3", "hidden=4", "dtype=float64", "--no-progress"]
+    assert main(["train", *settings, f"output_dir={tmp_path}", "name=one"]) == 0
+    capsys.readouterr()
+    script = tmp_path / "child.py"
+    script.write_text(_SIGTERM_ON_RANK_1)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    where = [f"output_dir={tmp_path}", "name=two"]
+    proc = subprocess.run(
+        [*torchrun, str(script), "train", *settings, *where],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM in epoch 2 after batch 1" in proc.stderr, proc.stderr
+    resume = [*torchrun, "-m", "combframe", "train", "--resume", str(tmp_path / "two")]
+    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    for key in one:
+        assert float((one[key] - two[key]).abs().max()) < 1e-12, key
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert _same(x["train_rmse"], y["train_rmse"]), (a["history"], b["history"])

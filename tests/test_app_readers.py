@@ -7,6 +7,7 @@ wheels (``docs/data.md``); nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib import resources
@@ -330,12 +331,11 @@ def test_a_failed_write_leaves_no_cache_entry(
 ) -> None:
     path = _cmet(tmp_path)
 
-    def half_write(obj: Any, target: Any) -> None:
-        Path(target).write_bytes(b"PK\x03\x04 half")
-        raise OSError("disk full")
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
         _read(path, tmp_path)
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.undo()
@@ -482,3 +482,26 @@ def test_an_empty_sdf_a_bad_protein_and_an_unknown_name_are_one_line_errors(
     assert "row 2 (compound '1ia1'): protein" in message and "bad.pdb" in message
     message = _error(["data=chembI", cache])
     assert "neither a file nor a built-in set (chembl, cmet, posebusters)" in message
+
+
+def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from combframe.app.predict import load
+
+    runs = tmp_path / "runs"
+    args = ["train", "data=cmet", "reader.limit=6", *FAST, cache, "strategy=stream"]
+    assert main([*args, f"output_dir={runs}", "name=one", "dtype=float64"]) == 0
+    model = load(runs / "one")
+    assert isinstance(model.model, SchNetNetwork)
+    out = tmp_path / "p.csv"
+    assert (
+        main(["predict", str(runs / "one"), "data=cmet", "reader.limit=6", cache, "-o", str(out)])
+        == 0
+    )
+    with out.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    metrics = json.loads((runs / "one" / "metrics.json").read_text())
+    assert metrics["data"]["kind"] == "molecules"

@@ -33,7 +33,7 @@ def test_a_huge_learning_rate_is_reported_as_divergence(
     assert "times the spread of the values" in err
     assert "lower the learning rate (lr=100)" in err
     assert "held-out" not in captured.out, "no metrics printed for a diverged run"
-    assert not (tmp_path / "big").exists()
+    assert json.loads((tmp_path / "big" / "status.json").read_text())["state"] == "failed"
 
 
 def test_divergence_rule() -> None:
@@ -90,9 +90,9 @@ def test_one_held_out_compound_prints_na_with_a_note(
     args = ["train", "compounds=2", "epochs=1", "--no-progress", f"output_dir={tmp_path}"]
     assert main([*args, "name=two"]) == 0
     captured = capsys.readouterr()
-    assert "Pearson n/a   Spearman n/a   (1 compound)" in captured.out, captured.out
+    assert "Pearson n/a   Spearman n/a   Kendall n/a   (1 compound)" in captured.out
     assert "nan" not in captured.out
-    assert "note: Pearson and Spearman are n/a: only 1 held-out compound" in captured.err
+    assert "note: Pearson, Spearman and Kendall are n/a: only 1 held-out compound" in captured.err
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["test"]["pearson"] is None and metrics["test"]["spearman"] is None
     assert math.isfinite(metrics["test"]["rmse"])

@@ -448,7 +448,8 @@ class PartlyUsed(torch.nn.Module):
 def test_unused_parameters_keep_grad_none_as_with_autograd(strategy: str, chunk: int) -> None:
     poses = make_poses(5)
     for i, pose in enumerate(poses):
-        pose[..., 0] = 1.0 if i == 0 else -1.0  # only pose 0 reads `rare`
+        # only pose 4 reads `rare`; it is alone in its chunk, so no chunk mixes poses
+        pose[..., 0] = 1.0 if i == 4 else -1.0
     net, readout = PartlyUsed(), Scale()
     readout.register_parameter("spare", torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)))
     model = combframe.MultiPoseModel(

@@ -1,7 +1,25 @@
-"""The ``combframe`` command line and its demonstration trainer.
+"""The ``combframe`` command line, its trainer, and the runs it saves.
 
 Nothing here is imported by ``import combframe``: the library (combinations, strategies,
 ``MultiPoseModel``) stands alone, and this package builds on its public API. Plots
-(matplotlib) and progress bars (tqdm) are optional extras, ``combframe[plot]`` and
-``combframe[progress]``.
+(matplotlib), progress bars (tqdm) and TensorBoard logs are optional extras,
+``combframe[plot]``, ``combframe[progress]`` and ``combframe[tensorboard]``.
+
+``combframe.app.load(run_dir)`` returns the trained model of a run folder
+(:func:`combframe.app.predict.load`); it is imported on first use, so that importing
+this package (``combframe --help``) does not load torch.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from combframe.app.predict import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -91,23 +91,85 @@ def _describe(combination: dict[str, Any]) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from combframe.app import distributed
+    from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError, load_config
-    from combframe.app.train import TrainingDivergedError, check_config, parse_compare
+    from combframe.app.runs import RunInterruptedError, RunWriteError
+    from combframe.app.train import TrainingDivergedError, check_config
 
     ranks = distributed.from_environment()
     try:
-        config = load_config(args.config, args.overrides)
-        device = check_config(config, ranks)
-        variants = None if args.compare is None else parse_compare(args.compare)
-        results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
-    except ConfigError as exc:
+        if args.resume is not None:
+            results, folder = _resume(args, ranks)
+        else:
+            config = load_config(args.config, args.overrides)
+            device = check_config(config, ranks)
+            variants = _variants(args, config)
+            results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
+    except (ConfigError, CheckpointError) as exc:
         raise UsageError(str(exc)) from None
     except TrainingDivergedError as exc:
         _say(f"combframe train: {exc}", every_rank=not exc.same_on_every_rank)
         return EXIT_FAILED
+    except RunInterruptedError as exc:
+        _say(f"combframe train: {exc}")
+        return 128 + exc.signum
+    except RunWriteError as exc:
+        if ranks.main:
+            _report([exc.result], None)
+        _say(f"combframe train: error: {exc}")
+        return EXIT_FAILED
     if ranks.main:
         _report(results, folder)
     return EXIT_OK
+
+
+def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | None:
+    """Return ``--compare``'s key and values, or ``--seeds`` as a comparison of seeds."""
+    from combframe.app.train import parse_compare
+
+    if args.seeds is not None and args.compare is not None:
+        raise UsageError("--seeds and --compare cannot be combined; give one of them")
+    if args.seeds is not None:
+        return "seed", [str(config.seed + i) for i in range(args.seeds)]
+    if args.compare is None:
+        return None
+    if len(args.compare) > 1:
+        raise UsageError(
+            f"--compare is given {len(args.compare)} times ({', '.join(args.compare)}); give "
+            "it once, with one key and its values (epochs=1,2,3)"
+        )
+    key, values = parse_compare(args.compare[0])
+    for item in args.overrides:
+        other = item.partition("=")[0].strip()
+        if other == key or other.startswith(f"{key}.") or key.startswith(f"{other}."):
+            raise UsageError(
+                f"--compare varies {key}, and the override {item!r} sets it too; give its "
+                f"values in --compare only (--compare {key}=V1,V2,...)"
+            )
+    return key, values
+
+
+def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
+    """Continue the run folder ``--resume RUN`` from its checkpoint."""
+    from pathlib import Path
+
+    from combframe.app import distributed
+    from combframe.app.train import check_config, resume
+
+    if args.overrides or args.config or args.compare or args.seeds:
+        raise UsageError(
+            "--resume continues a run with its own config; give no --config, --compare, "
+            "--seeds or KEY=VALUE with it"
+        )
+    folder = Path(args.resume)
+    from combframe.app.checkpoint import load_checkpoint
+    from combframe.app.config import TrainConfig
+
+    config = TrainConfig.model_validate(load_checkpoint(folder)["config"])
+    device = check_config(config, ranks)
+    with distributed.process_group(ranks, device) as joined:
+        result = resume(folder, progress=not args.no_progress, ranks=joined)
+    return [result], result.run_dir
 
 
 def _train_runs(
@@ -138,9 +200,11 @@ def _report(results: Sequence[Any], folder: Any) -> None:
         print(f"combination  {_describe(m['combination'])}")
         print(f"strategy     {m['strategy']} on {m['device']}{processes}")
         print(
-            f"held-out     RMSE {_fmt(test['rmse'])}{unit}   Pearson {_fmt(test['pearson'])}"
-            f"   Spearman {_fmt(test['spearman'])}   ({_count(test['compounds'], 'compound')})"
+            f"held-out     RMSE {_fmt(test['rmse'])}{unit}   MAE {_fmt(test['mae'])}"
+            f"   Pearson {_fmt(test['pearson'])}   Spearman {_fmt(test['spearman'])}"
+            f"   Kendall {_fmt(test['kendall'])}   ({_count(test['compounds'], 'compound')})"
         )
+        print(f"95% CI       {_intervals(test)}")
         print(f"time/epoch   {_fmt(m['time_per_epoch_s'], '.2f')} s")
         rss = m["process_peak_rss_mb"]
         rss_text = f"; process peak RSS {rss:.0f} MiB" if rss is not None else ""
@@ -161,13 +225,27 @@ def _report(results: Sequence[Any], folder: Any) -> None:
         print(f"run folder   {folder}")
 
 
+def _intervals(test: dict[str, Any]) -> str:
+    """Return the bootstrap 95% intervals of the held-out metrics, on one line."""
+    names = {"rmse": "RMSE", "mae": "MAE", "pearson": "Pearson", "spearman": "Spearman"}
+    names["kendall"] = "Kendall"
+    cells = []
+    for key, label in names.items():
+        ci = test.get("ci95", {}).get(key)
+        span = "n/a" if ci is None or test[key] is None else f"{_fmt(ci[0])} to {_fmt(ci[1])}"
+        cells.append(f"{label} {span}")
+    return "   ".join(cells)
+
+
 def _print_table(results: Sequence[Any]) -> None:
     from combframe.app.memory import format_bytes
 
     by_name = all(r.label.startswith("combination.name=") for r in results)
+    validated = all(r.metrics.get("validation") for r in results)
     rows = [
         (
             _describe(r.metrics["combination"]) if by_name else r.label,
+            *([_fmt(r.metrics["validation"]["best_rmse"])] if validated else []),
             _fmt(r.metrics["test"]["rmse"]),
             _fmt(r.metrics["test"]["pearson"]),
             _fmt(r.metrics["test"]["spearman"]),
@@ -176,10 +254,11 @@ def _print_table(results: Sequence[Any]) -> None:
         )
         for r in results
     ]
-    # Compared as printed, so runs that tie at three decimals share the *.
-    printed = [float(row[1]) if row[1] != "n/a" else math.inf for row in rows]
+    # Chosen on validation, as printed, so that runs tying at three decimals share the *.
+    printed = [float(row[1]) if validated and row[1] != "n/a" else math.inf for row in rows]
     first = "combination" if by_name else "run"
-    header = (first, "RMSE", "Pearson", "Spearman", "s/epoch", "step memory")
+    header = (first, *(["val RMSE"] if validated else []), "RMSE", "Pearson", "Spearman")
+    header += ("s/epoch", "step memory")
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -190,9 +269,80 @@ def _print_table(results: Sequence[Any]) -> None:
 
     print(f"  {line(header)}")
     for i, row in enumerate(rows):
-        print(f"{'*' if printed[i] == min(printed) else ' '} {line(row)}")
-    print("held-out metrics of compound-level predictions; * lowest RMSE")
+        chosen = validated and printed[i] == min(printed)
+        print(f"{'*' if chosen else ' '} {line(row)}")
+    print("held-out metrics of compound-level predictions (each measured once, never chosen on)")
+    if validated:
+        print("* lowest validation RMSE (best epoch): the run chosen on validation")
+    else:
+        print("no run is chosen: set val_fraction (e.g. val_fraction=0.2) to choose on validation")
     print(f"step memory: {results[0].metrics['peak_memory_kind']}")
+
+
+# ---- predict ------------------------------------------------------------------------
+
+#: Config keys ``predict`` may change: where the compounds come from.
+_PREDICT_KEYS = ("data", "seed", "test_fraction")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from combframe.app.checkpoint import CheckpointError
+    from combframe.app.config import ConfigError
+    from combframe.app.predict import load, predict, run_folders, write_csv
+
+    folders = run_folders([args.run, *(args.ensemble or [])])
+    try:
+        models = [
+            load(f, device=args.device, which="best" if args.best else "final") for f in folders
+        ]
+        data = _predict_data(folders[0], args.overrides)
+    except (ConfigError, CheckpointError) as exc:
+        raise UsageError(str(exc)) from None
+    _check_features(folders, models, data.features)
+    result = predict(models, data.train)
+    output = Path(args.output)
+    poses = Path(args.poses) if args.poses else None
+    write_csv(output, data.train, result, poses=poses)
+    ensemble = f" (mean and std of {result.models} models)" if result.models > 1 else ""
+    print(f"predictions  {_count(len(data.train), 'compound')}{ensemble} -> {output}")
+    if poses is not None:
+        print(
+            f"poses        {_count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}"
+        )
+    return EXIT_OK
+
+
+def _predict_data(folder: Any, overrides: Sequence[str]) -> Any:
+    """Load the compounds to predict with the run's config and ``data=...`` overrides."""
+    from combframe.app.config import SYNTHETIC_KEYS, ConfigError, TrainConfig, apply_overrides
+    from combframe.app.saved import read_model
+    from combframe.app.train import load_data
+
+    allowed = (*_PREDICT_KEYS, *SYNTHETIC_KEYS)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in allowed and not key.startswith("reader."):
+            raise ConfigError(
+                f"{key}: predict takes only the keys that choose the compounds "
+                f"({', '.join(allowed)}, reader.*); the model's settings are the run's"
+            )
+    _, meta = read_model(folder)
+    config = TrainConfig.model_validate(apply_overrides(meta["config"], overrides))
+    return load_data(config, for_prediction=True)
+
+
+def _check_features(folders: Sequence[Any], models: Sequence[Any], features: int) -> None:
+    from combframe.app.saved import read_model
+
+    for folder in folders:
+        expected = read_model(folder)[1]["network"]["features"]
+        if expected != features:
+            raise UsageError(
+                f"data: the compounds have {features} features per pose; the model of "
+                f"{str(folder)!r} was trained on {expected}"
+            )
 
 
 # ---- list ---------------------------------------------------------------------------
@@ -302,6 +452,7 @@ def _number(kind: type[float] | type[int], bound: str) -> Callable[[str], Any]:
 
 
 _positive_float = _number(float, "> 0")
+_positive_int = _number(int, "> 0")
 _non_negative_int = _number(int, ">= 0")
 
 
@@ -432,9 +583,21 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML or JSON config file")
     p.add_argument(
         "--compare",
+        action="append",
         metavar="NAMES|KEY=VALUES",
         help="train once per value and print one table: comma-separated combinations "
         "(max,mean,boltzmann) or any config key with its values (strategy=store,stream)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="train N runs with seeds seed, seed+1, ... (an ensemble for `combframe predict`)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run folder RUN from its checkpoint (after a kill or a time limit)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
@@ -445,6 +608,32 @@ def _add_train(sub: Any) -> None:
         "combination.kT=0.6 (the keys are listed below)",
     )
     p.set_defaults(func=_cmd_train)
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict compounds with a trained run (or an ensemble of runs); write a CSV",
+        description="Load the model of a run folder and write one row per compound "
+        "(index, name, prediction, target when known) to a CSV; with --poses, one row per "
+        "pose with its prediction and its weight dG/dy_i in the combination. Several "
+        "runs (--ensemble, or a folder of `train --seeds N`) give the mean and std.",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder (or a --seeds/--compare folder)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the compounds to predict: data=PATH (default: the run's own data)",
+    )
+    p.add_argument("--ensemble", nargs="+", metavar="RUN", help="more runs to average over")
+    p.add_argument(
+        "--output", "-o", default="predictions.csv", help="the compounds' CSV (predictions.csv)"
+    )
+    p.add_argument("--poses", metavar="FILE", help="also write the per-pose CSV to FILE")
+    p.add_argument("--best", action="store_true", help="use the best-on-validation model")
+    p.add_argument("--device", default="cpu", help="where to run the model (cpu)")
+    p.set_defaults(func=_cmd_predict)
 
 
 def _add_check(sub: Any) -> None:
@@ -486,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
+    _add_predict(sub)
     p_list = sub.add_parser("list", help="list installed combinations and plugin load errors")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=_cmd_list)
@@ -533,7 +723,9 @@ def _run(argv: Sequence[str] | None, state: dict[str, Any]) -> int:
         print(f"combframe {_version()}")
         return EXIT_OK
     if args.command is None:
-        raise UsageError("choose a command: train, list, check or schema (see `combframe --help`)")
+        raise UsageError(
+            "choose a command: train, predict, list, check or schema (see `combframe --help`)"
+        )
     status: int = args.func(args)
     return status
 

@@ -16,7 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from pydantic import GetCoreSchemaHandler
@@ -44,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_keys_help",
+    "did_you_mean",
     "format_validation_error",
     "load_config",
     "parse_value",
@@ -131,6 +139,18 @@ class TrainConfig(BaseModel):
     strategy: Literal["store", "recompute", "stream"] = Field(
         "store", description="How per-pose gradients are kept (see MultiPoseModel)."
     )
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the strategy's class (strategy_options.check=false for "
+        "recompute); see combframe.Store, Recompute, Stream.",
+    )
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Poses per pass of the network (MultiPoseModel's chunk_size; molecules "
+        "are batched with PyG's Batch); null: 16 for molecules with recompute or stream, "
+        "else 1.",
+    )
     device: str = Field(
         "cpu",
         description="cpu, cuda, cuda:N or auto (CUDA when available); under "
@@ -138,19 +158,24 @@ class TrainConfig(BaseModel):
     )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating dtype.")
     epochs: int = Field(10, ge=1, description="Passes over the training compounds.")
-    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate (cosine decay to 0).")
+    lr: float = Field(3e-3, gt=0, description="Initial Adam learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine",
+        description="Learning-rate schedule over all steps: cosine or linear decay to 0, "
+        "or constant.",
+    )
     batch_size: int = Field(8, ge=1, description="Compounds per optimizer step.")
+    normalize_targets: bool = Field(
+        False,
+        description="Train the network on standardised values (the training values' mean "
+        "and standard deviation are kept in the model and undone in its output).",
+    )
     hidden: int = Field(
         32, ge=1, description="Width of the single-pose network (SchNet: hidden channels)."
     )
     model: ModelConfig = Field(
-        default_factory=ModelConfig, description="The single-pose network (model.name=...)."
-    )
-    chunk_size: int | None = Field(
-        None,
-        ge=1,
-        description="Poses per network call (molecules are batched with "
-        "PyG's Batch); null: 16 for molecules with recompute or stream, else 1.",
+        default_factory=lambda: ModelConfig(),
+        description="The single-pose network (model.name=...).",
     )
     seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
     data: Path | None = Field(
@@ -160,7 +185,7 @@ class TrainConfig(BaseModel):
         "docs/data.md) or a built-in real set: chembl, cmet, posebusters.",
     )
     reader: ReaderConfig = Field(
-        default_factory=ReaderConfig,
+        default_factory=lambda: ReaderConfig(),
         description="How molecular input is read (reader.target=..., see docs/data.md).",
     )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
@@ -169,6 +194,19 @@ class TrainConfig(BaseModel):
     pose_spread: float = Field(1.0, ge=0, description="Built-in set: spread of the poses.")
     noise: float = Field(0.1, ge=0, description="Built-in set: label noise, kcal/mol.")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="Share of compounds held out.")
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the training compounds set aside for validation (the best "
+        "model, early stopping, --compare's choice); 0: none.",
+    )
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many epochs without a lower validation RMSE "
+        "(needs val_fraction > 0); null: train every epoch.",
+    )
     threads: int | None = Field(
         1, ge=1, description="CPU threads for torch (null keeps torch's default)."
     )
@@ -177,6 +215,23 @@ class TrainConfig(BaseModel):
         None, description="Run folder name (-2, -3, ... is appended if it exists)."
     )
     plot: bool = Field(True, description="Write loss.png (needs matplotlib).")
+    tensorboard: bool = Field(
+        False, description="Write a TensorBoard log to the run folder (needs tensorboard)."
+    )
+    memory: bool = Field(
+        True,
+        description="Measure peak tensor memory (CPU: the profiler over the first step; "
+        "CUDA: the allocator's peak over the run); false: do not.",
+    )
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> TrainConfig:
+        if self.patience is not None and self.val_fraction == 0:
+            raise ValueError(
+                f"patience={self.patience} stops on the validation RMSE; set val_fraction "
+                "(e.g. val_fraction=0.2) or leave patience null"
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -205,6 +260,7 @@ _HELP_DEFAULTS = {
     "name": "a timestamp",
     "model": "name=auto",
     "reader": "see docs/data.md",
+    "strategy_options": "{}",
 }
 
 
@@ -272,12 +328,41 @@ def config_keys_help(width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def did_you_mean(word: str, known: Sequence[str]) -> str:
+    """Return ``; did you mean 'x'?`` for the closest of ``known`` to ``word``, or ``""``."""
+    import difflib
+
+    by_case = {k.lower(): k for k in known}
+    close = [by_case[word.lower()]] if word.lower() in by_case else []
+    close = close or difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _parameter_names(data: Mapping[str, Any] | None) -> list[str]:
+    """Return the parameters of the combination named in ``data`` (none if unknown)."""
+    section = (data or {}).get("combination")
+    name = section.get("name") if isinstance(section, dict) else None
+    if not isinstance(name, str):
+        return []
+    import combframe
+
+    for info in combframe.describe_combinations():
+        if name.strip().lower().replace("-", "_") in (info.name, *info.aliases):
+            return [p.name for p in info.parameters]
+    return []
+
+
 def format_validation_error(
-    exc: ValidationError, prefix: str = "", known_fields: Sequence[str] = ()
+    exc: ValidationError,
+    prefix: str = "",
+    known_fields: Sequence[str] = (),
+    data: Mapping[str, Any] | None = None,
 ) -> str:
     """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
 
-    An unknown top-level field is followed by ``known_fields`` when given.
+    An unknown top-level field is followed by the closest known field and
+    ``known_fields`` when given; an unknown combination parameter by the closest
+    parameter of the combination named in ``data``.
     """
     parts = []
     for err in exc.errors():
@@ -290,9 +375,11 @@ def format_validation_error(
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
             if known_fields and len(err["loc"]) == 1:
-                known = "; known fields: " + ", ".join(known_fields)
+                hint = did_you_mean(str(err["loc"][0]), known_fields)
+                known = f"{hint}; known fields: " + ", ".join(known_fields)
             elif err["loc"][:1] == ("combination",):
                 msg = "not a parameter of this combination (see `combframe list`)"
+                known = did_you_mean(str(err["loc"][-1]), _parameter_names(data))
         parts.append(f"{loc or 'config'}: {msg}{got}{known}")
     return "; ".join(parts)
 
@@ -317,6 +404,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -422,12 +511,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     ConfigError
         With one line naming the offending field.
     """
-    data = read_config_file(path) if path is not None else {}
+    data = _bare_name(read_config_file(path) if path is not None else {})
     if "combination" not in data:
         data["combination"] = {"name": "max", "negate_preds": True}
-    data = apply_overrides(data, overrides)
+    data = _bare_name(apply_overrides(data, overrides))
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
         known = list(TrainConfig.model_fields)
-        raise ConfigError(format_validation_error(exc, known_fields=known)) from None
+        raise ConfigError(format_validation_error(exc, known_fields=known, data=data)) from None
+
+
+def _bare_name(data: dict[str, Any]) -> dict[str, Any]:
+    """Read ``combination: mean`` as ``combination: {name: mean}``, as Python takes a name."""
+    if isinstance(data.get("combination"), str):
+        data["combination"] = {"name": data["combination"]}
+    return data

@@ -69,6 +69,26 @@ class Compound:
     name: str | None = None
     properties: Mapping[str, Tensor] | None = None
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Compound:
+        """Return the compound with its poses and target on ``device`` (floats in ``dtype``).
+
+        Feature-vector poses move as one tensor, molecular poses (``Data``) one by one,
+        their coordinates cast to ``dtype`` when given.
+        """
+        if isinstance(self.poses, Tensor):
+            poses: Tensor | tuple[Any, ...] = self.poses.to(device, dtype)
+        else:
+            poses = tuple(_pose_to(p, device, dtype) for p in self.poses)
+        target = self.target.to(device, dtype)
+        return Compound(poses, target, name=self.name, properties=self.properties)
+
+
+def _pose_to(pose: Any, device: torch.device | str, dtype: torch.dtype | None) -> Any:
+    moved = pose.to(device)
+    if dtype is not None:
+        moved.pos = moved.pos.to(dtype)
+    return moved
+
 
 @dataclass(frozen=True)
 class SyntheticDataset:
@@ -218,6 +238,10 @@ def _read_json(path: Path) -> Any:
         raise DataError(
             f"{str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise DataError(
+            f"{str(path)!r} is nested too deeply to be a compounds file (see docs/cli.md)"
+        ) from None
 
 
 def _label(index: int, entry: Any) -> str:
@@ -263,10 +287,25 @@ def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype
             f"pose {pose} feature {feature} is {float(tensor[pose, feature])}; "
             "features must be finite"
         )
-    return tensor.unsqueeze(1).to(dtype)
+    converted = tensor.to(dtype)
+    bad = (~torch.isfinite(converted)).nonzero()
+    if len(bad):
+        pose, feature = (int(v) for v in bad[0])
+        raise DataError(
+            f"pose {pose} feature {feature} is {float(tensor[pose, feature]):g}, which is "
+            f"not finite in {_name(dtype)} (the training dtype); rescale the features or "
+            "use dtype=float64"
+        )
+    return converted.unsqueeze(1)
 
 
-def _compound(index: int, entry: Any, features: int | None, dtype: torch.dtype) -> Compound:
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compound(
+    index: int, entry: Any, features: int | None, dtype: torch.dtype, values: bool = True
+) -> Compound:
     if not isinstance(entry, dict):
         raise DataError(f"must be a mapping with 'value' and 'poses'; got {entry!r:.60}")
     unknown = sorted(set(entry) - set(_KEYS))
@@ -275,17 +314,27 @@ def _compound(index: int, entry: Any, features: int | None, dtype: torch.dtype) 
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
         raise DataError(f"'name' must be a string; got {name!r}")
-    value = _check_value(entry)
+    value = _check_value(entry) if values or "value" in entry else math.nan
+    target = torch.tensor(value, dtype=dtype)
+    if math.isfinite(value) and not torch.isfinite(target):
+        raise DataError(
+            f"'value' is {value:g}, which is not finite in {_name(dtype)} (the training "
+            "dtype); rescale the values or use dtype=float64"
+        )
     poses = _check_poses(entry, features, dtype)
-    return Compound(poses=poses, target=torch.tensor(value, dtype=dtype), name=name)
+    return Compound(poses=poses, target=target, name=name)
 
 
-def load_compounds(path: str | Path, *, dtype: torch.dtype = torch.float32) -> list[Compound]:
+def load_compounds(
+    path: str | Path, *, dtype: torch.dtype = torch.float32, values: bool = True
+) -> list[Compound]:
     """Read a user's compounds from a JSON file (the format is in ``docs/cli.md``).
 
     The file holds ``{"compounds": [{"name": ..., "value": ..., "poses": [...]}, ...]}``:
     per compound an optional name, the measured value (a number) and a non-empty list of
-    poses, each a list of the same number of features in every compound.
+    poses, each a list of the same number of features in every compound. With
+    ``values=False`` (compounds to predict) a compound may have no value; its target is
+    then NaN.
 
     Returns
     -------
@@ -312,7 +361,7 @@ def load_compounds(path: str | Path, *, dtype: torch.dtype = torch.float32) -> l
         first = compounds[0].poses if compounds else None
         features = first.shape[-1] if isinstance(first, Tensor) else None
         try:
-            compound = _compound(index, entry, features, dtype)
+            compound = _compound(index, entry, features, dtype, values)
             if compound.name is not None and compound.name in names:
                 raise DataError(f"has the same name as compounds[{names[compound.name]}]")
         except DataError as exc:

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["format_bytes", "measure_step", "process_peak_rss_mb"]
+__all__ = ["format_bytes", "measure_step", "process_peak_rss_mb", "run_peak"]
 
 T = TypeVar("T")
 
@@ -46,6 +46,27 @@ def measure_step(step: Callable[[], T], device: torch.device) -> tuple[T, int, s
         peak = peak_tensor_bytes(lambda: box.append(step()))
     return box[0], peak, "CPU tensors of a training step (torch profiler)"
 
+
+@contextmanager
+def run_peak(device: torch.device) -> Iterator[list[int]]:
+    """Measure the CUDA allocator's peak over the ``with`` block, above what was there.
+
+    The list yielded receives the peak in bytes when the block ends. It costs nothing
+    per step: the allocator keeps its peak anyway.
+    """
+    box: list[int] = []
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield box
+    finally:
+        torch.cuda.synchronize(device)
+        box.append(torch.cuda.max_memory_allocated(device) - before)
+
+
+#: What the CUDA peak over a run measures.
+CUDA_RUN_KIND = "CUDA tensors over the run (torch.cuda.max_memory_allocated)"
 
 #: A line of the profiler's own log (kineto writes it to file descriptor 2).
 _PROFILER_LOG = re.compile(rb"[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\] ")

@@ -1,8 +1,11 @@
-"""Held-out metrics of ``combframe train``, when they are undefined, and divergence.
+"""Held-out metrics of ``combframe train``, their intervals, when undefined, and divergence.
 
-Pearson and Spearman correlations need at least two held-out compounds and predictions
-and values that are not all equal; :func:`undefined_correlation` says why when they are
-not defined, and the command prints ``n/a`` with that reason instead of ``nan``.
+:func:`held_out_metrics` gives MAE, RMSE, Pearson, Spearman and Kendall's tau-b of the
+held-out compounds, each with a 95% percentile bootstrap interval over resampled
+compounds (:func:`bootstrap_intervals`); the resamples are evaluated together, as rows of
+one tensor. Correlations need at least two held-out compounds and predictions and values
+that are not all equal; :func:`undefined_correlation` says why when they are not defined,
+and the command prints ``n/a`` with that reason instead of ``nan``.
 
 :func:`divergence` is the rule that ends a run with exit status 1: training diverged
 when the final training RMSE or the held-out RMSE is more than :data:`DIVERGENCE_FACTOR`
@@ -16,19 +19,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BOOTSTRAP_SAMPLES",
     "DIVERGENCE_FACTOR",
     "baseline_note",
+    "bootstrap_intervals",
     "divergence",
+    "held_out_metrics",
+    "kendall",
+    "mae",
     "pearson",
     "rmse",
     "spearman",
     "undefined_correlation",
 ]
+
+#: Resamples of the bootstrap confidence intervals.
+BOOTSTRAP_SAMPLES = 1000
+#: Elements of the pairwise-sign blocks of Kendall's tau computed at once.
+_BLOCK = 2**22
 
 #: How many times the spread of the values the final RMSE may reach before training
 #: counts as diverged.
@@ -40,35 +54,131 @@ def rmse(pred: Tensor, target: Tensor) -> float:
     return float(((pred.double() - target.double()) ** 2).mean().sqrt())
 
 
+def mae(pred: Tensor, target: Tensor) -> float:
+    """Mean absolute error."""
+    return float((pred.double() - target.double()).abs().mean())
+
+
+def _pearson_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Pearson correlation of each row of ``x`` with that of ``y``; NaN for a constant row."""
+    x = x - x.mean(dim=-1, keepdim=True)
+    y = y - y.mean(dim=-1, keepdim=True)
+    denom = x.norm(dim=-1) * y.norm(dim=-1)
+    return torch.where(denom > 0, (x * y).sum(dim=-1) / denom, torch.nan)
+
+
+def _ranks_rows(x: Tensor) -> Tensor:
+    """Ranks within each row, starting at 0, ties sharing their average rank."""
+    ordered = x.sort(dim=-1).values
+    below = torch.searchsorted(ordered, x.contiguous(), right=False)
+    up_to = torch.searchsorted(ordered, x.contiguous(), right=True)
+    return (below + up_to - 1).double() / 2
+
+
+def _kendall_rows(x: Tensor, y: Tensor) -> Tensor:
+    r"""Kendall's :math:`\tau_b` of each row pair; NaN for a constant row.
+
+    :math:`\tau_b = \sum_{i,j} s^x_{ij} s^y_{ij} / \sqrt{\sum s^x_{ij}{}^2 \sum s^y_{ij}{}^2}`
+    with :math:`s_{ij} = \operatorname{sign}(v_i - v_j)`: concordant minus discordant
+    pairs over the pairs not tied in each variable, as ``scipy.stats.kendalltau``.
+    """
+    n = x.shape[-1]
+    rows = max(1, _BLOCK // max(n * n, 1))
+    sums = torch.zeros(3, x.shape[0], dtype=torch.float64)
+    for r in range(0, x.shape[0], rows):
+        xr, yr = x[r : r + rows], y[r : r + rows]
+        step = max(1, _BLOCK // max(len(xr) * n, 1))
+        for i in range(0, n, step):
+            sx = torch.sign(xr[:, i : i + step, None] - xr[:, None, :])
+            sy = torch.sign(yr[:, i : i + step, None] - yr[:, None, :])
+            sums[:, r : r + rows] += torch.stack(
+                [(sx * sy).sum((1, 2)), (sx * sx).sum((1, 2)), (sy * sy).sum((1, 2))]
+            )
+    denom = (sums[1] * sums[2]).sqrt()
+    return torch.where(denom > 0, sums[0] / denom, torch.nan)
+
+
+def _rows(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    return pred.double().cpu().reshape(1, -1), target.double().cpu().reshape(1, -1)
+
+
 def pearson(pred: Tensor, target: Tensor) -> float:
     """Pearson correlation; NaN when either side is constant."""
-    x = pred.double() - pred.double().mean()
-    y = target.double() - target.double().mean()
-    denom = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denom if denom > 0 else math.nan
-
-
-def _ranks(values: Tensor) -> Tensor:
-    """Ranks starting at 0, ties sharing their average rank."""
-    v = values.double().cpu()
-    order = torch.argsort(v, stable=True)
-    ranks = torch.empty_like(v)
-    ranks[order] = torch.arange(len(v), dtype=torch.float64)
-    uniq, inverse = torch.unique(v, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(
-        0, inverse, torch.ones_like(ranks)
-    )
-    return (sums / counts)[inverse]
+    return float(_pearson_rows(*_rows(pred, target))[0])
 
 
 def spearman(pred: Tensor, target: Tensor) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(_ranks(pred), _ranks(target))
+    """Spearman rank correlation (Pearson of average ranks); NaN when either is constant."""
+    x, y = _rows(pred, target)
+    return float(_pearson_rows(_ranks_rows(x), _ranks_rows(y))[0])
+
+
+def kendall(pred: Tensor, target: Tensor) -> float:
+    """Kendall's tau-b (ties accounted for, as scipy's default); NaN when either is constant."""
+    return float(_kendall_rows(*_rows(pred, target))[0])
+
+
+def _all_metrics(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Every metric of each row pair of ``x`` (predictions) and ``y`` (values)."""
+    error = x - y
+    return {
+        "mae": error.abs().mean(dim=-1),
+        "rmse": (error**2).mean(dim=-1).sqrt(),
+        "pearson": _pearson_rows(x, y),
+        "spearman": _pearson_rows(_ranks_rows(x), _ranks_rows(y)),
+        "kendall": _kendall_rows(x, y),
+    }
+
+
+def bootstrap_intervals(
+    pred: Tensor, target: Tensor, *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> dict[str, list[float] | None]:
+    """95% percentile bootstrap intervals of every metric, over resampled compounds.
+
+    Each of ``samples`` resamples draws ``n`` compounds with replacement (from a
+    generator seeded with ``seed``); an interval is the 2.5th and 97.5th percentile of
+    the metric over the resamples where it is defined, None with fewer than 2
+    compounds.
+    """
+    x, y = _rows(pred, target)
+    n = x.shape[-1]
+    if n < 2:
+        return dict.fromkeys(("mae", "rmse", "pearson", "spearman", "kendall"))
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (samples, n), generator=gen)
+    values = _all_metrics(x[0][index], y[0][index])
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    out: dict[str, list[float] | None] = {}
+    for name, v in values.items():
+        defined = v[~v.isnan()]
+        out[name] = torch.quantile(defined, q).tolist() if defined.numel() else None
+    return out
+
+
+def held_out_metrics(
+    pred: Tensor, target: Tensor, *, seed: int = 0
+) -> tuple[dict[str, Any], list[str]]:
+    """MAE, RMSE, Pearson, Spearman, Kendall and their 95% intervals, with notes.
+
+    Correlations are None where undefined, and a note says why.
+    """
+    x, y = _rows(pred, target)
+    values = {k: float(v[0]) for k, v in _all_metrics(x, y).items()}
+    notes = []
+    undefined = undefined_correlation(pred, target)
+    if undefined is not None:
+        notes.append(f"Pearson, Spearman and Kendall are n/a: {undefined}")
+    out: dict[str, Any] = {
+        k: None if undefined and k in ("pearson", "spearman", "kendall") else v
+        for k, v in values.items()
+    }
+    out["compounds"] = int(x.shape[-1])
+    out["ci95"] = bootstrap_intervals(pred, target, seed=seed)
+    return out, notes
 
 
 def undefined_correlation(pred: Tensor, target: Tensor) -> str | None:
-    """Say why Pearson and Spearman are undefined for these values; None when defined."""
+    """Say why the correlations are undefined for these values; None when defined."""
     n = pred.numel()
     if n < 2:
         return (

@@ -129,6 +129,10 @@ class SchNetNetwork(torch.nn.Module):
             cutoff=cutoff,
             interaction_graph=RadiusGraph(cutoff),
         )
+        for block in self.schnet.interactions:
+            # ``mlp`` is ``conv.nn`` under a second name; one name per parameter lets the
+            # weights be saved as safetensors (the block's forward uses ``conv`` only).
+            del block.mlp
         with torch.no_grad():  # start every prediction at ``offset``, whatever the atoms
             self.schnet.lin2.weight.zero_()
             self.schnet.lin2.bias.zero_()

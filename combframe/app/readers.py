@@ -23,10 +23,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from combframe.app.checkpoint import atomic_write
 from combframe.app.data import Compound, DataError
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def _sdf(
     group: str | None = None,
 ) -> list[_Raw]:
     """Group the records of ``path`` into compounds (``group`` names all of them)."""
-    from combframe.app import chem
+    import combframe.app.chem as chem
 
     compounds: dict[str, _Raw] = {}
     try:
@@ -278,7 +279,7 @@ def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, float |
 def _conformers(
     path: Path, opts: ReaderConfig, problems: _Problems, values: dict[str, float] | None
 ) -> list[_Raw]:
-    from combframe.app import chem
+    import combframe.app.chem as chem
 
     rows = _smiles_rows(_check_file(path, "SMILES file"), opts)
     out: list[_Raw] = []
@@ -337,7 +338,7 @@ def _manifest(path: Path) -> list[_Entry]:
 
 def _from_entries(entries: Iterable[_Entry], opts: ReaderConfig, problems: _Problems) -> list[_Raw]:
     """Read each entry's pose files (every record a pose of that compound)."""
-    from combframe.app import chem
+    import combframe.app.chem as chem
 
     out: list[_Raw] = []
     proteins: dict[Path, Atoms] = {}
@@ -389,7 +390,7 @@ def _package_file(package: str, *parts: str) -> Path:
 
 
 def _posebusters(opts: ReaderConfig, problems: _Problems) -> tuple[list[_Raw], list[Path]]:
-    from combframe.app import chem
+    import combframe.app.chem as chem
 
     root = _package_path("posebusters", "datasets", "pdb")
     entries, files = [], []
@@ -457,8 +458,10 @@ def _inputs(source: str, opts: ReaderConfig) -> list[Path]:
     return [path, *(_check_file(p, "file") for p in extra)]
 
 
-def _read_raw(source: str, opts: ReaderConfig, problems: _Problems) -> list[_Raw]:
-    from combframe.app import chem
+def _read_raw(
+    source: str, opts: ReaderConfig, problems: _Problems, values_needed: bool = True
+) -> list[_Raw]:
+    import combframe.app.chem as chem
 
     if source in BUILT_IN:
         return _built_in(source, opts, problems)()
@@ -471,7 +474,7 @@ def _read_raw(source: str, opts: ReaderConfig, problems: _Problems) -> list[_Raw
                 protein = chem.read_protein(opts.protein, opts.hydrogens)
             except chem.ChemError as exc:
                 raise DataError(f"reader.protein {str(opts.protein)!r}: {exc}") from None
-        if values is None and opts.target is None:
+        if values is None and opts.target is None and values_needed:
             raise DataError(
                 f"{source!r}: say where the values are: reader.target=<SD property> or "
                 "reader.values=<CSV of name,value>"
@@ -482,11 +485,13 @@ def _read_raw(source: str, opts: ReaderConfig, problems: _Problems) -> list[_Raw
     return _conformers(path, opts, problems, values)
 
 
-def _checked(raws: list[_Raw], opts: ReaderConfig, problems: _Problems, source: str) -> list[_Raw]:
-    """Drop (or refuse) compounds without a value; keep ``limit``; need two compounds."""
+def _checked(
+    raws: list[_Raw], opts: ReaderConfig, problems: _Problems, source: str, values_needed: bool
+) -> list[_Raw]:
+    """Drop (or refuse) compounds without a value if needed; keep ``limit``; need two."""
     kept = []
     for raw in raws:
-        if raw.value is None:
+        if raw.value is None and values_needed:
             problems.report(raw.where, "has no value (a finite number) for this compound")
         else:
             kept.append(raw)
@@ -513,7 +518,9 @@ def _pack(raws: list[_Raw], skipped: list[str], source: str) -> dict[str, Any]:
         "lig": torch.from_numpy(np.concatenate([p.lig for p in poses])),
         "atoms": torch.tensor([len(p.z) for p in poses]),
         "poses": torch.tensor([len(r.poses) for r in raws]),
-        "target": torch.tensor([float(r.value or 0.0) for r in raws], dtype=torch.float64),
+        "target": torch.tensor(
+            [math.nan if r.value is None else r.value for r in raws], dtype=torch.float64
+        ),
         "props": torch.tensor(props, dtype=torch.float64).reshape(len(poses), len(names)),
         "meta": json.dumps({**meta, "source": source, "version": _CACHE_VERSION}),
     }
@@ -546,12 +553,14 @@ def _unpack(packed: dict[str, Any], dtype: torch.dtype) -> tuple[list[Compound],
     return compounds, list(meta["skipped"])
 
 
-def _cache_key(source: str, opts: ReaderConfig, files: list[Path]) -> str:
+def _cache_key(source: str, opts: ReaderConfig, files: list[Path], values_needed: bool) -> str:
     import rdkit
 
     digest = hashlib.sha256()
     settings = opts.model_dump(mode="json", exclude={"cache", "cache_dir"})
-    text = json.dumps([source, settings, rdkit.__version__, _CACHE_VERSION], sort_keys=True)
+    text = json.dumps(
+        [source, settings, values_needed, rdkit.__version__, _CACHE_VERSION], sort_keys=True
+    )
     digest.update(text.encode())
     for path in files:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -577,20 +586,20 @@ def _load_cached(path: Path) -> dict[str, Any] | None:
 
 
 def _store(path: Path, packed: dict[str, Any]) -> None:
-    """Write ``packed`` to ``path`` atomically: a temporary file renamed into place."""
+    """Write ``packed`` to ``path`` atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(packed, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
-def read_molecules(source: str, opts: ReaderConfig, dtype: torch.dtype) -> MoleculeSet:
+def read_molecules(
+    source: str, opts: ReaderConfig, dtype: torch.dtype, *, values: bool = True
+) -> MoleculeSet:
     """Read the compounds of ``source`` (a file or a :data:`BUILT_IN` name), cached.
+
+    With ``values=False`` (for prediction) a compound without a value is kept, its
+    target NaN.
 
     Raises
     ------
@@ -601,12 +610,13 @@ def read_molecules(source: str, opts: ReaderConfig, dtype: torch.dtype) -> Molec
     """
     require_chem()
     label = f"built-in {source}" if source in BUILT_IN else source
-    key = _cache_key(source, opts, _inputs(source, opts))
+    key = _cache_key(source, opts, _inputs(source, opts), values)
     path = cache_dir(opts) / f"{key}.pt"
     packed = _load_cached(path) if opts.cache else None
     if packed is None:
         problems = _Problems(opts.skip_invalid)
-        raws = _checked(_read_raw(source, opts, problems), opts, problems, label)
+        raws = _read_raw(source, opts, problems, values)
+        raws = _checked(raws, opts, problems, label, values)
         packed = _pack(raws, problems.lines, label)
         if opts.cache:
             _store(path, packed)

@@ -2,24 +2,57 @@
 
 The folder is created (and ``config.yaml`` written) before the first training step, so a
 path that cannot be written is a usage error, not a run thrown away at its end. A run
-that fails removes the folder it created. Under ``torchrun`` only rank 0 writes.
+that fails keeps its folder (its checkpoint and the epochs already done), marked
+``failed`` or ``interrupted`` with the reason in ``status.json``. Under ``torchrun``
+only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+import signal
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from combframe.app.checkpoint import atomic_write, write_status
 from combframe.app.config import ConfigError, TrainConfig
 from combframe.app.distributed import Ranks
 
-__all__ = ["RunResult", "claimed_run_dir", "create_run_dir", "new_run_dir", "write_run"]
+__all__ = [
+    "RunInterruptedError",
+    "RunResult",
+    "RunWriteError",
+    "claimed_run_dir",
+    "create_run_dir",
+    "tensorboard_note",
+    "write_epoch_logs",
+    "write_run",
+]
+
+
+class RunInterruptedError(Exception):
+    """A run stopped by SIGTERM or SIGINT after writing its checkpoint.
+
+    Attributes
+    ----------
+    signum
+        The signal's number (the command exits with ``128 + signum``).
+    folder
+        The run folder holding the checkpoint, or None on ranks other than 0.
+    """
+
+    def __init__(self, message: str, signum: int, folder: Path | None) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.folder = folder
 
 
 @dataclass
@@ -47,22 +80,40 @@ class RunResult:
     label: str = ""
 
 
-def new_run_dir(config: TrainConfig, suffix: str = "") -> Path:
-    """Return a fresh folder under ``config.output_dir``: ``config.name`` or a timestamp."""
+class RunWriteError(OSError):
+    """The run trained, but a file of its folder could not be written (a full disk).
+
+    ``result`` holds the metrics, so that they can still be printed.
+    """
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _make_run_dir(config: TrainConfig) -> Path:
+    """Create a fresh folder under ``config.output_dir``: ``config.name`` or a timestamp.
+
+    ``-2``, ``-3``, ... is appended while the name is taken; the check is the creation
+    itself, so two processes starting at once get two folders.
+    """
     base = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(config.output_dir)
-    candidate = root / (base + suffix)
-    n = 2
-    while candidate.exists():
-        candidate = root / f"{base}-{n}{suffix}"
-        n += 1
-    return candidate
+    n = 1
+    while True:
+        candidate = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        return candidate
 
 
 def _dump_config(folder: Path, resolved: Mapping[str, Any]) -> None:
     import yaml
 
-    (folder / "config.yaml").write_text(yaml.safe_dump(dict(resolved), sort_keys=False))
+    atomic_write(folder / "config.yaml", yaml.safe_dump(dict(resolved), sort_keys=False).encode())
 
 
 def create_run_dir(config: TrainConfig) -> Path:
@@ -76,10 +127,10 @@ def create_run_dir(config: TrainConfig) -> Path:
     root = Path(config.output_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir: {str(root)!r} is a file, not a folder")
-    folder = new_run_dir(config)
+    folder = root / (config.name or "")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        folder.mkdir()
+        folder = _make_run_dir(config)
     except OSError as exc:
         where = exc.filename if exc.filename is not None else folder
         raise ConfigError(
@@ -88,6 +139,7 @@ def create_run_dir(config: TrainConfig) -> Path:
         ) from None
     try:
         _dump_config(folder, config.model_dump(mode="json"))
+        write_status(folder, "running")
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise ConfigError(
@@ -97,8 +149,14 @@ def create_run_dir(config: TrainConfig) -> Path:
 
 
 @contextmanager
-def claimed_run_dir(config: TrainConfig, ranks: Ranks) -> Iterator[Path | None]:
-    """Create the run folder on rank 0 (None on the others); remove it if the run fails.
+def claimed_run_dir(
+    config: TrainConfig, ranks: Ranks, existing: Path | None = None
+) -> Iterator[Path | None]:
+    """Create the run folder on rank 0 (None on the others); mark it if the run fails.
+
+    ``existing`` (a resumed run) is used instead of a new folder. A run that raises keeps
+    its folder, with ``status.json`` saying ``interrupted`` (and how to resume) or
+    ``failed`` with the reason.
 
     Raises
     ------
@@ -109,7 +167,7 @@ def claimed_run_dir(config: TrainConfig, ranks: Ranks) -> Iterator[Path | None]:
     error: str | None = None
     if ranks.main:
         try:
-            folder = create_run_dir(config)
+            folder = existing if existing is not None else create_run_dir(config)
         except ConfigError as exc:
             error = str(exc)
     error = ranks.broadcast(error)
@@ -117,23 +175,95 @@ def claimed_run_dir(config: TrainConfig, ranks: Ranks) -> Iterator[Path | None]:
         raise ConfigError(error)
     try:
         yield folder
-    except BaseException:
+    except BaseException as exc:
         if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            _mark_stopped(folder, exc)
         raise
 
 
+def _mark_stopped(folder: Path, exc: BaseException) -> None:
+    """Record in ``status.json`` why the run in ``folder`` stopped; never raise."""
+    if isinstance(exc, RunInterruptedError):
+        state, reason = "interrupted", f"stopped by {signal.Signals(exc.signum).name}"
+    elif isinstance(exc, KeyboardInterrupt):
+        state, reason = "interrupted", "stopped by SIGINT (Ctrl-C)"
+    else:
+        state, reason = "failed", f"{type(exc).__name__}: {exc}"
+    how = {"resume": f"combframe train --resume {folder}"} if state == "interrupted" else {}
+    with contextlib.suppress(OSError):  # the disk that failed the run may refuse this too
+        write_status(folder, state, reason=reason, **how)
+
+
 def write_run(folder: Path, resolved: Mapping[str, Any], result: RunResult) -> None:
-    """Write ``config.yaml``, ``metrics.json`` and (if possible) ``loss.png`` to ``folder``."""
+    """Write ``config.yaml``, ``metrics.json`` and (if possible) ``loss.png`` to ``folder``.
+
+    Raises
+    ------
+    RunWriteError
+        Naming the file that could not be written (a full disk); the metrics are in
+        its ``result`` and the files already written (the checkpoint, the model) stay.
+    """
+    try:
+        _write_files(folder, resolved, result)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else folder
+        raise RunWriteError(
+            f"the run finished but {str(where)!r} could not be written: "
+            f"{exc.strerror or exc}; the metrics are printed above, and the files "
+            f"already in {str(folder)!r} are kept",
+            result,
+        ) from None
+    result.run_dir = folder
+
+
+def _write_files(folder: Path, resolved: Mapping[str, Any], result: RunResult) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _dump_config(folder, resolved)
     if resolved.get("plot", True):
         note = _plot_history(folder / "loss.png", result)
         if note is not None:
             result.notes.append(note)
-    result.metrics["files"] = [*sorted(p.name for p in folder.iterdir()), "metrics.json"]
-    (folder / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
-    result.run_dir = folder
+    result.metrics["files"] = sorted({*(p.name for p in folder.iterdir()), "metrics.json"})
+    result.metrics["files"] = [f for f in result.metrics["files"] if not f.startswith(".")]
+    text = json.dumps(result.metrics, indent=2) + "\n"
+    atomic_write(folder / "metrics.json", text.encode())
+    write_status(folder, "completed")
+
+
+def write_epoch_logs(
+    folder: Path, history: Sequence[Mapping[str, float]], tensorboard: bool
+) -> None:
+    """Rewrite ``metrics.csv`` (one row per epoch) and log the last epoch to TensorBoard.
+
+    The TensorBoard log (``folder/tensorboard``) is written only when asked for and
+    ``tensorboard`` is installed (:func:`tensorboard_note` says when it is not).
+    """
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(folder / "metrics.csv", out.getvalue().encode())
+    if tensorboard and tensorboard_note() is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        row = history[-1]
+        with SummaryWriter(str(folder / "tensorboard"), purge_step=int(row["epoch"])) as log:
+            for key, value in row.items():
+                if key != "epoch":
+                    log.add_scalar(key, value, int(row["epoch"]))
+
+
+def tensorboard_note() -> str | None:
+    """Say why no TensorBoard log can be written, or return None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return (
+            "no TensorBoard log: tensorboard is not installed "
+            "(pip install 'combframe[tensorboard]')"
+        )
+    return None
 
 
 def _plot_history(path: Path, result: RunResult) -> str | None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import final
+from typing import Any, final
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from combframe.errors import CombinationError
+from combframe.core.batch import each_tensor
+from combframe.errors import CombinationError, StrategyError
 
 __all__ = [
     "GradTargets",
@@ -150,14 +151,33 @@ class PoseGradients(ABC):
         self.targets = targets if isinstance(targets, GradTargets) else GradTargets(targets)
         self.versions = tuple(t._version for t in self.targets.inputs)
         self.used = used
+        #: ``(pose, tensor, version)`` of every tensor in the poses (see :meth:`watch`).
+        self.pose_versions: tuple[tuple[int, Tensor, int], ...] = ()
+
+    def watch(self, poses: Sequence[Any]) -> None:
+        """Note the version counter of every tensor in ``poses``, as the forward left it.
+
+        :meth:`check_unchanged` then refuses a pose tensor changed in place before the
+        backward, in every strategy: the gradients kept (or the re-runs made) describe the
+        values the forward saw.
+        """
+        self.pose_versions = tuple(
+            (i, t, t._version) for i, pose in enumerate(poses) for t in each_tensor(pose)
+        )
 
     def prune(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """Replace the gradient of every input no pose graph reached by ``None``."""
+        """Give every input no pose graph reached ``None``, and every one reached a tensor.
+
+        A pose graph that reaches an input with weight zero (a pose the smooth minimum
+        gives no weight) contributes zeros, as in the full graph, where its ``.grad``
+        becomes a tensor of zeros rather than staying ``None``.
+        """
         if self.used is None:
             return list(grads)
         used = self.used
         return [
-            g if id(t) in used else None for g, t in zip(grads, self.targets.inputs, strict=True)
+            (torch.zeros_like(t) if g is None else g) if id(t) in used else None
+            for g, t in zip(grads, self.targets.inputs, strict=True)
         ]
 
     def check_unchanged(self) -> None:
@@ -176,6 +196,14 @@ class PoseGradients(ABC):
                     f"{t._version}); its gradient would describe the old values. Call "
                     "backward before changing parameters or poses (optimizer.step() after "
                     "loss.backward())"
+                )
+        for i, t, version in self.pose_versions:
+            if t._version != version:
+                raise StrategyError(
+                    f"a tensor of pose {i} (shape {tuple(t.shape)}) was modified in place "
+                    f"after the forward (version {version} -> {t._version}); the gradients "
+                    f"the {self.strategy!r} strategy returns describe the values the forward "
+                    "saw. Clone the pose before changing it, or call backward first"
                 )
 
     @property

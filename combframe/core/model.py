@@ -12,7 +12,13 @@ from typing_extensions import override
 from combframe.core.batch import CompoundPredictions, Segments
 from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
-from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy, undo_side_effects
+from combframe.core.strategies import (
+    PoseRunner,
+    Strategy,
+    changed_buffers,
+    resolve_strategy,
+    undo_side_effects,
+)
 from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
@@ -241,8 +247,7 @@ class MultiPoseModel(torch.nn.Module):
             elif self.comb_readout is not None:
                 combined = self.comb_readout(combined)
         except BaseException:
-            if snapshot:
-                torch._foreach_copy_([b for b, _ in snapshot], [c for _, c in snapshot])
+            _restore(snapshot)
             raise
         return CompoundPredictions(combined, per_pose, segments.index)
 
@@ -306,15 +311,16 @@ class MultiPoseModel(torch.nn.Module):
         """Combine in at least the parameters' precision (autocast outputs are lower)."""
         return preds.to(torch.promote_types(preds.dtype, dtype))
 
-    def _snapshot_buffers(self) -> list[tuple[Tensor, Tensor]]:
+    def _snapshot_buffers(self) -> _Snapshot:
         """Copy the buffers a training-mode forward may update (batch-norm statistics).
 
         Any module in training mode counts (the wrapper may be in eval while the model,
         or a readout module, trains).
         """
         if not any(m.training for m in self.modules()):
-            return []
-        return [(b, b.clone()) for b in self.buffers()]
+            return [], [], {}
+        buffers = list(self.buffers())
+        return buffers, [b._version for b in buffers], {k: b.clone() for k, b in enumerate(buffers)}
 
     def _check_finite(self, preds: Tensor, combined: Tensor) -> None:
         """Raise if a per-pose or combined prediction is NaN or infinite (one host sync)."""
@@ -338,6 +344,22 @@ class MultiPoseModel(torch.nn.Module):
             "on these values (a pred_scale or 1/kT so large that scale x prediction exceeds "
             "the dtype's range); choose a smaller one, or pass check_finite=False"
         )
+
+
+#: The buffers, their version counters and copies of their values (by index).
+_Snapshot = tuple[list[Tensor], list[int], dict[int, Tensor]]
+
+
+def _restore(snapshot: _Snapshot) -> None:
+    """Put back the buffers a failed forward wrote; the others are not touched.
+
+    Writing a buffer that did not change would move its version counter and break any
+    other live graph that saved it.
+    """
+    buffers, versions, values = snapshot
+    changed = sorted(changed_buffers(buffers, versions, values))
+    if changed:
+        torch._foreach_copy_([buffers[k] for k in changed], [values[k] for k in changed])
 
 
 def _as_pose_list(poses: Any) -> list[Any]:

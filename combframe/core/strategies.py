@@ -32,6 +32,7 @@ from typing import Any, ClassVar, final
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from combframe.core.batch import Segments, default_collate, each_tensor, map_tensors
@@ -109,6 +110,70 @@ def _cached_cast(node: Any) -> bool:
     )
 
 
+class _Watch(TorchFunctionMode):
+    """Notes what a model does inside forward that the strategies must know about.
+
+    ``hooks``: a ``register_hook`` call (a hook on an activation, or on an input);
+    ``made``: tensors that did not require grad and were made to (``requires_grad_``,
+    ``t.requires_grad = True``, a factory called with ``requires_grad=True``), by id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hooks = False
+        self.made: dict[int, Tensor] = {}
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args and isinstance(args[0], Tensor) else None
+        before = target is not None and target.requires_grad
+        out = func(*args, **kwargs)
+        if name == "register_hook":
+            self.hooks = True
+        elif name in ("requires_grad_", "__set__") and target is not None:
+            if target.requires_grad and not before:
+                self.made[id(target)] = target
+        elif kwargs.get("requires_grad") and isinstance(out, Tensor) and out.is_leaf:
+            self.made[id(out)] = out
+        return out
+
+
+def _module_backward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a module backward hook (``register_full_backward_hook``) can fire."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks for m in model.modules())
+
+
+@contextlib.contextmanager
+def _held_hooks(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Hold back the tensor hooks of leaves while a pose's own gradient is computed.
+
+    The full graph runs a hook registered on a parameter once, on its total gradient;
+    combframe's backward hands that total to the parameter, where the hook then runs.
+    Per-pose and per-chunk gradients are parts of it, on which the hook must not run.
+    """
+    # The hook autograd runs for a tensor's Python hooks reads their dict when it fires:
+    # emptied for the duration, it runs none (hooks registered from C++ are untouched).
+    held = [(hooks, dict(hooks)) for t in tensors if (hooks := t._backward_hooks)]
+    for hooks, _ in held:
+        hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, saved in held:
+            hooks.update(saved)
+
+
 @final
 class PoseRunner:
     """Runs the single-pose model on chunks of poses and checks what comes back.
@@ -157,6 +222,15 @@ class PoseRunner:
         #: Ids of the targets some pose graph run so far has reached (see ``discover``).
         self.used: set[int] = set()
         self._mark = 0
+        self.readers: list[list[int]] = []
+        self.inert: tuple[Tensor, ...] = ()
+        #: Whether a run with a graph met a gradient hook on a tensor other than a
+        #: parameter (``Tensor.register_hook`` inside forward, a module backward hook).
+        self.activation_hooks = False
+        #: Whether the model makes leaves of its own inside forward (forces): every later
+        #: run with a graph is then watched too, to tell them from captured tensors.
+        self.makes_leaves = False
+        self._private: set[int] = set()
 
     # ---- before any pose runs --------------------------------------------------------
     def scan(self, poses: Sequence[Any]) -> None:
@@ -166,6 +240,8 @@ class PoseRunner:
         ``move_poses``).
         """
         found: dict[int, Tensor] = {}
+        readers: dict[int, list[int]] = {}
+        inert: list[Tensor] = []
         params = {id(p) for p in self.params}
         grad = torch.is_grad_enabled()
         for i, pose in enumerate(poses):
@@ -174,7 +250,16 @@ class PoseRunner:
                     self._check_device(i, t)
                 if grad and t.requires_grad and id(t) not in params:
                     found.setdefault(id(t), t)
+                    mine = readers.setdefault(id(t), [])
+                    if not mine or mine[-1] != i:
+                        mine.append(i)
+                elif grad and t.is_leaf:
+                    inert.append(t)
         self.pose_inputs = tuple(found.values())
+        #: For each pose tensor that requires grad, the poses that hold it.
+        self.readers = [readers[id(t)] for t in self.pose_inputs]
+        #: The leaf pose tensors that did not require grad (see ``_watched``).
+        self.inert = tuple(inert)
         self.targets = GradTargets(ParamLayout(self.params, self.device), self.pose_inputs)
 
     def chunks(self, m: int, start: int = 0) -> list[tuple[int, int]]:
@@ -206,7 +291,14 @@ class PoseRunner:
         placed = [
             self._place(start + k, self._substitute(pose, aliases)) for k, pose in enumerate(poses)
         ]
-        out = self.model(self.collate(placed) if self.batched else placed[0])
+        batch = self.collate(placed) if self.batched else placed[0]
+        if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
+            watch = _Watch()
+            with watch:
+                out = self.model(batch)
+            self._watched(watch, poses, start)
+        else:
+            out = self.model(batch)
         if not isinstance(out, Tensor):
             raise CombinationError(
                 f"the model returned {type(out).__name__} for {self.what(start, len(poses))}; "
@@ -254,6 +346,7 @@ class PoseRunner:
         """
         known = {id(p) for p in self.params} | {id(a) for a in aliases.values()}
         leaves, foreign, hit = _reached(pred, known, self._mark)
+        leaves = [t for t in leaves if id(t) not in self._private]
         self._mark_used(hit, aliases, leaves)
         if foreign:
             raise CombinationError(
@@ -278,6 +371,7 @@ class PoseRunner:
             return
         known = {id(t) for t in self.targets.layout.params} | {id(a) for a in aliases.values()}
         leaves, foreign, hit = _reached(pred, known, self._mark)
+        leaves = [t for t in leaves if id(t) not in self._private]
         self._mark_used(hit, aliases)
         if leaves or foreign:
             found = [f"a {t.dtype} leaf of shape ({', '.join(map(str, t.shape))})" for t in leaves]
@@ -305,18 +399,57 @@ class PoseRunner:
         """
         params = self.targets.layout.params
         slots = [self.targets.slots[k] for k in aliases]
-        got = torch.autograd.grad(
-            pred,
-            params + tuple(aliases.values()),
-            grad_outputs=weight,
-            retain_graph=retain,
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        inputs = params + tuple(aliases.values())
+        # A parameter frozen since the forward gets zeros, which autograd then drops
+        # (as the full graph does: its accumulator skips a tensor that no longer
+        # requires grad).
+        live = [t for t in inputs if t.requires_grad]
+        with _held_hooks(live):
+            got = torch.autograd.grad(
+                pred,
+                live,
+                grad_outputs=weight,
+                retain_graph=retain,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        if len(live) < len(inputs):
+            found = iter(got)
+            got = tuple(next(found) if t.requires_grad else torch.zeros_like(t) for t in inputs)
         n = len(params)
         return got[:n], list(zip(slots, got[n:], strict=True))
 
     # ---- helpers -----------------------------------------------------------------------
+    def _watched(self, watch: _Watch, poses: Sequence[Any], start: int) -> None:
+        """Take note of what a watched run saw: hooks, and leaves made in the model.
+
+        Raises
+        ------
+        CombinationError
+            If the model made a tensor of a pose require grad (``pos.requires_grad_()``):
+            the full graph would give that tensor a gradient, which combframe can only
+            return for tensors that require grad before the call. The flag is put back.
+        """
+        self.activation_hooks |= watch.hooks or any(map(_module_backward_hooks, _modules(self)))
+        self._private = set(watch.made)
+        if not watch.made:
+            return
+        self.makes_leaves = True
+        mine = {id(t) for pose in poses for t in each_tensor(pose)}
+        flipped = [t for k, t in watch.made.items() if k in mine]
+        if flipped:
+            for t in self.inert:
+                t.requires_grad_(False)
+            shape = ", ".join(map(str, flipped[0].shape))
+            raise CombinationError(
+                f"the model made a tensor of {self.what(start, len(poses))} (shape ({shape})) "
+                "require grad inside its forward (pos.requires_grad_()); its gradient can "
+                "only be returned for a pose tensor that requires grad before the call. Set "
+                "requires_grad on the poses' tensors before calling MultiPoseModel (they "
+                "then get their gradients, as in the full graph), or make a private leaf in "
+                "the model (pos = pos.detach().requires_grad_()), which gets none"
+            )
+
     def _mark_used(self, hit: set[int], aliases: Aliases, leaves: Sequence[Tensor] = ()) -> None:
         """Record the targets a graph reached (a pose tensor through its stand-in)."""
         self.used |= hit
@@ -358,6 +491,8 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     supports_pose_losses: ClassVar[bool] = True
+    #: Whether gradient hooks on activations see what the full graph gives them.
+    activation_hooks: ClassVar[bool] = False
 
     @abstractmethod
     def collect(
@@ -379,27 +514,74 @@ class Strategy(ABC):
 
 @contextlib.contextmanager
 def undo_side_effects(runner: PoseRunner) -> Iterator[None]:
-    """Run a look-ahead pass whose RNG draws and buffer updates are then undone."""
-    buffers = _module_buffers(runner)
-    saved = [b.clone() for b in buffers]
+    """Run a look-ahead pass whose RNG draws and buffer updates leave no trace.
+
+    The pass runs on copies of the buffers, so the model's own buffers are never written
+    (their version counters do not move, and a graph built earlier that saved one stays
+    valid).
+    """
+    copies = {id(b): b.clone() for b in _module_buffers(runner)}
     devices = [runner.device] if runner.device.type != "cpu" else []
+    with (
+        stand_in_buffers(runner, copies),
+        torch.random.fork_rng(devices=devices, device_type=runner.device.type),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def stand_in_buffers(runner: PoseRunner, values: dict[int, Tensor]) -> Iterator[None]:
+    """Run the body with the buffers whose ids are keys of ``values`` replaced by them.
+
+    The modules hold the stand-ins only for the duration: whatever the body writes into
+    a buffer lands in its stand-in, and the module's own tensor keeps its value and its
+    version counter.
+    """
+    swapped: list[tuple[torch.nn.Module, str, Tensor]] = []
+    if values:
+        for top in _modules(runner):
+            for module in top.modules():
+                for name, b in module._buffers.items():
+                    if b is not None and id(b) in values:
+                        swapped.append((module, name, b))
+                        module._buffers[name] = values[id(b)]
     try:
-        with torch.random.fork_rng(devices=devices, device_type=runner.device.type):
-            yield
+        yield
     finally:
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
+        for module, name, b in swapped:
+            module._buffers[name] = b
 
 
 def _first_graph(
-    runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
+    strategy: Strategy, runner: PoseRunner, poses: Sequence[Any], stop: int, start: int = 0
 ) -> tuple[Tensor, Aliases]:
-    """Run poses ``[start, stop)`` with a graph, check it and find the targets it reaches."""
+    """Run poses ``[start, stop)`` with a graph, check it and find the targets it reaches.
+
+    Raises
+    ------
+    StrategyError
+        If the model has a gradient hook on an activation that ``strategy`` cannot honour.
+    """
     with torch.enable_grad():
         aliases = runner.aliases(poses[start:stop])
         pred = runner.predict(poses[start:stop], start, aliases)
     runner.require_grad(pred, start)
     runner.discover(pred, aliases)
+    if runner.activation_hooks and not strategy.activation_hooks:
+        raise StrategyError(
+            "the model has a gradient hook on a tensor other than a parameter "
+            "(Tensor.register_hook inside forward, or a module backward hook such as "
+            f"register_full_backward_hook); strategy={strategy.name!r} computes "
+            + (
+                "each pose's gradient before the loss is known"
+                if strategy.supports_pose_losses
+                else "running sums weighted by the combination alone"
+            )
+            + ", so such a hook would not see the c_i * dy_i/dh the full graph gives it. "
+            "Use strategy='recompute', which back-propagates each chunk with its "
+            "coefficients, or remove the hook (hooks on parameters, param.register_hook, "
+            "work with every strategy)"
+        )
     return pred, aliases
 
 
@@ -416,6 +598,9 @@ class Store(Strategy):
     no parameter reached through a closure or a readout module, no randomness and no
     buffer updated in place). Otherwise store runs one pose per pass (each pose collated
     alone) and warns once per model with :class:`~combframe.errors.StrategyWarning`.
+
+    A model with a gradient hook on an activation is refused (each pose's gradient is
+    taken before the loss is known); hooks on parameters run once, on the total.
     """
 
     name = "store"
@@ -428,38 +613,28 @@ class Store(Strategy):
         self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
     ) -> Collected:
         m = len(poses)
-        preview: Tensor | None = None
-        if runner.batched and m > 1:
-            # The first chunk as the model will see it from recompute and stream: checks
-            # the model's output per batch, and (in eval mode) that it treats the poses
-            # of a batch independently, which per-pose gradients assume.
-            with undo_side_effects(runner), torch.no_grad():
-                preview = runner.predict(poses[: runner.chunk_size], 0)
+        preview = _preview(runner, poses) if runner.batched and m > 1 else None
+        buffers = _module_buffers(runner) if runner.batched and m > 1 else []
+        versions = [b._version for b in buffers]
+        values = {k: b.clone() for k, b in enumerate(buffers)} if _training(runner) else None
         with _one_pose_errors(runner, 0):
-            pred, aliases = _first_graph(runner, poses, 1)
+            pred, aliases = _first_graph(self, runner, poses, 1)
         targets = runner.targets
         layout = targets.layout
         buffer = layout.new_buffer(m)
-        rows: list[list[tuple[int, Tensor]]] = [[] for _ in targets.pose_inputs]
+        rows = _PoseRows(runner, layout.device)
+        self._warn_shared(runner, rows, buffer)
         preds = [pred.detach()]
         self._store(runner, pred, aliases, 0, buffer, rows)
         del pred, aliases
         start = 1
         if runner.batched and m > 1:
-            reason = _per_sample_obstacle(runner)
-            if reason is None and _hidden_parameters(runner, poses[0]):
-                reason = (
-                    "the model uses a parameter other than through its registered name (a "
-                    "closure or a list holding it), which torch.func.vmap cannot see"
-                )
-            if reason is None:
-                try:
-                    reason = _per_sample_chunks(runner, poses, buffer, preds)
-                except Exception as exc:  # not vmappable: fall back for the rest
-                    reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
-                start = sum(p.shape[0] for p in preds)
-            if reason is not None:
-                self._warn(runner, reason)
+            mutated = bool(changed_buffers(buffers, versions, values))
+            del values
+            if mutated and preview is not None:
+                preview = preview[:1]  # pose 1 on starts from the buffers pose 0 left
+            if self._in_chunks(runner, poses, buffer, preds, mutated):
+                start = m
         for i in range(start, m):
             with torch.enable_grad(), _one_pose_errors(runner, i):
                 aliases = runner.aliases(poses[i : i + 1])
@@ -468,16 +643,41 @@ class Store(Strategy):
                 self._store(runner, pred, aliases, i, buffer, rows)
             preds.append(pred.detach())
             del pred, aliases  # free before the next pose's graph is built
-        if preview is not None and not _training(runner):
+        if preview is not None:
             _check_independent(runner, torch.cat(preds)[: preview.shape[0]], preview)
-        pose_rows = [
-            (
-                torch.tensor([i for i, _ in r], dtype=torch.long, device=buffer.device),
-                torch.stack([g for _, g in r]),
+        source = StoredGradients(targets, buffer, rows.pairs(), runner.used)
+        source.watch(poses)
+        return torch.cat(preds), source
+
+    def _in_chunks(
+        self,
+        runner: PoseRunner,
+        poses: Poses,
+        buffer: Tensor,
+        preds: list[Tensor],
+        mutated: bool,
+    ) -> bool:
+        """Fill the rows of poses 1 on by per-sample gradients of whole chunks, if possible.
+
+        Returns whether it did; otherwise warns why (once per model) and leaves ``preds``
+        holding pose 0's prediction only.
+        """
+        reason = _per_sample_obstacle(runner) or (_UPDATES_BUFFERS if mutated else None)
+        if reason is None and _hidden_parameters(runner, poses[0]):
+            reason = (
+                "the model uses a parameter other than through its registered name (a "
+                "closure or a list holding it), which torch.func.vmap cannot see"
             )
-            for r in rows
-        ]
-        return torch.cat(preds), StoredGradients(targets, buffer, pose_rows, runner.used)
+        if reason is None:
+            try:
+                reason = _per_sample_chunks(runner, poses, buffer, preds)
+            except Exception as exc:  # not vmappable: fall back for the rest
+                reason = f"torch.func.vmap failed ({type(exc).__name__}: {exc})"
+        if reason is None:
+            return True
+        del preds[1:]  # whatever the attempt computed is dropped; it wrote no buffer
+        self._warn(runner, reason)
+        return False
 
     @staticmethod
     def _store(
@@ -486,13 +686,31 @@ class Store(Strategy):
         aliases: Aliases,
         i: int,
         buffer: Tensor,
-        rows: list[list[tuple[int, Tensor]]],
+        rows: _PoseRows,
     ) -> None:
         with torch.enable_grad():
             params, pose = runner.grads(pred, aliases)
         runner.targets.layout.flatten_into(params, buffer[i])
-        for slot, g in pose:
-            rows[slot].append((i, g.detach()))
+        rows.write(i, pose)
+
+    def _warn_shared(self, runner: PoseRunner, rows: _PoseRows, buffer: Tensor) -> None:
+        """Warn once per model when copies of shared pose tensors' gradients dominate."""
+        shared = rows.shared_bytes()
+        if shared <= max(buffer.numel() * buffer.element_size(), 1 << 20):
+            return
+        key = -id(runner.model)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"strategy='store' keeps each pose's gradient with respect to the pose tensors "
+            f"that several poses share: {shared / 2**20:.1f} MiB until backward, more than "
+            "the per-pose gradients of the parameters. Each pose's coefficient is known "
+            "only in backward, so store cannot sum them as they come; strategy="
+            "'recompute' or 'stream' keep one copy",
+            StrategyWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _warn(self, runner: PoseRunner, reason: str) -> None:
         if id(runner.model) in self._warned:
@@ -506,6 +724,37 @@ class Store(Strategy):
             StrategyWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+@final
+class _PoseRows:
+    """Each pose's gradients with respect to the pose tensors it holds, stacked per tensor.
+
+    One ``(k, *shape)`` tensor per pose tensor held by ``k`` poses, allocated once and
+    written as the poses run (never a list of gradients stacked again at the end).
+    """
+
+    def __init__(self, runner: PoseRunner, device: torch.device) -> None:
+        inputs = runner.targets.pose_inputs
+        self.index = [torch.tensor(r, dtype=torch.long, device=device) for r in runner.readers]
+        self.row = [{i: k for k, i in enumerate(r)} for r in runner.readers]
+        self.stacked = [
+            torch.empty((len(r), *t.shape), dtype=t.dtype, device=t.device)
+            for r, t in zip(runner.readers, inputs, strict=True)
+        ]
+
+    def write(self, i: int, pose: Sequence[tuple[int, Tensor]]) -> None:
+        """Write pose ``i``'s gradients (``(slot, gradient)`` pairs)."""
+        for slot, g in pose:
+            self.stacked[slot][self.row[slot][i]] = g.detach()
+
+    def shared_bytes(self) -> int:
+        """Bytes held for pose tensors that more than one pose holds."""
+        return sum(t.numel() * t.element_size() for t in self.stacked if t.shape[0] > 1)
+
+    def pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """``(poses, stacked gradients)`` per pose tensor, as StoredGradients takes them."""
+        return list(zip(self.index, self.stacked, strict=True))
 
 
 @contextlib.contextmanager
@@ -524,6 +773,21 @@ def _one_pose_errors(runner: PoseRunner, index: int) -> Iterator[None]:
             "that needs several poses per batch (batch norm in training mode) cannot give "
             "per-pose gradients; use strategy='recompute' or 'stream', which run whole chunks"
         ) from exc
+
+
+def _preview(runner: PoseRunner, poses: Poses) -> Tensor | None:
+    """Return the first chunk's predictions as recompute and stream get them, or None.
+
+    Run without a graph and leaving no trace; store compares them with its one-pose
+    predictions (in either mode) to check that the model treats the poses of a batch
+    independently, which per-pose gradients assume, and the run checks the model's
+    output per batch. A model that draws random numbers cannot be compared (a batch
+    draws other numbers than its poses alone): None.
+    """
+    with undo_side_effects(runner), torch.no_grad():
+        drawn = _capture_rng(runner.device, None)
+        preview = runner.predict(poses[: runner.chunk_size], 0)
+        return preview if _capture_rng(runner.device, drawn) is drawn else None
 
 
 def _check_independent(runner: PoseRunner, alone: Tensor, together: Tensor) -> None:
@@ -590,13 +854,21 @@ def _per_sample_chunks(
     disagree (a parameter the model reaches other than through its registered name),
     the rest falls back to one pose per pass. Returns why it stopped, or None.
     """
+    trainable, fixed = _functional_state(runner.model)
+    # The attempt runs on copies of the buffers: a buffer it writes is found afterwards
+    # and the model's own are left as they were.
+    named = dict(runner.model.named_buffers())
+    copies = {n: b.clone() for n, b in named.items()}
+    versions = [b._version for b in copies.values()]
+    fixed.update(copies)
+    tol = 256 * torch.finfo(buffer.dtype).eps
     for s, e in runner.chunks(len(poses)):
         rows = buffer[s:e] if s else torch.empty_like(buffer[s:e])
-        pred = _per_sample_grads(runner, poses[s:e], s, rows)
+        pred = _per_sample_grads(runner, (trainable, fixed), poses[s:e], s, rows)
         if s == 0:
             want = buffer[0]
             scale = float(want.abs().max()) if want.numel() else 0.0
-            if not torch.allclose(rows[0], want, rtol=1e-4, atol=1e-5 * scale):
+            if not torch.allclose(rows[0], want, rtol=tol, atol=tol * scale):
                 return (
                     "per-sample gradients by torch.func.vmap differ from autograd's for "
                     "this model (a parameter used other than through its registered name?)"
@@ -604,7 +876,16 @@ def _per_sample_chunks(
             buffer[1:e] = rows[1:]
             pred = pred[1:]
         preds.append(pred)
+    original = {k: b for k, b in enumerate(named.values())}
+    if changed_buffers(list(copies.values()), versions, original):
+        return _UPDATES_BUFFERS
     return None
+
+
+_UPDATES_BUFFERS = (
+    "the model updates buffers in place (batch-norm statistics, the power iteration of "
+    "spectral norm), once per call, so a chunk is not the same as its poses one by one"
+)
 
 
 def _named_trainable(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -618,12 +899,21 @@ def _functional_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[s
     return _named_trainable(model), fixed
 
 
-def _per_sample_grads(runner: PoseRunner, poses: Sequence[Any], start: int, out: Tensor) -> Tensor:
-    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds."""
+def _per_sample_grads(
+    runner: PoseRunner,
+    state: tuple[dict[str, Tensor], dict[str, Tensor]],
+    poses: Sequence[Any],
+    start: int,
+    out: Tensor,
+) -> Tensor:
+    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds.
+
+    ``state`` is the trainable parameters by name and the rest ``functional_call`` needs.
+    """
     from torch.func import functional_call, grad, vmap
 
     model = runner.model
-    trainable, fixed = _functional_state(model)
+    trainable, fixed = state
     readout = runner.pred_readout
 
     def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
@@ -717,13 +1007,14 @@ class Recompute(Strategy):
     ``autograd.grad`` with
     ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`.
     The RNG state of each chunk is saved and restored, so dropout replays identically,
-    and the autocast state of the forward is restored. In training mode each chunk's
-    re-run starts from the buffers (batch-norm running statistics) as they were before
-    that chunk's forward, and afterwards the buffers are put back as the forward left
-    them, so they are updated once per chunk. A pose tensor modified in place between
-    forward and backward is refused (its version counter moved, as autograd checks for
-    saved tensors). Chunks whose coefficients are all exactly zero (a sharp smooth-max
-    far from the best pose) are not re-run: they contribute nothing.
+    and the autocast state of the forward is restored. Each chunk's re-run starts
+    from the buffers (batch-norm running statistics) as they were before
+    that chunk's forward, on copies swapped in for the re-run, so the buffers are updated
+    once per chunk and the model's own are never written back.
+    A pose tensor modified in place between forward and backward is refused (its version
+    counter moved, as autograd checks for saved tensors). Chunks whose coefficients are
+    all exactly zero (a sharp smooth-max far from the best pose) are not re-run: they
+    contribute nothing. Gradient hooks on activations see what the full graph gives them.
 
     Parameters
     ----------
@@ -739,6 +1030,7 @@ class Recompute(Strategy):
     """
 
     name = "recompute"
+    activation_hooks = True
 
     def __init__(self, check: bool = True) -> None:
         self.check = check
@@ -753,27 +1045,26 @@ class Recompute(Strategy):
         autocast = _AutocastState.capture(runner.device.type)
         kept: tuple[Tensor, Aliases] | None = None
         last = len(chunks) - 1
-        buffers = _module_buffers(runner) if _training(runner) else []
-        before: list[list[Tensor]] = []
-        versions = [(i, t, t._version) for i, pose in enumerate(poses) for t in each_tensor(pose)]
+        log = _BufferLog(_module_buffers(runner), by_value=_training(runner))
         for k, (s, e) in enumerate(chunks):
             rng.append(_capture_rng(runner.device, rng[-1] if rng else None))
-            if buffers:
-                before.append([b.clone() for b in buffers])
+            log.start_chunk()
             if k == last:
                 # The last chunk runs with a graph, so that a prediction that does not
                 # depend on anything trainable is refused now, not in backward, and the
                 # leaves the graph reaches become targets. Its graph is kept for the
                 # backward, which starts with it: one chunk graph alive at any time.
-                kept = _first_graph(runner, poses, e, s)
+                kept = _first_graph(self, runner, poses, e, s)
                 pred = kept[0]
             else:
                 with torch.no_grad():
                     pred = runner.predict(poses[s:e], s)
+            log.end_chunk()
             preds.append(pred.detach())
             del pred
+        log.finish()
         stacked = torch.cat(preds)
-        state = _ChunkState(rng, autocast, before, versions)
+        state = _ChunkState(rng, autocast, log)
         return stacked, _RecomputedGradients(
             runner, list(poses), chunks, state, stacked, self.check, kept
         )
@@ -805,6 +1096,7 @@ class _RecomputedGradients(PoseGradients):
         self.check = check
         self.kept = kept
         self.deviation: list[tuple[int, int, Tensor]] = []
+        self.watch(poses)
 
     def _rerun(self, k: int) -> tuple[Tensor, Aliases]:
         """Chunk ``k``'s predictions with a graph: kept from the forward, or re-run."""
@@ -814,12 +1106,15 @@ class _RecomputedGradients(PoseGradients):
             return kept
         s, e = self.chunks[k]
         state = self.state
-        if state.buffers:
-            torch._foreach_copy_(_module_buffers(runner), state.buffers[k])
-        with _replay_rng(state.rng[k], runner.device), torch.enable_grad():
+        stand_ins = state.buffers.before(k)
+        with (
+            stand_in_buffers(runner, stand_ins),
+            _replay_rng(state.rng[k], runner.device),
+            torch.enable_grad(),
+            state.autocast.restore(),
+        ):
             aliases = runner.aliases(self.poses[s:e])
-            with state.autocast.restore():
-                pred = runner.predict(self.poses[s:e], s, aliases)
+            pred = runner.predict(self.poses[s:e], s, aliases)
         runner.require_grad(
             pred,
             s,
@@ -852,37 +1147,35 @@ class _RecomputedGradients(PoseGradients):
             "re-run), or Recompute(check=False) if the difference is known to be harmless"
         )
 
-    def _check_versions(self) -> None:
-        """Raise if a pose tensor was modified in place since the forward."""
-        for i, t, version in self.state.versions:
-            if t._version != version:
-                raise StrategyError(
-                    f"a tensor of pose {i} (shape {tuple(t.shape)}) was modified in place "
-                    f"after the forward (version {version} -> {t._version}); recompute "
-                    "re-runs the poses in backward, so they must stay as they were. Clone "
-                    "the pose before changing it, or use strategy='store'"
-                )
-
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         runner = self.runner
         layout = self.layout
         flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
         acc = layout.views(flat)
         pose_acc: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
-        self._check_versions()
-        buffers = _module_buffers(runner)
-        saved = [b.clone() for b in buffers]
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
-        if self.kept is not None and active and active[-1] == len(self.chunks) - 1:
-            active = [active[-1], *active[:-1]]  # the kept graph first, then re-runs
+        # A skipped chunk still runs forward if it holds a pose tensor no graph has
+        # reached yet: reached, the tensor gets a gradient of zeros, as in the full graph.
+        unseen = [
+            runner.readers[slot]
+            for slot, t in enumerate(self.targets.pose_inputs)
+            if id(t) not in runner.used
+        ]
+        probe = sorted({i // step for poses in unseen for i in poses} - set(active))
+        order = sorted(active + probe)
+        if self.kept is not None and order and order[-1] == len(self.chunks) - 1:
+            order = [order[-1], *order[:-1]]  # the kept graph first, then re-runs
         else:
             self.kept = None  # the last chunk contributes nothing: free its graph
         try:
-            for k in active:
+            for k in order:
                 s, e = self.chunks[k]
                 pred, aliases = self._rerun(k)
+                if k in probe:
+                    del pred, aliases
+                    continue
                 with torch.enable_grad():
                     params, pose = runner.grads(pred, aliases, coeffs[s:e].to(pred.dtype))
                 torch._foreach_add_(acc, list(params))
@@ -893,8 +1186,6 @@ class _RecomputedGradients(PoseGradients):
             self._verify()
         finally:
             self.deviation = []
-            if buffers:
-                torch._foreach_copy_(buffers, saved)
         return [*layout.unflatten(flat), *pose_acc]
 
 
@@ -904,8 +1195,70 @@ class _ChunkState:
 
     rng: list[_RngState]
     autocast: _AutocastState
-    buffers: list[list[Tensor]]  # per chunk, in training mode only
-    versions: list[tuple[int, Tensor, int]]  # (pose, tensor, version counter)
+    buffers: _BufferLog
+
+
+def changed_buffers(
+    buffers: Sequence[Tensor], versions: Sequence[int], values: dict[int, Tensor] | None = None
+) -> set[int]:
+    """Return the indices of the buffers written since ``versions`` (``values``) were taken.
+
+    A moved version counter says a buffer was written; with ``values`` (copies by index)
+    a buffer whose value differs counts too, compared on the device with one host sync.
+    """
+    moved = {k for k, (b, v) in enumerate(zip(buffers, versions, strict=True)) if b._version != v}
+    rest = [k for k in (values or {}) if k not in moved]
+    if rest and values is not None:
+        differs = torch.stack([(buffers[k] != values[k]).any() for k in rest]).tolist()
+        moved.update(k for k, d in zip(rest, differs, strict=True) if d)
+    return moved
+
+
+@final
+class _BufferLog:
+    """The buffer values each chunk's forward started from, for the buffers that change.
+
+    The forward of a model in training mode updates some buffers in place (batch-norm
+    statistics); a re-run of chunk ``k`` must start from their values before chunk
+    ``k``. Before the first chunk every buffer is copied once; afterwards only those
+    whose version counter has moved are copied per chunk, and at the end the copies of
+    buffers that never changed are dropped, so a constant buffer costs nothing per
+    chunk. A re-run uses fresh stand-ins (:func:`stand_in_buffers`): the model's own
+    buffers are never written back. ``by_value``: compare values too after the first
+    chunk (training mode, where batch norm writes without moving version counters).
+    """
+
+    def __init__(self, buffers: list[Tensor], by_value: bool = True) -> None:
+        self.buffers = buffers
+        self.by_value = by_value
+        self.versions = [b._version for b in buffers]
+        self.initial: dict[int, Tensor] = {k: b.clone() for k, b in enumerate(buffers)}
+        self.changed: set[int] = set()
+        self.chunks: list[dict[int, Tensor]] = []
+
+    def start_chunk(self) -> None:
+        """Copy the buffers changed so far (the others still hold their first value)."""
+        self.chunks.append({k: self.buffers[k].clone() for k in sorted(self.changed)})
+
+    def end_chunk(self) -> None:
+        """Note the buffers the chunk changed.
+
+        After the first chunk the values are compared too (one host sync per forward):
+        batch norm updates its running statistics without moving their version counters.
+        """
+        first = len(self.chunks) == 1 and self.by_value
+        self.changed |= changed_buffers(
+            self.buffers, self.versions, self.initial if first else None
+        )
+
+    def finish(self) -> None:
+        """Drop the first values of the buffers no chunk changed."""
+        self.initial = {k: t for k, t in self.initial.items() if k in self.changed}
+
+    def before(self, k: int) -> dict[int, Tensor]:
+        """Fresh stand-ins holding chunk ``k``'s starting values, by id of the buffer."""
+        start = self.chunks[k]
+        return {id(self.buffers[j]): start.get(j, self.initial[j]).clone() for j in self.changed}
 
 
 def _modules(runner: PoseRunner) -> list[torch.nn.Module]:
@@ -946,7 +1299,7 @@ class Stream(Strategy):
     per chunk and compound in it). Every exponent is at most zero, so nothing overflows
     however widely the predictions are spread. The scalar bookkeeping is done in float64
     whatever the model's dtype; only the ``k`` sums of ``P`` numbers per compound use the
-    parameters' dtype.
+    parameters' dtype. A model with a gradient hook on an activation is refused.
     """
 
     name = "stream"
@@ -977,7 +1330,7 @@ class Stream(Strategy):
         on_host = _host_scalars(device)
         for k, (s, e) in enumerate(runner.chunks(len(poses))):
             if k == 0:
-                pred, aliases = _first_graph(runner, poses, e)
+                pred, aliases = _first_graph(self, runner, poses, e)
                 sums.allocate(runner.targets)
             else:
                 with torch.enable_grad():
@@ -1013,7 +1366,9 @@ class Stream(Strategy):
                     del grads
             del pred, aliases  # free before the next chunk's graph is built
         sums.finish()
-        return torch.cat(preds), _StreamedGradients(sums, combination, runner.used)
+        source = _StreamedGradients(sums, combination, runner.used)
+        source.watch(poses)
+        return torch.cat(preds), source
 
     @staticmethod
     def _fold_host(

@@ -1,0 +1,218 @@
+r"""Saved models back: :func:`load`, predictions for compounds, ensembles, pose weights.
+
+:func:`load` rebuilds a run's model from its folder: the network through
+:func:`combframe.app.train.build_model` (the one place a run's network is made) from the
+config and ``network`` entry of ``model.json``, then the weights of
+``model.safetensors``, checked against their sha256. It gives the same predictions on
+any device and under any default dtype as the run had, because the dtype is the run's
+(``config.dtype``), not the process's default.
+
+:func:`predict` runs one or more models over compounds and returns, per compound, the
+mean prediction over the models and their standard deviation (an ensemble, e.g. the
+runs of ``combframe train --seeds 5``), and per pose its prediction :math:`y_i` and its
+weight in the combination, :math:`\partial G / \partial y_i`: for the smooth minimum
+nearly 1 for the pose the model picked and 0 for the others, :math:`1/N` for the mean.
+The weights come from autograd on the small vector of per-pose predictions, never
+through the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+import combframe
+from combframe.app.checkpoint import CheckpointError, atomic_write
+from combframe.app.config import TrainConfig, format_validation_error
+from combframe.app.data import Compound
+from combframe.app.saved import read_model
+from combframe.app.train import build_model
+
+__all__ = ["Predictions", "load", "predict", "run_folders", "write_csv"]
+
+#: Compounds per forward call.
+_BATCH = 64
+
+
+def load(
+    run_dir: str | Path, *, device: str | torch.device = "cpu", which: str = "final"
+) -> combframe.MultiPoseModel:
+    """Return the trained model of a run folder, ready to predict (in eval mode).
+
+    Parameters
+    ----------
+    run_dir
+        A run folder written by ``combframe train``.
+    device
+        Where the model goes (``"cpu"``, ``"cuda"``, ...).
+    which
+        ``"final"`` (the model after the last epoch) or ``"best"`` (the epoch with the
+        lowest validation RMSE; runs with ``val_fraction > 0``).
+
+    Raises
+    ------
+    CheckpointError
+        If the folder holds no such model, its weights fail their sha256 check, the
+        config names a combination that is not installed, or the weights (with the
+        combination's settings saved next to them) do not fit the model the config
+        describes.
+    """
+    folder = Path(run_dir)
+    state, meta = read_model(folder, which)
+    try:
+        config = TrainConfig.model_validate(meta["config"])
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"{str(folder)!r}: the saved config cannot be used here: {format_validation_error(exc)}"
+        ) from None
+    model = build_model(config, **meta["network"])
+    try:
+        model.load_state_dict(state)
+    except (combframe.CombinationError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{str(folder)!r}: the weights do not fit the model its config describes: {exc}"
+        ) from None
+    return model.to(device).eval()
+
+
+def run_folders(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand each path: a run folder, or a ``--compare``/``--seeds`` folder of runs."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        table = path / "compare.json"
+        if table.is_file():
+            out += [path / Path(row["run_dir"]).name for row in json.loads(table.read_text())]
+        else:
+            out.append(path)
+    return out
+
+
+@dataclass(frozen=True)
+class Predictions:
+    r"""Predictions of one or more models for a list of compounds.
+
+    Attributes
+    ----------
+    combined, combined_std
+        Per compound, shape ``(C,)``: the mean over the models and their standard
+        deviation (0 for one model).
+    per_pose, weights
+        Per pose of all compounds, flat, shape ``(M,)``: the mean prediction and the mean
+        weight :math:`\partial G/\partial y_i` over the models.
+    index
+        The compound of each pose, shape ``(M,)``.
+    models
+        How many models were averaged.
+    digits
+        Significant digits that tell the models' values apart (9 for float32, 17 for
+        float64), for writing them as text.
+    """
+
+    combined: Tensor
+    combined_std: Tensor
+    per_pose: Tensor
+    weights: Tensor
+    index: Tensor
+    models: int
+    digits: int = 17
+
+
+def _pose_weights(model: combframe.MultiPoseModel, per_pose: Tensor, index: Tensor) -> Tensor:
+    r"""Return :math:`\partial G_c/\partial y_i` of every pose, by autograd on ``y`` alone."""
+    with torch.enable_grad():
+        y = per_pose.detach().requires_grad_(True)
+        combined = model.combination.segment_value(y, index, int(index.max()) + 1)
+        (weights,) = torch.autograd.grad(combined.sum(), y)
+    return weights
+
+
+def _one_model(
+    model: combframe.MultiPoseModel, compounds: Sequence[Compound]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return combined, per-pose predictions, pose weights and pose index, float64 on CPU."""
+    param = next(model.parameters())
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    for start in range(0, len(compounds), _BATCH):
+        chunk = compounds[start : start + _BATCH]
+        poses = [list(c.to(param.device, param.dtype).poses) for c in chunk]
+        with torch.no_grad():
+            out = model(compounds=poses)
+        weights = _pose_weights(model, out.per_pose, out.index)
+        parts.append((out.combined, out.per_pose, weights, out.index + start))
+    combined, per_pose, weights, index = (
+        torch.cat([p[i] for p in parts]).detach().cpu() for i in range(4)
+    )
+    return combined.double(), per_pose.double(), weights.double(), index
+
+
+def predict(
+    models: Sequence[combframe.MultiPoseModel], compounds: Sequence[Compound]
+) -> Predictions:
+    """Predict ``compounds`` with every model of ``models``; average over the models."""
+    if not models or not compounds:
+        raise ValueError("predict needs at least one model and one compound")
+    runs = [_one_model(m, compounds) for m in models]
+    combined = torch.stack([r[0] for r in runs])
+    std = combined.std(dim=0) if len(runs) > 1 else torch.zeros_like(combined[0])
+    return Predictions(
+        combined=combined.mean(dim=0),
+        combined_std=std,
+        per_pose=torch.stack([r[1] for r in runs]).mean(dim=0),
+        weights=torch.stack([r[2] for r in runs]).mean(dim=0),
+        index=runs[0][3],
+        models=len(runs),
+        digits=max(9 if next(m.parameters()).dtype != torch.float64 else 17 for m in models),
+    )
+
+
+def write_csv(
+    path: Path, compounds: Sequence[Compound], result: Predictions, *, poses: Path | None = None
+) -> None:
+    """Write one row per compound to ``path`` and, if given, one row per pose to ``poses``.
+
+    Compound rows: ``index, name, prediction`` (``std`` and ``models`` for an ensemble)
+    and ``target`` when every compound has a value. Pose rows: ``index, name, pose,
+    prediction, weight``.
+    """
+    names = [c.name or "" for c in compounds]
+    targets = [float(c.target) for c in compounds]
+    with_target = all(t == t for t in targets)  # NaN: a compound without a value
+    header = ["index", "name", "prediction"]
+    header += ["std", "models"] if result.models > 1 else []
+    header += ["target"] if with_target else []
+    rows = []
+    for i, name in enumerate(names):
+        row: list[object] = [i, name, float(result.combined[i])]
+        row += [float(result.combined_std[i]), result.models] if result.models > 1 else []
+        row += [targets[i]] if with_target else []
+        rows.append(row)
+    _write_rows(path, header, rows, result.digits)
+    if poses is not None:
+        pose_rows: list[list[object]] = []
+        counts = [0] * len(compounds)
+        for c, y, w in zip(
+            result.index.tolist(), result.per_pose.tolist(), result.weights.tolist(), strict=True
+        ):
+            pose_rows.append([c, names[c], counts[c], y, w])
+            counts[c] += 1
+        header = ["index", "name", "pose", "prediction", "weight"]
+        _write_rows(poses, header, pose_rows, result.digits)
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list[object]], digits: int) -> None:
+    """Write a CSV; floats with ``digits`` significant digits (float32's round trip: 9)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(
+        [[f"{v:.{digits}g}" if isinstance(v, float) else v for v in row] for row in rows]
+    )
+    atomic_write(path, out.getvalue().encode())
