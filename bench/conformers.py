@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from combframe.app import train as app_train
 from combframe.app.chem import morgan_fingerprints
 from combframe.app.config import TrainConfig
-from combframe.app.distributed import Ranks
 from combframe.app.metrics import spearman
+from combframe.app.predict import load, predict
+from combframe.app.train import load_data, train
 
 ARMS: dict[str, dict[str, Any]] = {
     "single conformer": {"combination": {"name": "mean"}, "conformers": 1},
@@ -67,15 +68,19 @@ def _config(args: argparse.Namespace, seed: int, arm: dict[str, Any]) -> TrainCo
 
 
 def _schnet(config: TrainConfig) -> tuple[Tensor, Tensor, list[str], float]:
-    """Train one arm; return held-out predictions, values, names and seconds per epoch."""
-    data = app_train.load_data(config)
-    ranks = Ranks()
-    device = app_train.check_config(config, ranks)
-    torch.set_num_threads(1)
-    run = app_train._build(config, data, device, ranks)
-    _, per_epoch = app_train._fit(run, False, None)
-    pred, target = app_train._predict(run, data.test)
-    return pred, target, [str(c.name) for c in data.test], per_epoch
+    """Train one arm; return held-out predictions, values, names and seconds per epoch.
+
+    Through the public app: ``train`` writes the run, ``load`` rebuilds its saved model
+    and ``predict`` predicts the held-out compounds.
+    """
+    data = load_data(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        run.mkdir()
+        result = train(config, progress=False, run_dir=run, data=data)
+        pred = predict([load(run)], data.test).combined.double()
+    target = torch.stack([c.target for c in data.test]).double()
+    return pred, target, [str(c.name) for c in data.test], result.metrics["time_per_epoch_s"]
 
 
 def _smiles() -> dict[str, str]:
@@ -96,7 +101,7 @@ def _ridge_fit(x: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor]:
 
 def _ridge(config: TrainConfig) -> tuple[Tensor, Tensor, list[str], float]:
     """The 2D baseline on the same split as the SchNet arms of ``config``'s seed."""
-    data = app_train.load_data(config)
+    data = load_data(config)
     smiles = _smiles()
 
     def features(compounds: Any) -> tuple[Tensor, Tensor]:
