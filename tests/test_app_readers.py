@@ -505,3 +505,12 @@ def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on
         assert len(list(csv.DictReader(handle))) == 6
     metrics = json.loads((runs / "one" / "metrics.json").read_text())
     assert metrics["data"]["kind"] == "molecules"
+
+
+def test_predict_reads_molecules_without_values(tmp_path: Path, cache: str) -> None:
+    from combframe.app.config import TrainConfig
+
+    path = _cmet(tmp_path, count=1)
+    config = TrainConfig.model_validate({"data": str(path), "reader": {"cache_dir": str(tmp_path)}})
+    data = load_data(config, for_prediction=True)
+    assert len(data.train) == 1 and data.test == () and torch.isnan(data.train[0].target)

@@ -496,8 +496,9 @@ def _checked(
         else:
             kept.append(raw)
     kept = [kept[i] for i in _spread(len(kept), opts.limit)]
-    if len(kept) < 2:
-        raise DataError(f"{source}: {len(kept)} usable compound(s); training needs 2")
+    if len(kept) < (2 if values_needed else 1):
+        what = "training needs 2" if values_needed else "nothing to predict"
+        raise DataError(f"{source}: {len(kept)} usable compound(s); {what}")
     return kept
 
 
