@@ -50,7 +50,6 @@ from torch import Tensor, nn
 import combframe
 from combframe.core.gradients import ParamLayout, StoredGradients
 from combframe.testing import full_graph_gradients, make_loss, peak_tensor_bytes
-from combframe.testing.parity import _grads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "loop", "store", "recompute", "stream")
@@ -77,7 +76,12 @@ def make_step(method: str, combination: combframe.Combination) -> Step:
             model.zero_grad(set_to_none=True)
             combined, per_pose = wrapped[id(model)](list(poses))
             LOSS(combined, per_pose).backward()
-            return _grads_of(model)  # the same copy full_graph_gradients makes
+            # the same copy full_graph_gradients makes
+            return [
+                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                for p in model.parameters()
+                if p.requires_grad
+            ]
 
         return step
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

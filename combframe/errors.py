@@ -1,13 +1,22 @@
-"""Exceptions raised by combframe."""
+"""Exceptions and warnings raised by combframe.
+
+Every exception derives from :class:`CombframeError` and keeps a builtin base
+(``except ValueError`` catches a :class:`CombinationError`); every warning derives from
+:class:`CombframeWarning`.
+"""
 
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Any
 
 __all__ = [
     "AmbiguousCombinationError",
+    "CombframeError",
+    "CombframeWarning",
     "CombinationError",
-    "PluginValidationError",
+    "InvalidPluginError",
     "PluginWarning",
     "StrategyError",
     "StrategyWarning",
@@ -15,19 +24,27 @@ __all__ = [
 ]
 
 
-class CombinationError(ValueError):
+class CombframeError(Exception):
+    """Root of every exception combframe raises (``except combframe.CombframeError``)."""
+
+
+class CombframeWarning(UserWarning):
+    """Root of every warning combframe emits."""
+
+
+class CombinationError(CombframeError, ValueError):
     """Bad input to a combination: shapes, lengths, names or values that do not fit."""
 
 
-class StrategyError(RuntimeError):
+class StrategyError(CombframeError, RuntimeError):
     """A gradient strategy was asked for something it cannot compute exactly."""
 
 
-class StrategyWarning(UserWarning):
+class StrategyWarning(CombframeWarning):
     """A gradient strategy runs slower than asked (for example one pose per pass)."""
 
 
-class UnknownCombinationError(LookupError):
+class UnknownCombinationError(CombframeError, LookupError):
     """No installed combination answers to the requested name.
 
     Parameters
@@ -105,8 +122,11 @@ class AmbiguousCombinationError(UnknownCombinationError):
         )
 
 
-class PluginValidationError(Exception):
+class InvalidPluginError(CombframeError):
     """A plugin registered something combframe cannot accept.
+
+    Named apart from pluggy's ``PluginValidationError``, the name it had in 0.1 (still
+    importable, with a :class:`DeprecationWarning`).
 
     Parameters
     ----------
@@ -122,7 +142,7 @@ class PluginValidationError(Exception):
         super().__init__(message)
 
 
-class PluginWarning(UserWarning):
+class PluginWarning(CombframeWarning):
     """A plugin failed to load or register and was skipped.
 
     Set ``COMBFRAME_STRICT_PLUGINS=1`` to turn these warnings into errors.
@@ -130,15 +150,31 @@ class PluginWarning(UserWarning):
 
 
 def user_stacklevel() -> int:
-    """Return the ``stacklevel`` of the first caller outside combframe, torch and pluggy.
+    """Return the ``stacklevel`` of the first caller outside combframe and torch.
 
     A warning then points at the user's line, not at combframe's internals.
     """
     frame = sys._getframe(1)  # the function that will call warnings.warn
     level = 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
-        ("combframe", "torch", "pluggy", "importlib")
+        ("combframe", "torch", "importlib")
     ):
         frame = frame.f_back
         level += 1
     return level
+
+
+#: Names of earlier releases: old name -> the current one.
+_RENAMED = {"PluginValidationError": "InvalidPluginError"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(
+            f"combframe.errors.{name} is deprecated; use combframe.errors.{new} (the same class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

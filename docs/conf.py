@@ -126,25 +126,6 @@ def _ancestors(node: nodes.Node) -> list[nodes.Node]:
     return found
 
 
-#: Data re-exported by ``combframe`` and the module whose ``#:`` comment documents it.
-#: Without this, autodoc shows the docstring of the object's class (pluggy's marker class).
-DATA_HOMES = {"combframe.hookimpl": "combframe.registry.hookspecs"}
-
-
-def _data_doc_from_home(
-    app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]
-) -> None:
-    """Give re-exported data the ``#:`` comment written where it is defined."""
-    home = DATA_HOMES.get(name)
-    if what != "data" or home is None:
-        return
-    from sphinx.pycode import ModuleAnalyzer
-
-    comment = ModuleAnalyzer.for_module(home).find_attr_docs().get(("", name.rpartition(".")[2]))
-    if comment:
-        lines[:] = list(comment)
-
-
 #: MathJax's SVG output, relative to ``_static``: it draws every glyph from the script
 #: itself, with no web fonts to fetch (which browsers refuse to pages opened from disk).
 #: Set in :func:`setup`, after sphinx-mathjax-offline has set its own default.
@@ -155,4 +136,3 @@ def setup(app: Any) -> None:
     app.config.mathjax_path = MATHJAX_PATH
     app.connect("source-read", _add_toctrees)
     app.connect("doctree-resolved", _link_code_to_api)
-    app.connect("autodoc-process-docstring", _data_doc_from_home)

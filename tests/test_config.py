@@ -167,7 +167,7 @@ def test_aliases_normalize_and_deprecated_alias_warns() -> None:
         assert isinstance(old.build(), Soft)
 
 
-def test_resolve_combination_accepts_every_form() -> None:
+def test_create_combination_accepts_every_form() -> None:
     max_comb = combframe.create_combination("max", pred_scale=5.0)
     forms = [
         max_comb,
@@ -175,16 +175,16 @@ def test_resolve_combination_accepts_every_form() -> None:
         {"name": "max", "pred_scale": 5.0},
     ]
     for form in forms:
-        resolved = combframe.resolve_combination(form)
+        resolved = combframe.create_combination(form)
         assert resolved.to_config() == max_comb.to_config()
-    assert combframe.resolve_combination(max_comb) is max_comb
-    assert combframe.resolve_combination("mean").to_config() == {"name": "mean"}
+    assert combframe.create_combination(max_comb) is max_comb
+    assert combframe.create_combination("mean").to_config() == {"name": "mean"}
     with pytest.raises(CombinationError, match=r"needs a 'name' key.*got keys \['pred_scale'\]"):
-        combframe.resolve_combination({"pred_scale": 5.0})
+        combframe.create_combination({"pred_scale": 5.0})
     with pytest.raises(ValidationError, match="pred_scale"):
-        combframe.resolve_combination({"name": "max", "pred_scale": -5.0})
+        combframe.create_combination({"name": "max", "pred_scale": -5.0})
     with pytest.raises(TypeError, match="got int"):
-        combframe.resolve_combination(3)
+        combframe.create_combination(3)
 
 
 # ---- schema -------------------------------------------------------------------------------

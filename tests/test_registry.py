@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from pydantic import Field, ValidationError
 
 import combframe
-from combframe import PluginValidationError, PluginWarning, UnknownCombinationError
+from combframe import InvalidPluginError, PluginWarning, UnknownCombinationError
 from combframe.errors import AmbiguousCombinationError
 from combframe.registry import current_registry
 from combframe.testing import (
@@ -71,15 +72,13 @@ class MaxAlias(combframe.Combination):
         return preds.max()
 
 
-class Plugin:
-    """An in-process plugin object contributing a fixed list."""
-
-    def __init__(self, *classes: object) -> None:
-        self.classes = list(classes)
-
-    @combframe.hookimpl
-    def combframe_add_combinations(self) -> list[object]:
-        return self.classes
+def Plugin(*classes: object) -> types.ModuleType:  # noqa: N802 - stands for a plugin module
+    """An in-process plugin module that lists the given classes in its ``__all__``."""
+    module = types.ModuleType("test_plugin_module")
+    for i, cls in enumerate(classes):
+        setattr(module, f"C{i}", cls)
+    module.__all__ = [f"C{i}" for i in range(len(classes))]
+    return module
 
 
 def _plugin_module(body: str) -> str:
@@ -96,12 +95,18 @@ class Good(combframe.Combination):
 
 
 def _dist(tmp_path: Path, dist: str, version: str, plugin: str, module: str, body: str):  # type: ignore[no-untyped-def]
+    """Install ``module`` (source ``body``) as ``dist``'s entry point ``plugin``.
+
+    The entry point names the module, or the attribute a ``# entry point: :attr`` line
+    of ``body`` gives.
+    """
     root = tmp_path / dist
+    target = module + body.partition("# entry point: ")[2].partition("\n")[0]
     return fake_distribution(
         root,
         dist,
         version,
-        {"combframe": {plugin: module}},
+        {"combframe": {plugin: target}},
         {f"{module}/__init__.py": _plugin_module(body)},
     )
 
@@ -306,7 +311,7 @@ def test_in_process_clash_names_both_plugins_and_leaves_registry_intact() -> Non
     with isolated_registry():
         register_plugin(Plugin(Soft), name="first")
         before = combframe.describe_combinations()
-        with pytest.raises(PluginValidationError) as info:
+        with pytest.raises(InvalidPluginError) as info:
             register_plugin(Plugin(OtherSoft), name="second")
         message = str(info.value)
         assert "'soft_min' is claimed twice" in message
@@ -319,7 +324,7 @@ def test_in_process_clash_names_both_plugins_and_leaves_registry_intact() -> Non
 
 
 def test_alias_clash_with_shipped_plugin_names_its_distribution() -> None:
-    with isolated_registry(), pytest.raises(PluginValidationError) as info:
+    with isolated_registry(), pytest.raises(InvalidPluginError) as info:
         register_plugin(MaxAlias, name="greedy-plugin")
     message = str(info.value)
     assert f"plugin 'max' (distribution combframe {VERSION})" in message
@@ -341,11 +346,6 @@ class Own(combframe.Combination):
 
     def value(self, preds):
         return preds.sum()
-
-
-@combframe.hookimpl
-def combframe_add_combinations():
-    return [Good, Own]
 """
 
 
@@ -387,12 +387,33 @@ def test_entry_point_clash_makes_the_name_ambiguous_and_keeps_the_rest(tmp_path:
             assert "own_b" not in combframe.list_combinations()
 
 
+OLD_HOOK_PLUGIN = (
+    GOOD_CLASS.format(name="old_style")
+    + """
+with __import__("warnings").catch_warnings():
+    __import__("warnings").simplefilter("ignore", DeprecationWarning)
+    hookimpl = combframe.hookimpl
+
+
+@hookimpl
+def combframe_add_combinations():
+    return [Good]
+"""
+)
+
+
+def test_a_hook_plugin_of_0_1_still_loads_its_classes(tmp_path: Path) -> None:
+    with pytest.warns(DeprecationWarning, match="combframe.hookimpl is deprecated"):
+        assert combframe.hookimpl(len) is len  # a no-op marker now
+    with isolated_registry(), _dist(tmp_path, "old", "0.1", "old", "old_mod", OLD_HOOK_PLUGIN):
+        assert combframe.get_combination_class("old_style").__module__ == "old_mod"
+        assert combframe.plugin_errors() == []
+
+
 def test_third_party_max_leaves_every_other_name_working(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    body = GOOD_CLASS.format(name="max") + (
-        "\n@combframe.hookimpl\ndef combframe_add_combinations():\n    return [Good]\n"
-    )
+    body = GOOD_CLASS.format(name="max")
     with isolated_registry(), _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body):
         with pytest.warns(PluginWarning, match="'max' is claimed twice"):
             assert combframe.list_combinations() == ["boltzmann", "mean"]
@@ -409,65 +430,50 @@ def test_third_party_max_leaves_every_other_name_working(
 
 
 def test_entry_point_clash_raises_when_strict(tmp_path: Path) -> None:
-    body = GOOD_CLASS.format(name="max") + (
-        "\n@combframe.hookimpl\ndef combframe_add_combinations():\n    return [Good]\n"
-    )
+    body = GOOD_CLASS.format(name="max")
     with (
         isolated_registry(strict=True),
         _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body),
-        pytest.raises(PluginValidationError, match="'max' is claimed twice"),
+        pytest.raises(InvalidPluginError, match="'max' is claimed twice"),
     ):
         combframe.list_combinations()
 
 
 # ---- broken plugins ---------------------------------------------------------------------
 
-HOOK = "\n@combframe.hookimpl\ndef combframe_add_combinations():\n    return {ret}\n"
 BROKEN = {
     "import": ("raise ImportError('needs torch_scatter')", "ImportError: needs torch_scatter"),
-    "hook-raises": (
-        "@combframe.hookimpl\ndef combframe_add_combinations():\n    raise RuntimeError('boom')\n",
-        "RuntimeError: boom",
+    "not-a-class": (
+        "# entry point: :X\nX = 42\n",
+        "42 is not a subclass of combframe.Combination nor a module of them",
     ),
-    "not-a-class": (HOOK.format(ret="[42]"), "returned 42, which is not a subclass"),
-    "not-a-list": (HOOK.format(ret="None"), "returned None; expected a list"),
     "no-name": (
         "class NoName(combframe.Combination):\n"
-        "    def value(self, preds):\n        return preds.mean()\n" + HOOK.format(ret="[NoName]"),
+        "    def value(self, preds):\n        return preds.mean()\n",
         "has no name (got None)",
     ),
     "no-value": (
-        "class Lazy(combframe.Combination):\n    name = 'lazy'\n" + HOOK.format(ret="[Lazy]"),
+        "class Lazy(combframe.Combination):\n    name = 'lazy'\n",
         "does not implement value",
     ),
     "reserved-param": (
         "class P(combframe.CombinationParams):\n    name: str = 'x'\n"
         "class Named(combframe.Combination):\n    name = 'named'\n    Params = P\n"
-        "    def value(self, preds):\n        return preds.mean()\n" + HOOK.format(ret="[Named]"),
+        "    def value(self, preds):\n        return preds.mean()\n",
         "parameter called 'name', which is reserved",
     ),
     "bad-alias": (
-        GOOD_CLASS.format(name="aliased")
-        + "Good.aliases = ('has space',)\n"
-        + HOOK.format(ret="[Good]"),
+        GOOD_CLASS.format(name="aliased") + "Good.aliases = ('has space',)\n",
         "contains 'has space', which is not a valid combination name",
     ),
-    "no-hooks": ("X = 1\n", "defines no combframe hook"),
-    "bad-signature": (
-        "@combframe.hookimpl\ndef combframe_add_combinations(config):\n    return []\n",
-        "invalid hook implementation",
-    ),
-    "unknown-hook": (
-        "@combframe.hookimpl\ndef combframe_add_metrics():\n    return []\n",
-        "invalid hook implementation",
-    ),
+    "no-combinations": ("X = 1\n", "defines no combframe.Combination subclass"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_plugin_is_isolated_reported_and_listed(tmp_path: Path, case: str) -> None:
     body, expected = BROKEN[case]
-    good = GOOD_CLASS.format(name="fine") + HOOK.format(ret="[Good]")
+    good = GOOD_CLASS.format(name="fine")
     with (
         isolated_registry(),
         _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body),
@@ -490,15 +496,15 @@ def test_broken_plugin_is_isolated_reported_and_listed(tmp_path: Path, case: str
         # the failure is named when a lookup misses
         with pytest.raises(UnknownCombinationError, match="failed to load: 'broken'"):
             combframe.get_combination_class("lazy")
-        # nothing of the broken plugin stays registered with pluggy
-        assert current_registry().table().pm.get_plugin("broken") is None
+        # nothing of the broken plugin stays registered
+        assert "broken" not in {i.plugin for i in combframe.describe_combinations()}
 
 
 def test_strict_mode_raises_with_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMBFRAME_STRICT_PLUGINS", "1")
     body = BROKEN["import"][0]
     with isolated_registry(), _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body):
-        with pytest.raises(PluginValidationError) as info:
+        with pytest.raises(InvalidPluginError) as info:
             combframe.list_combinations()
         assert "plugin 'broken' (distribution broken-dist 0.3) failed to load" in str(info.value)
         assert isinstance(info.value.__cause__, ImportError)
@@ -521,7 +527,7 @@ def test_strict_mode_rejects_an_invalid_class(tmp_path: Path) -> None:
     with (
         isolated_registry(strict=True),
         _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body),
-        pytest.raises(PluginValidationError, match="returned 42, which is not a subclass"),
+        pytest.raises(InvalidPluginError, match=r"42 is not a subclass of combframe\.Combination"),
     ):
         combframe.list_combinations()
 
@@ -565,8 +571,8 @@ def test_shipped_module_registered_in_process_with_autoload_off() -> None:
 def test_invalid_in_process_plugin_raises_and_registers_nothing() -> None:
     with isolated_registry():
         before = combframe.list_combinations()
-        with pytest.raises(PluginValidationError, match="not a subclass of combframe"):
-            register_plugin(Plugin(int), name="ints")
+        with pytest.raises(InvalidPluginError, match="not a subclass of combframe"):
+            register_plugin(int, name="ints")
         assert combframe.list_combinations() == before
         register_plugin(Plugin(Soft), name="ints")  # the name is free again
         assert "soft_min" in combframe.list_combinations()
@@ -575,7 +581,7 @@ def test_invalid_in_process_plugin_raises_and_registers_nothing() -> None:
 def test_in_process_plugin_name_must_be_unique() -> None:
     with isolated_registry():
         register_plugin(Plugin(Soft), name="p")
-        with pytest.raises(PluginValidationError, match="'p' is already registered"):
+        with pytest.raises(InvalidPluginError, match="'p' is already registered"):
             register_plugin(Plugin(OtherSoft), name="p")
 
 
@@ -605,7 +611,7 @@ def test_isolated_registry_restores_the_previous_one() -> None:
 
 def test_fake_distribution_cleans_up(tmp_path: Path) -> None:
     path_before = list(sys.path)
-    body = GOOD_CLASS.format(name="temp") + HOOK.format(ret="[Good]")
+    body = GOOD_CLASS.format(name="temp")
     with isolated_registry():
         with _dist(tmp_path, "temp-dist", "9.9", "temp", "temp_mod", body) as root:
             assert sys.path[0] == str(root)
@@ -678,18 +684,13 @@ Max = combframe.get_combination_class("max")  # the registry, while this module 
 
 class Softer(Max):
     name = "softer"
-
-
-@combframe.hookimpl
-def combframe_add_combinations():
-    return [Softer]
 """
 
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_plugin_that_uses_the_registry_while_imported(tmp_path: Path, strict: bool) -> None:
     with isolated_registry(strict=strict), warnings.catch_warnings():
-        warnings.simplefilter("error")  # no false "defines no combframe hook" warning
+        warnings.simplefilter("error")  # no false "defines no combination" warning
         with _dist(
             tmp_path, "combframe-softer", "1.0", "softer", "combframe_softer", SUBCLASSES_MAX
         ):

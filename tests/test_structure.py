@@ -208,7 +208,125 @@ def test_the_core_alone_takes_instances_and_says_how_to_get_names() -> None:
         "    assert 'import combframe.registry' in str(exc), exc\n"
         "else:\n"
         "    raise AssertionError('a name resolved without the registry')\n"
+        "from combframe.core.combination import Combination\n"
+        "class Mean(Combination):\n"
+        "    name = 'plain_mean'\n"
+        "    def value(self, preds):\n"
+        "        return preds.mean()\n"
+        "try:\n"
+        "    Mean()(torch.ones(2), {}, [])\n"
+        "except TypeError as exc:\n"
+        "    assert 'import combframe.registry first' in str(exc), exc\n"
+        "else:\n"
+        '    raise AssertionError("mtenn\'s call ran without the registry")\n'
         "import combframe.registry\n"
         "assert MultiPoseModel(net, 'max').combination.name == 'max'\n"
+        "assert float(Mean()(torch.ones(2), {}, [])[0]) == 1.0\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Modules of the package ``path`` imports, those for the type checker included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_contract_and_the_mechanism_do_not_know_each_other() -> None:
+    contract = PACKAGE / "core" / "combination.py"
+    mechanism = PACKAGE / "core" / "function.py"
+    assert "combframe.core.function" not in _all_imports(contract)
+    assert "combframe.core.combination" not in _all_imports(mechanism)
+    assert "Combination" not in re.findall(r"\b[A-Z]\w*\b", mechanism.read_text("utf-8"))
+
+
+def test_every_error_has_one_root_and_keeps_its_builtin_base() -> None:
+    import importlib
+    import inspect
+
+    import combframe.errors as errors
+
+    for path in _sources(PACKAGE):
+        module = _module_name(path)
+        if module.startswith(("combframe.app", "combframe.__main__")):
+            continue
+        for name, obj in vars(importlib.import_module(module)).items():
+            if not (inspect.isclass(obj) and issubclass(obj, BaseException)):
+                continue
+            if obj.__module__ != module or name.startswith("_"):
+                continue
+            root = errors.CombframeWarning if issubclass(obj, Warning) else errors.CombframeError
+            assert issubclass(obj, root), f"{module}.{name} does not derive from {root.__name__}"
+    assert issubclass(errors.CombinationError, ValueError)
+    assert issubclass(errors.StrategyError, RuntimeError)
+    assert issubclass(errors.UnknownCombinationError, LookupError)
+    assert issubclass(errors.PluginWarning, UserWarning)
+
+
+def _names_used_from_combframe(*roots: Path) -> set[str]:
+    """Names read from ``combframe`` (``combframe.X``, ``from combframe import X``)."""
+    names: set[str] = set()
+    for root in roots:
+        files = [root] if root.is_file() else sorted(root.rglob("*"))
+        for path in files:
+            if path.suffix not in (".py", ".md") or "_build" in path.parts:
+                continue
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".py":
+                for node in ast.walk(ast.parse(text)):
+                    if isinstance(node, ast.ImportFrom) and node.module == "combframe":
+                        names.update(a.name for a in node.names)
+                    elif (
+                        isinstance(node, ast.Attribute)
+                        and isinstance(node.value, ast.Name)
+                        and node.value.id == "combframe"
+                    ):
+                        names.add(node.attr)
+                continue
+            names.update(re.findall(r"(?<![\w.])combframe\.([A-Za-z]\w*)\b", text))
+            for block in re.findall(r"from combframe import (\([^)]*\)|[\w, ]+)", text):
+                names.update(re.findall(r"\b([A-Za-z]\w*)\b(?:\s+as\s+\w+)?", block))
+    return names - {"as"}
+
+
+def test_all_lists_every_name_the_app_bench_and_docs_use() -> None:
+    import combframe
+
+    submodules = {p.stem for p in PACKAGE.iterdir() if p.suffix == ".py" or p.is_dir()}
+    used = _names_used_from_combframe(
+        PACKAGE / "app", ROOT / "bench", ROOT / "docs", ROOT / "README.md"
+    )
+    used -= submodules | {"as", "import", "__version__"}
+    missing = sorted(used - set(combframe.__all__))
+    assert not missing, f"used from combframe but not in combframe.__all__: {missing}"
+    for name in combframe.__all__:
+        assert getattr(combframe, name) is not None, name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "BaseCombination",
+        "ParamLayout",
+        "PoseGradients",
+        "Strategy",
+        "PluginValidationError",
+        "CombinationInfo",
+        "ParameterInfo",
+        "PluginLoadError",
+        "resolve_combination",
+        "hookimpl",
+    ],
+)
+def test_names_of_earlier_releases_warn_and_still_work(name: str) -> None:
+    import combframe
+
+    with pytest.warns(DeprecationWarning, match=f"combframe.{name} is deprecated"):
+        value = getattr(combframe, name)
+    assert value is not None
+    assert name not in combframe.__all__ and name not in dir(combframe)

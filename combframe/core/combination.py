@@ -21,17 +21,16 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 from typing_extensions import TypeVar
 
-from combframe.core.function import CombinationFunction, OwnParameters, as_pred_vector
 from combframe.core.gradients import PoseGradients
 from combframe.errors import CombinationError
 
 __all__ = [
-    "BaseCombination",
     "Combination",
     "CombinationParams",
     "StreamingCombination",
     "as_combination",
     "normalize_name",
+    "set_mtenn_call",
     "set_resolver",
 ]
 
@@ -106,7 +105,8 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     ``Params`` fields (the class's signature lists them), validated by pydantic, and
     readable as attributes (``comb.t``); assigning one re-validates it. Calling the module
     with mtenn's signature ``comb(pred_list, grad_dict, param_names, *model_params)``
-    returns ``(combined, per_pose)`` through the shared autograd Function.
+    returns ``(combined, per_pose)`` through mtenn's shared autograd Function
+    (:class:`combframe.mtenn.CombinationFunction`).
 
     Attributes
     ----------
@@ -348,17 +348,13 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             ``model_params`` (missing or extra names, not N entries per name, an entry
             that is neither a tensor nor ``None``, a gradient of the wrong size).
         """
-        local: Tensor | None = None
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            # The combination's own parameters: h on the detached predictions, built
-            # before the Function (see OwnParameters).
-            local = self.value(as_pred_vector(pred_list))
-        combined, per_pose = CombinationFunction.call(
-            self, pred_list, grad_dict, param_names, *model_params
-        )
-        if local is not None:
-            combined = OwnParameters.apply(combined, local)  # type: ignore[no-untyped-call]  # untyped in torch
-        return combined, per_pose
+        if _mtenn_call is None:
+            raise TypeError(
+                "mtenn's call (pred_list, grad_dict, param_names, *model_params) is "
+                "provided by combframe.mtenn, installed when combframe.registry is "
+                "imported; import combframe.registry first, or use combframe's public API"
+            )
+        return _mtenn_call(self, pred_list, grad_dict, param_names, *model_params)
 
 
 def normalize_name(name: str) -> str:
@@ -370,10 +366,8 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-#: The name the first releases used for :class:`Combination`; the same class.
-BaseCombination = Combination
-
 _resolver: Callable[[Any], Combination] | None = None
+_mtenn_call: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 def set_resolver(resolver: Callable[[Any], Combination]) -> None:
@@ -384,6 +378,16 @@ def set_resolver(resolver: Callable[[Any], Combination]) -> None:
     """
     global _resolver
     _resolver = resolver
+
+
+def set_mtenn_call(call: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    """Install what :meth:`Combination.forward` runs for mtenn's call (the registry does).
+
+    The call lives in :mod:`combframe.mtenn.function`, outside the core, which never
+    imports it: the registry installs it when imported, beside its resolver.
+    """
+    global _mtenn_call
+    _mtenn_call = call
 
 
 def as_combination(spec: Any) -> Combination:

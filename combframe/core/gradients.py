@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, final
 
 import torch
@@ -33,7 +33,6 @@ __all__ = [
     "ParamLayout",
     "PoseGradients",
     "StoredGradients",
-    "validate_grad_dict",
 ]
 
 
@@ -277,105 +276,3 @@ class StoredGradients(PoseGradients):
             weights = coeffs[rows].to(stacked.dtype)
             grads.append(torch.tensordot(weights, stacked, dims=1).reshape(t.shape))
         return grads
-
-    @classmethod
-    def from_grad_dict(
-        cls,
-        grad_dict: Mapping[str, Sequence[Tensor | None]],
-        param_names: Sequence[str],
-        model_params: Sequence[Tensor],
-        n_poses: int,
-    ) -> StoredGradients:
-        """Build the buffer from mtenn's ``{name: [N gradients]}``, after validating it.
-
-        A ``None`` gradient (what ``torch.autograd.grad(..., allow_unused=True)`` gives
-        for a parameter the pose's prediction does not depend on) counts as zeros, as
-        autograd counts it; a parameter whose gradients are all ``None`` gets no
-        gradient (``.grad`` stays ``None``), as with autograd.
-
-        Raises
-        ------
-        CombinationError
-            As :func:`validate_grad_dict`, or if a gradient has the wrong number of
-            elements for its parameter.
-        """
-        validate_grad_dict(grad_dict, param_names, model_params, n_poses)
-        layout = ParamLayout(model_params)
-        for name, p in zip(param_names, model_params, strict=True):
-            bad = [
-                (i, g.numel())
-                for i, g in enumerate(grad_dict[name])
-                if g is not None and g.numel() != p.numel()
-            ]
-            if bad:
-                raise CombinationError(
-                    f"gradient {bad[0][0]} of {name!r} has {bad[0][1]} elements; the "
-                    f"parameter has {p.numel()}"
-                )
-        used = {
-            id(p)
-            for n, p in zip(param_names, model_params, strict=True)
-            if any(g is not None for g in grad_dict[n])
-        }
-        if not model_params:
-            return cls(layout, layout.new_buffer(n_poses), used=used)
-        buffer = torch.cat(
-            [
-                torch.stack(
-                    [
-                        p.new_zeros(p.numel()) if g is None else g.detach().reshape(-1)
-                        for g in grad_dict[n]
-                    ]
-                ).to(layout.dtype)
-                for n, p in zip(param_names, model_params, strict=True)
-            ],
-            dim=1,
-        )
-        return cls(layout, buffer, used=used)
-
-
-def validate_grad_dict(
-    grad_dict: Mapping[str, Sequence[Tensor | None]],
-    param_names: Sequence[str],
-    model_params: Sequence[Tensor],
-    n_poses: int,
-) -> None:
-    """Check mtenn-style gradients against the names, parameters and number of poses.
-
-    Raises
-    ------
-    CombinationError
-        If names and parameters disagree in number, keys are missing or extra, a
-        list does not hold ``n_poses`` gradients, or an entry is neither a tensor nor
-        ``None``.
-    """
-    names = list(param_names)
-    if len(names) != len(model_params):
-        raise CombinationError(
-            f"param_names has {len(names)} names but {len(model_params)} model_params "
-            "were given; pass one name per parameter, in the same order"
-        )
-    missing = [n for n in names if n not in grad_dict]
-    extra = [k for k in grad_dict if k not in set(names)]
-    if missing or extra:
-        raise CombinationError(
-            f"grad_dict keys do not match param_names: missing {missing[:5]}, extra {extra[:5]}"
-        )
-    wrong = [(n, len(grad_dict[n])) for n in names if len(grad_dict[n]) != n_poses]
-    if wrong:
-        raise CombinationError(
-            f"grad_dict must hold {n_poses} gradients per parameter (one per prediction "
-            "in pred_list); got " + ", ".join(f"{n!r}: {k}" for n, k in wrong[:5])
-        )
-    odd = [
-        (n, i, type(g).__name__)
-        for n in names
-        for i, g in enumerate(grad_dict[n])
-        if g is not None and not isinstance(g, Tensor)
-    ]
-    if odd:
-        raise CombinationError(
-            "grad_dict must hold tensors (or None for a parameter a pose does not use, as "
-            "torch.autograd.grad(..., allow_unused=True) gives); got "
-            + ", ".join(f"{n!r}[{i}]: {t}" for n, i, t in odd[:5])
-        )

@@ -1,56 +1,42 @@
-"""The registry of combinations, built from plugins through pluggy and entry points.
+"""The registry of combinations, built from entry points and in-process registrations.
 
-Plugins are found through the entry-point group ``combframe`` (the three shipped
-combinations included) and through in-process registration (:func:`register_plugin`).
-The registry is built on first use, from the environment at that moment, and cached
-until :func:`reload_registry`. Reading entry-point metadata imports nothing; a plugin
-module is imported only when the registry is built.
-
-Environment variables, read when the registry is built:
-
-``COMBFRAME_DISABLE_PLUGIN_AUTOLOAD``
-    Non-empty (and not ``0``/``false``/``no``/``off``): load no entry points.
-    Plugins registered in-process still work.
-``COMBFRAME_BLOCK_PLUGINS``
-    Comma-separated entry points that are not loaded: an entry-point name (``max``
-    blocks every distribution's ``max``), ``distribution:name`` (one distribution's,
-    ``my-plugins:max``) or ``distribution:*`` (all of one distribution's).
-``COMBFRAME_STRICT_PLUGINS``
-    Non-empty (and not false-like): a plugin that fails to load or register raises
-    :class:`~combframe.errors.PluginValidationError` instead of warning.
+A plugin is a :class:`~combframe.Combination` subclass or a module of them, named by an
+entry point of the group ``combframe`` (the three shipped combinations included) or
+given to :func:`register_plugin`.
+The registry is built on first use, from the environment at that moment
+(:data:`ENV_AUTOLOAD`, :data:`ENV_BLOCK`, :data:`ENV_STRICT`), and cached until
+:func:`reload_registry`. Reading entry-point metadata imports nothing; a plugin module
+is imported only when the registry is built.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.metadata
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, TypeVar
 
 import pydantic
 
-from combframe.core.combination import Combination, set_resolver
+from combframe.core.combination import Combination, set_mtenn_call, set_resolver
 from combframe.errors import (
     AmbiguousCombinationError,
     CombinationError,
-    PluginValidationError,
+    InvalidPluginError,
     UnknownCombinationError,
 )
+from combframe.mtenn.function import mtenn_call
 from combframe.registry.info import CombinationInfo, ParameterInfo, combination_info
 from combframe.registry.plugins import (
     ENV_BLOCK,
     ENV_STRICT,
     Entry,
     PluginLoadError,
-    Settings,
     Source,
     Table,
-    as_plugin,
-    claim_of,
     dist_of,
     entry_points,
     normalize_name,
@@ -108,50 +94,39 @@ class Registry:
         self._autoload = autoload
         self._blocked = None if blocked is None else frozenset(map(normalize_name, blocked))
         self._strict = strict
-        # (what the caller passed, the plugin object registered, its name)
-        self._in_process: list[tuple[object, object, str]] = []
+        # (the plugin, its name)
+        self._in_process: list[tuple[object, str]] = []
         self._table: Table | None = None
         self._lock = threading.RLock()
         # entry points being imported by a build: a plugin that uses the registry while
         # it is imported (subclassing 'max', say) re-enters the build, which then skips it
         self._importing: set[str] = set()
 
-    def _settings(self) -> Settings:
-        autoload = (
-            self._autoload
-            if self._autoload is not None
-            else not _flag(os.environ.get(ENV_AUTOLOAD))
-        )
-        if self._blocked is not None:
-            blocked = self._blocked
-        else:
-            raw = os.environ.get(ENV_BLOCK, "")
-            blocked = frozenset(normalize_name(n) for n in raw.split(",") if n.strip())
-        strict = self._strict if self._strict is not None else _flag(os.environ.get(ENV_STRICT))
-        return Settings(autoload, blocked, strict)
-
     def _build(self) -> Table:
-        settings = self._settings()
+        env = os.environ
+        autoload = not _flag(env.get(ENV_AUTOLOAD)) if self._autoload is None else self._autoload
+        blocked = self._blocked
+        if blocked is None:
+            blocked = frozenset(
+                normalize_name(n) for n in env.get(ENV_BLOCK, "").split(",") if n.strip()
+            )
+        strict = _flag(env.get(ENV_STRICT)) if self._strict is None else self._strict
         table = Table()
-        if settings.autoload:
-            for ep in entry_points():
-                dist, version = dist_of(ep)
-                source = Source(ep.name, dist, version)
-                if source.blocked_by(settings.blocked):
-                    continue
-                if ep.name in self._importing:
-                    continue  # its own import asked for the registry: not ready yet
-                self._importing.add(ep.name)
-                try:
-                    plugin = as_plugin(ep.load())
-                except Exception as exc:
-                    table.fail_import(source, exc, settings.strict)
-                    continue
-                finally:
-                    self._importing.discard(ep.name)
-                table.add_plugin(plugin, source, strict=settings.strict)
-        for _, plugin, name in self._in_process:
-            table.add_plugin(plugin, Source(name, None, None), strict=True)
+        for ep in entry_points() if autoload else ():
+            source = Source(ep.name, *dist_of(ep))
+            if source.blocked_by(blocked) or ep.name in self._importing:
+                continue  # blocked, or its own import asked for the registry: not ready yet
+            self._importing.add(ep.name)
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                table.fail(ep.name, source, f"{type(exc).__name__}: {exc}", strict, exc)
+                continue
+            finally:
+                self._importing.discard(ep.name)
+            table.add(plugin, source, strict=strict)
+        for plugin, name in self._in_process:
+            table.add(plugin, Source(name), strict=True)
         return table
 
     def table(self) -> Table:
@@ -167,24 +142,21 @@ class Registry:
             self._table = None
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object in-process; see :func:`register_plugin`."""
-        obj = as_plugin(plugin)
+        """Register a plugin in-process; see :func:`register_plugin`."""
         if name is None:
-            name = getattr(plugin, "__name__", None) or type(plugin).__name__
-            if isinstance(plugin, type) and issubclass(plugin, Combination):
-                name = getattr(plugin, "name", name)
-        name = str(name)
+            name = getattr(plugin, "name" if isinstance(plugin, type) else "__name__", None)
+        name = str(name or getattr(plugin, "__name__", type(plugin).__name__))
         with self._lock:
-            for given, _, known in self._in_process:
+            for given, known in self._in_process:
                 if given is plugin:
                     return known
-            if any(n == name for _, _, n in self._in_process):
-                raise PluginValidationError(
-                    obj, f"a plugin named {name!r} is already registered in-process; pass name="
+            if any(n == name for _, n in self._in_process):
+                raise InvalidPluginError(
+                    plugin, f"a plugin named {name!r} is already registered in-process; pass name="
                 )
             # build (if needed) and apply now, so that errors surface at this call
-            self.table().add_plugin(obj, Source(name, None, None), strict=True)
-            self._in_process.append((plugin, obj, name))
+            self.table().add(plugin, Source(name), strict=True)
+            self._in_process.append((plugin, name))
             return name
 
     # ---- queries ------------------------------------------------------------------------
@@ -197,7 +169,7 @@ class Registry:
             claimants = table.ambiguous[key]
             raise AmbiguousCombinationError(
                 name,
-                [claim_of(e) for e in claimants],
+                [e.claim() for e in claimants],
                 [e.source.block_key() for e in claimants],
                 sorted(table.entries),
             )
@@ -364,12 +336,12 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     Parameters
     ----------
     plugin
-        A module or object with ``@combframe.hookimpl`` hook implementations, or a
-        :class:`~combframe.Combination` subclass (registered as a plugin that
-        contributes just that class).
+        A :class:`~combframe.Combination` subclass, or a module of them (the subclasses
+        its ``__all__`` lists or, without ``__all__``, those it defines): what an entry
+        point may name.
     name
-        The plugin's name in listings and error messages; defaults to the module name
-        (or the combination's name).
+        The plugin's name in listings and error messages; defaults to the combination's
+        name (or the module's).
 
     Returns
     -------
@@ -378,7 +350,7 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
 
     Raises
     ------
-    PluginValidationError
+    InvalidPluginError
         If the plugin is invalid, another in-process plugin already has ``name``, or one
         of its names clashes with an installed combination; nothing is registered then.
 
@@ -403,4 +375,18 @@ def reload_registry() -> None:
     _CURRENT.table()
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def hookimpl(function: _F) -> _F:
+    """Return ``function`` unchanged: the marker of the hook plugins of 0.1 (deprecated).
+
+    A plugin module of 0.1 that decorated ``combframe_add_combinations`` with it still
+    imports; the registry takes the combination classes the module defines, and ignores
+    the hook.
+    """
+    return function
+
+
 set_resolver(create_combination)
+set_mtenn_call(mtenn_call)

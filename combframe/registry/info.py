@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from pydantic.fields import FieldInfo
 
-from combframe.core.combination import Combination, CombinationParams
+from combframe.core.combination import Combination
 from combframe.registry.plugins import Entry
 
 __all__ = ["CombinationInfo", "ParameterInfo", "combination_info"]
@@ -26,7 +26,7 @@ class ParameterInfo:
     name
         Field name (the keyword of the combination and the key in a config).
     type
-        The annotation, written as in source (``"float"``, ``"bool"``, ``"int | None"``).
+        The annotation, written as in source (``"float"``, ``"int | None"``).
     default
         The default value (``None`` when ``required``).
     bounds
@@ -44,6 +44,40 @@ class ParameterInfo:
     description: str
     required: bool = False
 
+    @classmethod
+    def of(cls, name: str, field: FieldInfo) -> ParameterInfo:
+        """Describe the pydantic field ``name``."""
+        annotation = field.annotation
+        kind = re.sub(r"\b(typing|typing_extensions|builtins)\.", "", repr(annotation))
+        if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
+            kind = annotation.__name__
+        bounds = [
+            f"{op} {getattr(meta, attr)}"
+            for meta in field.metadata
+            for attr, op in _BOUND_OPS
+            if getattr(meta, attr, None) is not None
+        ]
+        required = field.is_required()
+        return cls(
+            name=name,
+            type=kind,
+            default=None if required else field.get_default(call_default_factory=True),
+            bounds=", ".join(bounds) or None,
+            description=field.description or "",
+            required=required,
+        )
+
+
+_BOUND_OPS: Final = (
+    ("gt", ">"),
+    ("ge", ">="),
+    ("lt", "<"),
+    ("le", "<="),
+    ("multiple_of", "multiple of"),
+    ("min_length", "length >="),
+    ("max_length", "length <="),
+)
+
 
 @dataclass(frozen=True)
 class CombinationInfo:
@@ -51,17 +85,13 @@ class CombinationInfo:
 
     Attributes
     ----------
-    name
-        The canonical (normalized) name.
-    aliases
-        Other accepted names, normalized.
-    plugin
-        The plugin that registered it: its entry-point name, or the name given to
-        :func:`register_plugin`.
-    distribution
-        The distribution (package) that declares the entry point, if any.
-    version
-        That distribution's version, if any.
+    name, aliases, deprecated_aliases
+        The canonical name, the other accepted names, and the names still accepted with
+        a :class:`FutureWarning`; all normalized.
+    plugin, distribution, version
+        The plugin that registered it (its entry-point name, or the name given to
+        :func:`~combframe.register_plugin`), and the distribution that declares the entry
+        point and its version (``None`` for an in-process plugin).
     description
         The first line of the class docstring.
     parameters
@@ -69,8 +99,6 @@ class CombinationInfo:
     supports_stream
         Whether the class implements ``stream_terms`` and ``stream_coefficients`` (the
         ``"stream"`` strategy can run it).
-    deprecated_aliases
-        Names still accepted with a :class:`FutureWarning`.
     combination_class
         The class itself.
     """
@@ -89,78 +117,21 @@ class CombinationInfo:
     )
 
 
-def _type_str(annotation: Any) -> str:
-    if annotation is None:
-        return "None"
-    if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
-        return annotation.__name__
-    return re.sub(r"\b(typing|typing_extensions|builtins)\.", "", repr(annotation))
-
-
-_BOUND_OPS: Final = (
-    ("gt", ">"),
-    ("ge", ">="),
-    ("lt", "<"),
-    ("le", "<="),
-    ("multiple_of", "multiple of"),
-    ("min_length", "length >="),
-    ("max_length", "length <="),
-)
-
-
-def _bounds(field: FieldInfo) -> str | None:
-    parts: list[str] = []
-    for meta in field.metadata:
-        for attr, op in _BOUND_OPS:
-            value = getattr(meta, attr, None)
-            if value is not None:
-                parts.append(f"{op} {value}")
-    return ", ".join(parts) or None
-
-
-def _parameters(params: type[CombinationParams]) -> tuple[ParameterInfo, ...]:
-    out = []
-    for name, field in params.model_fields.items():
-        required = field.is_required()
-        default = None if required else field.get_default(call_default_factory=True)
-        out.append(
-            ParameterInfo(
-                name=name,
-                type=_type_str(field.annotation),
-                default=default,
-                bounds=_bounds(field),
-                description=field.description or "",
-                required=required,
-            )
-        )
-    return tuple(out)
-
-
-def _description(cls: type) -> str:
-    doc = cls.__dict__.get("__doc__")
-    if not doc:
-        return ""
-    lines = [line for line in inspect.cleandoc(doc).splitlines() if line.strip()]
-    return lines[0].strip() if lines else ""
-
-
-def _supports_stream(cls: type) -> bool:
-    return callable(getattr(cls, "stream_terms", None)) and callable(
-        getattr(cls, "stream_coefficients", None)
-    )
-
-
 def combination_info(entry: Entry) -> CombinationInfo:
     """Describe one registered combination."""
+    cls = entry.cls
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
     return CombinationInfo(
         name=entry.name,
         aliases=entry.aliases,
         plugin=entry.source.plugin,
         distribution=entry.source.distribution,
         version=entry.source.version,
-        description=_description(entry.cls),
-        parameters=_parameters(entry.cls.Params),
-        supports_stream=_supports_stream(entry.cls),
+        description=next((line.strip() for line in doc if line.strip()), ""),
+        parameters=tuple(ParameterInfo.of(n, f) for n, f in cls.Params.model_fields.items()),
+        supports_stream=all(
+            callable(getattr(cls, m, None)) for m in ("stream_terms", "stream_coefficients")
+        ),
         deprecated_aliases=entry.deprecated,
-        combination_class=entry.cls,
+        combination_class=cls,
     )

@@ -156,7 +156,7 @@ def fake_distribution(
         Distribution name and version (``METADATA`` ``Name`` / ``Version``).
     entry_points
         Group -> entry-point name -> value, e.g.
-        ``{"combframe": {"softmin": "my_plugin"}}`` or ``"my_plugin.hooks:plugin"``.
+        ``{"combframe": {"softmin": "my_plugin"}}`` or ``"my_plugin:SoftMin"``.
     package_files
         Relative path -> source text, written under ``tmp_path`` (dedented), e.g.
         ``{"my_plugin/__init__.py": "..."}``.

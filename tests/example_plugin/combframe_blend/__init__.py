@@ -44,9 +44,3 @@ class BlendCombination(combframe.Combination):
         t = self.params.pred_scale
         softmin = -torch.logsumexp(-t * preds, dim=0) / t
         return self.params.alpha * preds.mean() + (1.0 - self.params.alpha) * softmin
-
-
-@combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.Combination]]:
-    """Register :class:`BlendCombination`."""
-    return [BlendCombination]

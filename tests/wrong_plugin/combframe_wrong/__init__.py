@@ -36,8 +36,3 @@ class WrongWeightsCombination(combframe.Combination):
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         return torch.full_like(preds, 1.0 / preds.numel())  # wrong on purpose
-
-
-@combframe.hookimpl
-def combframe_add_combinations() -> list[type[combframe.Combination]]:
-    return [WrongWeightsCombination]

@@ -1,8 +1,4 @@
-"""mtenn compatibility in one place: its ``*CombinationFunc`` Functions and its configs.
-
-:func:`mtenn_function` derives, for a combination class, the autograd Function with
-mtenn's call ``apply(*hyperparameters, pred_list, grad_dict, param_names, *model_params)``
-(a plugin publishes it as ``MaxCombinationFunc = mtenn_function(MaxCombination)``).
+"""mtenn's flat config fields, read and rewritten.
 
 mtenn (and asapdiscovery configs built on it) describe the combination with flat
 fields of the model config; each combination declares its own in ``mtenn_fields``. The
@@ -25,59 +21,19 @@ as mtenn ignores ``max_comb_*`` for a mean.
 from __future__ import annotations
 
 import enum
-import inspect
 from collections.abc import Mapping
 from typing import Any, Final
 
 from pydantic import ValidationError
-from torch import Tensor
 
 from combframe.core.combination import Combination
-from combframe.core.function import CombinationFunction, combine_forward
 from combframe.errors import CombinationError
 from combframe.registry import current_registry, describe_combinations
 from combframe.registry.config import CombinationConfig
 
-__all__ = ["from_mtenn_config", "migrate_mtenn_config", "mtenn_fields", "mtenn_function"]
+__all__ = ["from_mtenn_config", "migrate_mtenn_config", "mtenn_fields"]
 
 _MISSING: Final = object()
-
-
-def mtenn_function(cls: type[Combination[Any]]) -> type[CombinationFunction]:
-    """Return mtenn's ``<Class>Func`` autograd Function for the combination class ``cls``.
-
-    Its ``apply(*hyperparameters, pred_list, grad_dict, param_names, *model_params)``
-    takes ``cls``'s parameters positionally in ``Params`` field order and returns
-    ``(combined, per_pose)``, as mtenn's ``MaxCombinationFunc.apply(negate_preds,
-    pred_scale, pred_list, grad_dict, param_names, *model_params)`` does; forward,
-    setup_context and backward are :class:`~combframe.core.function.CombinationFunction`'s.
-    """
-    lead = len(cls.Params.model_fields)
-
-    def forward(*inputs: Any) -> tuple[Tensor, Tensor]:
-        pred_list, grad_dict, param_names = inputs[lead : lead + 3]
-        combination = cls(*inputs[:lead])
-        return combine_forward(combination, pred_list, grad_dict, param_names, inputs[lead + 3 :])
-
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    names = [*cls.Params.model_fields, "pred_list", "grad_dict", "param_names"]
-    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect
-        [inspect.Parameter(n, kind) for n in names]
-        + [inspect.Parameter("model_params", inspect.Parameter.VAR_POSITIONAL)]
-    )
-    fields = ", ".join(cls.Params.model_fields)
-    return type(
-        f"{cls.__name__}Func",
-        (CombinationFunction,),
-        {
-            "__module__": cls.__module__,
-            "__doc__": f"mtenn-compatible Function of :class:`{cls.__name__}`: "
-            f"``apply({fields + ', ' if fields else ''}pred_list, grad_dict, param_names, "
-            "*model_params)``.",
-            "combination_class": cls,
-            "forward": staticmethod(forward),
-        },
-    )
 
 
 def mtenn_fields() -> dict[str, dict[str, str]]:
