@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import combframe
 from combframe.testing import peak_tensor_bytes
 
-__all__ = ["run_suite", "targets", "write_report"]
+__all__ = ["ratio_header", "ratio_row", "run_suite", "targets", "write_report"]
 
 METHODS = ("batched", "per-pose", "store", "recompute", "stream")
 STRATEGIES = ("store", "recompute", "stream")
@@ -252,6 +252,30 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def ratio_header(lead: Sequence[str]) -> list[str]:
+    """The header rows of a table of time and memory ratios to ``batched``."""
+    return [
+        "| " + " | ".join(lead) + " | batched (ms) | "
+        + " | ".join(f"{m} time" for m in METHODS[1:])
+        + " | batched (MiB) | "
+        + " | ".join(f"{m} memory" for m in METHODS[1:])
+        + " |",
+        "|" + "---:|" * (len(lead) + 2 * len(METHODS)),
+    ]  # fmt: skip
+
+
+def ratio_row(lead: Sequence[object], case: dict[str, Any]) -> str:
+    """One case's row under :func:`ratio_header`: median times and peak memory ratios."""
+    ref_t, ref_m = _med(case["time"]["batched"]), case["memory"]["batched"]
+    return (
+        "| " + " | ".join(str(v) for v in lead) + f" | {1e3 * ref_t:.1f} | "
+        + " | ".join(f"{_med(case['time'][m]) / ref_t:.2f}" for m in METHODS[1:])
+        + f" | {ref_m / 2**20:.2f} | "
+        + " | ".join(f"{case['memory'][m] / max(ref_m, 1):.3f}" for m in METHODS[1:])
+        + " |"
+    )  # fmt: skip
+
+
 def write_report(results: dict[str, Any], out: Path, header: str) -> None:
     """``batched.md`` and ``batched.png`` under ``out``."""
     comb = results["combination"]
@@ -269,25 +293,10 @@ def write_report(results: dict[str, Any], out: Path, header: str) -> None:
     ]
     for key, work in WORKLOADS.items():
         lines += [f"## {work.label}", ""]
-        lines += [
-            "| atoms | N | chunk | batched (ms) | "
-            + " | ".join(f"{m} time" for m in METHODS[1:])
-            + " | batched (MiB) | "
-            + " | ".join(f"{m} memory" for m in METHODS[1:])
-            + " |",
-            "|---:|---:|---:|---:|" + "---:|" * (2 * len(METHODS) - 1),
-        ]
+        lines += ratio_header(["atoms", "N", "chunk"])
         for c in results["cases"]:
-            if c["workload"] != key:
-                continue
-            ref_t, ref_m = _med(c["time"]["batched"]), c["memory"]["batched"]
-            lines.append(
-                f"| {c['atoms']} | {c['n']} | {c['chunk']} | {1e3 * ref_t:.1f} | "
-                + " | ".join(f"{_med(c['time'][m]) / ref_t:.2f}" for m in METHODS[1:])
-                + f" | {ref_m / 2**20:.2f} | "
-                + " | ".join(f"{c['memory'][m] / max(ref_m, 1):.3f}" for m in METHODS[1:])
-                + " |"
-            )
+            if c["workload"] == key:
+                lines.append(ratio_row([c["atoms"], c["n"], c["chunk"]], c))
         lines.append("")
     if results["extra"]:
         lines += [

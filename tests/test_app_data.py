@@ -25,7 +25,12 @@ def test_the_documented_example_file_trains(
     out = capsys.readouterr().out
     assert "(15 compounds)" in out and "kcal/mol" not in out, out
     metrics = json.loads((tmp_path / "mine" / "metrics.json").read_text())
-    assert metrics["data"] == {"source": str(EXAMPLE), "features": 4}
+    assert metrics["data"] == {
+        "source": str(EXAMPLE),
+        "kind": "vectors",
+        "features": 4,
+        "skipped": 0,
+    }
     assert metrics["train"]["compounds"] == 45
     assert metrics["test"]["pearson"] > 0.9, metrics["test"]
 

@@ -323,10 +323,10 @@ def _predict_data(folder: Any, overrides: Sequence[str]) -> Any:
     allowed = (*_PREDICT_KEYS, *SYNTHETIC_KEYS)
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if key not in allowed:
+        if key not in allowed and not key.startswith("reader."):
             raise ConfigError(
                 f"{key}: predict takes only the keys that choose the compounds "
-                f"({', '.join(allowed)}); the model's settings are the run's"
+                f"({', '.join(allowed)}, reader.*); the model's settings are the run's"
             )
     _, meta = read_model(folder)
     config = TrainConfig.model_validate(apply_overrides(meta["config"], overrides))

@@ -46,6 +46,8 @@ else:
 
 __all__ = [
     "ConfigError",
+    "ModelConfig",
+    "ReaderConfig",
     "TrainConfig",
     "apply_overrides",
     "config_keys_help",
@@ -65,6 +67,59 @@ def _default_combination() -> _CombinationField:
     import combframe
 
     return combframe.CombinationConfig(name="max", negate_preds=True)
+
+
+class ModelConfig(BaseModel):
+    """The single-pose network: a built-in one by name, or a class by import path.
+
+    Extra keys are accepted only for a class named by import path, as its keyword
+    arguments (:func:`combframe.app.models.build_network` checks them).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(
+        "auto",
+        description="auto (mlp for vectors, schnet for molecules), mlp, schnet, or "
+        "package.module:Class (extra model.* keys are its keyword arguments).",
+    )
+    interactions: int = Field(3, ge=1, description="SchNet: interaction blocks.")
+    cutoff: float = Field(5.0, gt=0, description="SchNet: interaction radius, Å.")
+    gaussians: int = Field(25, ge=1, description="SchNet: radial basis functions.")
+
+
+class ReaderConfig(BaseModel):
+    """How molecular input is read (docs/data.md); ignored for the JSON of vectors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str | None = Field(
+        None, description="SD property (SDF) or column (SMILES CSV) holding the value."
+    )
+    values: Path | None = Field(None, description="CSV of name,value rows giving the values.")
+    group_by: str | None = Field(
+        None,
+        description="SD property grouping an SDF's records into compounds; null: the "
+        "molecule name.",
+    )
+    protein: Path | None = Field(
+        None, description="Protein PDB: each SDF pose keeps the pocket atoms near it."
+    )
+    pocket_cutoff: float = Field(6.0, gt=0, description="Pocket radius around the ligand, Å.")
+    conformers: int = Field(8, ge=1, description="Conformers generated per SMILES.")
+    conformer_seed: int = Field(0, ge=0, description="Seed of the conformer generator.")
+    minimize: bool = Field(False, description="MMFF-minimise generated conformers.")
+    hydrogens: bool = Field(False, description="Keep hydrogen atoms in the poses.")
+    limit: int | None = Field(
+        None, ge=2, description="Read only N compounds, spread evenly over the input."
+    )
+    skip_invalid: bool = Field(
+        False, description="Leave out unusable records and compounds (counted) instead of stopping."
+    )
+    cache: bool = Field(True, description="Cache the read molecules on disk.")
+    cache_dir: Path | None = Field(
+        None, description="Cache folder; null: $XDG_CACHE_HOME/combframe or ~/.cache/combframe."
+    )
 
 
 class TrainConfig(BaseModel):
@@ -89,8 +144,12 @@ class TrainConfig(BaseModel):
         description="Options of the strategy's class (strategy_options.check=false for "
         "recompute); see combframe.Store, Recompute, Stream.",
     )
-    chunk_size: int = Field(
-        1, ge=1, description="Poses per pass of the network (MultiPoseModel's chunk_size)."
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Poses per pass of the network (MultiPoseModel's chunk_size; molecules "
+        "are batched with PyG's Batch); null: 16 for molecules with recompute or stream, "
+        "else 1.",
     )
     device: str = Field(
         "cpu",
@@ -111,12 +170,23 @@ class TrainConfig(BaseModel):
         description="Train the network on standardised values (the training values' mean "
         "and standard deviation are kept in the model and undone in its output).",
     )
-    hidden: int = Field(32, ge=1, description="Width of the single-pose network.")
+    hidden: int = Field(
+        32, ge=1, description="Width of the single-pose network (SchNet: hidden channels)."
+    )
+    model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(),
+        description="The single-pose network (model.name=...).",
+    )
     seed: int = Field(0, ge=0, description="Seed of the data, the initial weights and shuffling.")
     data: Path | None = Field(
         None,
-        description="A compounds file (JSON, see docs/cli.md) to train on instead "
-        "of the built-in synthetic set; relative to the working directory.",
+        description="What to train on instead of the built-in synthetic set: a "
+        "compounds file (JSON vectors, SDF, SMILES .smi/.csv, CSV manifest; "
+        "docs/data.md) or a built-in real set: chembl, cmet, posebusters.",
+    )
+    reader: ReaderConfig = Field(
+        default_factory=lambda: ReaderConfig(),
+        description="How molecular input is read (reader.target=..., see docs/data.md).",
     )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
     poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
@@ -188,6 +258,8 @@ SYNTHETIC_KEYS = ("compounds", "poses_per_compound", "features", "pose_spread", 
 _HELP_DEFAULTS = {
     "combination": "max, negate_preds=true",
     "name": "a timestamp",
+    "model": "name=auto",
+    "reader": "see docs/data.md",
     "strategy_options": "{}",
 }
 
@@ -200,7 +272,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation is _CombinationField:
+    if annotation in (_CombinationField, ModelConfig, ReaderConfig):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"
@@ -236,7 +308,14 @@ def config_keys_help(width: int = 100) -> str:
     """
     column = 26
     lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
-    for name, info in TrainConfig.model_fields.items():
+    sections: dict[str, type[BaseModel]] = {"model": ModelConfig, "reader": ReaderConfig}
+    fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
+    fields += [
+        (f"{section}.{name}", info)
+        for section, model in sections.items()
+        for name, info in model.model_fields.items()
+    ]
+    for name, info in fields:
         left = f"  {name}={_type_name(info.annotation)}"
         bounds = "".join(f"; {b}" for b in _bounds(info.metadata))
         text = f"{info.description or ''} (default: {_default_text(name, info.default)}{bounds})"

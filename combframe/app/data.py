@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,10 @@ class Compound:
     Attributes
     ----------
     poses
-        Shape ``(N, 1, F)``: N poses, each a ``(1, F)`` row that a single-pose model maps
-        to one prediction.
+        Feature vectors: shape ``(N, 1, F)``, N poses, each a ``(1, F)`` row that a
+        single-pose model maps to one prediction. Molecules: a tuple of N PyTorch
+        Geometric ``Data``, each with ``pos`` (n, 3), ``z`` (n,) atomic numbers and ``lig``
+        (n,) ligand flags (see :mod:`combframe.app.readers`).
     target
         0-d tensor, the compound's free energy (the best pose's, plus noise).
     pose_energies
@@ -56,12 +58,36 @@ class Compound:
         None for compounds read from a file.
     name
         The compound's name in its file, or None.
+    properties
+        Per-pose numbers read with the poses (an SDF's docking scores), each ``(N,)``;
+        NaN where a pose lacks one.
     """
 
-    poses: Tensor
+    poses: Tensor | tuple[Any, ...]
     target: Tensor
     pose_energies: Tensor | None = None
     name: str | None = None
+    properties: Mapping[str, Tensor] | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Compound:
+        """Return the compound with its poses and target on ``device`` (floats in ``dtype``).
+
+        Feature-vector poses move as one tensor, molecular poses (``Data``) one by one,
+        their coordinates cast to ``dtype`` when given.
+        """
+        if isinstance(self.poses, Tensor):
+            poses: Tensor | tuple[Any, ...] = self.poses.to(device, dtype)
+        else:
+            poses = tuple(_pose_to(p, device, dtype) for p in self.poses)
+        target = self.target.to(device, dtype)
+        return Compound(poses, target, name=self.name, properties=self.properties)
+
+
+def _pose_to(pose: Any, device: torch.device | str, dtype: torch.dtype | None) -> Any:
+    moved = pose.to(device)
+    if dtype is not None:
+        moved.pos = moved.pos.to(dtype)
+    return moved
 
 
 @dataclass(frozen=True)
@@ -332,7 +358,8 @@ def load_compounds(
     compounds: list[Compound] = []
     names: dict[str, int] = {}
     for index, entry in enumerate(entries):
-        features = compounds[0].poses.shape[-1] if compounds else None
+        first = compounds[0].poses if compounds else None
+        features = first.shape[-1] if isinstance(first, Tensor) else None
         try:
             compound = _compound(index, entry, features, dtype, values)
             if compound.name is not None and compound.name in names:

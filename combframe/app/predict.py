@@ -142,7 +142,7 @@ def _one_model(
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for start in range(0, len(compounds), _BATCH):
         chunk = compounds[start : start + _BATCH]
-        poses = [list(c.poses.to(param.device, param.dtype)) for c in chunk]
+        poses = [list(c.to(param.device, param.dtype).poses) for c in chunk]
         with torch.no_grad():
             out = model(compounds=poses)
         weights = _pose_weights(model, out.per_pose, out.index)

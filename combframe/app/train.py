@@ -11,6 +11,7 @@ out over the processes (:mod:`combframe.app.distributed`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -55,6 +56,8 @@ from combframe.app.metrics import (
     held_out_metrics,
     rmse,
 )
+from combframe.app.models import DataInfo, build_network
+from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
 from combframe.app.runs import (
     RunInterruptedError,
     RunResult,
@@ -104,15 +107,21 @@ class Dataset:
     train, test
         The two splits; ``test`` is never trained on.
     features
-        Features of a pose.
+        Features of a pose (0 for molecules).
     source
-        ``"built-in"`` or the path of the compounds file.
+        ``"built-in"``, the path of the compounds file or ``"built-in <name>"``.
+    kind
+        ``"vectors"`` (poses are feature rows) or ``"molecules"`` (PyG ``Data``).
+    skipped
+        What ``reader.skip_invalid`` left out, one line each.
     """
 
     train: tuple[Compound, ...]
     test: tuple[Compound, ...]
     features: int
     source: str
+    kind: str = "vectors"
+    skipped: tuple[str, ...] = ()
 
 
 def _dtype(config: TrainConfig) -> torch.dtype:
@@ -120,7 +129,11 @@ def _dtype(config: TrainConfig) -> torch.dtype:
 
 
 def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
-    """Load the built-in synthetic set or the compounds of ``config.data``, split.
+    """Load the compounds of a run, split: the one entry point for every input format.
+
+    The built-in synthetic set (``data`` unset), a JSON file of feature vectors, or
+    molecules (a built-in real set by name, an SDF, SMILES, a manifest; see
+    :mod:`combframe.app.readers` and ``docs/data.md``).
 
     The one reader of a run's data: ``combframe predict`` calls it too, with
     ``for_prediction=True``, to get every compound in ``train`` (the file's order), none
@@ -129,8 +142,15 @@ def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
     Raises
     ------
     ConfigError
-        ``data: <file>: compounds[i] ('name'): <problem>`` for a file that cannot be used.
+        ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used.
     """
+    if is_molecular(config.data):
+        return _molecules(config, for_prediction)
+    if config.data is not None and not config.data.suffix and not config.data.exists():
+        raise ConfigError(
+            f"data: {str(config.data)!r} is neither a file nor a built-in set "
+            f"({', '.join(BUILT_IN)})"
+        )
     if config.data is None:
         built_in = make_dataset(
             n_compounds=config.compounds,
@@ -150,11 +170,25 @@ def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
         compounds = load_compounds(config.data, dtype=_dtype(config), values=not for_prediction)
     except DataError as exc:
         raise ConfigError(f"data: {exc}") from None
-    features = int(compounds[0].poses.shape[-1])
+    first = compounds[0].poses
+    features = int(first.shape[-1]) if isinstance(first, Tensor) else 0
     if for_prediction:
         return Dataset(tuple(compounds), (), features, str(config.data))
     train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
     return Dataset(train_set, test_set, features, str(config.data))
+
+
+def _molecules(config: TrainConfig, for_prediction: bool) -> Dataset:
+    try:
+        read = read_molecules(
+            str(config.data), config.reader, _dtype(config), values=not for_prediction
+        )
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    if for_prediction:
+        return Dataset(tuple(read.compounds), (), 0, read.source, "molecules", read.skipped)
+    train_set, test_set = split_compounds(read.compounds, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, 0, read.source, "molecules", read.skipped)
 
 
 def _checked_combination(config: TrainConfig) -> combframe.Combination:
@@ -252,19 +286,19 @@ class _Run:
     folder: Path | None = None
 
 
-def _network(features: int, hidden: int, output_bias: float) -> torch.nn.Module:
-    """Build the single-pose model: an MLP from a pose's features to one value."""
-    head = torch.nn.Linear(hidden, 1)
-    with torch.no_grad():
-        head.bias.fill_(output_bias)  # start at the mean target, not at 0 kcal/mol
-    return torch.nn.Sequential(
-        torch.nn.Linear(features, hidden),
-        torch.nn.SiLU(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.SiLU(),
-        head,
-        torch.nn.Flatten(0),
-    )
+def chunk_size(config: TrainConfig, kind: str) -> int:
+    """Poses per network call: ``config.chunk_size``, else 16 for molecules, otherwise 1.
+
+    ``strategy=store`` takes molecules one per call: its per-pose gradients of a chunk
+    come from ``torch.func.vmap``, which cannot map over a PyG ``Batch``.
+    """
+    if config.chunk_size is not None:
+        return config.chunk_size
+    return 16 if kind == "molecules" and config.strategy != "store" else 1
+
+
+def _moved(compounds: Sequence[Compound], device: torch.device) -> tuple[Compound, ...]:
+    return tuple(c.to(device) for c in compounds)
 
 
 class _Standardized(torch.nn.Module):
@@ -276,7 +310,7 @@ class _Standardized(torch.nn.Module):
         self.register_buffer("shift", torch.tensor(shift))
         self.register_buffer("scale", torch.tensor(scale))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Any) -> Tensor:
         out: Tensor = self.net(x) * self.scale + self.shift
         return out
 
@@ -287,24 +321,33 @@ def build_model(
     output_bias: float = 0.0,
     device: torch.device | str = "cpu",
     output_scale: float = 1.0,
+    kind: str = "vectors",
 ) -> combframe.MultiPoseModel:
-    """Build the configured model, seeded: the one place a run's network is made.
+    """Build the configured model, seeded: the one place a run's model is made.
 
-    Training calls it with the data's ``features`` and the training values' mean (and,
-    with ``normalize_targets``, their standard deviation ``output_scale``);
-    :func:`combframe.app.load` calls it with the ``network`` entry saved next to the
-    weights (``{"features": F}``) and then loads the weights (the mean and scale too).
+    The network comes from :func:`combframe.app.models.build_network` (``model.name``:
+    the MLP for feature vectors, SchNet for molecules, or an import path), for data of
+    ``kind`` with ``features`` per pose, starting at ``output_bias``. Training calls it
+    with the data's ``features`` and ``kind`` and the starting value of
+    :func:`_start` (and, with ``normalize_targets``, the training values' standard
+    deviation ``output_scale``); :func:`combframe.app.load` calls it with the
+    ``network`` entry saved next to the weights (``{"features": F, "kind": ...}``) and
+    then loads the weights (the offsets and scale too).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net: torch.nn.Module
         if config.normalize_targets:
-            net = _Standardized(_network(features, config.hidden, 0.0), output_bias, output_scale)
+            inner = build_network(config, DataInfo(kind, features, 0.0))
+            net = _Standardized(inner, output_bias, output_scale)
         else:
-            net = _network(features, config.hidden, output_bias)
+            net = build_network(config, DataInfo(kind, features, output_bias))
     net = net.to(device=device, dtype=_dtype(config))
     return combframe.MultiPoseModel(
-        net, _checked_combination(config), strategy=_strategy(config), chunk_size=config.chunk_size
+        net,
+        _checked_combination(config),
+        strategy=_strategy(config),
+        chunk_size=chunk_size(config, kind),
     )
 
 
@@ -332,8 +375,19 @@ def _schedule(
     return torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, end, total_iters=steps)
 
 
-def _moved(compounds: Sequence[Compound], device: torch.device) -> tuple[Compound, ...]:
-    return tuple(Compound(c.poses.to(device), c.target.to(device), name=c.name) for c in compounds)
+def _start(config: TrainConfig, compounds: Sequence[Compound]) -> float:
+    """Return the per-pose starting value whose combination is the mean training value.
+
+    Over a compound of the typical (median) number of poses: the mean itself for
+    ``mean``, a little above it for a smooth minimum.
+    """
+    mean = float(torch.stack([c.target for c in compounds]).double().mean())
+    poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
+    with torch.no_grad():
+        flat = torch.full((poses,), mean, dtype=torch.float64)
+        combined = float(_checked_combination(config).value(flat))
+    start = 2 * mean - combined
+    return start if math.isfinite(start) else mean
 
 
 def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Ranks) -> _Run:
@@ -346,12 +400,13 @@ def _build(config: TrainConfig, data: Dataset, device: torch.device, ranks: Rank
                 "validation; use more compounds or val_fraction=0"
             )
         train_set, val_set = split_compounds(data.train, config.val_fraction, config.seed + 2)
-    moved = Dataset(
-        _moved(train_set, device), _moved(data.test, device), data.features, data.source
+    moved = dataclasses.replace(
+        data, train=_moved(train_set, device), test=_moved(data.test, device)
     )
     targets = torch.stack([c.target for c in train_set]).double()
     spread = float(targets.std(correction=0)) if len(targets) > 1 else 0.0
-    model = build_model(config, data.features, float(targets.mean()), device, spread or 1.0)
+    start = _start(config, train_set)
+    model = build_model(config, data.features, start, device, spread or 1.0, data.kind)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -612,9 +667,14 @@ def _held_out(run: _Run) -> tuple[dict[str, Any], list[str]]:
     mean_train = torch.stack([c.target for c in run.data.train]).double().mean().cpu()
     baseline = rmse(mean_train.expand_as(target), target)
     test["mean_value_rmse"] = baseline
+    skipped = run.data.skipped
     for note in (
         baseline_note(test["rmse"], baseline),
         tensorboard_note() if run.config.tensorboard else None,
+        f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
+        f"first: {skipped[0]}"
+        if skipped
+        else None,
     ):
         if note is not None:
             notes.append(note)
@@ -637,7 +697,12 @@ def _metrics(run: _Run) -> RunResult:
         "strategy": run.config.strategy,
         "device": str(run.device),
         "processes": run.ranks.world,
-        "data": {"source": run.data.source, "features": run.data.features},
+        "data": {
+            "source": run.data.source,
+            "kind": run.data.kind,
+            "features": run.data.features,
+            "skipped": len(run.data.skipped),
+        },
         "test": test,
         "train": {"rmse": train_rmse, "compounds": len(run.data.train)},
         "validation": _validation(run),
@@ -674,7 +739,7 @@ def _save_models(run: _Run, folder: Path) -> None:
     p = run.progress
     info = {
         "config": run.config.model_dump(mode="json"),
-        "network": {"features": run.data.features},
+        "network": {"features": run.data.features, "kind": run.data.kind},
         "versions": _versions(),
     }
     save_model(folder, "final", run.model.state_dict(), {**info, "epoch": p.epoch})
@@ -890,7 +955,7 @@ def _labelled(result: RunResult, label: str) -> RunResult:
 
 def _data_key(config: TrainConfig) -> str:
     """Return the settings that make the data of a run, as one string."""
-    fields = ("data", "dtype", "seed", "test_fraction", *SYNTHETIC_KEYS)
+    fields = ("data", "reader", "dtype", "seed", "test_fraction", *SYNTHETIC_KEYS)
     return json.dumps(config.model_dump(mode="json", include=set(fields)), sort_keys=True)
 
 

@@ -1,0 +1,174 @@
+"""RDKit-based reading of molecules: SDF records, protein atoms, generated conformers.
+
+Everything here needs the ``chem`` extra (RDKit); :mod:`combframe.app.readers` imports
+this module only when a molecular input is read, through :func:`require_chem`. A pose is
+returned as plain arrays (:class:`Atoms`): coordinates, atomic numbers and a ligand flag
+per atom; :mod:`combframe.app.readers` groups them into compounds and caches them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rdkit import Chem, RDLogger
+from rdkit.Chem import AllChem as _AllChem
+from rdkit.Chem import Crippen as _Crippen
+from rdkit.Chem import rdFingerprintGenerator
+
+# RDKit's bundled stubs leave out many functions these modules export.
+AllChem: Any = _AllChem
+Crippen: Any = _Crippen
+
+__all__ = [
+    "Atoms",
+    "ChemError",
+    "SdfRecord",
+    "conformer_poses",
+    "ligand_logp",
+    "molecule_poses",
+    "morgan_fingerprints",
+    "pocket",
+    "read_protein",
+    "sdf_records",
+]
+
+RDLogger.DisableLog("rdApp.*")  # type: ignore[attr-defined]  # absent from the stubs  # rejections are reported as DataError lines instead
+
+
+class ChemError(ValueError):
+    """A molecule RDKit cannot use; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Atoms:
+    """The atoms of one pose: ``pos`` (n, 3) in Å, ``z`` (n,) and ``lig`` (n,) bool."""
+
+    pos: np.ndarray
+    z: np.ndarray
+    lig: np.ndarray
+
+
+@dataclass(frozen=True)
+class SdfRecord:
+    """One record of an SDF: its index, title, molecule (None if unreadable), properties."""
+
+    index: int
+    title: str
+    mol: Any
+    properties: dict[str, str]
+
+
+def sdf_records(path: Path) -> Iterator[SdfRecord]:
+    """Yield every record of the SDF ``path``, hydrogens kept, unreadable ones as None.
+
+    Raises
+    ------
+    ChemError
+        If RDKit cannot open the file as an SDF at all (empty, not an SDF).
+    """
+    try:
+        supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=True)
+    except OSError as exc:  # an empty or unreadable file
+        raise ChemError(f"RDKit cannot read it as an SDF file ({exc})") from None
+    for index in range(len(supplier)):
+        text = supplier.GetItemText(index)
+        title = text.splitlines()[0].strip() if text.strip() else ""
+        mol = supplier[index]
+        props = {} if mol is None else {k: str(v) for k, v in mol.GetPropsAsDict().items()}
+        yield SdfRecord(index, title, mol, props)
+
+
+def _atoms(mol: Any, conf_id: int, hydrogens: bool) -> Atoms:
+    if not hydrogens:
+        mol = Chem.RemoveHs(mol, sanitize=False)
+    if mol.GetNumConformers() == 0:
+        raise ChemError("has no coordinates")
+    pos = np.asarray(mol.GetConformer(conf_id).GetPositions(), dtype=np.float64)
+    if mol.GetConformer(conf_id).Is3D() is False and np.allclose(pos[:, 2], 0.0):
+        raise ChemError("has 2D coordinates only; poses need 3D coordinates")
+    if not np.isfinite(pos).all():
+        raise ChemError("has non-finite coordinates")
+    z = np.asarray([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    if len(z) == 0:
+        raise ChemError("has no atoms")
+    return Atoms(pos, z, np.ones(len(z), dtype=bool))
+
+
+def molecule_poses(mol: Any, hydrogens: bool) -> list[Atoms]:
+    """One pose per conformer of ``mol`` (ligand atoms only)."""
+    return [_atoms(mol, c.GetId(), hydrogens) for c in mol.GetConformers()]
+
+
+def read_protein(path: Path, hydrogens: bool) -> Atoms:
+    """Read a protein PDB's atoms (waters left out), all flagged as not ligand."""
+    mol = Chem.MolFromPDBFile(
+        str(path), sanitize=False, removeHs=not hydrogens, proximityBonding=False
+    )
+    if mol is None or mol.GetNumAtoms() == 0:
+        raise ChemError("RDKit cannot read it as a PDB file (no atoms)")
+    keep = [
+        a.GetIdx()
+        for a in mol.GetAtoms()
+        if a.GetPDBResidueInfo() is None or a.GetPDBResidueInfo().GetResidueName() != "HOH"
+    ]
+    keep = [i for i in keep if hydrogens or mol.GetAtomWithIdx(i).GetAtomicNum() != 1]
+    pos = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)[keep]
+    z = np.asarray([mol.GetAtomWithIdx(i).GetAtomicNum() for i in keep], dtype=np.int64)
+    return Atoms(pos, z, np.zeros(len(z), dtype=bool))
+
+
+def pocket(ligand: Atoms, protein: Atoms, cutoff: float) -> Atoms:
+    """Return the ligand's atoms, then the protein atoms within ``cutoff`` Å of any of them."""
+    diff = protein.pos[:, None, :] - ligand.pos[None, :, :]
+    near = (np.einsum("pla,pla->pl", diff, diff) <= cutoff * cutoff).any(axis=1)
+    return Atoms(
+        np.concatenate([ligand.pos, protein.pos[near]]),
+        np.concatenate([ligand.z, protein.z[near]]),
+        np.concatenate([ligand.lig, protein.lig[near]]),
+    )
+
+
+def _parse_smiles(smiles: str) -> Any:
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        raise ChemError(f"RDKit rejects the SMILES {smiles!r}")
+    return mol
+
+
+def conformer_poses(
+    smiles: str, count: int, seed: int, minimize: bool, hydrogens: bool
+) -> list[Atoms]:
+    """Generate up to ``count`` ETKDG conformers of ``smiles`` (seeded); one pose each.
+
+    Hydrogens are added for the embedding (and the MMFF minimisation, if asked) and
+    dropped afterwards unless ``hydrogens``.
+    """
+    mol = Chem.AddHs(_parse_smiles(smiles))
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed + 1  # RDKit embeds every conformer alike for randomSeed=0
+    params.numThreads = 1
+    ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=count, params=params))
+    if not ids:
+        raise ChemError(f"RDKit could not embed {smiles!r} in 3D (ETKDG found no conformer)")
+    if minimize and AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=500)
+    return molecule_poses(mol, hydrogens)
+
+
+def ligand_logp(mol: Any) -> float:
+    """RDKit's Crippen logP of ``mol``: a computed stand-in where no value was measured."""
+    value = float(Crippen.MolLogP(Chem.RemoveHs(mol)))
+    return round(value, 4) if math.isfinite(value) else math.nan
+
+
+def morgan_fingerprints(smiles: list[str], radius: int = 2, bits: int = 2048) -> np.ndarray:
+    """Morgan (ECFP-like) bit vectors of ``smiles``, shape ``(len(smiles), bits)``."""
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=bits)
+    return np.stack([gen.GetFingerprintAsNumPy(_parse_smiles(s)) for s in smiles]).astype(
+        np.float64
+    )

@@ -1,0 +1,516 @@
+"""Molecular input: every reader on small real files, bad input, the cache, the networks.
+
+The files are a few compounds of the data that ships inside RDKit's and posebusters'
+wheels (``docs/data.md``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("rdkit")
+pytest.importorskip("torch_geometric")
+
+from rdkit import Chem
+from torch_geometric.data import Batch, Data
+
+import combframe
+from combframe.app import readers
+from combframe.app.cli import main
+from combframe.app.config import ConfigError, ReaderConfig, load_config
+from combframe.app.models import DataInfo, RadiusGraph, SchNetNetwork, build_network
+from combframe.app.train import load_data, train
+from combframe.testing import full_graph_gradients, multipose_gradients
+
+RDKIT_DATA = Path(str(resources.files("rdkit").joinpath("Contrib", "FreeWilson", "data")))
+PDB = Path(str(resources.files("posebusters").joinpath("datasets", "pdb")))
+FAST = ["epochs=1", "plot=false", "model.interactions=1", "hidden=8", "test_fraction=0.34"]
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> str:
+    return f"reader.cache_dir={tmp_path / 'cache'}"
+
+
+def _cmet(tmp_path: Path, count: int = 4, name: str = "poses.sdf") -> Path:
+    """The first ``count`` c-Met ligands, two records per compound, a docking score each."""
+    supplier = Chem.SDMolSupplier(str(RDKIT_DATA / "cmet_ligands.sdf"), removeHs=False)
+    path = tmp_path / name
+    with Chem.SDWriter(str(path)) as writer:
+        for i, mol in zip(range(count), supplier, strict=False):
+            mol.SetProp("series", f"c{i // 2}")
+            mol.SetProp("docking_score", str(-7.0 - i))
+            writer.write(mol)
+    return path
+
+
+def _smiles(tmp_path: Path, count: int = 3) -> tuple[Path, Path]:
+    lines = (RDKIT_DATA / "CHEMBL2321810.smi").read_text().splitlines()[:count]
+    smi = tmp_path / "series.smi"
+    smi.write_text("\n".join(lines) + "\n")
+    values = tmp_path / "values.csv"
+    names = [line.split()[1] for line in lines]
+    values.write_text("name,pIC50\n" + "".join(f"{n},{5 + i}\n" for i, n in enumerate(names)))
+    return smi, values
+
+
+def _data(overrides: list[str]) -> Any:
+    return load_data(load_config(None, overrides))
+
+
+# ---- each reader ------------------------------------------------------------------------
+
+
+def test_sdf_grouped_by_a_property_keeps_the_other_numbers_per_pose(
+    tmp_path: Path, cache: str
+) -> None:
+    path = _cmet(tmp_path)
+    data = _data([f"data={path}", "reader.group_by=series", "reader.target=r_exp_dg", cache])
+    compounds = sorted((*data.train, *data.test), key=lambda c: str(c.name))
+    assert [c.name for c in compounds] == ["c0", "c1"]
+    assert [len(c.poses) for c in compounds] == [2, 2]
+    pose = compounds[0].poses[0]
+    assert isinstance(pose, Data) and pose.pos.shape[1] == 3 and pose.z.dtype == torch.long
+    assert bool(pose.lig.all()) and int(pose.z.min()) > 1  # heavy atoms, all ligand
+    assert compounds[1].properties is not None
+    assert compounds[1].properties["docking_score"].tolist() == [-9.0, -10.0]
+    assert "r_exp_dg" not in compounds[1].properties
+    assert pose.props.shape == (1, 1)
+
+
+def test_sdf_values_from_a_csv_and_grouping_by_name(tmp_path: Path, cache: str) -> None:
+    path = _cmet(tmp_path, count=3)
+    titles = [m.GetProp("_Name") for m in Chem.SDMolSupplier(str(path))]
+    values = tmp_path / "v.csv"
+    values.write_text("name,dg\n" + "".join(f"{t},{-8 - i}\n" for i, t in enumerate(titles)))
+    data = _data([f"data={path}", f"reader.values={values}", cache])
+    by_name = {c.name: float(c.target) for c in (*data.train, *data.test)}
+    assert by_name == {t: -8.0 - i for i, t in enumerate(titles)}
+
+
+def test_sdf_poses_in_a_protein_pocket_carry_a_ligand_flag(tmp_path: Path, cache: str) -> None:
+    supplier = Chem.SDMolSupplier(str(PDB / "1ia1" / "1ia1_ligands.sdf"), removeHs=False)
+    path = tmp_path / "docked.sdf"
+    with Chem.SDWriter(str(path)) as writer:
+        for i, mol in enumerate(supplier):
+            mol.SetProp("_Name", f"pose{i}")
+            mol.SetProp("value", str(float(i)))
+            writer.write(mol)
+    protein = PDB / "1ia1" / "1ia1_protein_one_lig_removed.pdb"
+    overrides = [f"data={path}", f"reader.protein={protein}", "reader.target=value", cache]
+    compounds = [*_data(overrides).train, *_data(overrides).test]
+    pose = compounds[0].poses[0]
+    ligand, pocket = pose.pos[pose.lig], pose.pos[~pose.lig]
+    assert len(ligand) == 19 and len(pocket) > 20
+    assert float(torch.cdist(pocket.double(), ligand.double()).min(1).values.max()) <= 6.0 + 1e-4
+    tighter = _data([*overrides, "reader.pocket_cutoff=4"]).train[0].poses[0]
+    assert int((~tighter.lig).sum()) < len(pocket)
+
+
+def _manifest(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "manifest.csv"
+    path.write_text("compound,value,poses,protein\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_a_manifest_joins_several_pose_files_per_compound(tmp_path: Path, cache: str) -> None:
+    rows = [
+        f"1ia1,1.5,{PDB}/1ia1/1ia1_ligands.sdf;{PDB}/1ia1/1ia1_ligand.sdf,"
+        f"{PDB}/1ia1/1ia1_protein_one_lig_removed.pdb",
+        f"1uou,2.5,{PDB}/1uou/1uou_ligand.sdf,{PDB}/1uou/1uou_protein_one_lig_removed.pdb",
+        f"1uou,2.5,{PDB}/1uou/1uou_ligands.sdf,{PDB}/1uou/1uou_protein_one_lig_removed.pdb",
+    ]
+    data = _data([f"data={_manifest(tmp_path, rows)}", cache])
+    by_name = {c.name: c for c in (*data.train, *data.test)}
+    assert {k: len(c.poses) for k, c in by_name.items()} == {"1ia1": 3, "1uou": 2}
+    assert float(by_name["1uou"].target) == 2.5
+    assert all(int((~p.lig).sum()) > 0 for c in by_name.values() for p in c.poses)
+
+
+@pytest.mark.parametrize("form", ["smi", "csv"])
+def test_smiles_get_seeded_conformers(tmp_path: Path, cache: str, form: str) -> None:
+    smi, values = _smiles(tmp_path)
+    if form == "smi":
+        overrides = [f"data={smi}", f"reader.values={values}"]
+    else:
+        table = tmp_path / "series.csv"
+        rows = [line.split() for line in smi.read_text().splitlines()]
+        table.write_text("smiles,name,pic50\n" + "".join(f"{s},{n},{5}\n" for s, n in rows))
+        overrides = [f"data={table}", "reader.target=pIC50"]
+    overrides += ["reader.conformers=3", "reader.minimize=true", cache]
+    first, again = _data(overrides), _data([*overrides, "reader.cache=false"])
+    pose_sets = [[p.pos for c in d.train for p in c.poses] for d in (first, again)]
+    assert len(pose_sets[0]) == 6 and all(
+        torch.equal(a, b) for a, b in zip(*pose_sets, strict=True)
+    )
+    assert len({tuple(p.pos[0].tolist()) for p in first.train[0].poses}) == 3
+
+
+def test_the_json_of_vectors_still_trains_with_the_mlp(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    compounds = [
+        {"name": f"m{i}", "value": float(i), "poses": [[i, 1.0], [0.5, i]]} for i in range(4)
+    ]
+    path.write_text(json.dumps({"compounds": compounds}))
+    config = load_config(None, [f"data={path}", "epochs=1", "plot=false"])
+    result = train(config, progress=False, write=False)
+    assert result.metrics["data"]["kind"] == "vectors"
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("cmet", ["reader.limit=4"]),
+        ("chembl", ["reader.limit=3", "reader.conformers=2"]),
+        ("posebusters", ["reader.pocket_cutoff=4"]),
+    ],
+)
+def test_each_built_in_set_trains_by_name_from_the_command_line(
+    tmp_path: Path, cache: str, name: str, extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", f"data={name}", *FAST, *extra, cache, "strategy=recompute"]
+    assert main([*args, f"output_dir={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"] == {
+        "source": f"built-in {name}",
+        "kind": "molecules",
+        "features": 0,
+        "skipped": 0,
+    }
+
+
+def test_every_strategy_trains_molecules_to_the_same_weights(tmp_path: Path, cache: str) -> None:
+    path = _cmet(tmp_path)
+    base = [f"data={path}", "reader.target=r_exp_dg", *FAST, cache, "dtype=float64"]
+    results = [
+        train(load_config(None, [*base, f"strategy={s}"]), progress=False, write=False)
+        for s in ("store", "recompute", "stream")
+    ]
+    rmses = [r.metrics["test"]["rmse"] for r in results]
+    assert rmses == pytest.approx([rmses[0]] * 3, rel=1e-9)
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        _data(overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_unreadable_record_names_file_record_and_compound(tmp_path: Path, cache: str) -> None:
+    path = _cmet(tmp_path, count=3)
+    blocks = path.read_text().split("$$$$\n")
+    lines = blocks[1].splitlines()
+    lines[3] = "  9999 bad counts line"
+    blocks[1] = "\n".join(lines) + "\n"
+    path.write_text("$$$$\n".join(blocks))
+    title = lines[0].strip()
+    message = _error([f"data={path}", "reader.target=r_exp_dg", cache])
+    assert str(path) in message and "record 1" in message and repr(title) in message
+    assert "skip_invalid" in message
+    data = _data([f"data={path}", "reader.target=r_exp_dg", "reader.skip_invalid=true", cache])
+    assert len(data.skipped) == 1 and len((*data.train, *data.test)) == 2
+
+
+def test_a_molecule_rdkit_rejects_is_named(tmp_path: Path, cache: str) -> None:
+    smi, values = _smiles(tmp_path)
+    smi.write_text(smi.read_text() + "C1CC(N bad1\n")
+    with values.open("a") as handle:
+        handle.write("bad1,4.0\n")
+    overrides = [f"data={smi}", f"reader.values={values}", "reader.conformers=1", cache]
+    message = _error(overrides)
+    assert "record 3 (compound 'bad1')" in message and "RDKit rejects" in message
+    assert len(_data([*overrides, "reader.skip_invalid=true"]).skipped) == 1
+    config = load_config(None, [*overrides, "reader.skip_invalid=true", *FAST])
+    notes = train(config, progress=False, write=False).notes
+    assert any("left out 1 record(s)" in n and "'bad1'" in n for n in notes), notes
+
+
+def test_a_compound_without_a_value_is_named(tmp_path: Path, cache: str) -> None:
+    smi, values = _smiles(tmp_path)
+    kept = values.read_text().splitlines()[:-1]
+    values.write_text("\n".join(kept) + "\n")
+    missing = smi.read_text().splitlines()[-1].split()[1]
+    overrides = [f"data={smi}", f"reader.values={values}", "reader.conformers=1", cache]
+    message = _error(overrides)
+    assert f"(compound {missing!r}): has no value" in message and str(smi) in message
+    data = _data([*overrides, "reader.skip_invalid=true"])
+    assert len(data.skipped) == 1 and missing in data.skipped[0]
+
+
+def test_a_missing_file_is_named(tmp_path: Path, cache: str) -> None:
+    assert "does not exist" in _error([f"data={tmp_path / 'nope.sdf'}", cache])
+    rows = [
+        f"a,1,{PDB}/1ia1/1ia1_ligand.sdf,",
+        f"b,2,{PDB}/1uou/1uou_ligand.sdf,",
+        f"c,3,{tmp_path}/gone.sdf,",
+    ]
+    message = _error([f"data={_manifest(tmp_path, rows)}", cache])
+    assert "row 4 (compound 'c')" in message and "gone.sdf" in message
+    data = _data([f"data={tmp_path / 'manifest.csv'}", "reader.skip_invalid=true", cache])
+    assert len(data.skipped) == 1
+
+
+def test_an_sdf_without_a_value_source_says_where_to_give_one(tmp_path: Path, cache: str) -> None:
+    message = _error([f"data={_cmet(tmp_path)}", cache])
+    assert "reader.target" in message and "reader.values" in message
+
+
+def test_without_rdkit_the_app_imports_and_molecules_say_how_to_install() -> None:
+    code = (
+        "import sys; sys.modules['rdkit'] = None\n"
+        "import combframe.app.train, combframe.app.cli, combframe.app.readers\n"
+        "from combframe.app.config import load_config\n"
+        "try:\n"
+        "    combframe.app.train.load_data(load_config(None, ['data=cmet']))\n"
+        "except Exception as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install 'combframe[chem]'" in out.stdout
+
+
+# ---- the cache ----------------------------------------------------------------------------
+
+
+def _read(path: Path, tmp_path: Path, **options: Any) -> readers.MoleculeSet:
+    opts = ReaderConfig(target="r_exp_dg", cache_dir=tmp_path / "cache", **options)
+    return readers.read_molecules(str(path), opts, torch.float32)
+
+
+def _no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("read the files again instead of the cache")
+
+    monkeypatch.setattr(readers, "_read_raw", refuse)
+
+
+def test_a_second_read_comes_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _cmet(tmp_path)
+    first = _read(path, tmp_path)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert torch.load(entry, weights_only=True)["pos"].dtype == torch.float64
+    _no_reading(monkeypatch)
+    second = _read(path, tmp_path)
+    for a, b in zip(first.compounds, second.compounds, strict=True):
+        assert a.name == b.name and torch.equal(a.target, b.target)
+        assert all(torch.equal(p.pos, q.pos) for p, q in zip(a.poses, b.poses, strict=True))
+
+
+def test_changed_contents_or_options_rebuild_the_cache(tmp_path: Path) -> None:
+    path = _cmet(tmp_path)
+    _read(path, tmp_path)
+    _read(path, tmp_path, hydrogens=True)
+    path.write_text(path.read_text().replace("-7.0", "-6.5", 1))
+    changed = _read(path, tmp_path)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+    scores = [float(c.properties["docking_score"][0]) for c in changed.compounds]  # type: ignore[index]  # SDF input has properties
+    assert -6.5 in scores
+
+
+def test_a_failed_write_leaves_no_cache_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _cmet(tmp_path)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _read(path, tmp_path)
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    assert len(_read(path, tmp_path).compounds) == 4
+
+
+def test_an_unreadable_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    path = _cmet(tmp_path)
+    _read(path, tmp_path)
+    (entry,) = (tmp_path / "cache").iterdir()
+    entry.write_bytes(b"not a tensor file")
+    assert len(_read(path, tmp_path).compounds) == 4
+    assert torch.load(entry, weights_only=True)["z"].dtype == torch.long
+
+
+# ---- the networks ---------------------------------------------------------------------------
+
+
+def _poses(sizes: list[int], seed: int = 0, dtype: torch.dtype = torch.float32) -> list[Data]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        Data(
+            pos=3 * torch.randn(n, 3, generator=gen, dtype=dtype),
+            z=torch.randint(1, 10, (n,), generator=gen),
+            lig=torch.ones(n, dtype=torch.bool),
+        )
+        for n in sizes
+    ]
+
+
+def test_the_radius_graph_links_atoms_of_one_graph_within_the_cutoff() -> None:
+    batch = Batch.from_data_list(_poses([5, 1, 9, 7]))
+    edge_index, length = RadiusGraph(4.0)(batch.pos, batch.batch)
+    distance = torch.cdist(batch.pos, batch.pos)
+    same = batch.batch[:, None] == batch.batch[None, :]
+    want = (distance <= 4.0) & same & ~torch.eye(len(batch.pos), dtype=torch.bool)
+    got = torch.zeros_like(want)
+    got[edge_index[1], edge_index[0]] = True
+    assert torch.equal(got, want) and len(length) == int(want.sum())
+    assert torch.allclose(length, distance[edge_index[0], edge_index[1]])
+
+
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream"])
+def test_schnet_gradients_match_the_full_graph_in_float64(strategy: str) -> None:
+    torch.manual_seed(0)
+    net = SchNetNetwork(hidden=8, interactions=2, cutoff=4.0, gaussians=6, offset=0.5).double()
+    torch.nn.init.normal_(net.schnet.lin2.weight)  # not the zero start: every path in play
+    poses = _poses([6, 6, 6, 4, 4], dtype=torch.float64)
+    combination = combframe.create_combination("max", pred_scale=2.0)
+
+    def loss(combined: torch.Tensor, per_pose: torch.Tensor) -> torch.Tensor:
+        return (combined - 1.0).pow(2).sum()
+
+    chunk = 1 if strategy == "store" else 2  # store's chunks need vmap, not a PyG Batch
+    want = full_graph_gradients(net, combination, poses, loss, sizes=[3, 2], chunk_size=chunk)
+    got = multipose_gradients(
+        net, combination, poses, loss, strategy, sizes=[3, 2], chunk_size=chunk
+    )
+    for a, b in zip(want, got, strict=False):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(want[2], got[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+class Tiny(torch.nn.Module):
+    """A user's network, named by import path in the tests."""
+
+    def __init__(self, scale: float = 1.0, bias: float = 0.0) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+        self.bias = torch.nn.Parameter(torch.tensor(float(bias)))
+
+    def forward(self, pose: Any) -> torch.Tensor:
+        batch = getattr(pose, "batch", None)
+        batch = torch.zeros(len(pose.z), dtype=torch.long) if batch is None else batch
+        size = int(batch.max()) + 1
+        spread = torch.zeros(size).index_add(0, batch, pose.pos.norm(dim=-1))
+        return self.bias + self.scale * spread / 1000
+
+
+def test_a_network_by_import_path_gets_the_extra_keys(tmp_path: Path, cache: str) -> None:
+    info = DataInfo("molecules", 0, 1.0)
+    config = load_config(None, ["model.name=tests.test_app_readers:Tiny", "model.scale=2.5"])
+    net = build_network(config, info)
+    assert isinstance(net, Tiny) and float(net.scale.detach()) == 2.5
+    path = _cmet(tmp_path)
+    overrides = [f"data={path}", "reader.target=r_exp_dg", *FAST, cache]
+    overrides += ["model.name=tests.test_app_readers:Tiny", "model.bias=-9", "lr=1e-4"]
+    assert train(load_config(None, overrides), progress=False, write=False).metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kind", "says"),
+    [
+        (["model.name=mlp"], "molecules", "use model.name=schnet"),
+        (["model.name=schnet"], "vectors", "use model.name=mlp"),
+        (["model.name=gcn"], "molecules", "unknown network 'gcn'"),
+        (["model.name=schnet", "model.width=3"], "molecules", "not settings of the built-in"),
+        (["model.name=tests.test_app_readers:Nope"], "molecules", "no torch.nn.Module class"),
+        (["model.name=no_such_pkg.mod:Net"], "molecules", "cannot import 'no_such_pkg.mod'"),
+        (["model.name=tests.test_app_readers:Tiny", "model.size=3"], "molecules", "size"),
+    ],
+)
+def test_a_network_that_cannot_be_built_says_why(
+    overrides: list[str], kind: str, says: str
+) -> None:
+    with pytest.raises(ConfigError, match="model") as info:
+        build_network(load_config(None, overrides), DataInfo(kind, 3, 0.0))
+    assert says in str(info.value)
+
+
+def test_each_file_format_trains_from_the_command_line(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    smi, values = _smiles(tmp_path)
+    rows = [
+        f"1ia1,1.5,{PDB}/1ia1/1ia1_ligand.sdf,{PDB}/1ia1/1ia1_protein_one_lig_removed.pdb",
+        f"1uou,2.5,{PDB}/1uou/1uou_ligand.sdf,{PDB}/1uou/1uou_protein_one_lig_removed.pdb",
+        f"1s3v,0.5,{PDB}/1s3v/1s3v_ligand.sdf,{PDB}/1s3v/1s3v_protein_one_lig_removed.pdb",
+    ]
+    inputs = [
+        [f"data={_cmet(tmp_path)}", "reader.target=r_exp_dg"],
+        [f"data={_manifest(tmp_path, rows)}", "reader.pocket_cutoff=4"],
+        [f"data={smi}", f"reader.values={values}", "reader.conformers=2"],
+    ]
+    for i, data in enumerate(inputs):
+        runs = tmp_path / f"runs{i}"
+        assert main(["train", *data, *FAST, cache, f"output_dir={runs}"]) == 0
+        (run,) = runs.iterdir()
+        assert json.loads((run / "metrics.json").read_text())["data"]["kind"] == "molecules"
+    assert capsys.readouterr().out.count("held-out") == 3
+
+
+def test_an_empty_sdf_a_bad_protein_and_an_unknown_name_are_one_line_errors(
+    tmp_path: Path, cache: str
+) -> None:
+    empty = tmp_path / "empty.sdf"
+    empty.write_text("")
+    assert "RDKit cannot read it as an SDF file" in _error([f"data={empty}", "reader.target=x"])
+    (tmp_path / "bad.pdb").write_text("HETATM garbage\n")
+    rows = [f"{c},1,{PDB}/{c}/{c}_ligand.sdf,bad.pdb" for c in ("1ia1", "1uou")]
+    message = _error([f"data={_manifest(tmp_path, rows)}", cache])
+    assert "row 2 (compound '1ia1'): protein" in message and "bad.pdb" in message
+    message = _error(["data=chembI", cache])
+    assert "neither a file nor a built-in set (chembl, cmet, posebusters)" in message
+
+
+def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from combframe.app.predict import load
+
+    runs = tmp_path / "runs"
+    args = ["train", "data=cmet", "reader.limit=6", *FAST, cache, "strategy=stream"]
+    assert main([*args, f"output_dir={runs}", "name=one", "dtype=float64"]) == 0
+    model = load(runs / "one")
+    assert isinstance(model.model, SchNetNetwork)
+    out = tmp_path / "p.csv"
+    assert (
+        main(["predict", str(runs / "one"), "data=cmet", "reader.limit=6", cache, "-o", str(out)])
+        == 0
+    )
+    with out.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    metrics = json.loads((runs / "one" / "metrics.json").read_text())
+    assert metrics["data"]["kind"] == "molecules"
+
+
+def test_predict_reads_molecules_without_values(tmp_path: Path, cache: str) -> None:
+    from combframe.app.config import TrainConfig
+
+    path = _cmet(tmp_path, count=1)
+    config = TrainConfig.model_validate({"data": str(path), "reader": {"cache_dir": str(tmp_path)}})
+    data = load_data(config, for_prediction=True)
+    assert len(data.train) == 1 and data.test == () and torch.isnan(data.train[0].target)
