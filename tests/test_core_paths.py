@@ -176,3 +176,18 @@ def test_a_tensor_model_gets_the_pose_itself_at_chunk_size_one() -> None:
     poses = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
     combframe.MultiPoseModel(net, "mean")(poses)
     assert set(net.seen) == {Tensor}
+
+
+@pytest.mark.parametrize("strategy", ["store", "stream"])
+def test_a_model_pickles_after_its_strategy_decided(strategy: str) -> None:
+    import copy
+    import io
+
+    wrapped = combframe.MultiPoseModel(make_mlp(), "boltzmann", strategy=strategy, chunk_size=3)
+    wrapped(compounds=[make_poses(3), make_poses(4)]).combined.sum().backward()
+    buffer = io.BytesIO()
+    torch.save(wrapped, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (loaded, copy.deepcopy(wrapped)):
+        other(compounds=[make_poses(3), make_poses(4)]).combined.sum().backward()

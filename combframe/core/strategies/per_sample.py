@@ -63,6 +63,13 @@ class PerSampleVerdicts:
             weakref.WeakKeyDictionary()
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle no verdict: a copy of a model is decided again (its identity is new)."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # a fresh, empty table
+
     @staticmethod
     def structure(runner: PoseRunner) -> Hashable:
         """Return what a verdict depends on, by identity (one walk of the modules)."""
