@@ -333,7 +333,6 @@ class MultiPoseModel(torch.nn.Module):
         )
 
 
-#: The buffers, their version counters and copies of their values (by index).
 def _as_pose_list(poses: Any) -> list[Any]:
     """Return one compound's poses as a list (a tensor is split along its first dimension).
 
