@@ -353,10 +353,17 @@ def build_model(
 
 def _strategy(config: TrainConfig) -> Any:
     """Return the configured strategy, built with ``strategy_options``."""
-    cls = {"store": combframe.Store, "recompute": combframe.Recompute, "stream": combframe.Stream}
+    cls = {
+        "store": combframe.Store,
+        "recompute": combframe.Recompute,
+        "stream": combframe.Stream,
+        "auto": combframe.Auto,
+    }
     chosen = cls[config.strategy]
+    # training's loss is on the combined predictions only
+    options = {"losses": "combined"} if config.strategy == "auto" else {}
     try:
-        return chosen(**config.strategy_options)
+        return chosen(**(options | config.strategy_options))
     except TypeError:
         known = [n for n in inspect.signature(chosen).parameters if n != "self"]
         raise ConfigError(
