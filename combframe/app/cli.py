@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from combframe.errors import CombframeError
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -32,7 +34,7 @@ EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
 
 
-class UsageError(Exception):
+class UsageError(CombframeError):
     """Bad input from the command line; printed as one line, exit status 2.
 
     ``prog`` is the command the message is about, when the parser knows it.

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from combframe.errors import CombframeError
+
 if TYPE_CHECKING:
     from pydantic import GetCoreSchemaHandler
     from pydantic_core import CoreSchema
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(CombframeError, ValueError):
     """A training configuration that cannot be used; the message names the field."""
 
 

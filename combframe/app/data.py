@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from combframe.errors import CombframeError
+
 __all__ = [
     "Compound",
     "DataError",
@@ -218,7 +220,7 @@ def _n_test(test_fraction: float, n_compounds: int) -> int:
 # ---- a user's compounds -------------------------------------------------------------
 
 
-class DataError(ValueError):
+class DataError(CombframeError, ValueError):
     """A compounds file that cannot be used; the message names the compound and problem."""
 
 

@@ -68,6 +68,7 @@ from combframe.app.runs import (
     write_run,
 )
 from combframe.app.saved import save_model
+from combframe.errors import CombframeError
 
 __all__ = [
     "Dataset",
@@ -86,7 +87,7 @@ __all__ = [
 _EVAL_BATCH = 64
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(CombframeError, RuntimeError):
     """Training diverged: a non-finite loss or a final RMSE far above the values' spread.
 
     ``same_on_every_rank`` is True when every process reached the verdict together (from
