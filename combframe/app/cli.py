@@ -60,15 +60,11 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
 
-def _rank() -> tuple[int, int]:
-    """Return this process's rank and the number of processes, as ``torchrun`` sets them."""
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return (int(rank) if rank.isdigit() else 0), (int(world) if world.isdigit() else 1)
-
-
 def _say(message: str, *, every_rank: bool = False) -> None:
     """Print ``message`` on stderr: on rank 0 only, or on every rank with its number."""
-    rank, world = _rank()
+    from combframe.app.torchrun import environment_ranks
+
+    rank, world, _ = environment_ranks()
     if world > 1 and every_rank:
         print(f"[rank {rank}] {message}", file=sys.stderr)
     elif rank == 0:
@@ -415,6 +411,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # ---- check --------------------------------------------------------------------------
 
 
+def _within(value: float, minimum: float, above: bool) -> bool:
+    """Whether ``value`` is finite and at least ``minimum`` (above it, with ``above``)."""
+    return math.isfinite(value) and (value > minimum if above else value >= minimum)
+
+
+def _rule(minimum: float, above: bool) -> str:
+    return f"a finite number > {minimum:g}" if above else f"at least {minimum:g}"
+
+
 def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
     """Return an argparse type: comma-separated integers, each at least ``minimum``."""
 
@@ -427,35 +432,34 @@ def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
             ) from None
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-        if min(values) < minimum:
+        if not all(_within(v, minimum, False) for v in values):
             raise argparse.ArgumentTypeError(
-                f"every value must be at least {minimum}; got {text!r}"
+                f"every value must be {_rule(minimum, False)}; got {text!r}"
             )
         return values
 
     return parse
 
 
-def _number(kind: type[float] | type[int], bound: str) -> Callable[[str], Any]:
-    """Return an argparse type: a finite ``kind`` within ``bound`` (``"> 0"``, ``">= 0"``)."""
+def _number(kind: type[float] | type[int], minimum: float, above: bool) -> Callable[[str], Any]:
+    """Return an argparse type: a finite ``kind``, at least ``minimum`` (above, ``above``)."""
     noun = "a number" if kind is float else "an integer"
-    rule = "a finite number > 0" if bound == "> 0" else "at least 0"
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > 0 if bound == "> 0" else value >= 0)):
-            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        if not _within(value, minimum, above):
+            raise argparse.ArgumentTypeError(f"must be {_rule(minimum, above)}; got {text!r}")
         return value
 
     return parse
 
 
-_positive_float = _number(float, "> 0")
-_positive_int = _number(int, "> 0")
-_non_negative_int = _number(int, ">= 0")
+_positive_float = _number(float, 0, above=True)
+_positive_int = _number(int, 0, above=True)
+_non_negative_int = _number(int, 0, above=False)
 
 
 def _parity_harness() -> Callable[..., Any]:
@@ -698,6 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    """Return the installed version (``combframe.__version__``) without loading the library.
+
+    ``combframe --version`` imports nothing of the library (its ``__init__`` included).
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
