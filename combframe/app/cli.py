@@ -89,10 +89,11 @@ def _describe(combination: dict[str, Any]) -> str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from combframe.app import distributed
+    from combframe.app.building import check_config
     from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError, load_config
     from combframe.app.runs import RunInterruptedError, RunWriteError
-    from combframe.app.train import TrainingDivergedError, check_config
+    from combframe.app.train import TrainingDivergedError
 
     ranks = distributed.from_environment()
     try:
@@ -123,7 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | None:
     """Return ``--compare``'s key and values, or ``--seeds`` as a comparison of seeds."""
-    from combframe.app.train import parse_compare
+    from combframe.app.compare import parse_compare
 
     if args.seeds is not None and args.compare is not None:
         raise UsageError("--seeds and --compare cannot be combined; give one of them")
@@ -152,7 +153,8 @@ def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
     from pathlib import Path
 
     from combframe.app import distributed
-    from combframe.app.train import check_config, resume
+    from combframe.app.building import check_config
+    from combframe.app.train import resume
 
     if args.overrides or args.config or args.compare or args.seeds:
         raise UsageError(
@@ -175,7 +177,9 @@ def _train_runs(
 ) -> tuple[list[Any], Any]:
     """Train once, or once per ``--compare`` value, in the process group under torchrun."""
     from combframe.app import distributed
-    from combframe.app.train import compare, load_data, train
+    from combframe.app.compare import compare
+    from combframe.app.loading import load_data
+    from combframe.app.train import train
 
     if variants is None:
         data = load_data(config)  # a bad compounds file is refused before the group forms
@@ -315,8 +319,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _predict_data(folder: Any, overrides: Sequence[str]) -> Any:
     """Load the compounds to predict with the run's config and ``data=...`` overrides."""
     from combframe.app.config import SYNTHETIC_KEYS, ConfigError, TrainConfig, apply_overrides
+    from combframe.app.loading import load_data
     from combframe.app.saved import read_model
-    from combframe.app.train import load_data
 
     allowed = (*_PREDICT_KEYS, *SYNTHETIC_KEYS)
     for item in overrides:
