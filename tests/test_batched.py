@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
-import combframe.core.strategies as strategies_module
+import combframe.core.strategies.stream as strategies_module
 from bench._graph import GraphModel, graph_collate, make_graph_poses
 from combframe.segment import (
     segment_logsumexp,

@@ -282,7 +282,7 @@ def _grad_error(
 ) -> float:
     from unittest import mock
 
-    import combframe.core.strategies as strategies_module
+    import combframe.core.strategies.stream as strategies_module
 
     comb = BoltzmannCombination(kT=kT)
     want_net = Offset(torch.float64)

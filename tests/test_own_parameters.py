@@ -15,7 +15,7 @@ from combframe_max import MaxCombination, MaxCombinationFunc
 from torch import Tensor
 
 import combframe
-import combframe.core.strategies as strategies_module
+import combframe.core.strategies.stream as strategies_module
 from combframe.app.cli import main
 from combframe.testing import (
     full_graph_gradients,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
-import combframe.core.strategies as strategies_module
+import combframe.core.strategies.stream as strategies_module
 from combframe.core.batch import Segments
 from combframe.core.strategies import PoseRunner, resolve_strategy
 from combframe.testing import (

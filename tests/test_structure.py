@@ -19,6 +19,13 @@ PLUGINS = ROOT / "plugins"
 MAX_FUNCTION_LINES = 60
 #: Non-blank lines of a shipped plugin, its math docstring included.
 MAX_PLUGIN_LINES = 45
+#: Lines of a module of the core (about 400): one concern per file.
+MAX_CORE_MODULE_LINES = 410
+#: Taking or replaying the state a forward changes (buffer values, RNG, autocast).
+_SNAPSHOT = re.compile(
+    r"fork_rng|[gs]et_rng_state|is_autocast_enabled|get_autocast_dtype|_foreach_copy_"
+    r"|named_buffers\(\)\.items|b\.clone\(\)"
+)
 
 
 def _sources(*roots: Path) -> Iterator[Path]:
@@ -246,6 +253,28 @@ def test_every_type_ignore_says_why_on_its_line(path: Path) -> None:
         if match and not re.match(r"\s*#\s*\S", match.group("rest")):
             bare.append(number)
     assert not bare, f"{path.relative_to(ROOT)}: type: ignore without a reason on lines {bare}"
+
+
+@pytest.mark.parametrize(
+    "path", list(_sources(PACKAGE / "core")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_core_module_is_much_longer_than_400_lines(path: Path) -> None:
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_CORE_MODULE_LINES, f"{path.relative_to(ROOT)}: {lines} lines"
+
+
+def test_state_snapshots_have_one_home() -> None:
+    """Buffer copies, RNG and autocast states are taken and replayed in one module."""
+    home = PACKAGE / "core" / "strategies" / "replay.py"
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in _sources(PACKAGE / "core")
+        if path != home
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _SNAPSHOT.search(line)
+    ]
+    assert not found, f"state snapshots outside {home.relative_to(ROOT)}: {found}"
+    assert _SNAPSHOT.search(home.read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("path", sorted(PLUGINS.glob("*/__init__.py")), ids=lambda p: p.parent.name)

@@ -171,6 +171,16 @@ def _pyg_batch(first: Any) -> Any:
     return None
 
 
+def collated_alone(pose: Any) -> bool:
+    """Whether a pose is collated even when it runs alone: PyTorch Geometric data.
+
+    A PyG model then sees a ``Batch`` (with ``batch`` and ``num_graphs``) at every chunk
+    size. Any other pose that runs alone is passed as it is (a tensor model gets the
+    tensor itself at ``chunk_size=1``, as it always has).
+    """
+    return _pyg_batch(pose) is not None
+
+
 def default_collate(poses: Sequence[Any]) -> Any:
     """Build one batch from a list of poses (the default ``collate`` of chunked runs).
 

@@ -12,13 +12,8 @@ from typing_extensions import override
 from combframe.core.batch import CompoundPredictions, Segments
 from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
-from combframe.core.strategies import (
-    PoseRunner,
-    Strategy,
-    changed_buffers,
-    resolve_strategy,
-    undo_side_effects,
-)
+from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy
+from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
 from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
@@ -235,7 +230,10 @@ class MultiPoseModel(torch.nn.Module):
         )
         runner.scan(poses)
         segments = Segments.from_sizes([len(c) for c in compounds], device)
-        snapshot = self._snapshot_buffers()
+        # The buffers a training-mode forward may update (batch-norm statistics), put
+        # back if it fails; any module in training mode counts (the wrapper may be in
+        # eval while the model, or a readout module, trains).
+        snapshot = BufferSnapshot.of([self])
         try:
             held = _hold(self.comb_readout)
             combined, per_pose = self._combine(runner, poses, segments, held)
@@ -247,7 +245,7 @@ class MultiPoseModel(torch.nn.Module):
             elif self.comb_readout is not None:
                 combined = self.comb_readout(combined)
         except BaseException:
-            _restore(snapshot)
+            snapshot.restore()
             raise
         return CompoundPredictions(combined, per_pose, segments.index)
 
@@ -302,7 +300,7 @@ class MultiPoseModel(torch.nn.Module):
             return True
         # The probe runs the first chunk once more: its draws from the RNG and its
         # buffer updates are undone, so the real run is the only one that counts.
-        with undo_side_effects(runner), torch.enable_grad():
+        with undo_side_effects(runner.modules, runner.device), torch.enable_grad():
             probe = runner.predict(poses[: runner.chunk_size], 0)
         return probe.requires_grad
 
@@ -310,17 +308,6 @@ class MultiPoseModel(torch.nn.Module):
     def _promote(preds: Tensor, dtype: torch.dtype) -> Tensor:
         """Combine in at least the parameters' precision (autocast outputs are lower)."""
         return preds.to(torch.promote_types(preds.dtype, dtype))
-
-    def _snapshot_buffers(self) -> _Snapshot:
-        """Copy the buffers a training-mode forward may update (batch-norm statistics).
-
-        Any module in training mode counts (the wrapper may be in eval while the model,
-        or a readout module, trains).
-        """
-        if not any(m.training for m in self.modules()):
-            return [], [], {}
-        buffers = list(self.buffers())
-        return buffers, [b._version for b in buffers], {k: b.clone() for k, b in enumerate(buffers)}
 
     def _check_finite(self, preds: Tensor, combined: Tensor) -> None:
         """Raise if a per-pose or combined prediction is NaN or infinite (one host sync)."""
@@ -344,22 +331,6 @@ class MultiPoseModel(torch.nn.Module):
             "on these values (a pred_scale or 1/kT so large that scale x prediction exceeds "
             "the dtype's range); choose a smaller one, or pass check_finite=False"
         )
-
-
-#: The buffers, their version counters and copies of their values (by index).
-_Snapshot = tuple[list[Tensor], list[int], dict[int, Tensor]]
-
-
-def _restore(snapshot: _Snapshot) -> None:
-    """Put back the buffers a failed forward wrote; the others are not touched.
-
-    Writing a buffer that did not change would move its version counter and break any
-    other live graph that saved it.
-    """
-    buffers, versions, values = snapshot
-    changed = sorted(changed_buffers(buffers, versions, values))
-    if changed:
-        torch._foreach_copy_([buffers[k] for k in changed], [values[k] for k in changed])
 
 
 def _as_pose_list(poses: Any) -> list[Any]:

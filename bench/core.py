@@ -1,0 +1,209 @@
+"""The core's speed against the batched full graph: ``python bench/core.py [--quick]``.
+
+Three measurements, each a ratio to the batched full graph (every pose of every compound
+in one collated forward, one backward) or a time per call, on the CPU with one thread,
+the median of interleaved repeats (the methods of a case run in a shuffled order per
+repeat, in one process):
+
+* ``compounds``: one chunk of 64 poses holding 64 compounds x 1 pose, 32 x 2, 8 x 8 or
+  1 x 64, for ``stream``, ``recompute`` and ``store``;
+* ``store``: store with ``chunk_size > 1`` on a model ``torch.func.vmap`` can map
+  (64 poses, chunks of 16), with the model's forward calls per step after the first;
+* ``overhead``: the Python bookkeeping per pose and per chunk, from a model that does
+  nothing (one parameter times the pose).
+
+It uses the public API only, so the same command measures any checkout (set
+``PYTHONPATH``). Results go to stdout as a Markdown table and, with ``--json``, to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _graph import GraphModel, graph_collate, make_graph_poses
+from _models import MODELS
+from torch import Tensor, nn
+
+import combframe
+
+Step = Callable[[], object]
+MIXES = ((64, 1), (32, 2), (8, 8), (1, 64))
+
+
+def _loss(combined: Tensor) -> Tensor:
+    return ((combined + 9.0) ** 2).sum()
+
+
+def _workloads() -> dict[str, tuple[Callable[[], nn.Module], Callable[[int], list[Any]], Any]]:
+    return {
+        "pointcloud": (
+            lambda: MODELS["pointcloud"].build(0),
+            lambda n: MODELS["pointcloud"].poses(n, torch.device("cpu"), atoms=32),
+            None,
+        ),
+        "graph": (lambda: GraphModel(), lambda n: make_graph_poses(n, 12), graph_collate),
+    }
+
+
+def _steps(
+    model: nn.Module,
+    compounds: list[list[Any]],
+    collate: Any,
+    chunk: int,
+    strategies: tuple[str, ...],
+) -> dict[str, Step]:
+    """One training step per method: zero grads, forward, loss, backward."""
+    combination = combframe.create_combination("boltzmann")
+    flat = [p for c in compounds for p in c]
+    index = torch.repeat_interleave(torch.arange(len(compounds)), len(compounds[0]))
+    batch = (collate or combframe.default_collate)(flat)
+
+    def batched() -> None:
+        model.zero_grad(set_to_none=True)
+        preds = model(batch).reshape(-1)
+        _loss(combination.segment_value(preds, index, len(compounds))).backward()
+
+    steps: dict[str, Step] = {"batched": batched}
+    for strategy in strategies:
+        wrapped = combframe.MultiPoseModel(
+            model, combination, strategy=strategy, chunk_size=chunk, collate=collate
+        )
+
+        def step(wrapped: combframe.MultiPoseModel = wrapped) -> None:
+            model.zero_grad(set_to_none=True)
+            _loss(wrapped(compounds=compounds).combined).backward()
+
+        steps[strategy] = step
+    return steps
+
+
+def _interleaved(steps: dict[str, Step], reps: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per step of each method, run in a shuffled order per repeat."""
+    for step in steps.values():  # warm up (and let store decide its path)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = random.Random(seed)
+    for _ in range(reps):
+        names = list(steps)
+        order.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compounds_suite(reps: int) -> list[dict[str, Any]]:
+    """Ratios to the batched full graph of one 64-pose chunk of many compounds."""
+    rows = []
+    for key, (build, poses, collate) in _workloads().items():
+        for count, per in MIXES:
+            model = build()
+            flat = poses(count * per)
+            compounds = [flat[i * per : (i + 1) * per] for i in range(count)]
+            strategies = ("stream", "recompute", "store")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", combframe.StrategyWarning)
+                med = _interleaved(_steps(model, compounds, collate, 64, strategies), reps)
+            base = med["batched"]
+            rows.append(
+                {"model": key, "compounds": count, "poses": per, "batched_ms": 1e3 * base}
+                | {s: med[s] / base for s in strategies}
+            )
+    return rows
+
+
+def store_suite(reps: int) -> dict[str, Any]:
+    """Store with chunks of 16 on a vmappable model: ratio, and forward calls per step."""
+    build, poses, _ = _workloads()["pointcloud"]
+    model = build()
+    steps = _steps(model, [poses(64)], None, 16, ("store", "recompute", "stream"))
+    med = _interleaved(steps, reps)
+    calls: list[object] = []  # one entry per forward call of the model
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(None))
+    steps["store"]()
+    hook.remove()
+    return {
+        "forwards_per_step": len(calls),
+        "chunks": 4,
+        **{s: med[s] / med["batched"] for s in ("store", "recompute", "stream")},
+    }
+
+
+class _Nothing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.w * x).sum(-1)
+
+
+def overhead_suite(reps: int, m: int = 256) -> dict[str, dict[str, float]]:
+    """Microseconds of bookkeeping per pose and per chunk, with a model that does nothing."""
+    poses = [torch.full((1,), float(i)) for i in range(m)]
+    out: dict[str, dict[str, float]] = {}
+    for strategy in ("store", "recompute", "stream"):
+        model = _Nothing()
+        steps = {}
+        for chunk, n in ((1, m), (m, m), (m, m // 4)):
+            wrapped = combframe.MultiPoseModel(
+                model, "boltzmann", strategy=strategy, chunk_size=chunk
+            )
+
+            def step(wrapped: combframe.MultiPoseModel = wrapped, n: int = n) -> None:
+                wrapped.zero_grad(set_to_none=True)
+                _loss(wrapped(poses[:n])[0]).backward()
+
+            steps[f"{chunk}/{n}"] = step
+        med = _interleaved(steps, reps)
+        one, full, quarter = med[f"1/{m}"], med[f"{m}/{m}"], med[f"{m}/{m // 4}"]
+        out[strategy] = {
+            "per_pose_us": 1e6 * (full - quarter) / (m - m // 4),
+            "per_chunk_us": 1e6 * (one - full) / (m - 1),
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reps = 3 if args.quick else 7
+    results = {
+        "torch": torch.__version__,
+        "reps": reps,
+        "compounds": compounds_suite(reps),
+        "store": store_suite(reps),
+        "overhead": overhead_suite(reps),
+    }
+    print("| model | compounds x poses | batched (ms) | stream | recompute | store |")
+    print("|---|---|---|---|---|---|")
+    for r in results["compounds"]:
+        print(
+            f"| {r['model']} | {r['compounds']} x {r['poses']} | {r['batched_ms']:.1f} | "
+            f"{r['stream']:.2f}x | {r['recompute']:.2f}x | {r['store']:.2f}x |"
+        )
+    print("\nstore, chunks of 16 (pointcloud, 64 poses):", json.dumps(results["store"]))
+    print("\n| strategy | per pose (us) | per chunk (us) |\n|---|---|---|")
+    for s, o in results["overhead"].items():
+        print(f"| {s} | {o['per_pose_us']:.1f} | {o['per_chunk_us']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

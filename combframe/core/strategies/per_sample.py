@@ -1,0 +1,245 @@
+"""Store's per-sample path: the per-pose gradients of a whole chunk by ``torch.func``.
+
+With ``chunk_size > 1`` store needs each pose's own gradient. A model that
+:func:`torch.func.vmap` can map over the poses of a chunk gives them in one pass:
+``vmap(grad(f), in_dims=(None, 0), randomness="error")``. Whether it can is decided once
+per model and collate (:class:`PerSampleVerdicts`) and re-decided only when the model's
+structure changes; the checks that need a forward (the first chunk's predictions
+compared with one-pose ones, parameters reached other than by name, the first pose's
+row compared with autograd's) run on the first step only.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Sequence
+from typing import Any, final
+
+import torch
+from torch import Tensor
+
+from combframe.core.batch import default_collate
+from combframe.core.strategies.graph import _graph_mark, _reached
+from combframe.core.strategies.replay import (
+    BufferSnapshot,
+    RngState,
+    buffer_copies,
+    undo_side_effects,
+)
+from combframe.core.strategies.runner import PoseRunner, Poses
+from combframe.errors import CombinationError
+
+UPDATES_BUFFERS = (
+    "the model updates buffers in place (batch-norm statistics, the power iteration of "
+    "spectral norm), once per call, so a chunk is not the same as its poses one by one"
+)
+
+HIDDEN_PARAMETERS = (
+    "the model uses a parameter other than through its registered name (a closure or a "
+    "list holding it), which torch.func.vmap cannot see"
+)
+#: A verdict: ``None`` when the per-sample path serves, else why it does not.
+Verdict = str | None
+#: The verdict of a model for which the checks that need a run have not been made.
+UNDECIDED = "not decided yet"
+
+
+@final
+class PerSampleVerdicts:
+    """Whether the per-sample path serves a model, decided once per model and collate.
+
+    A model is known once store has checked that it treats the poses of a batch
+    independently; its verdict is :data:`UNDECIDED` until the per-sample path was tried
+    (something of the call, such as pose tensors that require grad, may have kept it
+    from being tried). A verdict is kept per model (weakly) with the structure it was
+    decided for: the collate and readout, every module and its training mode, every
+    parameter and whether it requires grad, every buffer, by identity. It is re-decided
+    when any of them changes (a parameter frozen, ``model.eval()``, a submodule
+    replaced).
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Hashable, Verdict]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle no verdict: a copy of a model is decided again (its identity is new)."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # a fresh, empty table
+
+    @staticmethod
+    def structure(runner: PoseRunner) -> Hashable:
+        """Return what a verdict depends on, by identity (one walk of the modules)."""
+        modules = [m for top in runner.modules for m in top.modules()]
+        return (
+            id(runner.collate),
+            id(runner.pred_readout),
+            tuple((id(m), m.training) for m in modules),
+            tuple((id(p), p.requires_grad) for m in modules for p in m.parameters(recurse=False)),
+            tuple(id(b) for m in modules for b in m._buffers.values()),
+        )
+
+    def get(self, runner: PoseRunner) -> tuple[bool, Verdict]:
+        """``(known, verdict)`` for the runner's model as it is now."""
+        kept = self._known.get(runner.model)
+        if kept is None or kept[0] != self.structure(runner):
+            return False, UNDECIDED
+        return True, kept[1]
+
+    def set(self, runner: PoseRunner, verdict: Verdict) -> None:
+        """Keep ``verdict`` for the runner's model as it is now."""
+        self._known[runner.model] = (self.structure(runner), verdict)
+
+
+def obstacle(runner: PoseRunner) -> str | None:
+    """Why per-sample gradients cannot serve this call, from what is known without a run."""
+    if runner.collate is not default_collate:
+        return "a custom collate (poses of different sizes cannot be vmapped)"
+    if runner.pose_inputs:
+        return "pose tensors require grad"
+    if len(runner.targets.layout.params) != len(_named_trainable(runner.model)):
+        return "parameters outside the model (a readout module or a closure) require grad"
+    named = list(runner.model.named_parameters(remove_duplicate=False))
+    if len(named) != len(dict(runner.model.named_parameters())):
+        return "the model shares a parameter between modules"
+    return None
+
+
+def preview(runner: PoseRunner, poses: Poses) -> Tensor | None:
+    """Return the first chunk's predictions as recompute and stream get them, or None.
+
+    Run without a graph and leaving no trace; store compares them with its one-pose
+    predictions (:func:`check_independent`) to check that the model treats the poses of
+    a batch independently, which per-pose gradients assume. A model that draws random
+    numbers cannot be compared (a batch draws other numbers than its poses alone): None.
+    """
+    with undo_side_effects(runner.modules, runner.device), torch.no_grad():
+        drawn = RngState.capture(runner.device)
+        first = runner.predict(poses[: runner.chunk_size], 0)
+        return first if RngState.capture(runner.device, drawn) is drawn else None
+
+
+def check_independent(runner: PoseRunner, alone: Tensor, together: Tensor) -> None:
+    """Raise if the first chunk's batched predictions differ from one-pose predictions."""
+    scale = together.abs().clamp_min(1.0)
+    tol = max(1e3 * torch.finfo(together.dtype).eps, 1e-9)
+    if bool(((alone.to(together.dtype) - together).abs() <= tol * scale).all()):
+        return
+    raise CombinationError(
+        f"the model's predictions for the batch of poses 0..{together.shape[0] - 1} "
+        f"({together.tolist()[:4]}...) differ from its predictions one pose at a time "
+        f"({alone.tolist()[:4]}...): it mixes the poses of a batch. strategy='store' needs "
+        "each pose's own gradient and runs poses alone; use strategy='recompute' or "
+        "'stream', which run whole chunks (and see docs/batched.md on such models)"
+    )
+
+
+def hidden_parameters(runner: PoseRunner, pose: Any) -> bool:
+    """Whether the model reaches a parameter other than through its registered name.
+
+    Runs one pose through ``torch.func.functional_call`` with fresh copies of the
+    parameters and walks the graph: the original parameters must not appear in it (a
+    closure or a list holding one would keep using it, out of torch.func's sight).
+    """
+    from torch.func import functional_call
+
+    model = runner.model
+    trainable, fixed = _functional_state(model)
+    copies = {n: p.detach().requires_grad_(True) for n, p in trainable.items()}
+    with undo_side_effects(runner.modules, runner.device), torch.enable_grad():
+        mark = _graph_mark()
+        out = functional_call(
+            model, {**copies, **fixed}, (default_collate([runner.place(0, pose)]),)
+        )
+        if runner.pred_readout is not None:
+            out = runner.pred_readout(out)
+    if not isinstance(out, Tensor) or out.grad_fn is None:
+        return False
+    leaves, _, _ = _reached(out, {id(c) for c in copies.values()}, mark)
+    originals = {id(p) for p in trainable.values()}
+    return any(id(leaf) in originals for leaf in leaves)
+
+
+def per_sample_chunks(
+    runner: PoseRunner, poses: Sequence[Any], buffer: Tensor, preds: list[Tensor], compare: bool
+) -> str | None:
+    """Fill ``buffer`` rows from 1 on by per-sample gradients; append the predictions.
+
+    With ``compare`` (the first step for a model) the first chunk also recomputes pose
+    0, whose row autograd already wrote: if the two disagree (a parameter the model
+    reaches other than through its registered name), the rest falls back to one pose
+    per pass. Otherwise the chunks start at pose 1. Returns why it stopped, or None.
+    """
+    trainable, fixed = _functional_state(runner.model)
+    # The attempt runs on copies of the buffers: a buffer it writes is found afterwards
+    # and the model's own are left as they were.
+    copies = buffer_copies(runner.model)
+    snapshot = BufferSnapshot(list(copies.values()), by_value=True)
+    fixed.update(copies)
+    tol = 256 * torch.finfo(buffer.dtype).eps
+    for s, e in runner.chunks(len(poses), start=0 if compare else 1):
+        rows = buffer[s:e] if s else torch.empty_like(buffer[s:e])
+        pred = _per_sample_grads(runner, (trainable, fixed), poses[s:e], s, rows)
+        if s == 0:
+            want = buffer[0]
+            scale = float(want.abs().max()) if want.numel() else 0.0
+            if not torch.allclose(rows[0], want, rtol=tol, atol=tol * scale):
+                return (
+                    "per-sample gradients by torch.func.vmap differ from autograd's for "
+                    "this model (a parameter used other than through its registered name?)"
+                )
+            buffer[1:e] = rows[1:]
+            pred = pred[1:]
+        preds.append(pred)
+    return UPDATES_BUFFERS if snapshot.changed() else None
+
+
+def _named_trainable(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _functional_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Return the trainable parameters by name, and the rest ``functional_call`` needs."""
+    fixed: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+    return _named_trainable(model), fixed
+
+
+def _per_sample_grads(
+    runner: PoseRunner,
+    state: tuple[dict[str, Tensor], dict[str, Tensor]],
+    poses: Sequence[Any],
+    start: int,
+    out: Tensor,
+) -> Tensor:
+    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds.
+
+    ``state`` is the trainable parameters by name and the rest ``functional_call`` needs.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    model = runner.model
+    trainable, fixed = state
+    readout = runner.pred_readout
+
+    def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
+        pred = functional_call(model, {**params, **fixed}, (default_collate([pose]),))
+        if readout is not None:
+            pred = readout(pred)
+        if pred.numel() != 1:
+            raise CombinationError(
+                f"the model returned shape {tuple(pred.shape)} for a chunk of one pose"
+            )
+        pred = pred.reshape(())
+        return pred, pred.detach()
+
+    batch = default_collate([runner.place(start + k, p) for k, p in enumerate(poses)])
+    per_pose = vmap(grad(predict_one, has_aux=True), in_dims=(None, 0), randomness="error")
+    grads, preds = per_pose(trainable, batch)
+    b = len(poses)
+    torch.cat([grads[n].detach().reshape(b, -1) for n in trainable], dim=1, out=out)
+    result: Tensor = preds.detach().reshape(b)
+    return result
