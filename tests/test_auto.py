@@ -195,8 +195,8 @@ def test_bad_options_say_what_is_accepted(options: dict[str, Any], match: str) -
 
 
 def test_the_app_builds_auto_for_a_combined_loss() -> None:
+    from combframe.app.building import build_model
     from combframe.app.config import TrainConfig
-    from combframe.app.train import build_model
 
     model = build_model(TrainConfig(strategy="auto"), features=FEATURES)
     assert isinstance(model.strategy, combframe.Auto)
