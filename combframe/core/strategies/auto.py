@@ -146,15 +146,15 @@ def choose(
         )
     over = f"store's (M, P) buffer of {_size(held)} is over the budget of {_size(budget)}"
     if auto.losses == "combined" and isinstance(combination, StreamingCombination):
-        sums = count * _features(combination) * row
+        sums = count * _features(combination, runner.device) * row
         if sums <= budget:
             return Stream(), f"{over}; a combined loss, running sums of {_size(sums)}"
     return Recompute(), over
 
 
-def _features(combination: StreamingCombination) -> int:
+def _features(combination: StreamingCombination, device: torch.device) -> int:
     """Return the number ``k`` of running sums per compound stream keeps for ``combination``."""
-    zero = torch.zeros(1, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64, device=device)  # beside its own parameters
     _, phi = combination.stream_terms(zero, zero[0])
     return int(phi.shape[-1]) if phi.dim() > 1 else 1
 
