@@ -173,6 +173,16 @@ def test_the_choice_is_made_once_logged_and_kept() -> None:
     assert isinstance(restored.strategy, combframe.Auto)
 
 
+def test_a_failed_first_forward_decides_nothing() -> None:
+    auto = combframe.Auto()
+    model = combframe.MultiPoseModel(make_mlp(), "mean", strategy=auto)
+    with pytest.raises(RuntimeError):
+        model([torch.ones(1, FEATURES), torch.ones(1, FEATURES + 1)])
+    assert auto.chosen is None and auto.reason == ""
+    model(make_poses(2))[0].backward()
+    assert auto.chosen is not None
+
+
 def test_auto_is_a_strategy_name_everywhere() -> None:
     assert "auto" in STRATEGIES
     assert isinstance(resolve_strategy("Auto"), combframe.Auto)

@@ -98,6 +98,16 @@ class Auto(Strategy):
     ) -> Collected:
         if self.chosen is not None:
             return self.chosen.collect(runner, poses, segments, combination)
+        try:
+            return self._first(runner, poses, segments, combination)
+        except BaseException:
+            self.chosen, self.reason = None, ""  # a forward that fails decides nothing
+            raise
+
+    def _first(
+        self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
+    ) -> Collected:
+        """Choose, and run the first forward with the choice (recompute if a hook shows)."""
         self._choose(*choose(runner, len(poses), segments.count, combination, self))
         assert self.chosen is not None
         if isinstance(self.chosen, Recompute):
