@@ -52,16 +52,18 @@ class PerSampleVerdicts:
     independently; its verdict is :data:`UNDECIDED` until the per-sample path was tried
     (something of the call, such as pose tensors that require grad, may have kept it
     from being tried). A verdict is kept per model (weakly) with the structure it was
-    decided for: the collate and readout, every module and its training mode, every
-    parameter and whether it requires grad, every buffer, by identity. It is re-decided
-    when any of them changes (a parameter frozen, ``model.eval()``, a submodule
-    replaced).
+    decided for: the collate and readout, every module and its training mode and forward
+    hooks (the global ones too), every parameter and whether it requires grad, every
+    buffer, by identity. It is re-decided when any of them changes (a parameter frozen,
+    ``model.eval()``, a submodule replaced, a forward hook registered), and a verdict that
+    allows batched work also when a buffer was written in place since (a flag or a scale
+    held in a buffer can make a model mix the poses of a batch).
     """
 
     def __init__(self) -> None:
-        self._known: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Hashable, Verdict]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._known: weakref.WeakKeyDictionary[
+            torch.nn.Module, tuple[tuple[Hashable, Hashable], Verdict]
+        ] = weakref.WeakKeyDictionary()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle no verdict: a copy of a model is decided again (its identity is new)."""
@@ -71,27 +73,50 @@ class PerSampleVerdicts:
         self.__init__()  # a fresh, empty table
 
     @staticmethod
-    def structure(runner: PoseRunner) -> Hashable:
-        """Return what a verdict depends on, by identity (one walk of the modules)."""
+    def structure(runner: PoseRunner) -> tuple[Hashable, Hashable]:
+        """Return what a verdict depends on (one walk of the modules).
+
+        The structure by identity, and the version counters of the buffers (bumped by
+        every in-place write).
+        """
         modules = [m for top in runner.modules for m in top.modules()]
+        buffers = [b for m in modules for b in m._buffers.values() if b is not None]
+        hooks = torch.nn.modules.module
         return (
             id(runner.collate),
             id(runner.pred_readout),
-            tuple((id(m), m.training) for m in modules),
+            tuple(
+                (id(m), m.training, *m._forward_pre_hooks, -1, *m._forward_hooks) for m in modules
+            ),
+            (*hooks._global_forward_pre_hooks, -1, *hooks._global_forward_hooks),
             tuple((id(p), p.requires_grad) for m in modules for p in m.parameters(recurse=False)),
-            tuple(id(b) for m in modules for b in m._buffers.values()),
-        )
+            tuple(id(b) for b in buffers),
+        ), tuple(_version(b) for b in buffers)
 
     def get(self, runner: PoseRunner) -> tuple[bool, Verdict]:
         """``(known, verdict)`` for the runner's model as it is now."""
         kept = self._known.get(runner.model)
-        if kept is None or kept[0] != self.structure(runner):
+        if kept is None:
             return False, UNDECIDED
-        return True, kept[1]
+        (structure, versions), verdict = kept
+        now, now_versions = self.structure(runner)
+        # A verdict that keeps to one pose (or one chunk) per pass stays safe whatever
+        # the buffers hold; one that allows batched work holds for the values it saw.
+        if now != structure or (verdict is None and now_versions != versions):
+            return False, UNDECIDED
+        return True, verdict
 
     def set(self, runner: PoseRunner, verdict: Verdict) -> None:
         """Keep ``verdict`` for the runner's model as it is now."""
         self._known[runner.model] = (self.structure(runner), verdict)
+
+
+def _version(buffer: Tensor) -> int:
+    """Return a buffer's version counter (-1 for an inference tensor, which keeps none)."""
+    try:
+        return int(buffer._version)
+    except RuntimeError:
+        return -1
 
 
 def obstacle(runner: PoseRunner) -> str | None:
