@@ -386,6 +386,31 @@ def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch() -> None:
         )[0].backward()
 
 
+def test_store_names_the_batch_a_buffer_writing_model_mixes_poses_in() -> None:
+    # Batch norm over a pose's rows (3 per pose), updating its statistics: pose 0 alone
+    # is compared with pose 0 in the batch of poses 0..1 (pose 1 alone starts from the
+    # statistics pose 0 left).
+    class RowNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 4).double()
+            self.norm = torch.nn.BatchNorm1d(4).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.norm(self.lin(x).reshape(-1, 4)).reshape(*x.shape[:-1], 4)
+            return h.tanh().sum(dim=(-2, -1))
+
+    poses = [torch.randn(3, 5, dtype=torch.float64) for _ in range(4)]
+    model = combframe.MultiPoseModel(RowNorm(), "mean", strategy="store", chunk_size=2)
+    with (
+        pytest.warns(combframe.StrategyWarning, match="updates buffers"),
+        pytest.raises(
+            combframe.CombinationError, match=r"for pose 0 in the batch of poses 0\.\.1 "
+        ),
+    ):
+        model(poses)
+
+
 def test_store_explains_a_model_that_fails_on_a_batch_of_one() -> None:
     model = combframe.MultiPoseModel(Normed(), "mean", strategy="store", chunk_size=3)
     with pytest.raises(combframe.CombinationError, match=r"runs pose 0 alone.*recompute"):

@@ -147,14 +147,23 @@ def preview(runner: PoseRunner, poses: Poses) -> Tensor | None:
         return first if RngState.capture(runner.device, drawn) is drawn else None
 
 
-def check_independent(runner: PoseRunner, alone: Tensor, together: Tensor) -> None:
-    """Raise if the first chunk's batched predictions differ from one-pose predictions."""
+def check_independent(runner: PoseRunner, alone: Tensor, together: Tensor, count: int) -> None:
+    """Raise if the first chunk's batched predictions differ from one-pose predictions.
+
+    ``together`` holds the batched first chunk's predictions, of which the first
+    ``count`` are compared with ``alone`` (one pose when the model writes buffers: the
+    later poses alone start from the buffers pose 0 left).
+    """
+    whole = together.shape[0]
+    count = min(count, whole)
+    together, alone = together[:count], alone[:count]
     scale = together.abs().clamp_min(1.0)
     tol = max(1e3 * torch.finfo(together.dtype).eps, 1e-9)
     if bool(((alone.to(together.dtype) - together).abs() <= tol * scale).all()):
         return
+    shown = "pose 0" if count == 1 else f"poses 0..{count - 1}"
     raise CombinationError(
-        f"the model's predictions for the batch of poses 0..{together.shape[0] - 1} "
+        f"the model's predictions for {shown} in the batch of poses 0..{whole - 1} "
         f"({together.tolist()[:4]}...) differ from its predictions one pose at a time "
         f"({alone.tolist()[:4]}...): it mixes the poses of a batch. strategy='store' needs "
         "each pose's own gradient and runs poses alone; use strategy='recompute' or "

@@ -77,12 +77,12 @@ class Store(Strategy):
         preds = [chunk.pred.detach()]
         self._store(chunk, buffer, rows)
         del chunk
-        start = 1
+        start, compared = 1, m
         if snapshot is not None:
             mutated = bool(snapshot.changed())
             del snapshot
-            if mutated and first is not None:
-                first = first[:1]  # pose 1 on starts from the buffers pose 0 left
+            if mutated:
+                compared = 1  # pose 1 on starts from the buffers pose 0 left
             verdict, done = self._in_chunks(runner, poses, buffer, preds, mutated, verdict)
             start = m if done else 1
         for i in range(start, m):
@@ -92,7 +92,7 @@ class Store(Strategy):
             preds.append(chunk.pred.detach())
             del chunk  # free before the next pose's graph is built
         if first is not None:
-            check_independent(runner, torch.cat(preds)[: first.shape[0]], first)
+            check_independent(runner, torch.cat(preds), first, compared)
         if chunked:
             self._verdicts.set(runner, verdict)
         source = StoredGradients(targets, buffer, rows.pairs(), runner.used)
