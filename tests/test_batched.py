@@ -192,6 +192,22 @@ def test_no_grad_runs_chunks_without_graphs() -> None:
     torch.testing.assert_close(per_pose, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("training", [False, True])
+def test_a_model_built_under_inference_mode_predicts_there(strategy: str, training: bool) -> None:
+    # Its parameters and buffers are inference tensors, which keep no version counter.
+    with torch.inference_mode():
+        net = Normed().train(training)
+        model = combframe.MultiPoseModel(net, "boltzmann", strategy=strategy, chunk_size=3)
+        poses = tensor_poses(6)
+        want = torch.cat([net(torch.stack(poses[s : s + 3])) for s in (0, 3)])
+        stats = [b.clone() for b in net.buffers()]
+        _, per_pose = model(poses)
+    torch.testing.assert_close(per_pose, want, rtol=1e-12, atol=0)
+    if training:  # each chunk updated the statistics once, as the loop above did
+        assert any(not torch.equal(a, b) for a, b in zip(stats, net.buffers(), strict=True))
+
+
 # ---- default collate -------------------------------------------------------------------
 def test_default_collate_stacks_leaf_by_leaf() -> None:
     poses = [

@@ -25,6 +25,7 @@ from combframe.core.strategies.replay import (
     RngState,
     buffer_copies,
     undo_side_effects,
+    version,
 )
 from combframe.core.strategies.runner import PoseRunner, Poses
 from combframe.errors import CombinationError
@@ -91,7 +92,7 @@ class PerSampleVerdicts:
             (*hooks._global_forward_pre_hooks, -1, *hooks._global_forward_hooks),
             tuple((id(p), p.requires_grad) for m in modules for p in m.parameters(recurse=False)),
             tuple(id(b) for b in buffers),
-        ), tuple(_version(b) for b in buffers)
+        ), tuple(version(b) for b in buffers)
 
     def get(self, runner: PoseRunner) -> tuple[bool, Verdict]:
         """``(known, verdict)`` for the runner's model as it is now."""
@@ -109,14 +110,6 @@ class PerSampleVerdicts:
     def set(self, runner: PoseRunner, verdict: Verdict) -> None:
         """Keep ``verdict`` for the runner's model as it is now."""
         self._known[runner.model] = (self.structure(runner), verdict)
-
-
-def _version(buffer: Tensor) -> int:
-    """Return a buffer's version counter (-1 for an inference tensor, which keeps none)."""
-    try:
-        return int(buffer._version)
-    except RuntimeError:
-        return -1
 
 
 def obstacle(runner: PoseRunner) -> str | None:

@@ -25,6 +25,15 @@ from torch import Tensor
 Modules = Sequence[torch.nn.Module]
 
 
+def version(tensor: Tensor) -> int:
+    """Return a tensor's version counter, moved by every in-place write.
+
+    An inference tensor (made under ``torch.inference_mode``, a model built there) keeps
+    none: -1, so that its writes are seen by value only.
+    """
+    return -1 if tensor.is_inference() else int(tensor._version)
+
+
 def module_buffers(modules: Modules) -> list[Tensor]:
     """Every buffer of ``modules`` (the model and a readout module)."""
     return [b for m in modules for b in m.buffers()]
@@ -46,7 +55,7 @@ class BufferSnapshot:
 
     def __init__(self, buffers: Sequence[Tensor], by_value: bool) -> None:
         self.buffers = list(buffers)
-        self.versions = [b._version for b in self.buffers]
+        self.versions = [version(b) for b in self.buffers]
         self.values: dict[int, Tensor] | None = (
             {k: b.clone() for k, b in enumerate(self.buffers)} if by_value else None
         )
@@ -59,7 +68,7 @@ class BufferSnapshot:
     def changed(self, only: Sequence[int] | None = None) -> set[int]:
         """Return the indices of the buffers written since the snapshot (among ``only``)."""
         keys = range(len(self.buffers)) if only is None else only
-        moved = {k for k in keys if self.buffers[k]._version != self.versions[k]}
+        moved = {k for k in keys if version(self.buffers[k]) != self.versions[k]}
         rest = [k for k in keys if k not in moved and self.values is not None]
         if rest and self.values is not None:
             values = self.values
@@ -114,7 +123,7 @@ class BufferLog:
             self.changed |= snapshot.changed()
         else:
             self.changed |= {
-                k for k, b in enumerate(self.buffers) if b._version != snapshot.versions[k]
+                k for k, b in enumerate(self.buffers) if version(b) != snapshot.versions[k]
             }
 
     def finish(self) -> None:
