@@ -347,6 +347,17 @@ def test_a_parameter_frozen_between_forward_and_backward_gets_no_gradient(
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_recompute_names_a_mode_switch_between_forward_and_backward(chunk: int) -> None:
+    net = torch.nn.Sequential(Plain(), torch.nn.Dropout(0.5)).train()
+    model = combframe.MultiPoseModel(net, "mean", strategy="recompute", chunk_size=chunk)
+    combined, _ = model(row_poses(5))
+    net.eval()  # the re-runs would see no dropout
+    with pytest.raises(combframe.StrategyError, match=r"changed between the forward and the"):
+        combined.backward()
+    assert all(p.grad is None for p in net.parameters())
+
+
 # ---- a pose the combination gives no weight still gets a tensor gradient ---------
 class Energy(torch.nn.Module):
     def __init__(self) -> None:

@@ -154,9 +154,11 @@ def check_independent(runner: PoseRunner, alone: Tensor, together: Tensor, count
     tol = max(1e3 * torch.finfo(together.dtype).eps, 1e-9)
     if bool(((alone.to(together.dtype) - together).abs() <= tol * scale).all()):
         return
-    shown = "pose 0" if count == 1 else f"poses 0..{count - 1}"
+    shown = f"the batch of poses 0..{whole - 1}"
+    if count < whole:
+        shown = ("pose 0" if count == 1 else f"poses 0..{count - 1}") + " in " + shown
     raise CombinationError(
-        f"the model's predictions for {shown} in the batch of poses 0..{whole - 1} "
+        f"the model's predictions for {shown} "
         f"({together.tolist()[:4]}...) differ from its predictions one pose at a time "
         f"({alone.tolist()[:4]}...): it mixes the poses of a batch. strategy='store' needs "
         "each pose's own gradient and runs poses alone; use strategy='recompute' or "

@@ -172,8 +172,11 @@ class _RecomputedGradients(PoseGradients):
             "the model is not deterministic under the restored RNG state and buffers, so "
             "recompute would return the gradients of another function. Likely causes: a "
             "private torch.Generator or another source of randomness that is not the global "
-            "RNG, or state the model changes outside its buffers. Use strategy='store' (no "
-            "re-run), or Recompute(check=False) if the difference is known to be harmless"
+            "RNG, state the model changes outside its buffers, or the model changed between "
+            "the forward and the backward (train()/eval(), a submodule replaced, an "
+            "attribute its forward reads: change it after the backward). Use "
+            "strategy='store' (no re-run), or Recompute(check=False) if the difference is "
+            "known to be harmless"
         )
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
