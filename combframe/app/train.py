@@ -57,7 +57,7 @@ from combframe.app.metrics import (
     rmse,
 )
 from combframe.app.models import DataInfo, build_network
-from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
+from combframe.app.readers import BUILT_IN, is_molecular, read_molecules, skipped_note
 from combframe.app.runs import (
     RunInterruptedError,
     RunResult,
@@ -671,10 +671,7 @@ def _held_out(run: _Run) -> tuple[dict[str, Any], list[str]]:
     for note in (
         baseline_note(test["rmse"], baseline),
         tensorboard_note() if run.config.tensorboard else None,
-        f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
-        f"first: {skipped[0]}"
-        if skipped
-        else None,
+        skipped_note(skipped),
     ):
         if note is not None:
             notes.append(note)
