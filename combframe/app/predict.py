@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor
@@ -179,12 +180,13 @@ def write_csv(
     """Write one row per compound to ``path`` and, if given, one row per pose to ``poses``.
 
     Compound rows: ``index, name, prediction`` (``std`` and ``models`` for an ensemble)
-    and ``target`` when every compound has a value. Pose rows: ``index, name, pose,
-    prediction, weight``.
+    and ``target`` when any compound has a value (empty for one without), written as
+    read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
+    Pose rows: ``index, name, pose, prediction, weight``.
     """
     names = [c.name or "" for c in compounds]
-    targets = [float(c.target) for c in compounds]
-    with_target = all(t == t for t in targets)  # NaN: a compound without a value
+    targets = [_value_text(c.target) for c in compounds]
+    with_target = any(targets)
     header = ["index", "name", "prediction"]
     header += ["std", "models"] if result.models > 1 else []
     header += ["target"] if with_target else []
@@ -205,6 +207,14 @@ def write_csv(
             counts[c] += 1
         header = ["index", "name", "pose", "prediction", "weight"]
         _write_rows(poses, header, pose_rows, result.digits)
+
+
+def _value_text(value: Tensor) -> str:
+    """Return the shortest text that reads back as ``value`` in its dtype; "" for NaN."""
+    number = float(value)
+    if number != number:  # NaN: a compound without a value
+        return ""
+    return repr(number) if value.dtype == torch.float64 else str(np.float32(number))
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list[object]], digits: int) -> None:
