@@ -485,6 +485,14 @@ def test_an_empty_sdf_a_bad_protein_and_an_unknown_name_are_one_line_errors(
     assert "neither a file nor a built-in set (chembl, cmet, posebusters)" in message
 
 
+def _cmet_run(tmp_path: Path, cache: str, *overrides: str) -> Path:
+    """Train SchNet on a few c-Met ligands into ``tmp_path/runs/one``; return that folder."""
+    runs = tmp_path / "runs"
+    args = ["train", "data=cmet", *FAST, cache, "strategy=stream", *overrides]
+    assert main([*args, f"output_dir={runs}", "name=one"]) == 0
+    return runs / "one"
+
+
 def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on(
     tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -492,9 +500,7 @@ def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on
 
     from combframe.app.predict import load
 
-    runs = tmp_path / "runs"
-    args = ["train", "data=cmet", "reader.limit=6", *FAST, cache, "strategy=stream"]
-    assert main([*args, f"output_dir={runs}", "name=one", "dtype=float64"]) == 0
+    runs = _cmet_run(tmp_path, cache, "reader.limit=6", "dtype=float64").parent
     model = load(runs / "one")
     assert isinstance(model.model, SchNetNetwork)
     out = tmp_path / "p.csv"
@@ -706,16 +712,14 @@ def test_predict_notes_skipped_records_and_writes_targets_as_read(
 ) -> None:
     import csv
 
-    runs = tmp_path / "runs"
-    args = ["train", "data=cmet", "reader.limit=4", *FAST, cache, "strategy=stream"]
-    assert main([*args, f"output_dir={runs}", "name=one", "reader.skip_invalid=true"]) == 0
+    run = _cmet_run(tmp_path, cache, "reader.limit=4", "reader.skip_invalid=true")
     path = _cmet(tmp_path, count=3)
     blocks = path.read_text().split("$$$$\n")
     blocks[1] = blocks[1].replace("M  END", "M  END\n9999 garbage", 1).replace("V2000", "V9999")
     path.write_text("$$$$\n".join(blocks))
     capsys.readouterr()
     out = tmp_path / "p.csv"
-    predict = ["predict", str(runs / "one"), f"data={path}", "reader.target=r_exp_dg", "-o"]
+    predict = ["predict", str(run), f"data={path}", "reader.target=r_exp_dg", "-o"]
     assert main([*predict, str(out)]) == 0
     assert "note: reader.skip_invalid left out 1 record(s)" in capsys.readouterr().err
     supplier = Chem.SDMolSupplier(str(RDKIT_DATA / "cmet_ligands.sdf"))

@@ -19,7 +19,8 @@ two rows of one SMILES name, or different molecules under one SDF title.
 SIGINT and SIGTERM during reading are recorded and raised as :class:`ReadInterrupted`
 after the RDKit call they arrived in (RDKit catches SIGINT while embedding and gives up
 on the molecule; :mod:`combframe.app.chem` raises it again), so an interrupt is never
-mistaken for a bad molecule and nothing is cached.
+mistaken for a bad molecule and nothing is cached (a second signal stops at once, as
+:func:`~combframe.app.checkpoint.stop_on_signals` does).
 
 This module imports neither RDKit nor PyTorch Geometric: they are imported when a
 molecular input is read, and their absence is a :class:`DataError` saying how to
@@ -36,10 +37,8 @@ import json
 import math
 import os
 import signal
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from combframe.app.checkpoint import atomic_write
+from combframe.app.checkpoint import StopRequest, atomic_write, stop_on_signals
 from combframe.app.data import Compound, DataError
 
 if TYPE_CHECKING:
@@ -182,44 +181,22 @@ class ReadInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextmanager
-def _signals_recorded() -> Iterator[list[int]]:
-    """Record SIGINT and SIGTERM in the list yielded instead of acting on them at once.
-
-    Outside the main thread (where Python cannot install handlers) nothing is recorded.
-    """
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        got.append(signum)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield got
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 class _Problems:
     """Raise each problem, or count it when ``skip`` (``skip_invalid``).
 
-    ``signals`` holds the signals received while reading; :meth:`check` (called by
+    ``stop`` holds the signal received while reading; :meth:`check` (called by
     :meth:`report` first, so an interrupted RDKit call is not blamed on the data, and
-    after every compound) raises :class:`ReadInterrupted` for the first.
+    after every compound) raises :class:`ReadInterrupted` for it.
     """
 
-    def __init__(self, skip: bool, signals: list[int] | None = None) -> None:
+    def __init__(self, skip: bool, stop: StopRequest | None = None) -> None:
         self.skip = skip
         self.lines: list[str] = []
-        self.signals = signals if signals is not None else []
+        self.stop = stop if stop is not None else StopRequest()
 
     def check(self) -> None:
-        if self.signals:
-            raise ReadInterrupted(self.signals[0])
+        if self.stop.signum:
+            raise ReadInterrupted(self.stop.signum)
 
     def report(self, where: str, problem: str) -> None:
         self.check()
@@ -825,8 +802,8 @@ def read_molecules(
         On SIGINT or SIGTERM while reading (nothing is cached).
     """
     label = f"built-in {source}" if source in BUILT_IN else source
-    with _signals_recorded() as signals:  # from the imports to the last record
-        problems = _Problems(opts.skip_invalid, signals)
+    with stop_on_signals() as stop:  # from the imports to the last record
+        problems = _Problems(opts.skip_invalid, stop)
         require_chem()
         key = _cache_key(source, opts, _inputs(source, opts), values)
         path = cache_dir(opts) / f"{key}.pt"
