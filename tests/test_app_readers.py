@@ -661,7 +661,7 @@ def test_ctrl_c_that_rdkit_catches_while_embedding_is_raised_again(
     timer = threading.Timer(0.3, os.kill, (os.getpid(), 2))
     timer.start()
     try:
-        with pytest.raises(readers.ReadInterrupted) as info:
+        with pytest.raises(readers.ReadInterruptedError) as info:
             readers.read_molecules(str(smi), opts, torch.float32, values=False)
     finally:
         timer.cancel()

@@ -16,7 +16,7 @@ be used stops the read with one line naming the file, the record and the compoun
 with ``skip_invalid`` is counted. So do conflicting entries: two values for one name,
 two rows of one SMILES name, or different molecules under one SDF title.
 
-SIGINT and SIGTERM during reading are recorded and raised as :class:`ReadInterrupted`
+SIGINT and SIGTERM during reading are recorded and raised as :class:`ReadInterruptedError`
 after the RDKit call they arrived in (RDKit catches SIGINT while embedding and gives up
 on the molecule; :mod:`combframe.app.chem` raises it again), so an interrupt is never
 mistaken for a bad molecule and nothing is cached (a second signal stops at once, as
@@ -50,6 +50,7 @@ from torch import Tensor
 
 from combframe.app.checkpoint import StopRequest, atomic_write, stop_on_signals
 from combframe.app.data import Compound, DataError
+from combframe.errors import CombframeError
 
 if TYPE_CHECKING:
     from combframe.app.chem import Atoms, SdfRecord
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILT_IN",
     "MoleculeSet",
-    "ReadInterrupted",
+    "ReadInterruptedError",
     "import_quietly",
     "is_molecular",
     "read_molecules",
@@ -166,8 +167,10 @@ def skipped_note(skipped: Sequence[str]) -> str | None:
     )
 
 
-class ReadInterrupted(KeyboardInterrupt):
+class ReadInterruptedError(CombframeError, KeyboardInterrupt):
     """SIGINT or SIGTERM arrived while molecules were read; nothing was cached.
+
+    A :class:`KeyboardInterrupt` (what Ctrl-C raises) that says which signal came.
 
     Attributes
     ----------
@@ -186,7 +189,7 @@ class _Problems:
 
     ``stop`` holds the signal received while reading; :meth:`check` (called by
     :meth:`report` first, so an interrupted RDKit call is not blamed on the data, and
-    after every compound) raises :class:`ReadInterrupted` for it.
+    after every compound) raises :class:`ReadInterruptedError` for it.
     """
 
     def __init__(self, skip: bool, stop: StopRequest | None = None) -> None:
@@ -196,7 +199,7 @@ class _Problems:
 
     def check(self) -> None:
         if self.stop.signum:
-            raise ReadInterrupted(self.stop.signum)
+            raise ReadInterruptedError(self.stop.signum)
 
     def report(self, where: str, problem: str) -> None:
         self.check()
@@ -798,7 +801,7 @@ def read_molecules(
         unreadable record, a molecule RDKit rejects, a compound without a value or with
         conflicting entries (unless ``opts.skip_invalid``), fewer than two compounds, or
         missing RDKit.
-    ReadInterrupted
+    ReadInterruptedError
         On SIGINT or SIGTERM while reading (nothing is cached).
     """
     label = f"built-in {source}" if source in BUILT_IN else source
