@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import typing
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, runtime_checkable
 
 import torch
@@ -22,7 +22,13 @@ from torch import Tensor
 from typing_extensions import TypeVar
 
 from combframe.core.gradients import PoseGradients
-from combframe.errors import CombinationError
+from combframe.core.settings import (
+    check_saved,
+    checked_learn,
+    constrain,
+    normalize_name,
+    unconstrain,
+)
 
 __all__ = [
     "Combination",
@@ -120,7 +126,12 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     Params
         The parameter model, taken from the brackets.
     params
-        This instance's validated parameters.
+        This instance's parameters; a learned one is the current value as a 0-d tensor
+        that carries its gradient (see :attr:`learn`).
+    learn
+        The names of the parameters learned (given as ``learn=[...]``); each is an
+        ``nn.Parameter`` named ``raw_<field>`` under a parametrization that keeps the
+        field's bounds (see :func:`combframe.core.learned.learnable_fields`).
     """
 
     name: ClassVar[str]
@@ -128,7 +139,6 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     deprecated_aliases: ClassVar[tuple[str, ...]] = ()
     mtenn_fields: ClassVar[Mapping[str, str]] = {}
     Params: ClassVar[type[CombinationParams]] = CombinationParams
-    params: P
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -148,8 +158,12 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
                 ]
             )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Validate the parameters (positional in ``Params`` field order, or by keyword)."""
+    def __init__(self, *args: Any, learn: Iterable[str] = (), **kwargs: Any) -> None:
+        """Validate the parameters (positional in ``Params`` field order, or by keyword).
+
+        ``learn`` names the parameters to learn (``learn=["kT"]``): each becomes an
+        ``nn.Parameter`` started at the given value.
+        """
         super().__init__()
         fields = list(self.Params.model_fields)
         if len(args) > len(fields):
@@ -161,21 +175,53 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             if field in kwargs:
                 raise TypeError(f"{type(self).__name__} got parameter {field!r} twice")
             kwargs[field] = arg
-        object.__setattr__(self, "params", self.Params(**kwargs))
+        object.__setattr__(self, "_settings", self.Params(**kwargs))
+        object.__setattr__(self, "_learned", checked_learn(self.name, self.Params, learn))
+        for field in self.learn:
+            start = getattr(self.__dict__["_settings"], field)
+            raw = unconstrain(self.Params.model_fields[field], field, start)
+            self.register_parameter(f"raw_{field}", torch.nn.Parameter(torch.tensor(raw)))
+
+    @property
+    def params(self) -> P:
+        """The parameters; a learned one is its current value, a 0-d tensor with a graph."""
+        settings: P = self.__dict__["_settings"]
+        fields, raw = self.Params.model_fields, self.__getattr__
+        values = {f: constrain(fields[f], raw(f"raw_{f}")) for f in self.learn}
+        return settings.model_copy(update=values) if values else settings  # tensors unvalidated
+
+    @property
+    def learn(self) -> tuple[str, ...]:
+        """The names of the learned parameters, in ``Params`` field order."""
+        return tuple(self.__dict__["_learned"])
+
+    def settings(self) -> P:
+        """Return the parameters as plain values, a learned one read now (a device sync).
+
+        What :meth:`to_config`, the state_dict's combination state and the repr show.
+        """
+        with torch.no_grad():
+            values = {f: float(getattr(self.params, f)) for f in self.learn}
+        settings: P = self.__dict__["_settings"]
+        return settings.model_copy(update=values) if values else settings
 
     def __getattr__(self, item: str) -> Any:
         """Read a parameter as an attribute (``comb.pred_scale``)."""
-        params = self.__dict__.get("params")
-        if params is not None and item in type(params).model_fields:
-            return getattr(params, item)
+        if "_settings" in self.__dict__ and item in self.Params.model_fields:
+            return getattr(self.params, item)
         return super().__getattr__(item)
 
     def __setattr__(self, key: str, value: Any) -> None:
-        """Assign a parameter as an attribute; the new value is validated."""
-        if key in type(self).Params.model_fields and "params" in self.__dict__:
-            new = self.params.model_dump()
+        """Assign a parameter (a learned one's ``nn.Parameter`` too), validated first."""
+        if key in type(self).Params.model_fields and "_settings" in self.__dict__:
+            new = dict(self.settings())
             new[key] = value
-            object.__setattr__(self, "params", self.Params(**new))
+            settings = self.Params(**new)
+            if key in self.learn:
+                raw = unconstrain(self.Params.model_fields[key], key, getattr(settings, key))
+                with torch.no_grad():
+                    self.__getattr__(f"raw_{key}").fill_(raw)
+            object.__setattr__(self, "_settings", settings)
             return
         super().__setattr__(key, value)
 
@@ -184,8 +230,9 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         return tuple(getattr(self.params, f) for f in type(self.params).model_fields)
 
     def to_config(self) -> dict[str, Any]:
-        """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
-        return {"name": self.name, **self.params.model_dump()}
+        """Return ``{"name": ..., <params>}`` (and ``"learn"``); learned values as now."""
+        learn = {"learn": list(self.learn)} if self.learn else {}
+        return {"name": self.name, **self.settings().model_dump(), **learn}
 
     # ---- the settings in a state_dict ---------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -194,56 +241,24 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         Plain dicts, strings and numbers (the JSON form of the parameters), so a
         checkpoint loads with ``torch.load(..., weights_only=True)``.
         """
-        return {"name": self.name, "params": self.params.model_dump(mode="json")}
+        state = {"name": self.name, "params": self.settings().model_dump(mode="json")}
+        return {**state, "learn": list(self.learn)} if self.learn else state
 
     def set_extra_state(self, state: Any) -> None:
         """Check a ``state_dict``'s combination against this one; raise if they differ.
 
-        Loading a state_dict does not change a combination's settings: the model must be
-        built with the combination it was saved with, so a difference is an error (the
-        weights were trained for the saved settings).
+        Loading does not change the settings (the weights were trained for the saved
+        ones), so the model must be built with them; learned values load as weights.
 
         Raises
         ------
         CombinationError
-            If the saved name or a saved parameter differs from this combination's, or
-            the saved state is not what :meth:`get_extra_state` writes. The message names
-            the field, the saved value and the current one.
+            If the name, a parameter or the learned ones differ, or the state is not what
+            :meth:`get_extra_state` writes; the message names the field and both values.
         """
-        if not (
-            isinstance(state, Mapping)
-            and isinstance(state.get("name"), str)
-            and isinstance(state.get("params"), Mapping)
-        ):
-            raise CombinationError(
-                f"the state_dict's combination state {state!r} is not a mapping "
-                "{'name': str, 'params': {...}} as Combination.get_extra_state writes it"
-            )
-        saved = {"name": state["name"], **state["params"]}
-        build = (
-            f"build the model with the saved combination, MultiPoseModel(model, {saved!r}), "
-            "and load again"
-        )
-        if normalize_name(state["name"]) not in {
-            normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)
-        }:
-            raise CombinationError(
-                f"the state_dict was saved with combination {state['name']!r}, but this "
-                f"model's combination is {self.name!r}; {build}"
-            )
-        current = self.params.model_dump(mode="json")
-        for field, value in state["params"].items():
-            if field not in current:
-                raise CombinationError(
-                    f"the state_dict's combination {self.name!r} has parameter {field!r} "
-                    f"(= {value!r}), which this version of {type(self).__name__} does not "
-                    f"know (it has {sorted(current)}); {build}"
-                )
-            if current[field] != value:
-                raise CombinationError(
-                    f"the state_dict was saved with {self.name}'s {field}={value!r}, but "
-                    f"this model's combination has {field}={current[field]!r}; {build}"
-                )
+        names = {normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)}
+        current = self.settings().model_dump(mode="json")
+        check_saved(state, self.name, names, type(self).__name__, current, self.learn)
 
     def _load_from_state_dict(
         self,
@@ -268,8 +283,9 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             missing_keys.remove(key)
 
     def extra_repr(self) -> str:
-        """Show the parameters in the module's repr."""
-        return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        """Show the parameters (a learned one's current value) in the module's repr."""
+        shown = [f"{k}={v!r}" for k, v in self.settings().model_dump().items()]
+        return ", ".join(shown + ([f"learn={list(self.learn)!r}"] if self.learn else []))
 
     # ---- the math a plugin supplies -----------------------------------------------
     @abstractmethod
@@ -355,15 +371,6 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
                 "imported; import combframe.registry first, or use combframe's public API"
             )
         return _mtenn_call(self, pred_list, grad_dict, param_names, *model_params)
-
-
-def normalize_name(name: str) -> str:
-    """Case-fold a combination name and treat ``-`` and ``_`` alike.
-
-    >>> normalize_name(" Smooth-Max ")
-    'smooth_max'
-    """
-    return name.strip().lower().replace("-", "_")
 
 
 _resolver: Callable[[Any], Combination] | None = None

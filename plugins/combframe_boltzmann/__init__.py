@@ -60,7 +60,7 @@ class BoltzmannCombination(combframe.Combination[BoltzmannParams]):
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         beta = 1.0 / self.params.kT
-        return torch.stack([1.0 + beta * (combined - center), torch.full_like(combined, -beta)])
+        return torch.stack([1.0 + beta * (combined - center), torch.zeros_like(combined) - beta])
 
 
 BoltzmannCombinationFunc = mtenn_function(BoltzmannCombination)
