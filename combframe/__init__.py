@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from combframe.core.combination import Combination, CombinationParams, StreamingCombination
     from combframe.core.model import MultiPoseModel
     from combframe.core.strategies import Recompute, Store, Stream
+    from combframe.core.weights import pose_weights
     from combframe.errors import (
         CombframeError,
         CombframeWarning,
@@ -71,6 +72,7 @@ __all__ = [
     "list_combinations",
     "migrate_mtenn_config",
     "plugin_errors",
+    "pose_weights",
     "register_plugin",
     "reload_registry",
 ]
@@ -83,6 +85,7 @@ _HOMES = {
     "CompoundPredictions": "combframe.core.batch",
     "default_collate": "combframe.core.batch",
     "MultiPoseModel": "combframe.core.model",
+    "pose_weights": "combframe.core.weights",
     "Recompute": "combframe.core.strategies",
     "Store": "combframe.core.strategies",
     "Stream": "combframe.core.strategies",

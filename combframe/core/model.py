@@ -14,6 +14,7 @@ from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
 from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy
 from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
+from combframe.core.weights import pose_weights
 from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
@@ -204,6 +205,12 @@ class MultiPoseModel(torch.nn.Module):
                 f"compounds {empty[:10]} have no poses: each compound needs at least one pose"
             )
         return self._run(batch)
+
+    def pose_weights(
+        self, per_pose: Tensor, index: Tensor | None = None, *, create_graph: bool = False
+    ) -> Tensor:
+        """Return each pose's weight in its compound's value (:func:`combframe.pose_weights`)."""
+        return pose_weights(self.combination, per_pose, index, create_graph=create_graph)
 
     def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
         """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
