@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from combframe.errors import CombframeError
+
 __all__ = [
     "CHECKPOINT",
     "STATUS",
@@ -42,7 +44,7 @@ CHECKPOINT = "checkpoint.pt"
 STATUS = "status.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CombframeError, ValueError):
     """A checkpoint or run folder that cannot be resumed; the message says why."""
 
 

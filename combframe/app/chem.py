@@ -20,6 +20,8 @@ from rdkit.Chem import AllChem as _AllChem
 from rdkit.Chem import Crippen as _Crippen
 from rdkit.Chem import rdFingerprintGenerator
 
+from combframe.errors import CombframeError
+
 # RDKit's bundled stubs leave out many functions these modules export.
 AllChem: Any = _AllChem
 Crippen: Any = _Crippen
@@ -40,7 +42,7 @@ __all__ = [
 RDLogger.DisableLog("rdApp.*")  # type: ignore[attr-defined]  # absent from the stubs  # rejections are reported as DataError lines instead
 
 
-class ChemError(ValueError):
+class ChemError(CombframeError, ValueError):
     """A molecule RDKit cannot use; the message says what is wrong with it."""
 
 

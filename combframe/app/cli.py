@@ -1,4 +1,4 @@
-"""The ``combframe`` command line: ``train``, ``list``, ``check`` and ``schema``.
+"""The ``combframe`` command line: ``train``, ``predict``, ``list``, ``check`` and ``schema``.
 
 Run ``combframe --help`` or ``combframe <command> --help``; ``docs/cli.md`` describes
 every command. Usage errors (a bad config, an unknown combination, a malformed
@@ -7,7 +7,9 @@ diverged training run exit 1; a closed standard output (``combframe check max | 
 -1``) ends quietly with status 141, as a process ended by SIGPIPE.
 
 Importing this module, ``--help`` and ``--version`` load neither torch nor the library:
-each command imports what it needs when it runs.
+each command imports what it needs when it runs. ``train`` lives in
+:mod:`combframe.app.cli_train`; what every command shares (exit statuses, usage errors,
+printing) in :mod:`combframe.app.console`.
 """
 
 from __future__ import annotations
@@ -23,24 +25,19 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from combframe.app.cli_train import cmd_train
+from combframe.app.console import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    count,
+    describe,
+    say,
+)
+
 __all__ = ["main"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-#: A closed standard output: 128 + SIGPIPE, what a shell reports for ``yes | head -1``.
-EXIT_BROKEN_PIPE = 141
-
-
-class UsageError(Exception):
-    """Bad input from the command line; printed as one line, exit status 2.
-
-    ``prog`` is the command the message is about, when the parser knows it.
-    """
-
-    def __init__(self, message: str, prog: str | None = None) -> None:
-        super().__init__(message)
-        self.prog = prog
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,227 +53,6 @@ class _Parser(argparse.ArgumentParser):
         if self.help_epilog is not None and self.epilog is None:
             self.epilog = self.help_epilog()
         return super().format_help()
-
-
-def _rank() -> tuple[int, int]:
-    """Return this process's rank and the number of processes, as ``torchrun`` sets them."""
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return (int(rank) if rank.isdigit() else 0), (int(world) if world.isdigit() else 1)
-
-
-def _say(message: str, *, every_rank: bool = False) -> None:
-    """Print ``message`` on stderr: on rank 0 only, or on every rank with its number."""
-    rank, world = _rank()
-    if world > 1 and every_rank:
-        print(f"[rank {rank}] {message}", file=sys.stderr)
-    elif rank == 0:
-        print(message, file=sys.stderr)
-
-
-# ---- train --------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _describe(combination: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v!r}" for k, v in combination.items() if k != "name")
-    return f"{combination['name']}({params})"
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from combframe.app import distributed
-    from combframe.app.checkpoint import CheckpointError
-    from combframe.app.config import ConfigError, load_config
-    from combframe.app.runs import RunInterruptedError, RunWriteError
-    from combframe.app.train import TrainingDivergedError, check_config
-
-    ranks = distributed.from_environment()
-    try:
-        if args.resume is not None:
-            results, folder = _resume(args, ranks)
-        else:
-            config = load_config(args.config, args.overrides)
-            device = check_config(config, ranks)
-            variants = _variants(args, config)
-            results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
-    except (ConfigError, CheckpointError) as exc:
-        raise UsageError(str(exc)) from None
-    except TrainingDivergedError as exc:
-        _say(f"combframe train: {exc}", every_rank=not exc.same_on_every_rank)
-        return EXIT_FAILED
-    except RunInterruptedError as exc:
-        _say(f"combframe train: {exc}")
-        return 128 + exc.signum
-    except RunWriteError as exc:
-        if ranks.main:
-            _report([exc.result], None)
-        _say(f"combframe train: error: {exc}")
-        return EXIT_FAILED
-    if ranks.main:
-        _report(results, folder)
-    return EXIT_OK
-
-
-def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | None:
-    """Return ``--compare``'s key and values, or ``--seeds`` as a comparison of seeds."""
-    from combframe.app.train import parse_compare
-
-    if args.seeds is not None and args.compare is not None:
-        raise UsageError("--seeds and --compare cannot be combined; give one of them")
-    if args.seeds is not None:
-        return "seed", [str(config.seed + i) for i in range(args.seeds)]
-    if args.compare is None:
-        return None
-    if len(args.compare) > 1:
-        raise UsageError(
-            f"--compare is given {len(args.compare)} times ({', '.join(args.compare)}); give "
-            "it once, with one key and its values (epochs=1,2,3)"
-        )
-    key, values = parse_compare(args.compare[0])
-    for item in args.overrides:
-        other = item.partition("=")[0].strip()
-        if other == key or other.startswith(f"{key}.") or key.startswith(f"{other}."):
-            raise UsageError(
-                f"--compare varies {key}, and the override {item!r} sets it too; give its "
-                f"values in --compare only (--compare {key}=V1,V2,...)"
-            )
-    return key, values
-
-
-def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
-    """Continue the run folder ``--resume RUN`` from its checkpoint."""
-    from pathlib import Path
-
-    from combframe.app import distributed
-    from combframe.app.train import check_config, resume
-
-    if args.overrides or args.config or args.compare or args.seeds:
-        raise UsageError(
-            "--resume continues a run with its own config; give no --config, --compare, "
-            "--seeds or KEY=VALUE with it"
-        )
-    folder = Path(args.resume)
-    from combframe.app.checkpoint import load_checkpoint
-    from combframe.app.config import TrainConfig
-
-    config = TrainConfig.model_validate(load_checkpoint(folder)["config"])
-    device = check_config(config, ranks)
-    with distributed.process_group(ranks, device) as joined:
-        result = resume(folder, progress=not args.no_progress, ranks=joined)
-    return [result], result.run_dir
-
-
-def _train_runs(
-    config: Any, variants: tuple[str, list[str]] | None, device: Any, ranks: Any, progress: bool
-) -> tuple[list[Any], Any]:
-    """Train once, or once per ``--compare`` value, in the process group under torchrun."""
-    from combframe.app import distributed
-    from combframe.app.train import compare, load_data, train
-
-    if variants is None:
-        data = load_data(config)  # a bad compounds file is refused before the group forms
-        with distributed.process_group(ranks, device) as joined:
-            result = train(config, progress=progress, data=data, ranks=joined)
-        return [result], result.run_dir
-    key, values = variants
-    with distributed.process_group(ranks, device) as joined:
-        return compare(config, values, key=key, progress=progress, ranks=joined)
-
-
-def _report(results: Sequence[Any], folder: Any) -> None:
-    from combframe.app.memory import format_bytes
-
-    if len(results) == 1:
-        m = results[0].metrics
-        test = m["test"]
-        unit = " kcal/mol" if m["data"]["source"] == "built-in" else ""
-        processes = f" ({m['processes']} processes)" if m["processes"] > 1 else ""
-        print(f"combination  {_describe(m['combination'])}")
-        print(f"strategy     {m['strategy']} on {m['device']}{processes}")
-        print(
-            f"held-out     RMSE {_fmt(test['rmse'])}{unit}   MAE {_fmt(test['mae'])}"
-            f"   Pearson {_fmt(test['pearson'])}   Spearman {_fmt(test['spearman'])}"
-            f"   Kendall {_fmt(test['kendall'])}   ({_count(test['compounds'], 'compound')})"
-        )
-        print(f"95% CI       {_intervals(test)}")
-        print(f"time/epoch   {_fmt(m['time_per_epoch_s'], '.2f')} s")
-        rss = m["process_peak_rss_mb"]
-        rss_text = f"; process peak RSS {rss:.0f} MiB" if rss is not None else ""
-        print(
-            f"peak memory  {format_bytes(m['peak_memory_bytes'])}: {m['peak_memory_kind']}"
-            f"{rss_text}"
-        )
-    else:
-        _print_table(results)
-    for r in results:
-        label = r.label
-        if label.startswith("combination.name="):
-            label = _describe(r.combination)
-        label = f"{label}: " if label else ""
-        for note in r.notes:
-            print(f"note: {label}{note}", file=sys.stderr)
-    if folder is not None:
-        print(f"run folder   {folder}")
-
-
-def _intervals(test: dict[str, Any]) -> str:
-    """Return the bootstrap 95% intervals of the held-out metrics, on one line."""
-    names = {"rmse": "RMSE", "mae": "MAE", "pearson": "Pearson", "spearman": "Spearman"}
-    names["kendall"] = "Kendall"
-    cells = []
-    for key, label in names.items():
-        ci = test.get("ci95", {}).get(key)
-        span = "n/a" if ci is None or test[key] is None else f"{_fmt(ci[0])} to {_fmt(ci[1])}"
-        cells.append(f"{label} {span}")
-    return "   ".join(cells)
-
-
-def _print_table(results: Sequence[Any]) -> None:
-    from combframe.app.memory import format_bytes
-
-    by_name = all(r.label.startswith("combination.name=") for r in results)
-    validated = all(r.metrics.get("validation") for r in results)
-    rows = [
-        (
-            _describe(r.metrics["combination"]) if by_name else r.label,
-            *([_fmt(r.metrics["validation"]["best_rmse"])] if validated else []),
-            _fmt(r.metrics["test"]["rmse"]),
-            _fmt(r.metrics["test"]["pearson"]),
-            _fmt(r.metrics["test"]["spearman"]),
-            _fmt(r.metrics["time_per_epoch_s"], ".2f"),
-            format_bytes(r.metrics["peak_memory_bytes"]),
-        )
-        for r in results
-    ]
-    # Chosen on validation, as printed, so that runs tying at three decimals share the *.
-    printed = [float(row[1]) if validated and row[1] != "n/a" else math.inf for row in rows]
-    first = "combination" if by_name else "run"
-    header = (first, *(["val RMSE"] if validated else []), "RMSE", "Pearson", "Spearman")
-    header += ("s/epoch", "step memory")
-    widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            v.ljust(w) if c == 0 else v.rjust(w)
-            for c, (v, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    print(f"  {line(header)}")
-    for i, row in enumerate(rows):
-        chosen = validated and printed[i] == min(printed)
-        print(f"{'*' if chosen else ' '} {line(row)}")
-    print("held-out metrics of compound-level predictions (each measured once, never chosen on)")
-    if validated:
-        print("* lowest validation RMSE (best epoch): the run chosen on validation")
-    else:
-        print("no run is chosen: set val_fraction (e.g. val_fraction=0.2) to choose on validation")
-    print(f"step memory: {results[0].metrics['peak_memory_kind']}")
 
 
 # ---- predict ------------------------------------------------------------------------
@@ -306,19 +82,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     poses = Path(args.poses) if args.poses else None
     write_csv(output, data.train, result, poses=poses)
     ensemble = f" (mean and std of {result.models} models)" if result.models > 1 else ""
-    print(f"predictions  {_count(len(data.train), 'compound')}{ensemble} -> {output}")
+    print(f"predictions  {count(len(data.train), 'compound')}{ensemble} -> {output}")
     if poses is not None:
-        print(
-            f"poses        {_count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}"
-        )
+        print(f"poses        {count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}")
     return EXIT_OK
 
 
 def _predict_data(folder: Any, overrides: Sequence[str]) -> Any:
     """Load the compounds to predict with the run's config and ``data=...`` overrides."""
     from combframe.app.config import SYNTHETIC_KEYS, ConfigError, TrainConfig, apply_overrides
+    from combframe.app.loading import load_data
     from combframe.app.saved import read_model
-    from combframe.app.train import load_data
 
     allowed = (*_PREDICT_KEYS, *SYNTHETIC_KEYS)
     for item in overrides:
@@ -413,6 +187,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 # ---- check --------------------------------------------------------------------------
 
 
+def _within(value: float, minimum: float, above: bool) -> bool:
+    """Whether ``value`` is finite and at least ``minimum`` (above it, with ``above``)."""
+    return math.isfinite(value) and (value > minimum if above else value >= minimum)
+
+
+def _rule(minimum: float, above: bool) -> str:
+    return f"a finite number > {minimum:g}" if above else f"at least {minimum:g}"
+
+
 def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
     """Return an argparse type: comma-separated integers, each at least ``minimum``."""
 
@@ -425,35 +208,34 @@ def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
             ) from None
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
-        if min(values) < minimum:
+        if not all(_within(v, minimum, False) for v in values):
             raise argparse.ArgumentTypeError(
-                f"every value must be at least {minimum}; got {text!r}"
+                f"every value must be {_rule(minimum, False)}; got {text!r}"
             )
         return values
 
     return parse
 
 
-def _number(kind: type[float] | type[int], bound: str) -> Callable[[str], Any]:
-    """Return an argparse type: a finite ``kind`` within ``bound`` (``"> 0"``, ``">= 0"``)."""
+def _number(kind: type[float] | type[int], minimum: float, above: bool) -> Callable[[str], Any]:
+    """Return an argparse type: a finite ``kind``, at least ``minimum`` (above, ``above``)."""
     noun = "a number" if kind is float else "an integer"
-    rule = "a finite number > 0" if bound == "> 0" else "at least 0"
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-        if not (math.isfinite(value) and (value > 0 if bound == "> 0" else value >= 0)):
-            raise argparse.ArgumentTypeError(f"must be {rule}; got {text!r}")
+        if not _within(value, minimum, above):
+            raise argparse.ArgumentTypeError(f"must be {_rule(minimum, above)}; got {text!r}")
         return value
 
     return parse
 
 
-_positive_float = _number(float, "> 0")
-_positive_int = _number(int, "> 0")
-_non_negative_int = _number(int, ">= 0")
+_positive_float = _number(float, 0, above=True)
+_positive_int = _number(int, 0, above=True)
+_non_negative_int = _number(int, 0, above=False)
 
 
 def _parity_harness() -> Callable[..., Any]:
@@ -497,7 +279,7 @@ def _checked_combination(name: str | None, params: dict[str, Any]) -> Any:
 def _cmd_check(args: argparse.Namespace) -> int:
     combination = _checked_combination(args.name, _check_params(args.params))
     print(
-        f"check {_describe(combination.to_config())}: float64 gradients against the "
+        f"check {describe(combination.to_config())}: float64 gradients against the "
         "full-graph reference"
     )
     print(f"  poses N in {list(args.poses)}, seeds {list(args.seeds)}, rtol {args.rtol:g}")
@@ -607,7 +389,7 @@ def _add_train(sub: Any) -> None:
         help="config overrides, in any order, e.g. epochs=3 combination.name=boltzmann "
         "combination.kT=0.6 (the keys are listed below)",
     )
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=cmd_train)
 
 
 def _add_predict(sub: Any) -> None:
@@ -696,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    """Return the installed version (``combframe.__version__``) without loading the library.
+
+    ``combframe --version`` imports nothing of the library (its ``__init__`` included).
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -756,17 +542,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
     except UsageError as exc:
-        _say(f"{exc.prog or _command(state)}: error: {exc}")
+        say(f"{exc.prog or _command(state)}: error: {exc}")
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        _say("combframe: interrupted", every_rank=True)
+        say("combframe: interrupted", every_rank=True)
         return 130
     except Exception as exc:
         if getattr(state.get("args"), "traceback", False):
             traceback.print_exc()
-        _say(
+        say(
             f"{_command(state)}: error: {type(exc).__name__}: {exc} "
             "(rerun with --traceback for details)",
             every_rank=True,

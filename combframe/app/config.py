@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from combframe.errors import CombframeError
+
 if TYPE_CHECKING:
     from pydantic import GetCoreSchemaHandler
     from pydantic_core import CoreSchema
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(CombframeError, ValueError):
     """A training configuration that cannot be used; the message names the field."""
 
 
@@ -345,9 +347,10 @@ def _parameter_names(data: Mapping[str, Any] | None) -> list[str]:
     if not isinstance(name, str):
         return []
     import combframe
+    from combframe.registry import normalize_name
 
     for info in combframe.describe_combinations():
-        if name.strip().lower().replace("-", "_") in (info.name, *info.aliases):
+        if normalize_name(name) in (info.name, *info.aliases):
             return [p.name for p in info.parameters]
     return []
 
@@ -459,8 +462,10 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[tuple[str, ...], Any]:
 
 
 def _same_name(a: Any, b: Any) -> bool:
+    from combframe.registry import normalize_name
+
     def norm(x: Any) -> Any:
-        return x.strip().lower().replace("-", "_") if isinstance(x, str) else x
+        return normalize_name(x) if isinstance(x, str) else x
 
     return bool(norm(a) == norm(b))
 

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from combframe.errors import CombframeError
+
 __all__ = [
     "Compound",
     "DataError",
-    "SyntheticDataset",
+    "Dataset",
     "load_compounds",
     "make_dataset",
     "split_compounds",
@@ -91,20 +93,29 @@ def _pose_to(pose: Any, device: torch.device | str, dtype: torch.dtype | None) -
 
 
 @dataclass(frozen=True)
-class SyntheticDataset:
-    """Compounds split into a training and a held-out part.
+class Dataset:
+    """The compounds of a run, split, and where they come from.
 
     Attributes
     ----------
     train, test
-        The two splits; ``test`` is never seen during training.
+        The two splits; ``test`` is never trained on.
     features
-        Number of features F of a pose.
+        Features of a pose (0 for molecules).
+    source
+        ``"built-in"``, the path of the compounds file or ``"built-in <name>"``.
+    kind
+        ``"vectors"`` (poses are feature rows) or ``"molecules"`` (PyG ``Data``).
+    skipped
+        What ``reader.skip_invalid`` left out, one line each.
     """
 
     train: tuple[Compound, ...]
     test: tuple[Compound, ...]
     features: int
+    source: str = "built-in"
+    kind: str = "vectors"
+    skipped: tuple[str, ...] = ()
 
 
 def _teacher(features: int, hidden: int, gen: torch.Generator) -> torch.nn.Module:
@@ -162,7 +173,7 @@ def make_dataset(
     test_fraction: float = 0.25,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> SyntheticDataset:
+) -> Dataset:
     r"""Generate the synthetic dataset described in the module docstring.
 
     Parameters
@@ -186,7 +197,7 @@ def make_dataset(
 
     Returns
     -------
-    SyntheticDataset
+    Dataset
         The two splits.
 
     Raises
@@ -207,7 +218,7 @@ def make_dataset(
         )
         for c in range(n_compounds)
     )
-    return SyntheticDataset(train=compounds[n_test:], test=compounds[:n_test], features=features)
+    return Dataset(train=compounds[n_test:], test=compounds[:n_test], features=features)
 
 
 def _n_test(test_fraction: float, n_compounds: int) -> int:
@@ -218,7 +229,7 @@ def _n_test(test_fraction: float, n_compounds: int) -> int:
 # ---- a user's compounds -------------------------------------------------------------
 
 
-class DataError(ValueError):
+class DataError(CombframeError, ValueError):
     """A compounds file that cannot be used; the message names the compound and problem."""
 
 

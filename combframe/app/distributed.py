@@ -9,7 +9,6 @@ computes the same numbers as one process would; only rank 0 writes and prints.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,14 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from combframe.app.torchrun import environment_ranks
+
 __all__ = ["Ranks", "from_environment", "process_group"]
 
 T = TypeVar("T")
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "")
-    return int(text) if text.strip().isdigit() else default
 
 
 @dataclass
@@ -96,8 +92,8 @@ class Ranks:
 
 def from_environment() -> Ranks:
     """Return the ranks ``torchrun`` set in the environment; rank 0 of 1 without it."""
-    world = max(1, _env_int("WORLD_SIZE", 1))
-    return Ranks(rank=_env_int("RANK", 0), world=world, local_rank=_env_int("LOCAL_RANK", 0))
+    rank, world, local_rank = environment_ranks()
+    return Ranks(rank=rank, world=world, local_rank=local_rank)
 
 
 @contextmanager

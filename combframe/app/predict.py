@@ -30,11 +30,11 @@ from pydantic import ValidationError
 from torch import Tensor
 
 import combframe
+from combframe.app.building import build_model
 from combframe.app.checkpoint import CheckpointError, atomic_write
 from combframe.app.config import TrainConfig, format_validation_error
 from combframe.app.data import Compound
 from combframe.app.saved import read_model
-from combframe.app.train import build_model
 
 __all__ = ["Predictions", "load", "predict", "run_folders", "write_csv"]
 

@@ -25,6 +25,7 @@ from typing import Any
 from combframe.app.checkpoint import atomic_write, write_status
 from combframe.app.config import ConfigError, TrainConfig
 from combframe.app.distributed import Ranks
+from combframe.errors import CombframeError
 
 __all__ = [
     "RunInterruptedError",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-class RunInterruptedError(Exception):
+class RunInterruptedError(CombframeError):
     """A run stopped by SIGTERM or SIGINT after writing its checkpoint.
 
     Attributes
@@ -80,7 +81,7 @@ class RunResult:
     label: str = ""
 
 
-class RunWriteError(OSError):
+class RunWriteError(CombframeError, OSError):
     """The run trained, but a file of its folder could not be written (a full disk).
 
     ``result`` holds the metrics, so that they can still be printed.

@@ -1,0 +1,194 @@
+"""A run's predictions and verdict: held-out metrics, divergence, ``metrics.json``, models.
+
+:func:`predict_compounds` predicts a run's compounds (sharded over the ranks);
+:func:`run_metrics` evaluates the trained model (:mod:`combframe.app.metrics` holds the
+math) and refuses a diverged run with :class:`TrainingDivergedError`, whose message
+(:func:`diverged`) says what likely caused it; :func:`save_models` writes the final model
+and, with a validation split, the best one (:mod:`combframe.app.saved`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import combframe
+from combframe.app.building import Run
+from combframe.app.data import Compound
+from combframe.app.memory import process_peak_rss_mb
+from combframe.app.metrics import (
+    DIVERGENCE_FACTOR,
+    baseline_note,
+    divergence,
+    held_out_metrics,
+    rmse,
+)
+from combframe.app.runs import RunResult, tensorboard_note
+from combframe.app.saved import save_model
+from combframe.errors import CombframeError
+
+__all__ = [
+    "TrainingDivergedError",
+    "diverged",
+    "predict_compounds",
+    "run_metrics",
+    "save_models",
+]
+
+
+#: Compounds per evaluation call.
+_EVAL_BATCH = 64
+
+
+class TrainingDivergedError(CombframeError, RuntimeError):
+    """Training diverged: a non-finite loss or a final RMSE far above the values' spread.
+
+    ``same_on_every_rank`` is True when every process reached the verdict together (from
+    metrics reduced over the ranks), False when one process found a non-finite loss.
+    """
+
+    def __init__(self, message: str, *, same_on_every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
+
+
+def predict_compounds(run: Run, compounds: Sequence[Compound]) -> tuple[Tensor, Tensor]:
+    """Predict ``compounds``; return predictions and values, float64 on the CPU, in order."""
+    local = run.ranks.shard(compounds)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(local), _EVAL_BATCH):
+            chunk = local[i : i + _EVAL_BATCH]
+            parts.append(run.model(compounds=[list(c.poses) for c in chunk]).combined)
+    pred = torch.cat(parts) if parts else torch.zeros(0)
+    pred = run.ranks.gather(pred.detach().double().cpu())
+    target = torch.stack([c.target for c in compounds]).detach().double().cpu()
+    return pred, target
+
+
+def run_metrics(run: Run) -> RunResult:
+    """Evaluate the trained model, check for divergence and assemble ``metrics.json``."""
+    test, notes = _held_out(run)
+    train_pred, train_target = predict_compounds(run, run.data.train)
+    train_rmse = rmse(train_pred, train_target)
+    values = _values(run)
+    why = divergence(train_rmse, test["rmse"], values)
+    if why is not None:
+        raise diverged(run, 0, why)
+    p = run.progress
+    resolved = run.config.model_dump(mode="json")
+    metrics: dict[str, Any] = {
+        "combination": resolved["combination"],
+        "strategy": run.config.strategy,
+        "device": str(run.device),
+        "processes": run.ranks.world,
+        "data": {
+            "source": run.data.source,
+            "kind": run.data.kind,
+            "features": run.data.features,
+            "skipped": len(run.data.skipped),
+        },
+        "test": test,
+        "train": {"rmse": train_rmse, "compounds": len(run.data.train)},
+        "validation": _validation(run),
+        "epochs_trained": p.epoch,
+        "stopped_early": p.stopped_early,
+        "time_per_epoch_s": sum(p.seconds) / len(p.seconds),
+        "peak_memory_bytes": _peak_bytes(run),
+        "peak_memory_kind": p.peak_kind or "not measured (memory=false)",
+        "process_peak_rss_mb": process_peak_rss_mb(),
+        "history": p.history,
+        "versions": _versions(),
+    }
+    return RunResult(combination=resolved["combination"], metrics=metrics, notes=notes)
+
+
+def _held_out(run: Run) -> tuple[dict[str, Any], list[str]]:
+    """Compute held-out metrics (None where undefined) with 95% intervals, and notes."""
+    pred, target = predict_compounds(run, run.data.test)
+    test, notes = held_out_metrics(pred, target, seed=run.config.seed)
+    mean_train = torch.stack([c.target for c in run.data.train]).double().mean().cpu()
+    baseline = rmse(mean_train.expand_as(target), target)
+    test["mean_value_rmse"] = baseline
+    skipped = run.data.skipped
+    for note in (
+        baseline_note(test["rmse"], baseline),
+        tensorboard_note() if run.config.tensorboard else None,
+        f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
+        f"first: {skipped[0]}"
+        if skipped
+        else None,
+    ):
+        if note is not None:
+            notes.append(note)
+    return test, notes
+
+
+def diverged(run: Run, epoch: int, what: str) -> TrainingDivergedError:
+    """Say what was measured and what likely caused it; epoch 0: the final verdict.
+
+    Epoch 0 is the verdict on the trained model, reached by every rank together.
+    """
+    lr, dtype = run.config.lr, run.config.dtype
+    initial = run.progress.initial_rmse
+    values = _values(run)
+    spread = float(torch.tensor(values, dtype=torch.float64).std(correction=0))
+    if epoch:
+        measured = f"in epoch {epoch} (a training batch): {what}"
+        causes = [
+            f"a learning rate too high (lower the learning rate (lr={lr:g}))",
+            f"a network whose output overflows in {dtype} (try dtype=float64)",
+        ]
+    else:
+        measured = f": {what}"
+        causes = [f"a learning rate too high (lower the learning rate (lr={lr:g}))"]
+    if spread > 0 and initial > DIVERGENCE_FACTOR * spread:
+        causes.insert(
+            0,
+            f"values whose spread ({spread:.3g}) is far below the untrained model's error "
+            f"(training RMSE {initial:.3g} before the first step), which no learning rate "
+            "fixes: rescale the values or set normalize_targets=true",
+        )
+    return TrainingDivergedError(
+        f"training diverged{' ' if epoch else ''}{measured}; likely causes: {'; or '.join(causes)}",
+        same_on_every_rank=epoch == 0,
+    )
+
+
+def _values(run: Run) -> list[float]:
+    """Return the value of every compound of the run: training, validation and test."""
+    return [float(c.target) for c in (*run.data.train, *run.val, *run.data.test)]
+
+
+def _peak_bytes(run: Run) -> int | None:
+    peak = int(run.ranks.max(float(run.progress.peak_bytes)))
+    return peak if run.config.memory else None
+
+
+def _validation(run: Run) -> dict[str, Any] | None:
+    if not run.val:
+        return None
+    p = run.progress
+    return {"compounds": len(run.val), "best_epoch": p.best_epoch, "best_rmse": p.best_rmse}
+
+
+def _versions() -> dict[str, str]:
+    return {"combframe": combframe.__version__, "torch": torch.__version__}
+
+
+def save_models(run: Run, folder: Path) -> None:
+    """Write the final model and, with a validation split, the best one."""
+    p = run.progress
+    info = {
+        "config": run.config.model_dump(mode="json"),
+        "network": {"features": run.data.features, "kind": run.data.kind},
+        "versions": _versions(),
+    }
+    save_model(folder, "final", run.model.state_dict(), {**info, "epoch": p.epoch})
+    if p.best_model is not None:
+        best = {**info, "epoch": p.best_epoch, "val_rmse": p.best_rmse}
+        save_model(folder, "best", p.best_model, best)

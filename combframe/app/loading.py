@@ -1,0 +1,88 @@
+"""The compounds of a run, in every input format, split: :func:`load_data`.
+
+The built-in synthetic set (:mod:`combframe.app.data`), a JSON file of feature vectors,
+or molecules (:mod:`combframe.app.readers`): training, ``combframe predict`` and
+``--compare`` all read their data here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from combframe.app.config import ConfigError, TrainConfig
+from combframe.app.data import DataError, Dataset, load_compounds, make_dataset, split_compounds
+from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
+
+__all__ = [
+    "dtype_of",
+    "load_data",
+]
+
+
+def dtype_of(config: TrainConfig) -> torch.dtype:
+    """Return the floating dtype of a run's data and model (``config.dtype``)."""
+    return torch.float64 if config.dtype == "float64" else torch.float32
+
+
+def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
+    """Load the compounds of a run, split: the one entry point for every input format.
+
+    The built-in synthetic set (``data`` unset), a JSON file of feature vectors, or
+    molecules (a built-in real set by name, an SDF, SMILES, a manifest; see
+    :mod:`combframe.app.readers` and ``docs/data.md``).
+
+    The one reader of a run's data: ``combframe predict`` calls it too, with
+    ``for_prediction=True``, to get every compound in ``train`` (the file's order), none
+    held out, and compounds without a value allowed (their target is NaN).
+
+    Raises
+    ------
+    ConfigError
+        ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used.
+    """
+    if is_molecular(config.data):
+        return _molecules(config, for_prediction)
+    if config.data is not None and not config.data.suffix and not config.data.exists():
+        raise ConfigError(
+            f"data: {str(config.data)!r} is neither a file nor a built-in set "
+            f"({', '.join(BUILT_IN)})"
+        )
+    if config.data is None:
+        built_in = make_dataset(
+            n_compounds=config.compounds,
+            poses_per_compound=config.poses_per_compound,
+            features=config.features,
+            pose_spread=config.pose_spread,
+            noise=config.noise,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+            dtype=dtype_of(config),
+        )
+        if for_prediction:
+            every = (*built_in.train, *built_in.test)
+            return Dataset(every, (), built_in.features, "built-in")
+        return Dataset(built_in.train, built_in.test, built_in.features, "built-in")
+    try:
+        compounds = load_compounds(config.data, dtype=dtype_of(config), values=not for_prediction)
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    first = compounds[0].poses
+    features = int(first.shape[-1]) if isinstance(first, Tensor) else 0
+    if for_prediction:
+        return Dataset(tuple(compounds), (), features, str(config.data))
+    train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, features, str(config.data))
+
+
+def _molecules(config: TrainConfig, for_prediction: bool) -> Dataset:
+    try:
+        read = read_molecules(
+            str(config.data), config.reader, dtype_of(config), values=not for_prediction
+        )
+    except DataError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    if for_prediction:
+        return Dataset(tuple(read.compounds), (), 0, read.source, "molecules", read.skipped)
+    train_set, test_set = split_compounds(read.compounds, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, 0, read.source, "molecules", read.skipped)
