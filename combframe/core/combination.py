@@ -123,21 +123,23 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     mtenn_fields
         mtenn-style flat config fields and the parameter each sets, for
         :func:`combframe.mtenn.from_mtenn_config` (``{"max_comb_scale": "pred_scale"}``).
+    takes_prior
+        Whether ``value`` takes ``prior=``, per-pose log weights (:mod:`combframe.core.weights`).
     Params
         The parameter model, taken from the brackets.
     params
-        This instance's parameters; a learned one is the current value as a 0-d tensor
-        that carries its gradient (see :attr:`learn`).
+        This instance's parameters; a learned one is its current value, a 0-d tensor.
     learn
-        The names of the parameters learned (given as ``learn=[...]``); each is an
-        ``nn.Parameter`` named ``raw_<field>`` under a parametrization that keeps the
-        field's bounds (see :func:`combframe.core.learned.learnable_fields`).
+        The parameters learned (``learn=[...]``): each an ``nn.Parameter`` ``raw_<field>``
+        under a parametrization keeping its bounds
+        (:func:`combframe.core.settings.learnable_fields`).
     """
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     deprecated_aliases: ClassVar[tuple[str, ...]] = ()
     mtenn_fields: ClassVar[Mapping[str, str]] = {}
+    takes_prior: ClassVar[bool] = False
     Params: ClassVar[type[CombinationParams]] = CombinationParams
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -146,6 +148,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             args = typing.get_args(base)
             if args and isinstance(args[0], type) and issubclass(args[0], CombinationParams):
                 cls.Params = args[0]
+        cls.takes_prior = "prior" in inspect.signature(cls.value).parameters
         if "__init__" not in cls.__dict__:
             cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect
                 [
@@ -159,11 +162,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             )
 
     def __init__(self, *args: Any, learn: Iterable[str] = (), **kwargs: Any) -> None:
-        """Validate the parameters (positional in ``Params`` field order, or by keyword).
-
-        ``learn`` names the parameters to learn (``learn=["kT"]``): each becomes an
-        ``nn.Parameter`` started at the given value.
-        """
+        """Validate the parameters (positional in ``Params`` order, or by keyword); ``learn``."""
         super().__init__()
         fields = list(self.Params.model_fields)
         if len(args) > len(fields):
@@ -238,8 +237,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     def get_extra_state(self) -> dict[str, Any]:
         """Return the name and parameters that ``state_dict()`` carries (``_extra_state``).
 
-        Plain dicts, strings and numbers (the JSON form of the parameters), so a
-        checkpoint loads with ``torch.load(..., weights_only=True)``.
+        Plain dicts, strings and numbers: ``torch.load(..., weights_only=True)`` reads it.
         """
         state = {"name": self.name, "params": self.settings().model_dump(mode="json")}
         return {**state, "learn": list(self.learn)} if self.learn else state
@@ -292,7 +290,9 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     def value(self, preds: Tensor) -> Tensor:
         r"""Return :math:`h(y)` as a 0-d tensor, for one compound's ``preds`` of shape ``(N,)``."""
 
-    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    def segment_value(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
         r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
 
         The default calls :meth:`value` once per compound (a Python loop, one host sync);
@@ -308,9 +308,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             are contiguous and every compound has at least one pose.
         num_segments
             The number of compounds ``C``.
+        prior
+            Given only to a combination that ``takes_prior``: ``(M,)`` log weights.
         """
         sizes = torch.bincount(index, minlength=num_segments).tolist()
-        return torch.stack([self.value(p) for p in preds.split(sizes)])
+        if prior is None:
+            return torch.stack([self.value(y) for y in preds.split(sizes)])
+        value: Callable[..., Tensor] = self.value  # takes prior= (takes_prior)
+        pairs = zip(preds.split(sizes), prior.split(sizes), strict=True)
+        return torch.stack([value(y, prior=q) for y, q in pairs])
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``) for ``combined = h(preds)``.
@@ -339,23 +345,17 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients). An
-            entry may be ``None`` (what ``torch.autograd.grad(..., allow_unused=True)``
-            gives for a parameter that pose does not use): it counts as zeros, and a
-            parameter with only ``None`` entries gets no gradient, as with autograd.
-        param_names
-            Names of ``model_params``, in the same order; every name is a key of
-            ``grad_dict``.
-        *model_params
-            The model parameters the gradients belong to; gradients flow to them.
+            :math:`\partial y_i/\partial\theta`; a ``None`` entry (a parameter that pose
+            does not use) counts as zeros.
+        param_names, *model_params
+            The model parameters the gradients belong to, and their names (keys of
+            ``grad_dict``); gradients flow to them.
 
         Returns
         -------
         combined, per_pose
-            The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
-            The backward uses the combination's parameters as they were in this call (a
-            value changed before ``backward()`` does not count), and the combination's
-            own trainable parameters (an ``nn.Parameter`` it holds) get their gradient.
+            The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``;
+            the combination's own parameters get their gradient too.
 
         Raises
         ------
