@@ -145,3 +145,13 @@ def test_bad_priors_are_refused_before_any_work(side: dict[str, Tensor], match: 
     with pytest.raises(combframe.CombinationError, match=match):
         model(make_poses(3), **side)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_forward_compounds_takes_the_prior_too() -> None:
+    model = combframe.MultiPoseModel(make_mlp(), "mean")
+    compounds = [make_poses(3, seed=1), make_poses(2, seed=2)]
+    keep = [torch.tensor([True, False, True]), torch.tensor([False, True])]
+    got = model.forward_compounds(compounds, mask=keep)
+    want = model(compounds=compounds, mask=keep)
+    assert torch.equal(got.combined, want.combined)
+    assert torch.allclose(got.combined[1], got.per_pose[4])

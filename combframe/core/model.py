@@ -217,9 +217,11 @@ class MultiPoseModel(torch.nn.Module):
         """Return each pose's weight in its compound's value (:func:`combframe.pose_weights`)."""
         return pose_weights(self.combination, per_pose, index, **kw)
 
-    def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
-        """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
-        out: CompoundPredictions = self(compounds=compounds)
+    def forward_compounds(
+        self, compounds: Sequence[Sequence[Any]], prior: PerPose = None, mask: PerPose = None
+    ) -> CompoundPredictions:
+        """Predict a batch of compounds; the same as ``model(compounds=compounds, ...)``."""
+        out: CompoundPredictions = self(compounds=compounds, prior=prior, mask=mask)
         return out
 
     def _run(
