@@ -12,8 +12,8 @@ mean prediction over the models and their standard deviation (an ensemble, e.g. 
 runs of ``combframe train --seeds 5``), and per pose its prediction :math:`y_i` and its
 weight in the combination, :math:`\partial G / \partial y_i`: for the smooth minimum
 nearly 1 for the pose the model picked and 0 for the others, :math:`1/N` for the mean.
-The weights come from autograd on the small vector of per-pose predictions, never
-through the network.
+The weights are :meth:`combframe.MultiPoseModel.pose_weights`: autograd on the small
+vector of per-pose predictions, never through the network.
 """
 
 from __future__ import annotations
@@ -126,15 +126,6 @@ class Predictions:
     digits: int = 17
 
 
-def _pose_weights(model: combframe.MultiPoseModel, per_pose: Tensor, index: Tensor) -> Tensor:
-    r"""Return :math:`\partial G_c/\partial y_i` of every pose, by autograd on ``y`` alone."""
-    with torch.enable_grad():
-        y = per_pose.detach().requires_grad_(True)
-        combined = model.combination.segment_value(y, index, int(index.max()) + 1)
-        (weights,) = torch.autograd.grad(combined.sum(), y)
-    return weights
-
-
 def _one_model(
     model: combframe.MultiPoseModel, compounds: Sequence[Compound]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -146,7 +137,7 @@ def _one_model(
         poses = [list(c.to(param.device, param.dtype).poses) for c in chunk]
         with torch.no_grad():
             out = model(compounds=poses)
-        weights = _pose_weights(model, out.per_pose, out.index)
+        weights = model.pose_weights(out.per_pose, out.index)
         parts.append((out.combined, out.per_pose, weights, out.index + start))
     combined, per_pose, weights, index = (
         torch.cat([p[i] for p in parts]).detach().cpu() for i in range(4)
