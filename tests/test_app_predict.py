@@ -157,6 +157,26 @@ def _new_compounds(tmp_path: Path, values: bool = False) -> Path:
     return path
 
 
+def test_targets_are_written_as_read_and_empty_where_a_compound_has_none(
+    runs: Path, tmp_path: Path
+) -> None:
+    path = _new_compounds(tmp_path)
+    data = json.loads(path.read_text())
+    data["compounds"][0]["value"], data["compounds"][2]["value"] = -6.1, -7
+    path.write_text(json.dumps(data))
+    out = tmp_path / "p.csv"
+    for run, digits in ((runs / "pair" / "1-0", "-6.1"), (runs / "one", "-6.1")):
+        assert main(["predict", str(run), f"data={path}", "-o", str(out)]) == 0
+        assert [r["target"] for r in _rows(out)] == [digits, "", "-7.0", ""]
+
+
+def test_the_built_in_set_names_its_compounds(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(runs / "pair" / "1-0"), "-o", str(out)]) == 0
+    names = [r["name"] for r in _rows(out)]
+    assert all(names) and len(set(names)) == len(names)
+
+
 def test_an_ensemble_gives_the_mean_and_std_of_its_members(runs: Path, tmp_path: Path) -> None:
     data = f"data={_new_compounds(tmp_path)}"
     members = [runs / "pair" / "1-0", runs / "pair" / "2-1"]
