@@ -67,7 +67,7 @@ def test_the_loaded_model_predicts_what_the_run_measured_under_any_default_dtype
 
 
 def test_the_combination_travels_with_the_model(runs: Path) -> None:
-    model = load(runs / "pair" / "1-0")
+    model = load(runs / "pair" / "seed-0")
     assert model.combination.to_config() == {"name": "mean"}
     best = load(runs / "one", which="best")
     assert best.combination.to_config() == {
@@ -159,7 +159,7 @@ def _new_compounds(tmp_path: Path, values: bool = False) -> Path:
 
 def test_an_ensemble_gives_the_mean_and_std_of_its_members(runs: Path, tmp_path: Path) -> None:
     data = f"data={_new_compounds(tmp_path)}"
-    members = [runs / "pair" / "1-0", runs / "pair" / "2-1"]
+    members = [runs / "pair" / "seed-0", runs / "pair" / "seed-1"]
     singles = []
     for i, member in enumerate(members):
         assert main(["predict", str(member), data, "-o", str(tmp_path / f"{i}.csv")]) == 0
@@ -197,7 +197,7 @@ def test_predict_reads_a_compounds_file_whose_compounds_have_no_value(
 def test_the_best_model_needs_a_validation_split(
     runs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["predict", str(runs / "pair" / "1-0"), "--best"]) == 2
+    assert main(["predict", str(runs / "pair" / "seed-0"), "--best"]) == 2
     assert "val_fraction > 0" in capsys.readouterr().err
 
 

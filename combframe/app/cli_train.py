@@ -80,7 +80,7 @@ def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | 
 
 
 def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
-    """Continue the run folder ``--resume RUN`` from its checkpoint."""
+    """Continue the run folder ``--resume RUN``: one run, or the runs of --compare/--seeds."""
     from pathlib import Path
 
     from combframe.app import distributed
@@ -94,11 +94,15 @@ def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
         )
     folder = Path(args.resume)
     from combframe.app.checkpoint import load_checkpoint
+    from combframe.app.compare import PLAN, read_plan, resume_compare
     from combframe.app.config import TrainConfig
 
-    config = TrainConfig.model_validate(load_checkpoint(folder)["config"])
-    device = check_config(config, ranks)
+    plan = (folder / PLAN).is_file()
+    state = read_plan(folder) if plan else load_checkpoint(folder)
+    device = check_config(TrainConfig.model_validate(state["config"]), ranks)
     with distributed.process_group(ranks, device) as joined:
+        if plan:
+            return resume_compare(folder, progress=not args.no_progress, ranks=joined)
         result = resume(folder, progress=not args.no_progress, ranks=joined)
     return [result], result.run_dir
 
