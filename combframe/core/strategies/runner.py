@@ -173,10 +173,10 @@ class PoseRunner:
         if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
             watch = _Watch()
             with watch:
-                out = self.model(batch)
+                out = self._call(batch, start, len(poses))
             self._watched(watch, poses, start)
         else:
-            out = self.model(batch)
+            out = self._call(batch, start, len(poses))
         if not isinstance(out, Tensor):
             raise CombinationError(
                 f"the model returned {type(out).__name__} for {self.what(start, len(poses))}; "
@@ -201,6 +201,23 @@ class PoseRunner:
         if self.discovered and torch.is_grad_enabled():
             self.verify(out, aliases or {}, start)
         return out
+
+    def _call(self, batch: Any, start: int, b: int) -> Any:
+        """Run the model on ``batch``; a dtype clash between poses and parameters says so."""
+        try:
+            return self.model(batch)
+        except RuntimeError as exc:
+            poses = {t.dtype for t in each_tensor(batch) if t.is_floating_point()}
+            params = {t.dtype for t in self.params}
+            if not poses or not params or poses <= params:
+                raise
+            raise CombinationError(
+                f"the model raised on {self.what(start, b)}, whose tensors are "
+                f"{_names(poses)} while its parameters are {_names(params)} ({exc}); the "
+                "model does not cast its input: cast the poses to the parameters' dtype "
+                f"(pose.to({_names(params)})) or the model to the poses' "
+                f"(model.to({_names(poses)}))"
+            ) from exc
 
     def require_grad(self, pred: Tensor, start: int, when: str = "") -> None:
         """Raise if ``pred`` does not depend on anything that requires grad."""
@@ -392,3 +409,8 @@ class Chunk:
         """Return the gradients of the predictions (weighted sum) w.r.t. every target."""
         with torch.enable_grad():
             return self.runner.grads(self.pred, self.aliases, weights, retain)
+
+
+def _names(dtypes: set[torch.dtype]) -> str:
+    """Name dtypes for a message: ``torch.float32`` or ``torch.float32/torch.float64``."""
+    return "/".join(sorted(str(d) for d in dtypes))
