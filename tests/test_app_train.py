@@ -8,6 +8,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,7 +71,10 @@ def test_step_memory_differs_between_strategies_and_does_not_accumulate(
     peaks = []
     for row in table:
         metrics = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
-        assert metrics["peak_memory_kind"] == "CPU tensors of a training step (torch profiler)"
+        assert metrics["peak_memory_kind"] == (
+            "CPU tensors of a training step (torch profiler), the largest of steps "
+            "1, 2, 4, 8, ... of the run"
+        )
         assert metrics["process_peak_rss_mb"] > 0  # kept, and labelled as what it is
         peaks.append(metrics["peak_memory_bytes"])
     store, recompute, stream, store_again = peaks
@@ -144,3 +148,40 @@ def test_the_progress_bar_is_drawn_on_a_terminal_or_says_how_to_get_it(
         assert "train max" in shown, shown
     else:
         assert "pip install 'combframe[progress]'" in shown, shown
+
+
+@pytest.mark.parametrize(
+    ("memory_steps", "profiled_steps"),
+    [("first", [1]), ("sampled", [1, 2, 4, 8]), ("every", list(range(1, 10)))],
+)
+def test_cpu_memory_is_the_largest_over_the_steps_memory_steps_picks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory_steps: str, profiled_steps: list[int]
+) -> None:
+    """The profiler covers a logarithmic number of steps by default, not the first alone."""
+    import combframe.app.train as train_module
+
+    seen: list[int] = []
+    real = train_module.measure_step
+
+    def counting(step: Any) -> tuple[Any, int]:
+        result, _ = real(step)
+        seen.append(len(seen) + 1)
+        return result, 1000 * len(seen)  # a larger peak each time: the largest is kept
+
+    monkeypatch.setattr(train_module, "measure_step", counting)
+    # 24 compounds, 6 held out, batches of 6: 3 steps an epoch, 9 steps in 3 epochs
+    args = ["train", "epochs=3", "compounds=24", "batch_size=6", "--no-progress"]
+    args += [f"memory_steps={memory_steps}", f"output_dir={tmp_path}", "name=m"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert len(seen) == len(profiled_steps)
+    assert metrics["peak_memory_bytes"] == 1000 * len(profiled_steps)
+    assert metrics["peak_memory_kind"].startswith("CPU tensors of a training step (torch profiler)")
+
+
+def test_profiled_steps_are_powers_of_two_when_sampled() -> None:
+    from combframe.app.memory import profiled
+
+    assert [n for n in range(1, 70) if profiled(n, "sampled")] == [1, 2, 4, 8, 16, 32, 64]
+    assert [n for n in range(1, 70) if profiled(n, "first")] == [1]
+    assert all(profiled(n, "every") for n in range(1, 70))

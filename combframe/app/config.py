@@ -222,8 +222,13 @@ class TrainConfig(BaseModel):
     )
     memory: bool = Field(
         True,
-        description="Measure peak tensor memory (CPU: the profiler over the first step; "
-        "CUDA: the allocator's peak over the run); false: do not.",
+        description="Measure peak tensor memory (CPU: the profiler over the steps "
+        "memory_steps picks; CUDA: the allocator's peak over the run); false: do not.",
+    )
+    memory_steps: Literal["first", "sampled", "every"] = Field(
+        "sampled",
+        description="CPU steps the profiler covers: first; sampled (steps 1, 2, 4, 8, ...: "
+        "about log2 of the steps); every (costly).",
     )
 
     @model_validator(mode="after")

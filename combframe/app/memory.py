@@ -1,9 +1,11 @@
 """The memory a training step needs, as ``combframe train`` reports it.
 
-The peak of the tensors allocated during one training step (forward, backward and
-optimizer step of the run's first batch), above what was allocated before it: on CPU
-from the torch profiler's memory events (:func:`combframe.testing.peak_tensor_bytes`),
-on CUDA from ``torch.cuda.max_memory_allocated`` reset just before the step. It leaves
+The peak of the tensors allocated during a training step (forward, backward and
+optimizer step of one batch), above what was allocated before it: on CPU from the torch
+profiler's memory events (:func:`combframe.testing.peak_tensor_bytes`) over the steps
+``memory_steps`` picks (by default steps 1, 2, 4, 8, ... of the run: a logarithmic
+number of profiled steps, so the cost stays small however long the run), on CUDA from
+``torch.cuda.max_memory_allocated`` over the whole run, at no cost. It leaves
 out the model, the data and torch itself, so it shows what the gradient strategy holds
 (``store`` keeps N per-pose gradients, ``recompute`` and ``stream`` a few parameter-sized
 vectors) and is the same whether a run comes first or last in ``--compare``.
@@ -24,27 +26,58 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["format_bytes", "measure_step", "process_peak_rss_mb", "run_peak"]
+__all__ = [
+    "CUDA_RUN_KIND",
+    "MEMORY_STEPS",
+    "cpu_kind",
+    "format_bytes",
+    "measure_step",
+    "process_peak_rss_mb",
+    "profiled",
+    "run_peak",
+]
+
+#: Which training steps the CPU profile covers (the config's ``memory_steps``).
+MEMORY_STEPS = ("first", "sampled", "every")
+
+
+def profiled(number: int, memory_steps: str) -> bool:
+    """Whether the run's training step ``number`` (from 1) is profiled on CPU.
+
+    ``"first"``: step 1 only; ``"sampled"``: steps 1, 2, 4, 8, ... (powers of two, so a
+    run of S steps profiles about log2(S) + 1 of them); ``"every"``: all of them.
+
+    >>> [n for n in range(1, 20) if profiled(n, "sampled")]
+    [1, 2, 4, 8, 16]
+    """
+    if memory_steps == "every":
+        return True
+    if memory_steps == "first":
+        return number == 1
+    return number > 0 and number & (number - 1) == 0
+
+
+def cpu_kind(memory_steps: str) -> str:
+    """Say what the CPU figure measures, for the summary and ``metrics.json``."""
+    over = {
+        "first": "the first step",
+        "sampled": "the largest of steps 1, 2, 4, 8, ... of the run",
+        "every": "the largest over every step",
+    }[memory_steps]
+    return f"CPU tensors of a training step (torch profiler), {over}"
+
 
 T = TypeVar("T")
 
 
-def measure_step(step: Callable[[], T], device: torch.device) -> tuple[T, int, str]:
-    """Run ``step`` and return its result, the peak bytes of its tensors and how measured."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        return result, peak, "CUDA tensors of a training step (torch.cuda.max_memory_allocated)"
+def measure_step(step: Callable[[], T]) -> tuple[T, int]:
+    """Run ``step`` under the CPU profiler; return its result and its tensors' peak bytes."""
     from combframe.testing import peak_tensor_bytes
 
     box: list[T] = []
     with _without_profiler_log():
         peak = peak_tensor_bytes(lambda: box.append(step()))
-    return box[0], peak, "CPU tensors of a training step (torch profiler)"
+    return box[0], peak
 
 
 @contextmanager
@@ -68,8 +101,13 @@ def run_peak(device: torch.device) -> Iterator[list[int]]:
 #: What the CUDA peak over a run measures.
 CUDA_RUN_KIND = "CUDA tensors over the run (torch.cuda.max_memory_allocated)"
 
-#: A line of the profiler's own log (kineto writes it to file descriptor 2).
-_PROFILER_LOG = re.compile(rb"[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\] ")
+#: A line of the profiler's own log (kineto writes it to file descriptor 2), or the
+#: allocator's note that a tensor made before this step was freed during it (its bytes
+#: were never counted, so they are not subtracted either).
+_PROFILER_LOG = re.compile(
+    rb"[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\] "
+    rb"|\[W\d{4} [\d:.]+ CPUAllocator\.cpp:\d+\] Memory block of unknown size"
+)
 
 
 @contextmanager

@@ -50,7 +50,7 @@ from combframe.app.evaluation import (
     save_models,
 )
 from combframe.app.loading import load_data
-from combframe.app.memory import CUDA_RUN_KIND, measure_step, run_peak
+from combframe.app.memory import CUDA_RUN_KIND, cpu_kind, measure_step, profiled, run_peak
 from combframe.app.metrics import rmse
 from combframe.app.progress import epoch_line, is_terminal, progress_bar
 from combframe.app.runs import (
@@ -246,9 +246,10 @@ def _epoch(run: Run, bar: Any, stop: StopRequest) -> None:
     n_steps = math.ceil(n_train / size)
     for k in range(p.step, n_steps):
         batch = [run.data.train[i] for i in order[k * size : (k + 1) * size]]
-        if epoch == 1 and k == 0 and run.config.memory and run.device.type == "cpu":
+        if _profile_now(run, p.epoch * n_steps + k + 1):
             step = functools.partial(_step, run, batch, epoch)
-            loss, p.peak_bytes, p.peak_kind = measure_step(step, run.device)
+            loss, peak = measure_step(step)
+            p.peak_bytes, p.peak_kind = max(p.peak_bytes, peak), cpu_kind(run.config.memory_steps)
         else:
             loss = _step(run, batch, epoch)
         p.partial, p.step = p.partial + loss, k + 1
@@ -344,6 +345,12 @@ def _cuda_peak(run: Run) -> Iterator[None]:
             yield
         finally:
             p.peak_bytes, p.peak_kind = max(p.peak_bytes, *peak), CUDA_RUN_KIND
+
+
+def _profile_now(run: Run, number: int) -> bool:
+    """Whether the run's training step ``number`` (from 1) runs under the CPU profiler."""
+    config = run.config
+    return config.memory and run.device.type == "cpu" and profiled(number, config.memory_steps)
 
 
 def _save_checkpoint(run: Run) -> None:
