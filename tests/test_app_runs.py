@@ -246,3 +246,20 @@ def test_a_seeds_run_stopped_by_sigterm_resumes_as_a_whole_and_predicts_as_an_en
     assert [row["test"] for row in table] == [row["test"] for row in whole]
     assert main(["predict", str(top), "-o", str(tmp_path / "p.csv")]) == 0
     assert "(mean and std of 2 models)" in capsys.readouterr().out
+
+
+def test_a_reused_name_is_said_at_the_start_with_the_folder_the_run_goes_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second `name=twin` went to twin-2 with nothing said until the last line."""
+    args = ["train", *TINY, f"output_dir={tmp_path}", "name=twin"]
+    assert main(args) == 0
+    assert "exists" not in capsys.readouterr().err
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    first, second = tmp_path / "twin", tmp_path / "twin-2"
+    assert err.startswith(
+        f"note: {str(first)!r} exists (an earlier run); this run goes to {str(second)!r}"
+    )
+    assert f"`combframe predict {first}` still predicts with the earlier run's model" in err
+    assert out.rstrip().endswith(f"run folder   {second}")

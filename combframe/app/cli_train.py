@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from combframe.app.building import check_config
     from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError, load_config
-    from combframe.app.runs import RunInterruptedError, RunWriteError
+    from combframe.app.runs import RunInterruptedError, RunWriteError, name_taken_note
     from combframe.app.train import TrainingDivergedError
 
     ranks = distributed.from_environment()
@@ -33,6 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             config = load_config(args.config, args.overrides)
             device = check_config(config, ranks)
+            taken = name_taken_note(config)
+            if taken is not None:
+                say(f"note: {taken}")
             variants = _variants(args, config)
             results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
     except (ConfigError, CheckpointError) as exc:

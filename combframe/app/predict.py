@@ -170,11 +170,11 @@ def predict_file(
     folders = run_folders([runs] if isinstance(runs, str | Path) else list(runs))
     if not folders:
         raise ConfigError("runs: give at least one run folder")
-    models = [load(f, device=device, which=which) for f in folders]
     extra = [f"data={data}"] if data is not None else []
     compounds = _compounds(folders[0], which, [*overrides, *extra])
     for folder in folders:
         _check_fits(folder, which, compounds)
+    models = [load(f, device=device, which=which) for f in folders]
     return compounds.train, predict(models, compounds.train)
 
 
