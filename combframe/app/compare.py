@@ -108,8 +108,12 @@ def compare(
     with claimed_run_dir(config, ranks) as top:
         names = _folder_names(key, values)
         if top is not None:
-            plan = {"key": key, "values": list(values), "folders": names}
-            plan["config"] = config.model_dump(mode="json")
+            plan = {
+                "key": key,
+                "values": list(values),
+                "folders": names,
+                "config": config.model_dump(mode="json"),
+            }
             atomic_write(top / PLAN, (json.dumps(plan, indent=2) + "\n").encode())
         return _train_all(top, runs, names, ranks, progress, stream), top
 
