@@ -15,7 +15,13 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
-from combframe.core.batch import collated_alone, default_collate, each_tensor, map_tensors
+from combframe.core.batch import (
+    collated_alone,
+    default_collate,
+    dtype_clash,
+    each_tensor,
+    map_tensors,
+)
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients
 from combframe.core.strategies.graph import (
     _graph_mark,
@@ -203,21 +209,14 @@ class PoseRunner:
         return out
 
     def _call(self, batch: Any, start: int, b: int) -> Any:
-        """Run the model on ``batch``; a dtype clash between poses and parameters says so."""
+        """Run the model on ``batch``; a dtype clash of poses and parameters says so."""
         try:
             return self.model(batch)
         except RuntimeError as exc:
-            poses = {t.dtype for t in each_tensor(batch) if t.is_floating_point()}
-            params = {t.dtype for t in self.params}
-            if not poses or not params or poses <= params:
+            clash = dtype_clash(batch, self.params, self.what(start, b), exc)
+            if clash is None:
                 raise
-            raise CombinationError(
-                f"the model raised on {self.what(start, b)}, whose tensors are "
-                f"{_names(poses)} while its parameters are {_names(params)} ({exc}); the "
-                "model does not cast its input: cast the poses to the parameters' dtype "
-                f"(pose.to({_names(params)})) or the model to the poses' "
-                f"(model.to({_names(poses)}))"
-            ) from exc
+            raise clash from exc
 
     def require_grad(self, pred: Tensor, start: int, when: str = "") -> None:
         """Raise if ``pred`` does not depend on anything that requires grad."""
@@ -409,8 +408,3 @@ class Chunk:
         """Return the gradients of the predictions (weighted sum) w.r.t. every target."""
         with torch.enable_grad():
             return self.runner.grads(self.pred, self.aliases, weights, retain)
-
-
-def _names(dtypes: set[torch.dtype]) -> str:
-    """Name dtypes for a message: ``torch.float32`` or ``torch.float32/torch.float64``."""
-    return "/".join(sorted(str(d) for d in dtypes))
