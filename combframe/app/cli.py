@@ -344,7 +344,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue the run folder RUN from its checkpoint (after a kill or a time limit)",
+        help="continue the run folder RUN from its checkpoint (after a kill or a time limit); "
+        "a --compare/--seeds folder finishes all its runs",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
