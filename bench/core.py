@@ -10,7 +10,10 @@ repeat, in one process):
 * ``store``: store with ``chunk_size > 1`` on a model ``torch.func.vmap`` can map
   (64 poses, chunks of 16), with the model's forward calls per step after the first;
 * ``overhead``: the Python bookkeeping per pose and per chunk, from a model that does
-  nothing (one parameter times the pose).
+  nothing (one parameter times the pose);
+* ``auto`` (``--suite auto``): every strategy and ``strategy="auto"`` (for a loss on the
+  per-pose predictions too, and ``Auto(losses="combined")``) at one pose per pass and
+  with chunks of 16, with what auto chose.
 
 It uses the public API only, so the same command measures any checkout (set
 ``PYTHONPATH``). Results go to stdout as a Markdown table and, with ``--json``, to a file.
@@ -75,8 +78,13 @@ def _steps(
 
     steps: dict[str, Step] = {"batched": batched}
     for strategy in strategies:
+        chosen = combframe.Auto(losses="combined") if strategy == "auto-combined" else strategy
         wrapped = combframe.MultiPoseModel(
-            model, combination, strategy=strategy, chunk_size=chunk, collate=collate
+            model,
+            combination,
+            strategy=chosen,
+            chunk_size=chunk,
+            collate=collate if chunk > 1 else None,  # one pose per pass: the model's own call
         )
 
         def step(wrapped: combframe.MultiPoseModel = wrapped) -> None:
@@ -84,6 +92,7 @@ def _steps(
             _loss(wrapped(compounds=compounds).combined).backward()
 
         steps[strategy] = step
+        step.wrapped = wrapped  # type: ignore[attr-defined]  # read by auto_suite
     return steps
 
 
@@ -140,6 +149,39 @@ def store_suite(reps: int) -> dict[str, Any]:
     }
 
 
+AUTO_CASES = (  # model, compounds, poses per compound, chunk size
+    ("pointcloud", 1, 16, 1),
+    ("graph", 1, 16, 1),
+    ("pointcloud", 8, 8, 16),
+    ("graph", 8, 8, 16),
+)
+
+
+def auto_suite(reps: int) -> list[dict[str, Any]]:
+    """Every strategy and auto, one pose per pass and in chunks: ratios and auto's choice."""
+    names = ("store", "recompute", "stream", "auto", "auto-combined")
+    rows = []
+    for key, count, per, chunk in AUTO_CASES:
+        build, poses, collate = _workloads()[key]
+        flat = poses(count * per)
+        compounds = [flat[i * per : (i + 1) * per] for i in range(count)]
+        steps = _steps(build(), compounds, collate, chunk, names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", combframe.StrategyWarning)
+            med = _interleaved(steps, reps)
+        chose = {n: steps[n].wrapped.strategy.chosen.name for n in names[3:]}  # type: ignore[attr-defined]  # set by _steps
+        row = {"model": key, "compounds": count, "poses": per, "chunk": chunk}
+        rows.append(row | {"batched_ms": 1e3 * med["batched"]} | chose_ratio(med, names, chose))
+    return rows
+
+
+def chose_ratio(
+    med: dict[str, float], names: tuple[str, ...], chose: dict[str, str]
+) -> dict[str, Any]:
+    """Each method's ratio to the batched graph, and what auto chose."""
+    return {n: med[n] / med["batched"] for n in names} | {f"{n}_chose": c for n, c in chose.items()}
+
+
 class _Nothing(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -179,9 +221,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--suite", choices=("core", "auto"), default="core")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = 3 if args.quick else 7
+    if args.suite == "auto":
+        _report_auto(auto_suite(reps), args.json)
+        return
     results = {
         "torch": torch.__version__,
         "reps": reps,
@@ -203,6 +249,22 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     sys.stdout.flush()
+
+
+def _report_auto(rows: list[dict[str, Any]], out: Path | None) -> None:
+    print(
+        "| model | compounds x poses | chunk | batched (ms) | store | recompute | stream "
+        "| auto | auto (combined) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['compounds']} x {r['poses']} | {r['chunk']} | "
+            f"{r['batched_ms']:.1f} | {r['store']:.2f}x | {r['recompute']:.2f}x | "
+            f"{r['stream']:.2f}x | {r['auto']:.2f}x ({r['auto_chose']}) | "
+            f"{r['auto-combined']:.2f}x ({r['auto-combined_chose']}) |"
+        )
+    if out:
+        out.write_text(json.dumps({"torch": torch.__version__, "auto": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

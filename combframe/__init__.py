@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from combframe.core.batch import CompoundPredictions, default_collate
     from combframe.core.combination import Combination, CombinationParams, StreamingCombination
     from combframe.core.model import MultiPoseModel
-    from combframe.core.strategies import Recompute, Store, Stream
+    from combframe.core.strategies import Auto, Recompute, Store, Stream
     from combframe.errors import (
         CombframeError,
         CombframeWarning,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from combframe.registry.config import CombinationConfig, combination_config_schema
 
 __all__ = [
+    "Auto",
     "CombframeError",
     "CombframeWarning",
     "Combination",
@@ -83,6 +84,7 @@ _HOMES = {
     "CompoundPredictions": "combframe.core.batch",
     "default_collate": "combframe.core.batch",
     "MultiPoseModel": "combframe.core.model",
+    "Auto": "combframe.core.strategies",
     "Recompute": "combframe.core.strategies",
     "Store": "combframe.core.strategies",
     "Stream": "combframe.core.strategies",
@@ -114,7 +116,11 @@ _DEPRECATED = {
     "BaseCombination": ("combframe.core.combination", "Combination", "combframe.Combination"),
     "ParamLayout": ("combframe.core.gradients", "ParamLayout", "nothing: it is internal"),
     "PoseGradients": ("combframe.core.gradients", "PoseGradients", "nothing: it is internal"),
-    "Strategy": ("combframe.core.strategies", "Strategy", "combframe.Store, Recompute or Stream"),
+    "Strategy": (
+        "combframe.core.strategies",
+        "Strategy",
+        "combframe.Store, Recompute, Stream or Auto",
+    ),
     "PluginValidationError": (
         "combframe.errors",
         "InvalidPluginError",

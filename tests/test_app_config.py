@@ -94,7 +94,7 @@ def test_train_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) -
         "epochs=int",
         "Passes over the training compounds. (default: 10; >= 1)",
         "strategy=store|recompute|stream",
-        "(default: store)",
+        "(default: auto)",
         "threads=int or null",
         "data=path or null",
         "(default: max, negate_preds=true)",

@@ -138,7 +138,7 @@ def test_chunk_size_and_strategy_options_from_the_command_line(
     assert b["test"]["rmse"] == pytest.approx(a["test"]["rmse"], rel=1e-10)
     assert load(tmp_path / "chunk_size=3").chunk_size == 3
     assert main(["train", *TINY, "strategy_options.foo=1"]) == 2
-    assert "not options of the 'store' strategy" in capsys.readouterr().err
+    assert "not options of the 'auto' strategy" in capsys.readouterr().err
 
 
 def test_normalised_targets_travel_with_the_saved_model(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from tests.conftest import make_mlp
 from tests.test_strategies import MeanSquareCombination, SoftAbsMeanCombination
 
 RTOL = 1e-10
-STRATEGIES = ("store", "recompute", "stream")
+STRATEGIES = ("store", "recompute", "stream", "auto")
 
 
 def rel_err(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
@@ -272,16 +272,20 @@ def test_pyg_poses_run_in_chunks_with_forces(strategy: str) -> None:
 def test_store_vmaps_stackable_poses_without_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        combframe.MultiPoseModel(make_mlp(), "mean", chunk_size=4)(tensor_poses(9))[0].backward()
+        combframe.MultiPoseModel(make_mlp(), "mean", strategy="store", chunk_size=4)(
+            tensor_poses(9)
+        )[0].backward()
 
 
 def _graph_store() -> combframe.MultiPoseModel:
-    return combframe.MultiPoseModel(graph_model(), "mean", chunk_size=3, collate=graph_collate)
+    return combframe.MultiPoseModel(
+        graph_model(), "mean", strategy="store", chunk_size=3, collate=graph_collate
+    )
 
 
 def _dropout_store() -> combframe.MultiPoseModel:
     net = torch.nn.Sequential(make_mlp(), torch.nn.Dropout(0.5))
-    return combframe.MultiPoseModel(net, "mean", chunk_size=3)
+    return combframe.MultiPoseModel(net, "mean", strategy="store", chunk_size=3)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +376,7 @@ class MixesPoses(torch.nn.Module):
 
 
 def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch() -> None:
-    model = combframe.MultiPoseModel(MixesPoses(), "mean", chunk_size=3).eval()
+    model = combframe.MultiPoseModel(MixesPoses(), "mean", strategy="store", chunk_size=3).eval()
     with pytest.raises(combframe.CombinationError, match=r"mixes the poses of a batch.*recompute"):
         model(tensor_poses(6))
     # recompute and stream run whole chunks: the chunk is part of the model
@@ -383,7 +387,7 @@ def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch() -> None:
 
 
 def test_store_explains_a_model_that_fails_on_a_batch_of_one() -> None:
-    model = combframe.MultiPoseModel(Normed(), "mean", chunk_size=3)
+    model = combframe.MultiPoseModel(Normed(), "mean", strategy="store", chunk_size=3)
     with pytest.raises(combframe.CombinationError, match=r"runs pose 0 alone.*recompute"):
         model(tensor_poses(6))
 

@@ -105,7 +105,7 @@ def _store_step(wrapped: combframe.MultiPoseModel, poses: list[Any]) -> None:
 def test_store_decides_the_per_sample_path_once_per_model() -> None:
     """After the first step: one forward for pose 0 and one per chunk, nothing more."""
     net = Counting(make_mlp())
-    wrapped = combframe.MultiPoseModel(net, "boltzmann", chunk_size=4)
+    wrapped = combframe.MultiPoseModel(net, "boltzmann", strategy="store", chunk_size=4)
     poses = make_poses(13)
     _store_step(wrapped, poses)
     first = net.calls

@@ -251,7 +251,7 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
             result.skipped
         )
         strategies = sorted({case[0] for case in result.cases})
-        assert strategies == ["mtenn", "recompute", "store", "stream"], strategies
+        assert strategies == ["auto", "mtenn", "recompute", "store", "stream"], strategies
         print("worst", result.worst)
         """
     )

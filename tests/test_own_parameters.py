@@ -149,7 +149,7 @@ def test_own_parameters_under_stream_with_device_bookkeeping(
 def test_parity_harness_compares_own_parameters() -> None:
     result = gradient_parity(LearnedBoltzmann(), n_poses=(1, 5), seeds=(0,))
     assert result.passed, result.cases
-    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "mtenn"}
+    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "auto", "mtenn"}
     assert result.worst <= RTOL
 
 
@@ -251,7 +251,7 @@ def test_a_parametrized_own_parameter_is_exact_everywhere() -> None:
     assert [n for n, _ in comb.named_parameters()] == ["parametrizations.kt.original"]
     result = gradient_parity(comb, n_poses=(1, 5), seeds=(0,))
     assert result.passed, result.cases
-    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "mtenn"}
+    assert {s for s, *_ in result.cases} == {"store", "recompute", "stream", "auto", "mtenn"}
 
 
 def test_stream_refusal_writes_no_own_gradient() -> None:

@@ -152,7 +152,7 @@ def test_store_in_chunks_on_spectral_norm_matches_the_full_graph(old_api: bool) 
     ref = Spectral(old_api).train()
     full_graph(ref, poses, MeanCombination()).backward()
     net = Spectral(old_api).train()
-    model = combframe.MultiPoseModel(net, "mean", chunk_size=3)
+    model = combframe.MultiPoseModel(net, "mean", strategy="store", chunk_size=3)
     with pytest.warns(combframe.errors.StrategyWarning, match="updates buffers in place"):
         model(poses)[0].backward()
     assert rel_err(grads(net), grads(ref)) <= RTOL
@@ -180,7 +180,7 @@ def test_a_failed_per_sample_attempt_leaves_the_buffers_as_they_were() -> None:
     full_graph(ref, poses, MeanCombination()).backward()
     net = CountsCalls()
     with pytest.warns(combframe.errors.StrategyWarning, match="updates buffers in place"):
-        combframe.MultiPoseModel(net, "mean", chunk_size=3)(poses)[0].backward()
+        combframe.MultiPoseModel(net, "mean", strategy="store", chunk_size=3)(poses)[0].backward()
     assert float(net.calls) == 0.0
     assert rel_err(grads(net), grads(ref)) <= RTOL
 
@@ -385,7 +385,7 @@ def test_positions_of_poses_with_zero_weight_get_zeros(strategy: str, chunk: int
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_store_refuses_a_model_that_mixes_the_poses_of_a_batch_in_either_mode(mode: str) -> None:
     net = getattr(MixesPoses(), mode)()
-    model = combframe.MultiPoseModel(net, "mean", chunk_size=3)
+    model = combframe.MultiPoseModel(net, "mean", strategy="store", chunk_size=3)
     with pytest.raises(combframe.CombinationError, match=r"mixes the poses of a batch"):
         model(row_poses(6))
     assert all(p.grad is None for p in net.parameters())
@@ -451,7 +451,7 @@ class Scale(torch.nn.Module):
 def test_a_backward_hook_on_the_readout_module_is_seen() -> None:
     readout = Scale()
     readout.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(-0.02, 0.02),))
-    model = combframe.MultiPoseModel(Plain(), "max", pred_readout=readout)
+    model = combframe.MultiPoseModel(Plain(), "max", strategy="store", pred_readout=readout)
     with pytest.raises(combframe.StrategyError, match=r"hook .*store.*recompute"):
         model(row_poses(3))
 

@@ -674,7 +674,7 @@ def test_example_plugin_discovered_trains_and_matches_reference(tmp_path: Path) 
         result = gradient_parity(config.build(), n_poses=(1, 5), seeds=(0,))
         assert result.passed, result.cases
         assert result.worst <= 1e-10
-        assert {case[0] for case in result.cases} == {"store", "recompute", "mtenn"}
+        assert {case[0] for case in result.cases} == {"store", "recompute", "auto", "mtenn"}
         assert any("does not implement streaming" in s for s in result.skipped)
 
 

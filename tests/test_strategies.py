@@ -32,7 +32,7 @@ from combframe.testing import (
 from tests.conftest import make_mlp, make_poses
 
 RTOL = 1e-10
-STRATEGIES = ("store", "recompute", "stream")
+STRATEGIES = ("store", "recompute", "stream", "auto")
 N_POSES = (1, 2, 16)
 
 
@@ -416,7 +416,7 @@ def test_resolve_strategy_names_and_instances() -> None:
     custom = combframe.Recompute(check=True)
     assert resolve_strategy(custom) is custom
     assert repr(custom) == "Recompute(check=True)"
-    with pytest.raises(ValueError, match=r"'keep'.*\['recompute', 'store', 'stream'\]"):
+    with pytest.raises(ValueError, match=r"'keep'.*\['auto', 'recompute', 'store', 'stream'\]"):
         resolve_strategy("keep")
 
 

@@ -158,9 +158,9 @@ def test_frozen_unused_and_tied_parameters_match_the_reference(name: str) -> Non
         model_factory=tied_factory,
     )
     assert result.passed, f"worst case {result.worst_case()}; errors {result.errors}"
-    # per N: one pose per pass (store, recompute, mtenn: 3 losses; stream: combined only),
-    # then chunks of 3, three compounds, and both (store, recompute: 3; stream: 1)
-    assert len(result.cases) == 2 * ((3 * 3 + 1) + 3 * (2 * 3 + 1)), result.cases
+    # per N: one pose per pass (store, recompute, auto, mtenn: 3 losses; stream: combined
+    # only), then chunks of 3, three compounds, and both (store, recompute, auto: 3; stream: 1)
+    assert len(result.cases) == 2 * ((4 * 3 + 1) + 3 * (3 * 3 + 1)), result.cases
 
 
 def test_tied_frozen_unused_gradient_fields() -> None:

@@ -66,10 +66,17 @@ def checked_combination(config: TrainConfig) -> combframe.Combination:
 
 def strategy_of(config: TrainConfig) -> Any:
     """Return the configured strategy, built with ``strategy_options``."""
-    cls = {"store": combframe.Store, "recompute": combframe.Recompute, "stream": combframe.Stream}
+    cls = {
+        "store": combframe.Store,
+        "recompute": combframe.Recompute,
+        "stream": combframe.Stream,
+        "auto": combframe.Auto,
+    }
     chosen = cls[config.strategy]
+    # training's loss is on the combined predictions only
+    options = {"losses": "combined"} if config.strategy == "auto" else {}
     try:
-        return chosen(**config.strategy_options)
+        return chosen(**(options | config.strategy_options))
     except TypeError:
         known = [n for n in inspect.signature(chosen).parameters if n != "self"]
         raise ConfigError(

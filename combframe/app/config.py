@@ -138,19 +138,21 @@ class TrainConfig(BaseModel):
         description="The combination by registered name, with its parameters "
         "(combination.name=boltzmann combination.kT=0.6); see `combframe list`.",
     )
-    strategy: Literal["store", "recompute", "stream"] = Field(
-        "store", description="How per-pose gradients are kept (see MultiPoseModel)."
+    strategy: Literal["store", "recompute", "stream", "auto"] = Field(
+        "auto",
+        description="How per-pose gradients are kept (see MultiPoseModel); auto chooses "
+        "one at the first step, for a loss on the combined predictions.",
     )
     strategy_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Options of the strategy's class (strategy_options.check=false for "
-        "recompute); see combframe.Store, Recompute, Stream.",
+        "recompute); see combframe.Store, Recompute, Stream, Auto.",
     )
     chunk_size: int | None = Field(
         None,
         ge=1,
         description="Poses per pass of the network (MultiPoseModel's chunk_size; molecules "
-        "are batched with PyG's Batch); null: 16 for molecules with recompute or stream, "
+        "are batched with PyG's Batch); null: 16 for molecules unless strategy=store, "
         "else 1.",
     )
     device: str = Field(

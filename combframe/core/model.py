@@ -35,8 +35,11 @@ class MultiPoseModel(torch.nn.Module):
         A combination module, a registered name (``"max"``), a
         :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
     strategy
-        ``"store"`` (default), ``"recompute"``, ``"stream"``, or a
-        :class:`~combframe.core.strategies.Strategy` instance such as ``Recompute(check=True)``.
+        ``"auto"`` (the default: store with one pose per pass when its ``(N, P)``
+        buffer fits a quarter of the device's memory, otherwise recompute; chosen at the
+        first forward, see :class:`~combframe.Auto`), ``"store"``, ``"recompute"``,
+        ``"stream"``, or a strategy instance such as ``Recompute(check=True)`` or
+        ``Auto(losses="combined")``.
     pred_readout
         Applied to each pose's prediction before combining (part of the per-pose graph).
     comb_readout
@@ -93,7 +96,7 @@ class MultiPoseModel(torch.nn.Module):
         model: torch.nn.Module,
         combination: Any,
         *,
-        strategy: str | Strategy = "store",
+        strategy: str | Strategy = "auto",
         pred_readout: Callable[[Tensor], Tensor] | None = None,
         comb_readout: Callable[[Tensor], Tensor] | None = None,
         check_finite: bool = True,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from combframe.core.batch import default_collate
 from combframe.core.combination import Combination, StreamingCombination
-from combframe.core.strategies import STRATEGIES
+from combframe.core.strategies import STRATEGIES, Strategy
 from combframe.errors import StrategyError, StrategyWarning
 
 __all__ = [
@@ -135,7 +135,7 @@ def multipose_gradients(
     combination: Combination,
     poses: Sequence[Any],
     loss: LossFn,
-    strategy: str = "store",
+    strategy: str | Strategy = "store",
     *,
     sizes: Sequence[int] | None = None,
     chunk_size: int = 1,

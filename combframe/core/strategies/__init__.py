@@ -22,11 +22,13 @@ reaches through a closure (found by walking the graph of the first chunk run wit
 The modules, read top-down: :mod:`.runner` (running a chunk, the :class:`Chunk` a
 strategy asks), :mod:`.graph` (the graph walk), :mod:`.replay` (buffer, RNG and autocast
 snapshots), :mod:`.base` (the contract), :mod:`.store` and its :mod:`.per_sample` path,
-:mod:`.recompute`, :mod:`.stream` and its :mod:`.sums`.
+:mod:`.recompute`, :mod:`.stream` and its :mod:`.sums`, and :mod:`.auto`, which
+chooses one of the three at the first forward.
 """
 
 from __future__ import annotations
 
+from combframe.core.strategies.auto import Auto
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.recompute import Recompute
 from combframe.core.strategies.replay import undo_side_effects
@@ -36,6 +38,7 @@ from combframe.core.strategies.stream import Stream
 
 __all__ = [
     "STRATEGIES",
+    "Auto",
     "Chunk",
     "Collected",
     "PoseRunner",
@@ -49,11 +52,14 @@ __all__ = [
 ]
 
 #: The strategies by name: the one list every other place (configs, the CLI) reads.
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Store, Recompute, Stream)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Store, Recompute, Stream, Auto)}
 
 
 def resolve_strategy(strategy: str | Strategy) -> Strategy:
-    """Return a strategy instance for a name (``"store"``, ``"recompute"``, ``"stream"``)."""
+    """Return a strategy instance for a name in :data:`STRATEGIES` (``"auto"`` among them).
+
+    Any other string raises :class:`ValueError` naming the accepted ones.
+    """
     if isinstance(strategy, Strategy):
         return strategy
     key = str(strategy).strip().lower()

@@ -34,7 +34,7 @@ from combframe.errors import CombinationError, StrategyWarning, user_stacklevel
 
 @final
 class Store(Strategy):
-    """Store each pose's gradient in one preallocated ``(M, P)`` buffer (the default).
+    """Store each pose's gradient in one preallocated ``(M, P)`` buffer.
 
     Costs M forward and backward passes plus one ``M x P`` matrix-vector product, and
     ``M * P`` numbers of memory between forward and backward.
