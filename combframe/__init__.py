@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from combframe.core.combination import Combination, CombinationParams, StreamingCombination
     from combframe.core.model import MultiPoseModel
     from combframe.core.strategies import Auto, Recompute, Store, Stream
+    from combframe.core.weights import pose_weights
     from combframe.errors import (
         CombframeError,
         CombframeWarning,
@@ -72,6 +73,7 @@ __all__ = [
     "list_combinations",
     "migrate_mtenn_config",
     "plugin_errors",
+    "pose_weights",
     "register_plugin",
     "reload_registry",
 ]
@@ -84,6 +86,7 @@ _HOMES = {
     "CompoundPredictions": "combframe.core.batch",
     "default_collate": "combframe.core.batch",
     "MultiPoseModel": "combframe.core.model",
+    "pose_weights": "combframe.core.weights",
     "Auto": "combframe.core.strategies",
     "Recompute": "combframe.core.strategies",
     "Store": "combframe.core.strategies",

@@ -27,7 +27,13 @@ __all__ = [
     "segment_mean",
     "segment_softmax",
     "segment_sum",
+    "with_prior",
 ]
+
+
+def with_prior(log_weights: Tensor, prior: Tensor | None) -> Tensor:
+    """Return log weights plus the per-pose log prior, if one is given (a masked pose: -inf)."""
+    return log_weights if prior is None else log_weights + prior
 
 
 def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:

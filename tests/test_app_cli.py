@@ -59,6 +59,18 @@ def test_without_traceback_the_error_says_where_to_add_it(
     assert "--traceback" in err
 
 
+def test_with_traceback_the_error_does_not_say_to_add_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def explode() -> None:
+        raise RuntimeError("registry exploded")
+
+    monkeypatch.setattr(combframe, "describe_combinations", explode)
+    assert main(["--traceback", "list"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "combframe list: error: RuntimeError: registry exploded"
+
+
 def test_traceback_after_train_and_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--traceback", "epochs=0"]) == 2  # a usage error, not unexpected
     assert main(["check", "mean", "--traceback", "--seeds", "0", "--poses", "2"]) == 0

@@ -158,6 +158,26 @@ def _new_compounds(tmp_path: Path, values: bool = False) -> Path:
     return path
 
 
+def test_targets_are_written_as_read_and_empty_where_a_compound_has_none(
+    runs: Path, tmp_path: Path
+) -> None:
+    path = _new_compounds(tmp_path)
+    data = json.loads(path.read_text())
+    data["compounds"][0]["value"], data["compounds"][2]["value"] = -6.1, -7
+    path.write_text(json.dumps(data))
+    out = tmp_path / "p.csv"
+    for run, digits in ((runs / "pair" / "1-0", "-6.1"), (runs / "one", "-6.1")):
+        assert main(["predict", str(run), f"data={path}", "-o", str(out)]) == 0
+        assert [r["target"] for r in _rows(out)] == [digits, "", "-7.0", ""]
+
+
+def test_the_built_in_set_names_its_compounds(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(runs / "pair" / "1-0"), "-o", str(out)]) == 0
+    names = [r["name"] for r in _rows(out)]
+    assert all(names) and len(set(names)) == len(names)
+
+
 def test_an_ensemble_gives_the_mean_and_std_of_its_members(runs: Path, tmp_path: Path) -> None:
     data = f"data={_new_compounds(tmp_path)}"
     members = [runs / "pair" / "seed-0", runs / "pair" / "seed-1"]
@@ -232,13 +252,15 @@ def test_predict_best_needs_only_the_best_model(runs: Path, tmp_path: Path) -> N
 
 def test_predict_file_gives_a_file_s_compounds_in_order(runs: Path, tmp_path: Path) -> None:
     path = _new_compounds(tmp_path)
-    compounds, result = combframe.app.predict_file(runs / "one", data=path)
+    done = combframe.app.predict_file(runs / "one", data=path)
+    compounds, result = done.compounds, done.predictions
     assert [c.name for c in compounds] == ["new-0", "new-1", "new-2", "new-3"]
     assert main(["predict", str(runs / "one"), f"data={path}", "-o", str(tmp_path / "p.csv")]) == 0
     rows = _rows(tmp_path / "p.csv")
     assert [float(r["prediction"]) for r in rows] == result.combined.tolist()
-    pair, ensemble = combframe.app.predict_file(runs / "pair", data=path)
-    assert [c.name for c in pair] == [c.name for c in compounds] and ensemble.models == 2
+    pair = combframe.app.predict_file(runs / "pair", data=path)
+    assert [c.name for c in pair.compounds] == [c.name for c in compounds]
+    assert pair.predictions.models == 2 and pair.skipped == ()
 
 
 def test_a_float64_model_predicts_float32_compounds_and_says_what_to_cast(runs: Path) -> None:

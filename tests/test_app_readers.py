@@ -21,6 +21,7 @@ pytest.importorskip("rdkit")
 pytest.importorskip("torch_geometric")
 
 from rdkit import Chem
+from rdkit.Chem import AllChem
 from torch_geometric.data import Batch, Data
 
 import combframe
@@ -484,6 +485,14 @@ def test_an_empty_sdf_a_bad_protein_and_an_unknown_name_are_one_line_errors(
     assert "neither a file nor a built-in set (chembl, cmet, posebusters)" in message
 
 
+def _cmet_run(tmp_path: Path, cache: str, *overrides: str) -> Path:
+    """Train SchNet on a few c-Met ligands into ``tmp_path/runs/one``; return that folder."""
+    runs = tmp_path / "runs"
+    args = ["train", "data=cmet", *FAST, cache, "strategy=stream", *overrides]
+    assert main([*args, f"output_dir={runs}", "name=one"]) == 0
+    return runs / "one"
+
+
 def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on(
     tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -491,9 +500,7 @@ def test_a_trained_schnet_is_rebuilt_and_predicts_the_molecules_it_was_tested_on
 
     from combframe.app.predict import load
 
-    runs = tmp_path / "runs"
-    args = ["train", "data=cmet", "reader.limit=6", *FAST, cache, "strategy=stream"]
-    assert main([*args, f"output_dir={runs}", "name=one", "dtype=float64"]) == 0
+    runs = _cmet_run(tmp_path, cache, "reader.limit=6", "dtype=float64").parent
     model = load(runs / "one")
     assert isinstance(model.model, SchNetNetwork)
     out = tmp_path / "p.csv"
@@ -514,3 +521,208 @@ def test_predict_reads_molecules_without_values(tmp_path: Path, cache: str) -> N
     config = TrainConfig.model_validate({"data": str(path), "reader": {"cache_dir": str(tmp_path)}})
     data = load_data(config, for_prediction=True)
     assert len(data.train) == 1 and data.test == () and torch.isnan(data.train[0].target)
+
+
+# ---- conflicting entries, interrupts, hints ---------------------------------------------
+
+
+def _sdf_of(tmp_path: Path, records: list[tuple[str, str, float]]) -> Path:
+    """An SDF of one embedded record per ``(smiles, title, dG)``."""
+    path = tmp_path / "docked.sdf"
+    with Chem.SDWriter(str(path)) as writer:
+        for smiles, name, value in records:
+            mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+            AllChem.EmbedMolecule(mol, randomSeed=1)
+            mol.SetProp("_Name", name)
+            mol.SetProp("dG", str(value))
+            writer.write(mol)
+    return path
+
+
+def _two_molecules(tmp_path: Path, title: str = "L1") -> Path:
+    """Ethanol (dG -5) and benzene (dG -8) under one title, then L2 and L3."""
+    records = [("CCO", title, -5), ("c1ccccc1", title, -8), ("CCO", "L2", -5), ("CCCO", "L3", -6)]
+    return _sdf_of(tmp_path, records)
+
+
+def test_different_molecules_under_one_sdf_title_are_a_bad_compound(
+    tmp_path: Path, cache: str
+) -> None:
+    path = _two_molecules(tmp_path)
+    overrides = [f"data={path}", "reader.target=dG", cache]
+    message = _error(overrides)
+    assert str(path) in message and "record 1 (compound 'L1')" in message
+    assert "is C6 but record 0 of the same name is C2 O1" in message
+    data = _data([*overrides, "reader.skip_invalid=true"])
+    assert len(data.skipped) == 1 and {c.name for c in (*data.train, *data.test)} == {"L2", "L3"}
+
+
+def test_one_molecule_with_two_values_under_one_title_is_a_bad_compound(
+    tmp_path: Path, cache: str
+) -> None:
+    records = [("CCO", "L1", -5), ("OCC", "L1", -5), ("CCO", "L1", -6), ("CCCO", "L2", -6)]
+    message = _error([f"data={_sdf_of(tmp_path, records)}", "reader.target=dG", cache])
+    assert "record 2 (compound 'L1'): has the value -6 but record 0" in message
+
+
+def test_a_values_csv_with_two_values_for_one_name_is_refused(tmp_path: Path, cache: str) -> None:
+    smi, values = _smiles(tmp_path)
+    first = values.read_text().splitlines()[1].split(",")[0]
+    overrides = [f"data={smi}", f"reader.values={values}", "reader.conformers=1", cache]
+    with values.open("a") as handle:
+        handle.write(f"{first},5\n")  # the same value again: accepted
+    assert len(_data(overrides).train) + len(_data(overrides).test) == 3
+    with values.open("a") as handle:
+        handle.write(f"{first},-9\n")
+    message = _error(overrides)
+    assert f"{str(values)!r}: rows 2 and 6 (compound {first!r}): two values, 5 and -9" in message
+    data = _data([*overrides, "reader.skip_invalid=true"])
+    assert len(data.skipped) == 1 and len((*data.train, *data.test)) == 2
+
+
+def test_a_manifest_with_two_values_for_one_compound_is_refused(tmp_path: Path, cache: str) -> None:
+    rows = [
+        f"a,1,{PDB}/1ia1/1ia1_ligand.sdf",
+        f"b,2,{PDB}/1ia1/1ia1_ligands.sdf",
+        f"c,3,{PDB}/1ia1/1ia1_ligand.sdf",
+        f"a,1.5,{PDB}/1ia1/1ia1_ligands.sdf",
+    ]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("compound,value,poses\n" + "\n".join(rows) + "\n")
+    message = _error([f"data={manifest}", cache])
+    assert f"{str(manifest)!r}: rows 2 and 5 (compound 'a'): two values, 1 and 1.5" in message
+    data = _data([f"data={manifest}", "reader.skip_invalid=true", cache])
+    assert len(data.skipped) == 1 and {c.name for c in (*data.train, *data.test)} == {"b", "c"}
+
+
+def test_a_smiles_csv_with_one_name_on_two_molecules_is_refused(tmp_path: Path, cache: str) -> None:
+    path = tmp_path / "series.csv"
+    path.write_text("name,smiles,value\neth,CCO,1\nprop,CCCO,2\neth,CCCCO,3\nbut,CCCCCO,4\n")
+    overrides = [f"data={path}", "reader.conformers=1", cache]
+    message = _error(overrides)
+    assert "records 0 and 2 (compound 'eth'): two rows of one name" in message
+    data = _data([*overrides, "reader.skip_invalid=true"])
+    assert len(data.skipped) == 1 and {c.name for c in (*data.train, *data.test)} == {
+        "prop",
+        "but",
+    }
+
+
+def test_a_cache_entry_copied_over_another_is_rebuilt(tmp_path: Path) -> None:
+    one, two = _cmet(tmp_path, count=2, name="one.sdf"), _cmet(tmp_path, count=4, name="two.sdf")
+    _read(one, tmp_path)
+    (entry_one,) = (tmp_path / "cache").iterdir()
+    _read(two, tmp_path)
+    (entry_two,) = set((tmp_path / "cache").iterdir()) - {entry_one}
+    entry_two.write_bytes(entry_one.read_bytes())
+    assert len(_read(two, tmp_path).compounds) == 4
+    assert json.loads(torch.load(entry_two, weights_only=True)["meta"])["key"] == entry_two.stem
+
+
+def _interrupt_embedding(signum: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every embedding fail as if ``signum`` arrived during it."""
+    import combframe.app.chem as chem
+
+    def embed(*args: Any) -> list[Any]:
+        os.kill(os.getpid(), signum)
+        raise chem.ChemError("RDKit could not embed it in 3D (ETKDG found no conformer)")
+
+    monkeypatch.setattr(chem, "conformer_poses", embed)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_sigterm_while_reading_blames_nothing_caches_nothing_and_exits_143(
+    tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch, capsys: Any, skip: bool
+) -> None:
+    import signal
+
+    smi, values = _smiles(tmp_path)
+    _interrupt_embedding(15, monkeypatch)
+    args = ["train", f"data={smi}", f"reader.values={values}", cache, *FAST]
+    # Ignored unless the reader records it: a regression fails here, not kills pytest.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert main([*args, f"reader.skip_invalid={str(skip).lower()}"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err.strip()
+    assert err == "combframe train: stopped by SIGTERM while reading the data; nothing was cached"
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_ctrl_c_that_rdkit_catches_while_embedding_is_raised_again(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    smi = tmp_path / "big.smi"
+    smi.write_text("CC(C)C[C@H](NC(=O)[C@@H](Cc1ccccc1)NC(=O)c1cnccn1)B(O)O big\nCCO small\n")
+    opts = ReaderConfig(conformers=300, skip_invalid=True, cache_dir=tmp_path / "cache")
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), 2))
+    timer.start()
+    try:
+        with pytest.raises(readers.ReadInterruptedError) as info:
+            readers.read_molecules(str(smi), opts, torch.float32, values=False)
+    finally:
+        timer.cancel()
+    assert info.value.signum == 2 and "SIGINT" in str(info.value)
+    assert not (tmp_path / "cache").exists()
+    assert "Interrupted" not in capfd.readouterr().err  # RDKit's own warning is not shown
+
+
+def test_reader_keys_and_values_get_close_names(tmp_path: Path, cache: str) -> None:
+    with pytest.raises(ConfigError, match=r"reader\.targt: .*did you mean 'target'"):
+        load_config(None, ["reader.targt=dG"])
+    path = _two_molecules(tmp_path, title="L0")
+    message = _error([f"data={path}", "reader.target=dg", "reader.group_by=dG", cache])
+    assert "(no SD property dg; did you mean 'dG'?)" in message
+    smi, values = _smiles(tmp_path)
+    name = smi.read_text().splitlines()[0].split()[1]
+    values.write_text(values.read_text().replace(f"{name},", f"X{name.lower()},"))
+    message = _error([f"data={smi}", f"reader.values={values}", "reader.conformers=1", cache])
+    assert f"has no value (a finite number) for this compound in {str(values)!r}" in message
+    assert f"did you mean 'X{name.lower()}'" in message
+    blocks = path.read_text().split("$$$$\n")
+    path.write_text("$$$$\n".join("\n" + b.split("\n", 1)[1] if b else b for b in blocks))
+    message = _error([f"data={path}", "reader.target=dG", cache])
+    assert "reader.group_by=<property>" in message and "dG" in message
+
+
+def test_posebusters_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    real = resources.files
+
+    def files(package: str) -> Any:
+        if package == "posebusters":
+            raise ModuleNotFoundError("No module named 'posebusters'")
+        return real(package)
+
+    monkeypatch.setattr(readers.resources, "files", files)
+    with pytest.raises(readers.DataError, match=r"pip install 'combframe\[chem\]'"):
+        readers._inputs("posebusters", ReaderConfig())
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert any(
+        r.startswith("posebusters") for r in pyproject["project"]["optional-dependencies"]["chem"]
+    )
+
+
+def test_predict_notes_skipped_records_and_writes_targets_as_read(
+    tmp_path: Path, cache: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    run = _cmet_run(tmp_path, cache, "reader.limit=4", "reader.skip_invalid=true")
+    path = _cmet(tmp_path, count=3)
+    blocks = path.read_text().split("$$$$\n")
+    blocks[1] = blocks[1].replace("M  END", "M  END\n9999 garbage", 1).replace("V2000", "V9999")
+    path.write_text("$$$$\n".join(blocks))
+    capsys.readouterr()
+    out = tmp_path / "p.csv"
+    predict = ["predict", str(run), f"data={path}", "reader.target=r_exp_dg", "-o"]
+    assert main([*predict, str(out)]) == 0
+    assert "note: reader.skip_invalid left out 1 record(s)" in capsys.readouterr().err
+    supplier = Chem.SDMolSupplier(str(RDKIT_DATA / "cmet_ligands.sdf"))
+    read = [m.GetProp("r_exp_dg") for m, _ in zip(supplier, range(3), strict=False)]
+    with out.open() as handle:
+        assert [r["target"] for r in csv.DictReader(handle)] == [read[0], read[2]]

@@ -216,7 +216,8 @@ def test_schema_covers_every_installed_combination(tmp_path: Path) -> None:
     assert set(variants["mean"]["properties"]) == {"name"}
     for info in combframe.describe_combinations():
         props = variants[info.name]["properties"]
-        assert set(props) == {"name"} | {p.name for p in info.parameters}
+        learn = {"learn"} if any(p.type == "float" for p in info.parameters) else set()
+        assert set(props) == {"name"} | learn | {p.name for p in info.parameters}
 
     with isolated_registry(), install_example_plugin(tmp_path):
         variants = _variants(combframe.combination_config_schema())

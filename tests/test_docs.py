@@ -358,3 +358,22 @@ def test_example_plugin_passes_combframe_check(example_site: Path) -> None:
         example_site, "-m", "combframe", "check", "expavg", "kT=2.0", "--seeds", "0"
     )
     assert "PASS expavg" in proc.stdout, proc.stdout
+
+
+def test_install_page_lists_every_extra_with_what_it_installs() -> None:
+    """Each extra of pyproject.toml is a row of install.md's table naming its packages."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", (DOCS / "install.md").read_text(), re.M)
+    }
+    for extra, requirements in extras.items():
+        assert extra in rows, f"docs/install.md's extras table lacks `{extra}`"
+        for requirement in requirements:
+            package = re.split(r"[<>=!\[ ]", requirement)[0]
+            if not package.startswith("types-"):
+                assert package.lower() in rows[extra].lower(), (extra, package)

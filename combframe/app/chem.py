@@ -8,14 +8,18 @@ per atom; :mod:`combframe.app.readers` groups them into compounds and caches the
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rdkit import Chem, RDLogger
+from rdkit import Chem, RDLogger, rdBase
 from rdkit.Chem import AllChem as _AllChem
 from rdkit.Chem import Crippen as _Crippen
 from rdkit.Chem import rdFingerprintGenerator
@@ -31,6 +35,7 @@ __all__ = [
     "ChemError",
     "SdfRecord",
     "conformer_poses",
+    "heavy_formula",
     "ligand_logp",
     "molecule_poses",
     "morgan_fingerprints",
@@ -135,6 +140,53 @@ def pocket(ligand: Atoms, protein: Atoms, cutoff: float) -> Atoms:
     )
 
 
+def heavy_formula(mol: Any) -> str:
+    """Return the formula of ``mol``'s heavy atoms (``C6 N1 O2``), whatever its hydrogens."""
+    counts = Counter(a.GetSymbol() for a in mol.GetAtoms() if a.GetAtomicNum() > 1)
+    return " ".join(f"{k}{counts[k]}" for k in sorted(counts))
+
+
+class _Collect(logging.Handler):
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record.getMessage())
+
+
+@contextmanager
+def _rdkit_warnings() -> Iterator[list[str]]:
+    """Collect RDKit's warnings during the block, shown nowhere (logs are off otherwise)."""
+    seen: list[str] = []
+    logger = logging.getLogger("rdkit")
+    handlers, propagate = logger.handlers, logger.propagate
+    logger.handlers = [_Collect(seen)]  # rdkit's own handler prints to stderr
+    logger.propagate = False
+    rdBase.LogToPythonLogger()
+    RDLogger.EnableLog("rdApp.warning")  # type: ignore[attr-defined]  # absent from the stubs
+    try:
+        yield seen
+    finally:
+        RDLogger.DisableLog("rdApp.warning")  # type: ignore[attr-defined]  # absent from the stubs
+        rdBase.LogToCppStreams()
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _embed(mol: Any, count: int, params: Any) -> list[int]:
+    """ETKDG conformers of ``mol``; a SIGINT that RDKit caught (giving up) is raised again.
+
+    RDKit handles SIGINT itself while embedding: it stops and returns no conformer, and
+    Python never sees the signal. Raising it again lets the caller's handler (or
+    :class:`KeyboardInterrupt`) act on it instead of blaming the molecule.
+    """
+    with _rdkit_warnings() as seen:
+        ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=count, params=params))
+    if any("Interrupted" in message for message in seen):
+        signal.raise_signal(signal.SIGINT)
+    return ids
+
+
 def _parse_smiles(smiles: str) -> Any:
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
@@ -154,7 +206,7 @@ def conformer_poses(
     params = AllChem.ETKDGv3()
     params.randomSeed = seed + 1  # RDKit embeds every conformer alike for randomSeed=0
     params.numThreads = 1
-    ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=count, params=params))
+    ids = _embed(mol, count, params)
     if not ids:
         raise ChemError(f"RDKit could not embed {smiles!r} in 3D (ETKDG found no conformer)")
     if minimize and AllChem.MMFFHasAllMoleculeParams(mol):

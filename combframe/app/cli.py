@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -64,9 +65,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError
     from combframe.app.predict import predict_file, write_csv
+    from combframe.app.readers import skipped_note
 
     try:
-        compounds, result = predict_file(
+        done = predict_file(
             [args.run, *(args.ensemble or [])],
             overrides=args.overrides,
             which="best" if args.best else "final",
@@ -76,9 +78,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     output = Path(args.output)
     poses = Path(args.poses) if args.poses else None
+    compounds, result = done.compounds, done.predictions
     write_csv(output, compounds, result, poses=poses)
     ensemble = f" (mean and std of {result.models} models)" if result.models > 1 else ""
     print(f"predictions  {count(len(compounds), 'compound')}{ensemble} -> {output}")
+    if (note := skipped_note(done.skipped)) is not None:
+        print(f"note: {note}", file=sys.stderr)
     if poses is not None:
         print(f"poses        {count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}")
     return EXIT_OK
@@ -512,17 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    except KeyboardInterrupt:
-        say("combframe: interrupted", every_rank=True)
-        return 130
+    except KeyboardInterrupt as exc:  # ReadInterruptedError says which signal and what it left
+        say(f"{_command(state)}: {exc or 'interrupted'}", every_rank=True)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except Exception as exc:
-        if getattr(state.get("args"), "traceback", False):
+        shown = getattr(state.get("args"), "traceback", False)
+        if shown:
             traceback.print_exc()
-        say(
-            f"{_command(state)}: error: {type(exc).__name__}: {exc} "
-            "(rerun with --traceback for details)",
-            every_rank=True,
-        )
+        hint = "" if shown else " (rerun with --traceback for details)"
+        say(f"{_command(state)}: error: {type(exc).__name__}: {exc}{hint}", every_rank=True)
         return EXIT_FAILED
 
 

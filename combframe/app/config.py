@@ -371,8 +371,9 @@ def format_validation_error(
     """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
 
     An unknown top-level field is followed by the closest known field and
-    ``known_fields`` when given; an unknown combination parameter by the closest
-    parameter of the combination named in ``data``.
+    ``known_fields`` when given; an unknown ``reader.*`` key by the closest reader key;
+    an unknown combination parameter by the closest parameter of the combination named
+    in ``data``.
     """
     parts = []
     for err in exc.errors():
@@ -387,6 +388,8 @@ def format_validation_error(
             if known_fields and len(err["loc"]) == 1:
                 hint = did_you_mean(str(err["loc"][0]), known_fields)
                 known = f"{hint}; known fields: " + ", ".join(known_fields)
+            elif err["loc"][:1] == ("reader",) and len(err["loc"]) == 2:
+                known = did_you_mean(str(err["loc"][1]), list(ReaderConfig.model_fields))
             elif err["loc"][:1] == ("combination",):
                 msg = "not a parameter of this combination (see `combframe list`)"
                 known = did_you_mean(str(err["loc"][-1]), _parameter_names(data))

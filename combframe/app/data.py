@@ -198,7 +198,7 @@ def make_dataset(
     Returns
     -------
     Dataset
-        The two splits.
+        The two splits; each compound is named by its index, ``"0"`` to ``"C-1"``.
 
     Raises
     ------
@@ -215,6 +215,7 @@ def make_dataset(
             poses=poses[c].unsqueeze(1).to(dtype),
             target=targets[c].to(dtype),
             pose_energies=energies[c].to(dtype),
+            name=str(c),
         )
         for c in range(n_compounds)
     )

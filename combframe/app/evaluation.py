@@ -27,6 +27,7 @@ from combframe.app.metrics import (
     held_out_metrics,
     rmse,
 )
+from combframe.app.readers import skipped_note
 from combframe.app.runs import RunResult, tensorboard_note
 from combframe.app.saved import save_model
 from combframe.errors import CombframeError
@@ -118,10 +119,7 @@ def _held_out(run: Run) -> tuple[dict[str, Any], list[str]]:
     for note in (
         baseline_note(test["rmse"], baseline),
         tensorboard_note() if run.config.tensorboard else None,
-        f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
-        f"first: {skipped[0]}"
-        if skipped
-        else None,
+        skipped_note(skipped),
     ):
         if note is not None:
             notes.append(note)

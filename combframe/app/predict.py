@@ -12,8 +12,8 @@ mean prediction over the models and their standard deviation (an ensemble, e.g. 
 runs of ``combframe train --seeds 5``), and per pose its prediction :math:`y_i` and its
 weight in the combination, :math:`\partial G / \partial y_i`: for the smooth minimum
 nearly 1 for the pose the model picked and 0 for the others, :math:`1/N` for the mean.
-The weights come from autograd on the small vector of per-pose predictions, never
-through the network.
+The weights are :meth:`combframe.MultiPoseModel.pose_weights`: autograd on the small
+vector of per-pose predictions, never through the network.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor
@@ -48,6 +49,7 @@ __all__ = [
     "Predictions",
     "load",
     "predict",
+    "PredictedFile",
     "predict_file",
     "run_folders",
     "write_csv",
@@ -122,6 +124,25 @@ def run_folders(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+@dataclass(frozen=True)
+class PredictedFile:
+    """The compounds of a file and their predictions (:func:`predict_file`).
+
+    Attributes
+    ----------
+    compounds
+        Every compound, in the file's order.
+    predictions
+        Their predictions; row ``i`` is compound ``i``.
+    skipped
+        What ``reader.skip_invalid`` left out, one line each.
+    """
+
+    compounds: tuple[Compound, ...]
+    predictions: Predictions
+    skipped: tuple[str, ...] = ()
+
+
 #: Config keys that choose the compounds to predict (with ``reader.*`` and the synthetic
 #: set's keys); the model's settings are the run's.
 PREDICT_KEYS = ("data", "seed", "test_fraction")
@@ -134,7 +155,7 @@ def predict_file(
     overrides: Sequence[str] = (),
     which: str = "final",
     device: str | torch.device = "cpu",
-) -> tuple[tuple[Compound, ...], Predictions]:
+) -> PredictedFile:
     """Predict every compound of a file, in the file's order, with one run or an ensemble.
 
     Parameters
@@ -156,9 +177,9 @@ def predict_file(
 
     Returns
     -------
-    tuple
-        The compounds, in the file's order (none held out), and their
-        :class:`Predictions` (row ``i`` is compound ``i``).
+    PredictedFile
+        The compounds, in the file's order (none held out), their :class:`Predictions`
+        (row ``i`` is compound ``i``) and what ``reader.skip_invalid`` left out.
 
     Raises
     ------
@@ -175,7 +196,7 @@ def predict_file(
     for folder in folders:
         _check_fits(folder, which, compounds)
     models = [load(f, device=device, which=which) for f in folders]
-    return compounds.train, predict(models, compounds.train)
+    return PredictedFile(compounds.train, predict(models, compounds.train), compounds.skipped)
 
 
 def _compounds(folder: Path, which: str, overrides: Sequence[str]) -> Dataset:
@@ -240,15 +261,6 @@ class Predictions:
     digits: int = 17
 
 
-def _pose_weights(model: combframe.MultiPoseModel, per_pose: Tensor, index: Tensor) -> Tensor:
-    r"""Return :math:`\partial G_c/\partial y_i` of every pose, by autograd on ``y`` alone."""
-    with torch.enable_grad():
-        y = per_pose.detach().requires_grad_(True)
-        combined = model.combination.segment_value(y, index, int(index.max()) + 1)
-        (weights,) = torch.autograd.grad(combined.sum(), y)
-    return weights
-
-
 def _one_model(
     model: combframe.MultiPoseModel, compounds: Sequence[Compound]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -260,7 +272,7 @@ def _one_model(
         poses = [list(c.to(param.device, param.dtype).poses) for c in chunk]
         with torch.no_grad():
             out = model(compounds=poses)
-        weights = _pose_weights(model, out.per_pose, out.index)
+        weights = model.pose_weights(out.per_pose, out.index)
         parts.append((out.combined, out.per_pose, weights, out.index + start))
     combined, per_pose, weights, index = (
         torch.cat([p[i] for p in parts]).detach().cpu() for i in range(4)
@@ -294,12 +306,13 @@ def write_csv(
     """Write one row per compound to ``path`` and, if given, one row per pose to ``poses``.
 
     Compound rows: ``index, name, prediction`` (``std`` and ``models`` for an ensemble)
-    and ``target`` when every compound has a value. Pose rows: ``index, name, pose,
-    prediction, weight``.
+    and ``target`` when any compound has a value (empty for one without), written as
+    read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
+    Pose rows: ``index, name, pose, prediction, weight``.
     """
     names = [c.name or "" for c in compounds]
-    targets = [float(c.target) for c in compounds]
-    with_target = all(t == t for t in targets)  # NaN: a compound without a value
+    targets = [_value_text(c.target) for c in compounds]
+    with_target = any(targets)
     header = ["index", "name", "prediction"]
     header += ["std", "models"] if result.models > 1 else []
     header += ["target"] if with_target else []
@@ -320,6 +333,14 @@ def write_csv(
             counts[c] += 1
         header = ["index", "name", "pose", "prediction", "weight"]
         _write_rows(poses, header, pose_rows, result.digits)
+
+
+def _value_text(value: Tensor) -> str:
+    """Return the shortest text that reads back as ``value`` in its dtype; "" for NaN."""
+    number = float(value)
+    if number != number:  # NaN: a compound without a value
+        return ""
+    return repr(number) if value.dtype == torch.float64 else str(np.float32(number))
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list[object]], digits: int) -> None:

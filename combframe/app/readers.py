@@ -10,8 +10,17 @@ poses are PyTorch Geometric ``Data`` with ``pos`` (n, 3), ``z`` (n,) and ``lig``
 The atoms are cached on disk, keyed by a hash of every input file's contents, the
 options and the RDKit version, in a file that :func:`torch.load` reads with
 ``weights_only=True`` (no pickle); it is written to a temporary name and renamed, so an
-error leaves no half-written entry. A record that cannot be used stops the read with one
-line naming the file, the record and the compound, or with ``skip_invalid`` is counted.
+error leaves no half-written entry. The entry holds its own key, checked on loading: an
+entry that is not the one asked for (copied or renamed) is rebuilt. A record that cannot
+be used stops the read with one line naming the file, the record and the compound, or
+with ``skip_invalid`` is counted. So do conflicting entries: two values for one name,
+two rows of one SMILES name, or different molecules under one SDF title.
+
+SIGINT and SIGTERM during reading are recorded and raised as :class:`ReadInterruptedError`
+after the RDKit call they arrived in (RDKit catches SIGINT while embedding and gives up
+on the molecule; :mod:`combframe.app.chem` raises it again), so an interrupt is never
+mistaken for a bad molecule and nothing is cached (a second signal stops at once, as
+:func:`~combframe.app.checkpoint.stop_on_signals` does).
 
 This module imports neither RDKit nor PyTorch Geometric: they are imported when a
 molecular input is read, and their absence is a :class:`DataError` saying how to
@@ -27,8 +36,9 @@ import io
 import json
 import math
 import os
+import signal
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,24 +48,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from combframe.app.checkpoint import atomic_write
+from combframe.app.checkpoint import StopRequest, atomic_write, stop_on_signals
 from combframe.app.data import Compound, DataError
+from combframe.errors import CombframeError
 
 if TYPE_CHECKING:
-    from combframe.app.chem import Atoms
+    from combframe.app.chem import Atoms, SdfRecord
     from combframe.app.config import ReaderConfig
 
 __all__ = [
     "BUILT_IN",
     "MoleculeSet",
+    "ReadInterruptedError",
     "import_quietly",
     "is_molecular",
     "read_molecules",
     "require_chem",
+    "skipped_note",
 ]
 
 #: Bumped when the cached layout or the featurisation changes.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 #: The built-in real data sets, by name: what they are (``--help`` and docs/data.md).
 BUILT_IN = {
@@ -133,16 +146,63 @@ class _Raw:
     where: str
     poses: list[Atoms] = field(default_factory=list)
     props: list[dict[str, float]] = field(default_factory=list)
+    hint: str = ""  # why it has no value, when a close name suggests one
+
+
+#: The value of a compound whose entries conflict: reported already, left out.
+_CONFLICT = math.nan
+
+
+def _conflicting(value: float | None) -> bool:
+    return value is not None and math.isnan(value)
+
+
+def skipped_note(skipped: Sequence[str]) -> str | None:
+    """Return the note that ``skip_invalid`` left entries out (None if none was)."""
+    if not skipped:
+        return None
+    return (
+        f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
+        f"first: {skipped[0]}"
+    )
+
+
+class ReadInterruptedError(CombframeError, KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while molecules were read; nothing was cached.
+
+    A :class:`KeyboardInterrupt` (what Ctrl-C raises) that says which signal came.
+
+    Attributes
+    ----------
+    signum
+        The signal's number (the command exits with ``128 + signum``).
+    """
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} while reading the data; nothing was cached")
+        self.signum = signum
 
 
 class _Problems:
-    """Raise each problem, or count it when ``skip`` (``skip_invalid``)."""
+    """Raise each problem, or count it when ``skip`` (``skip_invalid``).
 
-    def __init__(self, skip: bool) -> None:
+    ``stop`` holds the signal received while reading; :meth:`check` (called by
+    :meth:`report` first, so an interrupted RDKit call is not blamed on the data, and
+    after every compound) raises :class:`ReadInterruptedError` for it.
+    """
+
+    def __init__(self, skip: bool, stop: StopRequest | None = None) -> None:
         self.skip = skip
         self.lines: list[str] = []
+        self.stop = stop if stop is not None else StopRequest()
+
+    def check(self) -> None:
+        if self.stop.signum:
+            raise ReadInterruptedError(self.stop.signum)
 
     def report(self, where: str, problem: str) -> None:
+        self.check()
         line = f"{where}: {problem}"
         if not self.skip:
             raise DataError(f"{line} (reader.skip_invalid=true leaves such entries out)")
@@ -168,17 +228,50 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
     return [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows]
 
 
-def _read_values(path: Path) -> dict[str, float]:
-    """Read a CSV of ``name,value`` rows (a header first): the value of each compound."""
+@dataclass(frozen=True)
+class _Values:
+    """The ``reader.values`` CSV: its path and each name's value (:data:`_CONFLICT`)."""
+
+    path: Path
+    by_name: dict[str, float]
+
+    def get(self, name: str) -> tuple[float | None, str]:
+        """Return the value of ``name`` (None if absent) and, if absent, a hint."""
+        if name in self.by_name:
+            return self.by_name[name], ""
+        from combframe.app.config import did_you_mean
+
+        close = did_you_mean(name, list(self.by_name))
+        return None, f" in {str(self.path)!r}{close}"
+
+
+def _read_values(path: Path, problems: _Problems) -> _Values:
+    """Read a CSV of ``name,value`` rows (a header first): the value of each compound.
+
+    A name on rows with different values is reported (and its compound left out); a
+    repeated row with the same value is accepted.
+    """
     rows = _read_csv(path)
     values: dict[str, float] = {}
+    first: dict[str, int] = {}
     for i, row in enumerate(rows):
         cells = list(row.values())
         value = _number(cells[1]) if len(cells) >= 2 else None
         if value is None:
             raise DataError(f"{str(path)!r}: row {i + 2}: expected name,value; got {cells}")
-        values[cells[0]] = value
-    return values
+        name = cells[0]
+        old = values.get(name)
+        if old is not None and old != value:
+            if not _conflicting(old):
+                problems.report(
+                    f"{str(path)!r}: rows {first[name]} and {i + 2} (compound {name!r})",
+                    f"two values, {old:g} and {value:g}; keep one",
+                )
+            values[name] = _CONFLICT
+            continue
+        first.setdefault(name, i + 2)
+        values[name] = value
+    return _Values(path, values)
 
 
 def _spread(count: int, limit: int | None) -> list[int]:
@@ -194,23 +287,57 @@ def _check_file(path: Path, role: str) -> Path:
     return path
 
 
+def _no_name(key: str | None, record: SdfRecord) -> str:
+    if key:
+        return f"has no property {key} to group by"
+    props = ", ".join(sorted(record.properties)) or "none"
+    return (
+        "has no name (title line) to group by; give the records titles or group them "
+        f"by an SD property with reader.group_by=<property> (this record's: {props})"
+    )
+
+
+@dataclass
+class _Titled:
+    """What the first record of an SDF title was: its molecule, value and record."""
+
+    formula: str
+    value: float | None
+    index: int
+
+
+def _same_title(first: _Titled, formula: str, value: float | None) -> str | None:
+    """Why records ``first.index`` and ``index`` cannot be poses of one compound, or None."""
+    if formula != first.formula:
+        return f"is {formula} but record {first.index} of the same name is {first.formula}"
+    if value is not None and first.value is not None and value != first.value:
+        return f"has the value {value:g} but record {first.index} of the same name {first.value:g}"
+    return None
+
+
 def _sdf(
     path: Path,
     opts: ReaderConfig,
     problems: _Problems,
-    values: dict[str, float] | None,
+    values: _Values | None,
     protein: Atoms | None,
     group: str | None = None,
 ) -> list[_Raw]:
-    """Group the records of ``path`` into compounds (``group`` names all of them)."""
+    """Group the records of ``path`` into compounds (``group`` names all of them).
+
+    Records grouped by their title must be one molecule (heavy-atom formula) with one
+    value; a conflict leaves the compound out (or stops the read).
+    """
     import combframe.app.chem as chem
 
     compounds: dict[str, _Raw] = {}
+    titled: dict[str, _Titled] = {}
     try:
         records = list(chem.sdf_records(_check_file(path, "SDF")))
     except chem.ChemError as exc:
         raise DataError(f"{str(path)!r}: {exc}") from None
     for record in records:
+        problems.check()
         key = opts.group_by
         name = group or (record.properties.get(key, "") if key else record.title)
         where = f"{str(path)!r}: record {record.index} (compound {name!r})"
@@ -218,7 +345,7 @@ def _sdf(
             problems.report(where, "RDKit cannot read or sanitize this record")
             continue
         if not name:
-            problems.report(where, f"has no {'property ' + key if key else 'name'} to group by")
+            problems.report(where, _no_name(key, record))
             continue
         try:
             atoms = chem.molecule_poses(record.mol, opts.hydrogens)[0]
@@ -226,8 +353,16 @@ def _sdf(
             problems.report(where, str(exc))
             continue
         raw = compounds.setdefault(name, _Raw(name, None, where))
+        value, hint = _value_of(name, record.properties, opts.target, values)
+        if group is None and key is None and not _conflicting(raw.value):
+            formula = chem.heavy_formula(record.mol)
+            first = titled.setdefault(name, _Titled(formula, value, record.index))
+            conflict = _same_title(first, formula, value)
+            if conflict is not None:
+                problems.report(where, conflict)
+                raw.value = _CONFLICT
         if raw.value is None:
-            raw.value = _value_of(name, record.properties, opts.target, values)
+            raw.value, raw.hint = value, hint
         if protein is not None:
             atoms = chem.pocket(atoms, protein, opts.pocket_cutoff)
         raw.poses.append(atoms)
@@ -236,11 +371,19 @@ def _sdf(
 
 
 def _value_of(
-    name: str, props: dict[str, str], target: str | None, values: dict[str, float] | None
-) -> float | None:
+    name: str, props: dict[str, str], target: str | None, values: _Values | None
+) -> tuple[float | None, str]:
+    """Return the value of compound ``name`` and, if it has none, a hint."""
     if values is not None:
         return values.get(name)
-    return _number(props[target]) if target and target in props else None
+    if not target:
+        return None, ""
+    if target in props:
+        return _number(props[target]), ""
+    from combframe.app.config import did_you_mean
+
+    close = did_you_mean(target, list(props))
+    return None, f" (no SD property {target}{close})" if close else ""
 
 
 def _pose_numbers(props: dict[str, str], opts: ReaderConfig) -> dict[str, float]:
@@ -276,17 +419,38 @@ def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, float |
     ]
 
 
+def _repeated_names(
+    path: Path, rows: list[tuple[str, str, float | None]], problems: _Problems
+) -> set[str]:
+    """Report each name on two rows that differ (SMILES or value); return those names."""
+    first: dict[str, int] = {}
+    bad: set[str] = set()
+    for index, (name, smiles, value) in enumerate(rows):
+        seen = first.setdefault(name, index)
+        if seen != index and rows[seen][1:] != (smiles, value) and name not in bad:
+            bad.add(name)
+            problems.report(
+                f"{str(path)!r}: records {seen} and {index} (compound {name!r})",
+                "two rows of one name with different SMILES or values; rename one",
+            )
+    return bad
+
+
 def _conformers(
-    path: Path, opts: ReaderConfig, problems: _Problems, values: dict[str, float] | None
+    path: Path, opts: ReaderConfig, problems: _Problems, values: _Values | None
 ) -> list[_Raw]:
     import combframe.app.chem as chem
 
     rows = _smiles_rows(_check_file(path, "SMILES file"), opts)
+    bad = _repeated_names(path, rows, problems)
+    names = {row[0]: i for i, row in reversed(list(enumerate(rows)))}
+    keep = [i for i, row in enumerate(rows) if row[0] not in bad and names[row[0]] == i]
     out: list[_Raw] = []
-    for index in _spread(len(rows), opts.limit):
+    for index in (keep[i] for i in _spread(len(keep), opts.limit)):
+        problems.check()
         name, smiles, value = rows[index]
         where = f"{str(path)!r}: record {index} (compound {name!r})"
-        value = values.get(name) if values is not None else value
+        value, hint = values.get(name) if values is not None else (value, "")
         try:
             poses = chem.conformer_poses(
                 smiles, opts.conformers, opts.conformer_seed, opts.minimize, opts.hydrogens
@@ -294,7 +458,7 @@ def _conformers(
         except chem.ChemError as exc:
             problems.report(where, str(exc))
             continue
-        out.append(_Raw(name, value, where, poses, [{} for _ in poses]))
+        out.append(_Raw(name, value, where, poses, [{} for _ in poses], hint))
     return out
 
 
@@ -309,8 +473,12 @@ class _Entry:
     where: str
 
 
-def _manifest(path: Path) -> list[_Entry]:
-    """``compound,value,poses[,protein]`` rows; ``;`` separates pose files of one row."""
+def _manifest(path: Path, problems: _Problems | None = None) -> list[_Entry]:
+    """``compound,value,poses[,protein]`` rows; ``;`` separates pose files of one row.
+
+    Rows of one compound add poses; different values on them are reported to
+    ``problems`` (the compound is then left out); a row without a value takes the other's.
+    """
     rows = _read_csv(_check_file(path, "manifest"))
     if rows and not {"compound", "poses"} <= set(rows[0]):
         raise DataError(
@@ -319,20 +487,27 @@ def _manifest(path: Path) -> list[_Entry]:
         )
     base = path.parent
     entries: dict[str, _Entry] = {}
+    first: dict[str, int] = {}
     for i, row in enumerate(rows):
         name = row["compound"]
         files = tuple(base / p.strip() for p in row["poses"].split(";") if p.strip())
         protein = base / row["protein"] if row.get("protein") else None
-        where = f"{str(path)!r}: row {i + 2} (compound {name!r})"
         old = entries.get(name)
         value = _number(row.get("value", ""))
-        entries[name] = _Entry(
-            name,
-            value,
-            (*old.poses, *files) if old else files,
-            protein,
-            old.where if old else where,
-        )
+        if old is None:
+            first[name] = i + 2
+            where = f"{str(path)!r}: row {i + 2} (compound {name!r})"
+            entries[name] = _Entry(name, value, files, protein, where)
+            continue
+        if value is not None and old.value is not None and value != old.value:
+            if problems is not None and not _conflicting(old.value):
+                problems.report(
+                    f"{str(path)!r}: rows {first[name]} and {i + 2} (compound {name!r})",
+                    f"two values, {old.value:g} and {value:g}; keep one",
+                )
+            value = _CONFLICT
+        value = old.value if value is None else value
+        entries[name] = _Entry(name, value, (*old.poses, *files), protein, old.where)
     return list(entries.values())
 
 
@@ -343,6 +518,9 @@ def _from_entries(entries: Iterable[_Entry], opts: ReaderConfig, problems: _Prob
     out: list[_Raw] = []
     proteins: dict[Path, Atoms] = {}
     for entry in entries:
+        problems.check()
+        if _conflicting(entry.value):
+            continue  # reported by _manifest
         missing = [p for p in (*entry.poses, entry.protein) if p is not None and not p.is_file()]
         if missing or not entry.poses:
             problems.report(
@@ -363,7 +541,7 @@ def _from_entries(entries: Iterable[_Entry], opts: ReaderConfig, problems: _Prob
             protein = proteins[entry.protein]
         raw = _Raw(entry.name, entry.value, entry.where)
         for pose_file in entry.poses:
-            for part in _sdf(pose_file, opts, problems, {}, protein, group=entry.name):
+            for part in _sdf(pose_file, opts, problems, None, protein, group=entry.name):
                 raw.poses += part.poses
                 raw.props += part.props
         if raw.poses:
@@ -376,7 +554,13 @@ def _from_entries(entries: Iterable[_Entry], opts: ReaderConfig, problems: _Prob
 
 def _package_path(package: str, *parts: str) -> Path:
     """Locate ``parts`` inside the installed ``package`` (never a hard-coded path)."""
-    node = resources.files(package)
+    try:
+        node = resources.files(package)
+    except ModuleNotFoundError:
+        raise DataError(
+            f"this built-in set ships inside the {package} package, which is not "
+            "installed: pip install 'combframe[chem]'"
+        ) from None
     for part in parts:
         node = node / part
     return Path(str(node))
@@ -415,7 +599,7 @@ def _built_in(name: str, opts: ReaderConfig, problems: _Problems) -> Callable[[]
         fixed = opts.model_copy(update={"target": "r_exp_dg", "group_by": None})
         return lambda: _sdf(sdf, fixed, problems, None, None)
     smi = _package_file("rdkit", *folder, "CHEMBL2321810.smi")
-    act = _read_values(_package_file("rdkit", *folder, "CHEMBL2321810_act.csv"))
+    act = _read_values(_package_file("rdkit", *folder, "CHEMBL2321810_act.csv"), problems)
     return lambda: _conformers(smi, opts, problems, act)
 
 
@@ -466,7 +650,7 @@ def _read_raw(
     if source in BUILT_IN:
         return _built_in(source, opts, problems)()
     path = Path(source)
-    values = _read_values(opts.values) if opts.values is not None else None
+    values = _read_values(opts.values, problems) if opts.values is not None else None
     if path.suffix.lower() == ".sdf":
         protein = None
         if opts.protein is not None:
@@ -481,7 +665,7 @@ def _read_raw(
             )
         return _sdf(path, opts, problems, values, protein)
     if _is_manifest(path):
-        return _from_entries(_manifest(path), opts, problems)
+        return _from_entries(_manifest(path, problems), opts, problems)
     return _conformers(path, opts, problems, values)
 
 
@@ -491,8 +675,12 @@ def _checked(
     """Drop (or refuse) compounds without a value if needed; keep ``limit``; need two."""
     kept = []
     for raw in raws:
+        if _conflicting(raw.value):
+            continue  # reported where the conflict was found
         if raw.value is None and values_needed:
-            problems.report(raw.where, "has no value (a finite number) for this compound")
+            problems.report(
+                raw.where, f"has no value (a finite number) for this compound{raw.hint}"
+            )
         else:
             kept.append(raw)
     kept = [kept[i] for i in _spread(len(kept), opts.limit)]
@@ -505,14 +693,14 @@ def _checked(
 # ---- the cache -----------------------------------------------------------------------
 
 
-def _pack(raws: list[_Raw], skipped: list[str], source: str) -> dict[str, Any]:
-    """Flatten the compounds into a few tensors and a JSON string."""
+def _pack(raws: list[_Raw], skipped: list[str], source: str, key: str) -> dict[str, Any]:
+    """Flatten the compounds into a few tensors and a JSON string (with the cache ``key``)."""
     import numpy as np
 
     poses = [p for r in raws for p in r.poses]
     names = sorted({k for r in raws for d in r.props for k in d})
     props = [[d.get(k, math.nan) for k in names] for r in raws for d in r.props]
-    meta = {"names": [r.name for r in raws], "properties": names, "skipped": skipped}
+    meta = {"names": [r.name for r in raws], "properties": names, "skipped": skipped, "key": key}
     return {
         "pos": torch.from_numpy(np.concatenate([p.pos for p in poses])),
         "z": torch.from_numpy(np.concatenate([p.z for p in poses])),
@@ -576,14 +764,18 @@ def cache_dir(opts: ReaderConfig) -> Path:
     return Path(base) / "combframe"
 
 
-def _load_cached(path: Path) -> dict[str, Any] | None:
-    """Return the cached tensors at ``path``; None if absent or unreadable (rebuilt then)."""
+def _load_cached(path: Path, key: str) -> dict[str, Any] | None:
+    """Return the cached tensors at ``path``; None if absent, unreadable or not ``key``'s.
+
+    An entry whose stored key is not ``key`` (one copied over another's name) is treated
+    as corrupt: rebuilt.
+    """
     try:
         packed = torch.load(path, map_location="cpu", weights_only=True)
-        json.loads(packed["meta"])
+        stored = json.loads(packed["meta"]).get("key")
     except Exception:  # any unreadable entry (truncated, foreign, unpicklable) is rebuilt
         return None
-    return packed if isinstance(packed, dict) else None
+    return packed if isinstance(packed, dict) and stored == key else None
 
 
 def _store(path: Path, packed: dict[str, Any]) -> None:
@@ -606,19 +798,25 @@ def read_molecules(
     ------
     DataError
         One line naming the file, the record and the compound, for a missing file, an
-        unreadable record, a molecule RDKit rejects or a compound without a value
-        (unless ``opts.skip_invalid``), fewer than two compounds, or missing RDKit.
+        unreadable record, a molecule RDKit rejects, a compound without a value or with
+        conflicting entries (unless ``opts.skip_invalid``), fewer than two compounds, or
+        missing RDKit.
+    ReadInterruptedError
+        On SIGINT or SIGTERM while reading (nothing is cached).
     """
-    require_chem()
     label = f"built-in {source}" if source in BUILT_IN else source
-    key = _cache_key(source, opts, _inputs(source, opts), values)
-    path = cache_dir(opts) / f"{key}.pt"
-    packed = _load_cached(path) if opts.cache else None
+    with stop_on_signals() as stop:  # from the imports to the last record
+        problems = _Problems(opts.skip_invalid, stop)
+        require_chem()
+        key = _cache_key(source, opts, _inputs(source, opts), values)
+        path = cache_dir(opts) / f"{key}.pt"
+        packed = _load_cached(path, key) if opts.cache else None
+        if packed is None:
+            raws = _read_raw(source, opts, problems, values)
+            raws = _checked(raws, opts, problems, label, values)
+        problems.check()
     if packed is None:
-        problems = _Problems(opts.skip_invalid)
-        raws = _read_raw(source, opts, problems, values)
-        raws = _checked(raws, opts, problems, label, values)
-        packed = _pack(raws, problems.lines, label)
+        packed = _pack(raws, problems.lines, label, key)
         if opts.cache:
             _store(path, packed)
     compounds, skipped = _unpack(packed, dtype)

@@ -81,6 +81,9 @@ class Segments:
         ``owner`` as a ``torch.long`` tensor on the model's device.
     start_index
         ``starts`` as a ``torch.long`` tensor on the model's device.
+    prior
+        The log prior weight of each pose, ``(M,)`` (``-inf`` for a masked pose), or
+        ``None`` (see :func:`combframe.pose_weights`).
     """
 
     sizes: tuple[int, ...]
@@ -88,6 +91,7 @@ class Segments:
     owner: tuple[int, ...]
     index: Tensor
     start_index: Tensor
+    prior: Tensor | None = None
 
     @classmethod
     def from_sizes(cls, sizes: Sequence[int], device: torch.device) -> Segments:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import typing
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Protocol, runtime_checkable
 
 import torch
@@ -22,7 +22,13 @@ from torch import Tensor
 from typing_extensions import TypeVar
 
 from combframe.core.gradients import PoseGradients
-from combframe.errors import CombinationError
+from combframe.core.settings import (
+    check_saved,
+    checked_learn,
+    constrain,
+    normalize_name,
+    unconstrain,
+)
 
 __all__ = [
     "Combination",
@@ -117,18 +123,24 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     mtenn_fields
         mtenn-style flat config fields and the parameter each sets, for
         :func:`combframe.mtenn.from_mtenn_config` (``{"max_comb_scale": "pred_scale"}``).
+    takes_prior
+        Whether ``value`` takes ``prior=``, per-pose log weights (:mod:`combframe.core.weights`).
     Params
         The parameter model, taken from the brackets.
     params
-        This instance's validated parameters.
+        This instance's parameters; a learned one is its current value, a 0-d tensor.
+    learn
+        The parameters learned (``learn=[...]``): each an ``nn.Parameter`` ``raw_<field>``
+        under a parametrization keeping its bounds
+        (:func:`combframe.core.settings.learnable_fields`).
     """
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     deprecated_aliases: ClassVar[tuple[str, ...]] = ()
     mtenn_fields: ClassVar[Mapping[str, str]] = {}
+    takes_prior: ClassVar[bool] = False
     Params: ClassVar[type[CombinationParams]] = CombinationParams
-    params: P
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,6 +148,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             args = typing.get_args(base)
             if args and isinstance(args[0], type) and issubclass(args[0], CombinationParams):
                 cls.Params = args[0]
+        cls.takes_prior = "prior" in inspect.signature(cls.value).parameters
         if "__init__" not in cls.__dict__:
             cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # read by inspect
                 [
@@ -148,8 +161,8 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
                 ]
             )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Validate the parameters (positional in ``Params`` field order, or by keyword)."""
+    def __init__(self, *args: Any, learn: Iterable[str] = (), **kwargs: Any) -> None:
+        """Validate the parameters (positional in ``Params`` order, or by keyword); ``learn``."""
         super().__init__()
         fields = list(self.Params.model_fields)
         if len(args) > len(fields):
@@ -161,21 +174,53 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             if field in kwargs:
                 raise TypeError(f"{type(self).__name__} got parameter {field!r} twice")
             kwargs[field] = arg
-        object.__setattr__(self, "params", self.Params(**kwargs))
+        object.__setattr__(self, "_settings", self.Params(**kwargs))
+        object.__setattr__(self, "_learned", checked_learn(self.name, self.Params, learn))
+        for field in self.learn:
+            start = getattr(self.__dict__["_settings"], field)
+            raw = unconstrain(self.Params.model_fields[field], field, start)
+            self.register_parameter(f"raw_{field}", torch.nn.Parameter(torch.tensor(raw)))
+
+    @property
+    def params(self) -> P:
+        """The parameters; a learned one is its current value, a 0-d tensor with a graph."""
+        settings: P = self.__dict__["_settings"]
+        fields, raw = self.Params.model_fields, self.__getattr__
+        values = {f: constrain(fields[f], raw(f"raw_{f}")) for f in self.learn}
+        return settings.model_copy(update=values) if values else settings  # tensors unvalidated
+
+    @property
+    def learn(self) -> tuple[str, ...]:
+        """The names of the learned parameters, in ``Params`` field order."""
+        return tuple(self.__dict__["_learned"])
+
+    def settings(self) -> P:
+        """Return the parameters as plain values, a learned one read now (a device sync).
+
+        What :meth:`to_config`, the state_dict's combination state and the repr show.
+        """
+        with torch.no_grad():
+            values = {f: float(getattr(self.params, f)) for f in self.learn}
+        settings: P = self.__dict__["_settings"]
+        return settings.model_copy(update=values) if values else settings
 
     def __getattr__(self, item: str) -> Any:
         """Read a parameter as an attribute (``comb.pred_scale``)."""
-        params = self.__dict__.get("params")
-        if params is not None and item in type(params).model_fields:
-            return getattr(params, item)
+        if "_settings" in self.__dict__ and item in self.Params.model_fields:
+            return getattr(self.params, item)
         return super().__getattr__(item)
 
     def __setattr__(self, key: str, value: Any) -> None:
-        """Assign a parameter as an attribute; the new value is validated."""
-        if key in type(self).Params.model_fields and "params" in self.__dict__:
-            new = self.params.model_dump()
+        """Assign a parameter (a learned one's ``nn.Parameter`` too), validated first."""
+        if key in type(self).Params.model_fields and "_settings" in self.__dict__:
+            new = dict(self.settings())
             new[key] = value
-            object.__setattr__(self, "params", self.Params(**new))
+            settings = self.Params(**new)
+            if key in self.learn:
+                raw = unconstrain(self.Params.model_fields[key], key, getattr(settings, key))
+                with torch.no_grad():
+                    self.__getattr__(f"raw_{key}").fill_(raw)
+            object.__setattr__(self, "_settings", settings)
             return
         super().__setattr__(key, value)
 
@@ -184,66 +229,34 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         return tuple(getattr(self.params, f) for f in type(self.params).model_fields)
 
     def to_config(self) -> dict[str, Any]:
-        """Return ``{"name": ..., <params>}``, the dictionary form of this combination."""
-        return {"name": self.name, **self.params.model_dump()}
+        """Return ``{"name": ..., <params>}`` (and ``"learn"``); learned values as now."""
+        learn = {"learn": list(self.learn)} if self.learn else {}
+        return {"name": self.name, **self.settings().model_dump(), **learn}
 
     # ---- the settings in a state_dict ---------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         """Return the name and parameters that ``state_dict()`` carries (``_extra_state``).
 
-        Plain dicts, strings and numbers (the JSON form of the parameters), so a
-        checkpoint loads with ``torch.load(..., weights_only=True)``.
+        Plain dicts, strings and numbers: ``torch.load(..., weights_only=True)`` reads it.
         """
-        return {"name": self.name, "params": self.params.model_dump(mode="json")}
+        state = {"name": self.name, "params": self.settings().model_dump(mode="json")}
+        return {**state, "learn": list(self.learn)} if self.learn else state
 
     def set_extra_state(self, state: Any) -> None:
         """Check a ``state_dict``'s combination against this one; raise if they differ.
 
-        Loading a state_dict does not change a combination's settings: the model must be
-        built with the combination it was saved with, so a difference is an error (the
-        weights were trained for the saved settings).
+        Loading does not change the settings (the weights were trained for the saved
+        ones), so the model must be built with them; learned values load as weights.
 
         Raises
         ------
         CombinationError
-            If the saved name or a saved parameter differs from this combination's, or
-            the saved state is not what :meth:`get_extra_state` writes. The message names
-            the field, the saved value and the current one.
+            If the name, a parameter or the learned ones differ, or the state is not what
+            :meth:`get_extra_state` writes; the message names the field and both values.
         """
-        if not (
-            isinstance(state, Mapping)
-            and isinstance(state.get("name"), str)
-            and isinstance(state.get("params"), Mapping)
-        ):
-            raise CombinationError(
-                f"the state_dict's combination state {state!r} is not a mapping "
-                "{'name': str, 'params': {...}} as Combination.get_extra_state writes it"
-            )
-        saved = {"name": state["name"], **state["params"]}
-        build = (
-            f"build the model with the saved combination, MultiPoseModel(model, {saved!r}), "
-            "and load again"
-        )
-        if normalize_name(state["name"]) not in {
-            normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)
-        }:
-            raise CombinationError(
-                f"the state_dict was saved with combination {state['name']!r}, but this "
-                f"model's combination is {self.name!r}; {build}"
-            )
-        current = self.params.model_dump(mode="json")
-        for field, value in state["params"].items():
-            if field not in current:
-                raise CombinationError(
-                    f"the state_dict's combination {self.name!r} has parameter {field!r} "
-                    f"(= {value!r}), which this version of {type(self).__name__} does not "
-                    f"know (it has {sorted(current)}); {build}"
-                )
-            if current[field] != value:
-                raise CombinationError(
-                    f"the state_dict was saved with {self.name}'s {field}={value!r}, but "
-                    f"this model's combination has {field}={current[field]!r}; {build}"
-                )
+        names = {normalize_name(n) for n in (self.name, *self.aliases, *self.deprecated_aliases)}
+        current = self.settings().model_dump(mode="json")
+        check_saved(state, self.name, names, type(self).__name__, current, self.learn)
 
     def _load_from_state_dict(
         self,
@@ -268,15 +281,18 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             missing_keys.remove(key)
 
     def extra_repr(self) -> str:
-        """Show the parameters in the module's repr."""
-        return ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        """Show the parameters (a learned one's current value) in the module's repr."""
+        shown = [f"{k}={v!r}" for k, v in self.settings().model_dump().items()]
+        return ", ".join(shown + ([f"learn={list(self.learn)!r}"] if self.learn else []))
 
     # ---- the math a plugin supplies -----------------------------------------------
     @abstractmethod
     def value(self, preds: Tensor) -> Tensor:
         r"""Return :math:`h(y)` as a 0-d tensor, for one compound's ``preds`` of shape ``(N,)``."""
 
-    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    def segment_value(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
         r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
 
         The default calls :meth:`value` once per compound (a Python loop, one host sync);
@@ -292,9 +308,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             are contiguous and every compound has at least one pose.
         num_segments
             The number of compounds ``C``.
+        prior
+            Given only to a combination that ``takes_prior``: ``(M,)`` log weights.
         """
         sizes = torch.bincount(index, minlength=num_segments).tolist()
-        return torch.stack([self.value(p) for p in preds.split(sizes)])
+        if prior is None:
+            return torch.stack([self.value(y) for y in preds.split(sizes)])
+        value: Callable[..., Tensor] = self.value  # takes prior= (takes_prior)
+        pairs = zip(preds.split(sizes), prior.split(sizes), strict=True)
+        return torch.stack([value(y, prior=q) for y, q in pairs])
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``) for ``combined = h(preds)``.
@@ -323,23 +345,17 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             N per-pose predictions (each with one element), or a tensor of N elements.
         grad_dict
             Parameter name to a list of N detached per-pose gradients
-            :math:`\partial y_i/\partial\theta` (empty when nothing needs gradients). An
-            entry may be ``None`` (what ``torch.autograd.grad(..., allow_unused=True)``
-            gives for a parameter that pose does not use): it counts as zeros, and a
-            parameter with only ``None`` entries gets no gradient, as with autograd.
-        param_names
-            Names of ``model_params``, in the same order; every name is a key of
-            ``grad_dict``.
-        *model_params
-            The model parameters the gradients belong to; gradients flow to them.
+            :math:`\partial y_i/\partial\theta`; a ``None`` entry (a parameter that pose
+            does not use) counts as zeros.
+        param_names, *model_params
+            The model parameters the gradients belong to, and their names (keys of
+            ``grad_dict``); gradients flow to them.
 
         Returns
         -------
         combined, per_pose
-            The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``.
-            The backward uses the combination's parameters as they were in this call (a
-            value changed before ``backward()`` does not count), and the combination's
-            own trainable parameters (an ``nn.Parameter`` it holds) get their gradient.
+            The combined prediction (0-d) and the per-pose predictions, shape ``(N,)``;
+            the combination's own parameters get their gradient too.
 
         Raises
         ------
@@ -355,15 +371,6 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
                 "imported; import combframe.registry first, or use combframe's public API"
             )
         return _mtenn_call(self, pred_list, grad_dict, param_names, *model_params)
-
-
-def normalize_name(name: str) -> str:
-    """Case-fold a combination name and treat ``-`` and ``_`` alike.
-
-    >>> normalize_name(" Smooth-Max ")
-    'smooth_max'
-    """
-    return name.strip().lower().replace("-", "_")
 
 
 _resolver: Callable[[Any], Combination] | None = None

@@ -14,6 +14,7 @@ from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
 from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy
 from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
+from combframe.core.weights import PerPose, combined_values, log_prior, pose_weights
 from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
@@ -145,16 +146,22 @@ class MultiPoseModel(torch.nn.Module):
         return torch.device("cpu")
 
     @overload
-    def forward(self, poses: Sequence[Any]) -> tuple[Tensor, Tensor]: ...
+    def forward(
+        self, poses: Sequence[Any], *, prior: PerPose = None, mask: PerPose = None
+    ) -> tuple[Tensor, Tensor]: ...
 
     @overload
-    def forward(self, *, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions: ...
+    def forward(
+        self, *, compounds: Sequence[Sequence[Any]], prior: PerPose = None, mask: PerPose = None
+    ) -> CompoundPredictions: ...
 
     def forward(
         self,
         poses: Sequence[Any] | None = None,
         *,
         compounds: Sequence[Sequence[Any]] | None = None,
+        prior: PerPose = None,
+        mask: PerPose = None,
     ) -> tuple[Tensor, Tensor] | CompoundPredictions:
         """Predict one compound from its poses, or a batch of compounds.
 
@@ -168,14 +175,15 @@ class MultiPoseModel(torch.nn.Module):
             Instead of ``poses`` (keyword only): a batch of compounds, each a list of
             poses. The poses of all compounds run in shared chunks and one backward
             serves the whole batch. :meth:`forward_compounds` is the same call.
+        prior, mask
+            Per-pose log prior weights and which poses count (:mod:`combframe.core.weights`).
 
         Returns
         -------
         tuple or CompoundPredictions
-            For ``poses``: the combined prediction (0-d tensor) and the per-pose
-            predictions (shape ``(N,)``). For ``compounds``: a
-            :class:`~combframe.CompoundPredictions` of the ``(C,)`` combined predictions,
-            the ``(M,)`` per-pose predictions and their ``(M,)`` compound index. All are
+            For ``poses``: the combined prediction (0-d) and the ``(N,)`` per-pose ones.
+            For ``compounds``: a :class:`~combframe.CompoundPredictions` (``(C,)``
+            combined, ``(M,)`` per-pose, their ``(M,)`` compound index). All are
             differentiable with respect to the model's parameters and to any tensor in
             the poses that requires grad.
 
@@ -198,7 +206,7 @@ class MultiPoseModel(torch.nn.Module):
             )
         if compounds is None:
             assert poses is not None
-            result = self._run([_as_pose_list(poses)], single=True)
+            result = self._run([_as_pose_list(poses)], (prior, mask), single=True)
             return result.combined, result.per_pose
         batch = [_as_pose_list(c) for c in compounds]
         if not batch:
@@ -208,15 +216,23 @@ class MultiPoseModel(torch.nn.Module):
             raise CombinationError(
                 f"compounds {empty[:10]} have no poses: each compound needs at least one pose"
             )
-        return self._run(batch)
+        return self._run(batch, (prior, mask))
 
-    def forward_compounds(self, compounds: Sequence[Sequence[Any]]) -> CompoundPredictions:
-        """Predict a batch of compounds; the same as ``model(compounds=compounds)``."""
-        out: CompoundPredictions = self(compounds=compounds)
+    def pose_weights(self, per_pose: Tensor, index: Tensor | None = None, **kw: Any) -> Tensor:
+        """Return each pose's weight in its compound's value (:func:`combframe.pose_weights`)."""
+        return pose_weights(self.combination, per_pose, index, **kw)
+
+    def forward_compounds(
+        self, compounds: Sequence[Sequence[Any]], prior: PerPose = None, mask: PerPose = None
+    ) -> CompoundPredictions:
+        """Predict a batch of compounds; the same as ``model(compounds=compounds, ...)``."""
+        out: CompoundPredictions = self(compounds=compounds, prior=prior, mask=mask)
         return out
 
-    def _run(self, compounds: list[list[Any]], single: bool = False) -> CompoundPredictions:
-        """Run a batch of compounds; ``single``: one compound, a 0-d combined value."""
+    def _run(
+        self, compounds: list[list[Any]], side: tuple[PerPose, PerPose], single: bool = False
+    ) -> CompoundPredictions:
+        """Run a batch of compounds (``side``: prior and mask); ``single``: a 0-d value."""
         if len(compounds[0]) == 0 and len(compounds) == 1:
             raise CombinationError(
                 "poses is empty: a compound needs at least one pose to be predicted"
@@ -235,6 +251,7 @@ class MultiPoseModel(torch.nn.Module):
         )
         runner.scan(poses)
         segments = Segments.from_sizes([len(c) for c in compounds], device)
+        segments = log_prior(self.combination, *side, segments)
         # The buffers a training-mode forward may update (batch-norm statistics), put
         # back if it fails; any module in training mode counts (the wrapper may be in
         # eval while the model, or a readout module, trains).
@@ -261,7 +278,6 @@ class MultiPoseModel(torch.nn.Module):
         segments: Segments,
         held: dict[str, Tensor],
     ) -> tuple[Tensor, Tensor]:
-        count = segments.count
         if self._needs_graph(runner, poses):
             preds, source = self.strategy.collect(runner, poses, segments, self.combination)
             preds = self._promote(preds, source.layout.dtype)
@@ -271,12 +287,12 @@ class MultiPoseModel(torch.nn.Module):
                 per_pose: Tensor = PosePredictions.apply(  # type: ignore[no-untyped-call]  # untyped in torch
                     source, preds, *inputs, *own.values()
                 )
-                combined = _segment_value(self.combination, own, per_pose, segments)
+                combined = combined_values(self.combination, per_pose, segments, own)
                 self._check_finite(preds, combined)
                 return combined, per_pose
             # With the predictions detached, the graph of ``combined`` reaches only the
             # combination's own parameters, which StreamedPredictions' backward serves.
-            combined = self.combination.segment_value(preds, segments.index, count)
+            combined = combined_values(self.combination, preds, segments)
             self._check_finite(preds, combined)
             out: tuple[Tensor, Tensor] = StreamedPredictions.apply(  # type: ignore[no-untyped-call]  # untyped
                 source, combined, preds, *inputs
@@ -288,7 +304,7 @@ class MultiPoseModel(torch.nn.Module):
             if runner.params:
                 preds = self._promote(preds, runner.targets.layout.dtype)
         # in grad mode, the combination's own parameters still get their gradient
-        combined = self.combination.segment_value(preds, segments.index, count)
+        combined = combined_values(self.combination, preds, segments)
         self._check_finite(preds, combined)
         return combined, preds
 
@@ -362,30 +378,6 @@ def _hold(module: object) -> dict[str, Tensor]:
         return {}
     views = AfterPoses.apply(*named.values())  # type: ignore[no-untyped-call]  # untyped in torch
     return dict(zip(named, views, strict=True))
-
-
-class _SegmentValue(torch.nn.Module):
-    """``combination.segment_value`` as a module's forward, for ``functional_call``."""
-
-    def __init__(self, combination: Combination) -> None:
-        super().__init__()
-        self.combination = combination
-
-    @override
-    def forward(self, preds: Tensor, index: Tensor, count: int) -> Tensor:
-        return self.combination.segment_value(preds, index, count)
-
-
-def _segment_value(
-    combination: Combination, held: dict[str, Tensor], preds: Tensor, segments: Segments
-) -> Tensor:
-    """Return the combined values, with the combination's parameters replaced by ``held``."""
-    args = (preds, segments.index, segments.count)
-    if not held:
-        return combination.segment_value(*args)
-    named = {f"combination.{n}": v for n, v in held.items()}
-    out: Tensor = torch.func.functional_call(_SegmentValue(combination), named, args)
-    return out
 
 
 def _combination_first(

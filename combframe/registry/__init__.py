@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 import pydantic
 
 from combframe.core.combination import Combination, set_mtenn_call, set_resolver
+from combframe.core.settings import checked_learn
 from combframe.errors import (
     AmbiguousCombinationError,
     CombinationError,
@@ -266,7 +267,8 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
         parameters, a pydantic model that dumps to one (a
         :class:`~combframe.CombinationConfig`), or a combination module (returned as is).
     **params
-        Parameters, added to (and overriding) those in ``spec``.
+        Parameters, added to (and overriding) those in ``spec``; ``learn=[...]`` names
+        the parameters to learn (see :attr:`Combination.learn`).
 
     Raises
     ------
@@ -275,7 +277,8 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
     pydantic.ValidationError
         For a bad or unknown parameter; the message names the field and the bound.
     CombinationError
-        For a mapping without ``"name"``, or parameters given with a module.
+        For a mapping without ``"name"``, parameters given with a module, or a
+        ``learn`` that names no learnable parameter.
     TypeError
         For anything else.
 
@@ -302,10 +305,13 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
             f"CombinationConfig or a combination module; got {type(spec).__name__}"
         )
     cls = _CURRENT.get(spec)
+    learn = params.pop("learn", None)
     # validate against Params first, so an unknown keyword is a pydantic error naming the
     # field even when the class's own __init__ spells out its parameters
     cls.Params.model_validate(params)
-    return cls(**params)
+    return (
+        cls(**params, learn=checked_learn(cls.name, cls.Params, learn)) if learn else cls(**params)
+    )
 
 
 def _name_and_params(spec: Any, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -17,7 +17,8 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
 
 from combframe.core.combination import Combination, CombinationParams
-from combframe.errors import UnknownCombinationError
+from combframe.core.settings import checked_learn, learnable_fields
+from combframe.errors import CombinationError, UnknownCombinationError
 from combframe.registry import create_combination, current_registry
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
@@ -92,14 +93,25 @@ class CombinationConfig(BaseModel):
             canonical, cls_ = registry.resolve(name)
         except UnknownCombinationError as exc:
             raise _error(("name",), "unknown_combination", str(exc), name) from None
+        learn = params.pop("learn", None) or ()
         validated = cls_.Params.model_validate(params)
-        return {"name": canonical, **validated.model_dump()}
+        try:
+            learned = checked_learn(canonical, cls_.Params, learn)
+        except CombinationError as exc:
+            raise _error(("learn",), "unknown_learned_parameter", str(exc), learn) from None
+        return {"name": canonical, **validated.model_dump(), **_learn_key(learned)}
 
     @property
     def params(self) -> CombinationParams:
         """The validated parameters, as the combination's own ``Params`` model."""
         cls_ = current_registry().get(self.name)
-        return cls_.Params.model_validate(dict(self.model_extra or {}))
+        extra = {k: v for k, v in (self.model_extra or {}).items() if k != "learn"}
+        return cls_.Params.model_validate(extra)
+
+    @property
+    def learn(self) -> tuple[str, ...]:
+        """The names of the parameters learned (``learn: [kT]``); empty when none."""
+        return tuple((self.model_extra or {}).get("learn", ()))
 
     def build(self) -> Combination:
         """Create the combination module these parameters describe."""
@@ -132,16 +144,36 @@ class CombinationConfig(BaseModel):
         return handler(adapter.core_schema)
 
 
+def _learn_key(learned: tuple[str, ...]) -> dict[str, list[str]]:
+    """Return the ``learn`` key of a config: present only when a parameter is learned."""
+    return {"learn": list(learned)} if learned else {}
+
+
 def _variant(name: str, aliases: tuple[str, ...], combination: type[Combination]) -> Any:
-    """Make a pydantic model for one combination: its ``Params`` plus a literal ``name``."""
+    """Make a pydantic model for one combination: its ``Params`` and a literal ``name``.
+
+    A combination with learnable parameters also gets ``learn``, a list of their names.
+    """
     names = (name, *aliases)
     literal: Any = Literal.__getitem__(names)
     description = (combination.__doc__ or "").strip().splitlines()
+    learnable = learnable_fields(combination.Params)
+    fields: dict[str, Any] = {
+        "name": (literal, Field(description="Registered name of the combination.")),
+    }
+    if learnable:
+        fields["learn"] = (
+            list[Literal.__getitem__(learnable)],  # type: ignore[misc]  # built at runtime
+            Field(
+                default_factory=list,
+                description="Parameters to learn (an nn.Parameter each, kept in bounds).",
+            ),
+        )
     return pydantic.create_model(
         f"{combination.__name__}Config",
         __base__=combination.Params,
         __doc__=description[0] if description else None,
-        name=(literal, Field(description="Registered name of the combination.")),
+        **fields,
     )
 
 

@@ -1,6 +1,6 @@
 r"""Boltzmann-weighted mean of the per-pose predictions.
 
-With :math:`\beta = 1/kT` and :math:`w = \operatorname{softmax}(-\beta y)`:
+With :math:`\beta = 1/kT`, :math:`w = \operatorname{softmax}(-\beta y + p)` (a log prior p):
 
 .. math::
 
@@ -12,7 +12,6 @@ a centre :math:`c`, coefficients :math:`(1 + \beta(h - c), -\beta)`; moving the 
 :math:`c'` maps :math:`\phi \mapsto ((1, 0), (c - c', 1))\,\phi`.
 """
 
-import math
 from typing import Annotated, ClassVar
 
 import torch
@@ -21,11 +20,11 @@ from torch import Tensor
 
 import combframe
 from combframe.mtenn import mtenn_function
-from combframe.segment import segment_softmax, segment_sum
+from combframe.segment import segment_softmax, segment_sum, with_prior
 
 
 def _finite_beta(kT: float) -> float:
-    if not math.isfinite(1.0 / kT):
+    if 1.0 / kT == float("inf"):
         raise ValueError(f"1/kT overflows for kT={kT!r}; kT must be at least {1 / 1.7e308:.1e}")
     return kT
 
@@ -44,11 +43,13 @@ class BoltzmannCombination(combframe.Combination[BoltzmannParams]):
     name = "boltzmann"
     mtenn_fields: ClassVar = {"boltzmann_comb_kT": "kT"}
 
-    def value(self, preds: Tensor) -> Tensor:
-        return (torch.softmax(-preds / self.params.kT, dim=0) * preds).sum(dim=0)
+    def value(self, preds: Tensor, prior: Tensor | None = None) -> Tensor:
+        return (torch.softmax(with_prior(-preds / self.params.kT, prior), 0) * preds).sum(0)
 
-    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
-        weights = segment_softmax(-preds / self.params.kT, index, num_segments)
+    def segment_value(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
+        weights = segment_softmax(with_prior(-preds / self.params.kT, prior), index, num_segments)
         return segment_sum(weights * preds, index, num_segments)
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +61,7 @@ class BoltzmannCombination(combframe.Combination[BoltzmannParams]):
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         beta = 1.0 / self.params.kT
-        return torch.stack([1.0 + beta * (combined - center), torch.full_like(combined, -beta)])
+        return torch.stack([1.0 + beta * (combined - center), torch.zeros_like(combined) - beta])
 
 
 BoltzmannCombinationFunc = mtenn_function(BoltzmannCombination)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 import combframe
 from combframe.mtenn import mtenn_function
-from combframe.segment import segment_logsumexp
+from combframe.segment import segment_logsumexp, with_prior
 
 
 class MaxParams(combframe.CombinationParams):
@@ -41,11 +41,14 @@ class MaxCombination(combframe.Combination[MaxParams]):
     def _st(self) -> float:
         return (-1.0 if self.params.negate_preds else 1.0) * self.params.pred_scale
 
-    def value(self, preds: Tensor) -> Tensor:
-        return torch.logsumexp(self._st() * preds, dim=0) / self._st()
+    def value(self, preds: Tensor, prior: Tensor | None = None) -> Tensor:
+        return torch.logsumexp(with_prior(self._st() * preds, prior), dim=0) / self._st()
 
-    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
-        return segment_logsumexp(self._st() * preds, index, num_segments) / self._st()
+    def segment_value(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
+        log_w = with_prior(self._st() * preds, prior)
+        return segment_logsumexp(log_w, index, num_segments) / self._st()
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
         return self._st() * preds, torch.ones_like(preds).unsqueeze(-1)

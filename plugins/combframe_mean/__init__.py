@@ -12,7 +12,7 @@ from torch import Tensor
 
 import combframe
 from combframe.mtenn import mtenn_function
-from combframe.segment import segment_mean
+from combframe.segment import segment_mean, segment_softmax, segment_sum
 
 
 class MeanCombination(combframe.Combination[combframe.CombinationParams]):
@@ -20,11 +20,18 @@ class MeanCombination(combframe.Combination[combframe.CombinationParams]):
 
     name = "mean"
 
-    def value(self, preds: Tensor) -> Tensor:
-        return preds.mean(dim=0)
+    def value(self, preds: Tensor, prior: Tensor | None = None) -> Tensor:
+        if prior is None:
+            return preds.mean(dim=0)
+        return (torch.softmax(prior, dim=0) * preds).sum(dim=0)
 
-    def segment_value(self, preds: Tensor, index: Tensor, num_segments: int) -> Tensor:
-        return segment_mean(preds, index, num_segments)
+    def segment_value(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
+        if prior is None:
+            return segment_mean(preds, index, num_segments)
+        weights = segment_softmax(prior, index, num_segments)
+        return segment_sum(weights * preds, index, num_segments)
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(preds), torch.ones_like(preds).unsqueeze(-1)

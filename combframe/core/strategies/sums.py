@@ -91,12 +91,13 @@ class _StreamSums:
             self.center[first:hi] = y[rows]
         centers = self.center[lo:hi].clone()
         log_w, feats = combination.stream_terms(y, centers[local])
+        log_w = _with_prior(log_w, segments, start)
         self._allocate(feats.shape[-1])
         old = self.running_max[lo:hi].clone()
         chunk_max = segment_max(log_w, local, hi - lo)
         new = torch.maximum(old, chunk_max)
         scale = torch.where(torch.isinf(old), torch.zeros_like(old), torch.exp(old - new))
-        w = torch.exp(log_w - new[local])
+        w = torch.exp(log_w - new[local]).nan_to_num(nan=0.0)  # 0 for masked poses
         self.total[lo:hi] = self.total[lo:hi] * scale + segment_sum(w, local, hi - lo)
         self.running_max[lo:hi] = new
         self.acc[lo:hi].mul_(scale.to(self.acc.dtype)[:, None, None])
@@ -142,6 +143,7 @@ class _StreamSums:
                 self.host_center[c] = values[segments.starts[c] - start]
         centers = torch.tensor([self.host_center[o] for o in owners], dtype=self.exact)
         log_w, feats = combination.stream_terms(y, centers)
+        log_w = _with_prior(log_w, segments, start)
         self._allocate(feats.shape[-1])
         logs, phis = log_w.tolist(), feats.tolist()
         shift = getattr(combination, "stream_shift", None)
@@ -166,7 +168,7 @@ class _StreamSums:
                 self._move(c, move)
                 features = (torch.tensor(features, dtype=self.exact) @ move.T).tolist()
                 self.host_center[c] = values[best]
-            w = [math.exp(logs[i] - new) for i in mine]
+            w = [math.exp(logs[i] - new) if logs[i] > -math.inf else 0.0 for i in mine]
             self.host_total[c] = self.host_total[c] * scale + math.fsum(w)
             self.host_max[c] = new
             for j in range(len(features[0])):
@@ -246,3 +248,10 @@ class _StreamSums:
                 if key not in self.pose_acc:
                     self.pose_acc[key] = g.new_zeros((k, *g.shape[1:]))
                 self.pose_acc[key][j].add_(g[n])
+
+
+def _with_prior(log_w: Tensor, segments: Segments, start: int) -> Tensor:
+    """Add the chunk's log prior weights (from pose ``start`` on) to its log weights."""
+    if segments.prior is None:
+        return log_w
+    return log_w + segments.prior[start : start + log_w.shape[0]].to(log_w.dtype)
