@@ -166,14 +166,14 @@ def test_targets_are_written_as_read_and_empty_where_a_compound_has_none(
     data["compounds"][0]["value"], data["compounds"][2]["value"] = -6.1, -7
     path.write_text(json.dumps(data))
     out = tmp_path / "p.csv"
-    for run, digits in ((runs / "pair" / "1-0", "-6.1"), (runs / "one", "-6.1")):
+    for run, digits in ((runs / "pair" / "seed-0", "-6.1"), (runs / "one", "-6.1")):
         assert main(["predict", str(run), f"data={path}", "-o", str(out)]) == 0
         assert [r["target"] for r in _rows(out)] == [digits, "", "-7.0", ""]
 
 
 def test_the_built_in_set_names_its_compounds(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    assert main(["predict", str(runs / "pair" / "1-0"), "-o", str(out)]) == 0
+    assert main(["predict", str(runs / "pair" / "seed-0"), "-o", str(out)]) == 0
     names = [r["name"] for r in _rows(out)]
     assert all(names) and len(set(names)) == len(names)
 
