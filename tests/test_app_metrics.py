@@ -104,14 +104,46 @@ def test_metrics_json_and_csv_hold_every_metric_and_epoch(tmp_path: Path) -> Non
     assert 1 <= metrics["validation"]["best_epoch"] <= 3
 
 
-def test_early_stopping_on_validation_rmse(tmp_path: Path) -> None:
-    """A learning rate too small to move the weights: the validation RMSE never improves."""
+def test_early_stopping_on_validation_rmse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A learning rate too small to move the weights: the validation RMSE never improves.
+
+    The summary used to say neither that the run stopped early nor which epoch was best,
+    nor which model its held-out metrics are of.
+    """
     args = ["train", *TINY, "epochs=20", "lr=1e-12", "val_fraction=0.25", "patience=2"]
     assert main([*args, f"output_dir={tmp_path}", "name=e"]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["stopped_early"] is True
     assert metrics["epochs_trained"] == 3 and len(metrics["history"]) == 3
     assert metrics["validation"]["best_epoch"] == 1
+    assert metrics["validation"]["final_rmse"] == metrics["history"][-1]["val_rmse"]
+    out = capsys.readouterr().out
+    assert "stopped early at epoch 3: no lower validation RMSE in the 2 epochs after epoch 1" in out
+    assert "at epoch 3: the run's model (model.safetensors), whose held-out metrics" in out
+    assert "at epoch 1 (best.safetensors, predict --best)" in out
+    saved = json.loads((tmp_path / "e" / "model.json").read_text())
+    assert saved["epoch"] == 3
+
+
+def test_intervals_over_few_held_out_compounds_say_they_are_not_meaningful(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """2 held-out compounds printed "Pearson 1.000 ... 95% CI 1.000 to 1.000" and no note."""
+    tiny = [a for a in TINY if not a.startswith("compounds=")]
+    args = ["train", *tiny, "compounds=8", "epochs=1", f"output_dir={tmp_path}", "name=few"]
+    assert main(args) == 0
+    assert "the 95% intervals are not meaningful: only 2 held-out compounds" in (
+        capsys.readouterr().err
+    )
+    flat = held_out_metrics(torch.arange(12.0), torch.arange(12.0))[1]
+    assert len(flat) == 1 and flat[0].startswith("the 95% intervals of mae, rmse")
+    assert flat[0].endswith(
+        "every bootstrap resample gave the same value (an interval of zero width)"
+    )
+    digits = torch.tensor([3.0, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
+    assert held_out_metrics(torch.arange(12.0), digits)[1] == []
 
 
 def test_patience_without_a_validation_split_is_a_usage_error(

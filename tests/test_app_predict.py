@@ -17,6 +17,7 @@ from combframe.app.config import TrainConfig
 from combframe.app.metrics import rmse
 from combframe.app.predict import load, predict
 from combframe.app.train import load_data
+from combframe.errors import CombframeError
 
 TINY = [
     "--no-progress",
@@ -67,7 +68,7 @@ def test_the_loaded_model_predicts_what_the_run_measured_under_any_default_dtype
 
 
 def test_the_combination_travels_with_the_model(runs: Path) -> None:
-    model = load(runs / "pair" / "1-0")
+    model = load(runs / "pair" / "seed-0")
     assert model.combination.to_config() == {"name": "mean"}
     best = load(runs / "one", which="best")
     assert best.combination.to_config() == {
@@ -165,21 +166,21 @@ def test_targets_are_written_as_read_and_empty_where_a_compound_has_none(
     data["compounds"][0]["value"], data["compounds"][2]["value"] = -6.1, -7
     path.write_text(json.dumps(data))
     out = tmp_path / "p.csv"
-    for run, digits in ((runs / "pair" / "1-0", "-6.1"), (runs / "one", "-6.1")):
+    for run, digits in ((runs / "pair" / "seed-0", "-6.1"), (runs / "one", "-6.1")):
         assert main(["predict", str(run), f"data={path}", "-o", str(out)]) == 0
         assert [r["target"] for r in _rows(out)] == [digits, "", "-7.0", ""]
 
 
 def test_the_built_in_set_names_its_compounds(runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    assert main(["predict", str(runs / "pair" / "1-0"), "-o", str(out)]) == 0
+    assert main(["predict", str(runs / "pair" / "seed-0"), "-o", str(out)]) == 0
     names = [r["name"] for r in _rows(out)]
     assert all(names) and len(set(names)) == len(names)
 
 
 def test_an_ensemble_gives_the_mean_and_std_of_its_members(runs: Path, tmp_path: Path) -> None:
     data = f"data={_new_compounds(tmp_path)}"
-    members = [runs / "pair" / "1-0", runs / "pair" / "2-1"]
+    members = [runs / "pair" / "seed-0", runs / "pair" / "seed-1"]
     singles = []
     for i, member in enumerate(members):
         assert main(["predict", str(member), data, "-o", str(tmp_path / f"{i}.csv")]) == 0
@@ -217,7 +218,7 @@ def test_predict_reads_a_compounds_file_whose_compounds_have_no_value(
 def test_the_best_model_needs_a_validation_split(
     runs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["predict", str(runs / "pair" / "1-0"), "--best"]) == 2
+    assert main(["predict", str(runs / "pair" / "seed-0"), "--best"]) == 2
     assert "val_fraction > 0" in capsys.readouterr().err
 
 
@@ -234,3 +235,62 @@ def test_a_model_trained_on_cuda_predicts_the_same_on_the_cpu(tmp_path: Path) ->
     assert torch.allclose(on_cpu, on_gpu, rtol=1e-12, atol=1e-12)
     target = torch.stack([c.target for c in test])
     assert rmse(on_cpu, target) == pytest.approx(metrics["test"]["rmse"], rel=1e-12)
+
+
+def test_predict_best_needs_only_the_best_model(runs: Path, tmp_path: Path) -> None:
+    """A corrupted final model failed `predict --best`: its config was read from model.json."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("model.json", "model.safetensors", "best.json", "best.safetensors"):
+        (folder / name).write_bytes((runs / "one" / name).read_bytes())
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    expected, out = tmp_path / "expected.csv", tmp_path / "p.csv"
+    assert main(["predict", str(runs / "one"), "--best", "-o", str(expected)]) == 0
+    assert main(["predict", str(folder), "--best", "-o", str(out)]) == 0
+    assert _rows(out) == _rows(expected)
+
+
+def test_predict_file_gives_a_file_s_compounds_in_order(runs: Path, tmp_path: Path) -> None:
+    path = _new_compounds(tmp_path)
+    done = combframe.app.predict_file(runs / "one", data=path)
+    compounds, result = done.compounds, done.predictions
+    assert [c.name for c in compounds] == ["new-0", "new-1", "new-2", "new-3"]
+    assert main(["predict", str(runs / "one"), f"data={path}", "-o", str(tmp_path / "p.csv")]) == 0
+    rows = _rows(tmp_path / "p.csv")
+    assert [float(r["prediction"]) for r in rows] == result.combined.tolist()
+    pair = combframe.app.predict_file(runs / "pair", data=path)
+    assert [c.name for c in pair.compounds] == [c.name for c in compounds]
+    assert pair.predictions.models == 2 and pair.skipped == ()
+
+
+def test_a_float64_model_predicts_float32_compounds_and_says_what_to_cast(runs: Path) -> None:
+    """The loaded float64 model raised torch's bare "mat1 and mat2 must have the same dtype"."""
+    model = load(runs / "one")
+    config = model_config(runs / "one").model_copy(update={"dtype": "float32"})
+    single = load_data(config, for_prediction=True).train[:4]
+    assert single[0].poses.dtype == torch.float32
+    wide = load_data(model_config(runs / "one"), for_prediction=True).train[:4]
+    # predict casts every compound to the model's dtype
+    assert torch.allclose(
+        predict([model], single).combined, predict([model], wide).combined, rtol=1e-6
+    )
+    with pytest.raises(CombframeError, match=r"torch.float32 while its parameters are torch."):
+        model(list(single[0].poses))
+
+
+def test_an_ensemble_of_a_molecular_and_a_vector_model_speaks_of_molecules(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "the model of ... was trained on 0 features"."""
+    folder = tmp_path / "mol"
+    folder.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        (folder / name).write_bytes((runs / "one" / name).read_bytes())
+    meta = json.loads((folder / "model.json").read_text())
+    meta["network"] = {"features": 0, "kind": "molecules"}
+    (folder / "model.json").write_text(json.dumps(meta))
+    assert main(["predict", str(runs / "one"), "--ensemble", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "the compounds are feature vectors; the model of" in err
+    assert "was trained on molecules (atoms and their 3D positions)" in err
+    assert "0 features" not in err

@@ -72,14 +72,16 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _child(tmp_path: Path, hook: str, at: int, name: str) -> subprocess.CompletedProcess[str]:
+def _child(
+    tmp_path: Path, hook: str, at: int, name: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "HOOK": hook,
         "AT": str(at),
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
     }
-    args = ["train", *TINY, f"output_dir={tmp_path}", f"name={name}"]
+    args = ["train", *TINY, f"output_dir={tmp_path}", f"name={name}", *extra]
     return subprocess.run(
         [sys.executable, "-c", _CHILD, *args],
         env=env,
@@ -217,5 +219,47 @@ def test_compare_marks_each_run_and_points_resume_at_one(
     capsys.readouterr()
     assert main(["train", "--resume", str(top)]) == 2
     err = capsys.readouterr().err
-    assert "holds the runs of --compare or --seeds (1-0.001, 2-1e30)" in err
-    assert f"--resume {str(top / '2-1e30')!r}" in err
+    assert "holds runs that failed (TrainingDivergedError: training diverged" in err
+    assert "only an interrupted folder is resumed" in err
+
+
+def test_a_seeds_run_stopped_by_sigterm_resumes_as_a_whole_and_predicts_as_an_ensemble(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--resume on the folder used to refuse; its runs had to be resumed one by one."""
+    proc = _child(tmp_path, "sigterm-mid-epoch", 20, "sd", "--seeds", "2")
+    assert proc.returncode == 128 + 15, proc.stderr
+    top = tmp_path / "sd"
+    status = json.loads((top / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    assert status["resume"] == f"combframe train --resume {top}"
+    assert f"(run seed=1); continue with `combframe train --resume {top}`" in proc.stderr
+    assert not (top / "compare.json").exists()
+    assert main(["predict", str(top), "-o", str(tmp_path / "early.csv")]) == 2
+    assert f"finish them with `combframe train --resume {top}`" in capsys.readouterr().err
+    assert main(["train", "--resume", str(top), "--no-progress"]) == 0
+    assert json.loads((top / "status.json").read_text())["state"] == "completed"
+    table = json.loads((top / "compare.json").read_text())
+    assert [Path(row["run_dir"]).name for row in table] == ["seed-0", "seed-1"]
+    assert main(["train", *TINY, "--seeds", "2", f"output_dir={tmp_path}", "name=whole"]) == 0
+    whole = json.loads((tmp_path / "whole" / "compare.json").read_text())
+    assert [row["test"] for row in table] == [row["test"] for row in whole]
+    assert main(["predict", str(top), "-o", str(tmp_path / "p.csv")]) == 0
+    assert "(mean and std of 2 models)" in capsys.readouterr().out
+
+
+def test_a_reused_name_is_said_at_the_start_with_the_folder_the_run_goes_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second `name=twin` went to twin-2 with nothing said until the last line."""
+    args = ["train", *TINY, f"output_dir={tmp_path}", "name=twin"]
+    assert main(args) == 0
+    assert "exists" not in capsys.readouterr().err
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    first, second = tmp_path / "twin", tmp_path / "twin-2"
+    assert err.startswith(
+        f"note: {str(first)!r} exists (an earlier run); this run goes to {str(second)!r}"
+    )
+    assert f"`combframe predict {first}` still predicts with the earlier run's model" in err
+    assert out.rstrip().endswith(f"run folder   {second}")

@@ -176,7 +176,7 @@ def test_the_choice_is_made_once_logged_and_kept() -> None:
 def test_a_failed_first_forward_decides_nothing() -> None:
     auto = combframe.Auto()
     model = combframe.MultiPoseModel(make_mlp(), "mean", strategy=auto)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(combframe.CombinationError, match=r"torch\.float32 while its parameters"):
         model([torch.ones(1, FEATURES), torch.ones(1, FEATURES + 1)])
     assert auto.chosen is None and auto.reason == ""
     model(make_poses(2))[0].backward()

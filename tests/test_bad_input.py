@@ -84,6 +84,24 @@ def test_prediction_with_more_than_one_element(strategy: str) -> None:
         model(make_poses(3))
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_poses_of_another_dtype_than_the_model_name_both_and_the_fix(
+    strategy: str, chunk_size: int
+) -> None:
+    """float32 poses into a float64 model used to raise torch's bare "mat1 and mat2 ..."."""
+    net = make_mlp()
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk_size)
+    poses = [p.float() for p in make_poses(3)]
+    match = r"tensors are torch.float32 while its parameters are torch.float64.*pose.to\("
+    with state_unchanged(net), pytest.raises(CombinationError, match=match):
+        model(poses)
+    with torch.no_grad(), pytest.raises(CombinationError, match=match):
+        model(poses)
+    combined, _ = model([p.double() for p in poses])  # the user's dtypes are never changed
+    assert combined.dtype == torch.float64
+
+
 def test_model_returning_no_tensor() -> None:
     class Bad(torch.nn.Module):
         def __init__(self) -> None:
@@ -259,7 +277,8 @@ def test_pose_dtype_the_model_rejects_leaves_state_alone(strategy: str) -> None:
     poses = atoms(3)
     poses[2] = poses[2].float()
     model = combframe.MultiPoseModel(net, "max", strategy=strategy)
-    with state_unchanged(net), pytest.raises(RuntimeError, match="dtype"):
+    match = "pose 2, whose tensors are torch.float32 while its parameters are torch.float64"
+    with state_unchanged(net), pytest.raises(CombinationError, match=match):
         model(poses)
     assert net.calls == 3
 

@@ -6,15 +6,17 @@ Nothing here is imported by ``import combframe``: the library (combinations, str
 ``combframe[plot]``, ``combframe[progress]`` and ``combframe[tensorboard]``.
 
 ``combframe.app.load(run_dir)`` returns the trained model of a run folder
-(:func:`combframe.app.predict.load`); it is imported on first use, so that importing
-this package (``combframe --help``) does not load torch.
+(:func:`combframe.app.predict.load`), and ``combframe.app.predict_file(run, data=...)``
+predicts every compound of a file in its order (:func:`combframe.app.predict.predict_file`);
+they are imported on first use, so that importing this package (``combframe --help``)
+does not load torch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load"]
+__all__ = ["load", "predict_file"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from combframe.app.predict import load
 
         return load
+    if name == "predict_file":
+        from combframe.app.predict import predict_file
+
+        return predict_file
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,69 +58,35 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- predict ------------------------------------------------------------------------
 
-#: Config keys ``predict`` may change: where the compounds come from.
-_PREDICT_KEYS = ("data", "seed", "test_fraction")
-
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError
-    from combframe.app.predict import load, predict, run_folders, write_csv
+    from combframe.app.predict import predict_file, write_csv
     from combframe.app.readers import skipped_note
 
-    folders = run_folders([args.run, *(args.ensemble or [])])
     try:
-        models = [
-            load(f, device=args.device, which="best" if args.best else "final") for f in folders
-        ]
-        data = _predict_data(folders[0], args.overrides)
+        done = predict_file(
+            [args.run, *(args.ensemble or [])],
+            overrides=args.overrides,
+            which="best" if args.best else "final",
+            device=args.device,
+        )
     except (ConfigError, CheckpointError) as exc:
         raise UsageError(str(exc)) from None
-    _check_features(folders, models, data.features)
-    result = predict(models, data.train)
     output = Path(args.output)
     poses = Path(args.poses) if args.poses else None
-    write_csv(output, data.train, result, poses=poses)
+    compounds, result = done.compounds, done.predictions
+    write_csv(output, compounds, result, poses=poses)
     ensemble = f" (mean and std of {result.models} models)" if result.models > 1 else ""
-    print(f"predictions  {count(len(data.train), 'compound')}{ensemble} -> {output}")
-    if (note := skipped_note(data.skipped)) is not None:
+    print(f"predictions  {count(len(compounds), 'compound')}{ensemble} -> {output}")
+    if (note := skipped_note(done.skipped)) is not None:
         print(f"note: {note}", file=sys.stderr)
     if poses is not None:
         print(f"poses        {count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}")
     return EXIT_OK
-
-
-def _predict_data(folder: Any, overrides: Sequence[str]) -> Any:
-    """Load the compounds to predict with the run's config and ``data=...`` overrides."""
-    from combframe.app.config import SYNTHETIC_KEYS, ConfigError, TrainConfig, apply_overrides
-    from combframe.app.loading import load_data
-    from combframe.app.saved import read_model
-
-    allowed = (*_PREDICT_KEYS, *SYNTHETIC_KEYS)
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key not in allowed and not key.startswith("reader."):
-            raise ConfigError(
-                f"{key}: predict takes only the keys that choose the compounds "
-                f"({', '.join(allowed)}, reader.*); the model's settings are the run's"
-            )
-    _, meta = read_model(folder)
-    config = TrainConfig.model_validate(apply_overrides(meta["config"], overrides))
-    return load_data(config, for_prediction=True)
-
-
-def _check_features(folders: Sequence[Any], models: Sequence[Any], features: int) -> None:
-    from combframe.app.saved import read_model
-
-    for folder in folders:
-        expected = read_model(folder)[1]["network"]["features"]
-        if expected != features:
-            raise UsageError(
-                f"data: the compounds have {features} features per pose; the model of "
-                f"{str(folder)!r} was trained on {expected}"
-            )
 
 
 # ---- list ---------------------------------------------------------------------------
@@ -383,7 +349,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--resume",
         metavar="RUN",
-        help="continue the run folder RUN from its checkpoint (after a kill or a time limit)",
+        help="continue the run folder RUN from its checkpoint (after a kill or a time limit); "
+        "a --compare/--seeds folder finishes all its runs",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(

@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from combframe.app.building import check_config
     from combframe.app.checkpoint import CheckpointError
     from combframe.app.config import ConfigError, load_config
-    from combframe.app.runs import RunInterruptedError, RunWriteError
+    from combframe.app.runs import RunInterruptedError, RunWriteError, name_taken_note
     from combframe.app.train import TrainingDivergedError
 
     ranks = distributed.from_environment()
@@ -33,6 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             config = load_config(args.config, args.overrides)
             device = check_config(config, ranks)
+            taken = name_taken_note(config)
+            if taken is not None:
+                say(f"note: {taken}")
             variants = _variants(args, config)
             results, folder = _train_runs(config, variants, device, ranks, not args.no_progress)
     except (ConfigError, CheckpointError) as exc:
@@ -80,7 +83,7 @@ def _variants(args: argparse.Namespace, config: Any) -> tuple[str, list[str]] | 
 
 
 def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
-    """Continue the run folder ``--resume RUN`` from its checkpoint."""
+    """Continue the run folder ``--resume RUN``: one run, or the runs of --compare/--seeds."""
     from pathlib import Path
 
     from combframe.app import distributed
@@ -94,11 +97,15 @@ def _resume(args: argparse.Namespace, ranks: Any) -> tuple[list[Any], Any]:
         )
     folder = Path(args.resume)
     from combframe.app.checkpoint import load_checkpoint
+    from combframe.app.compare import PLAN, read_plan, resume_compare
     from combframe.app.config import TrainConfig
 
-    config = TrainConfig.model_validate(load_checkpoint(folder)["config"])
-    device = check_config(config, ranks)
+    plan = (folder / PLAN).is_file()
+    state = read_plan(folder) if plan else load_checkpoint(folder)
+    device = check_config(TrainConfig.model_validate(state["config"]), ranks)
     with distributed.process_group(ranks, device) as joined:
+        if plan:
+            return resume_compare(folder, progress=not args.no_progress, ranks=joined)
         result = resume(folder, progress=not args.no_progress, ranks=joined)
     return [result], result.run_dir
 
@@ -138,6 +145,7 @@ def _report(results: Sequence[Any], folder: Any) -> None:
             f"   Kendall {fmt(test['kendall'])}   ({count(test['compounds'], 'compound')})"
         )
         print(f"95% CI       {_intervals(test)}")
+        _epochs_lines(m)
         print(f"time/epoch   {fmt(m['time_per_epoch_s'], '.2f')} s")
         rss = m["process_peak_rss_mb"]
         rss_text = f"; process peak RSS {rss:.0f} MiB" if rss is not None else ""
@@ -156,6 +164,24 @@ def _report(results: Sequence[Any], folder: Any) -> None:
             print(f"note: {label}{note}", file=sys.stderr)
     if folder is not None:
         print(f"run folder   {folder}")
+
+
+def _epochs_lines(m: dict[str, Any]) -> None:
+    """Say which model the held-out metrics are of, the best epoch, and an early stop."""
+    val, trained = m["validation"], m["epochs_trained"]
+    if m["stopped_early"]:
+        wait = trained - val["best_epoch"]
+        print(
+            f"epochs       stopped early at epoch {trained}: no lower validation RMSE in the "
+            f"{wait} epochs after epoch {val['best_epoch']} (patience={wait})"
+        )
+    if val:
+        print(
+            f"validation   RMSE {fmt(val['final_rmse'])} at epoch {trained}: the run's model "
+            "(model.safetensors), whose held-out metrics are above; lowest "
+            f"{fmt(val['best_rmse'])} at epoch {val['best_epoch']} (best.safetensors, "
+            "predict --best)"
+        )
 
 
 def _intervals(test: dict[str, Any]) -> str:
@@ -178,7 +204,7 @@ def _print_table(results: Sequence[Any]) -> None:
     rows = [
         (
             describe(r.metrics["combination"]) if by_name else r.label,
-            *([fmt(r.metrics["validation"]["best_rmse"])] if validated else []),
+            *([fmt(r.metrics["validation"]["final_rmse"])] if validated else []),
             fmt(r.metrics["test"]["rmse"]),
             fmt(r.metrics["test"]["pearson"]),
             fmt(r.metrics["test"]["spearman"]),
@@ -201,12 +227,20 @@ def _print_table(results: Sequence[Any]) -> None:
         )
 
     print(f"  {line(header)}")
+    seeds = all(r.label.startswith("seed=") for r in results)
     for i, row in enumerate(rows):
-        chosen = validated and printed[i] == min(printed)
+        chosen = validated and not seeds and printed[i] == min(printed)
         print(f"{'*' if chosen else ' '} {line(row)}")
     print("held-out metrics of compound-level predictions (each measured once, never chosen on)")
     if validated:
-        print("* lowest validation RMSE (best epoch): the run chosen on validation")
+        print("val RMSE and held-out metrics: of each run's final model (model.safetensors)")
+    if seeds:
+        print(
+            "the runs differ only in their seed: together they are an ensemble "
+            "(`combframe predict` on the run folder gives their mean and std), none is chosen"
+        )
+    elif validated:
+        print("* lowest validation RMSE: the run chosen on validation")
     else:
         print("no run is chosen: set val_fraction (e.g. val_fraction=0.2) to choose on validation")
     print(f"step memory: {results[0].metrics['peak_memory_kind']}")

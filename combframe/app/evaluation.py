@@ -171,7 +171,12 @@ def _validation(run: Run) -> dict[str, Any] | None:
     if not run.val:
         return None
     p = run.progress
-    return {"compounds": len(run.val), "best_epoch": p.best_epoch, "best_rmse": p.best_rmse}
+    return {
+        "compounds": len(run.val),
+        "final_rmse": p.history[-1]["val_rmse"],
+        "best_epoch": p.best_epoch,
+        "best_rmse": p.best_rmse,
+    }
 
 
 def _versions() -> dict[str, str]:

@@ -5,7 +5,9 @@ held-out compounds, each with a 95% percentile bootstrap interval over resampled
 compounds (:func:`bootstrap_intervals`); the resamples are evaluated together, as rows of
 one tensor. Correlations need at least two held-out compounds and predictions and values
 that are not all equal; :func:`undefined_correlation` says why when they are not defined,
-and the command prints ``n/a`` with that reason instead of ``nan``.
+and the command prints ``n/a`` with that reason instead of ``nan``. With fewer than
+:data:`MIN_INTERVAL_COMPOUNDS` held-out compounds, or an interval of zero width, a note
+says the intervals are not meaningful (:func:`interval_note`).
 
 :func:`divergence` is the rule that ends a run with exit status 1: training diverged
 when the final training RMSE or the held-out RMSE is more than :data:`DIVERGENCE_FACTOR`
@@ -27,10 +29,12 @@ from torch import Tensor
 __all__ = [
     "BOOTSTRAP_SAMPLES",
     "DIVERGENCE_FACTOR",
+    "MIN_INTERVAL_COMPOUNDS",
     "baseline_note",
     "bootstrap_intervals",
     "divergence",
     "held_out_metrics",
+    "interval_note",
     "kendall",
     "mae",
     "pearson",
@@ -174,7 +178,38 @@ def held_out_metrics(
     }
     out["compounds"] = int(x.shape[-1])
     out["ci95"] = bootstrap_intervals(pred, target, seed=seed)
+    note = interval_note(out["compounds"], out["ci95"])
+    if note is not None:
+        notes.append(note)
     return out, notes
+
+
+#: Fewer held-out compounds than this make bootstrap intervals that are not meaningful.
+MIN_INTERVAL_COMPOUNDS = 10
+
+
+def interval_note(n: int, ci95: dict[str, list[float] | None]) -> str | None:
+    """Say when the 95% intervals are not meaningful: few compounds, or zero width.
+
+    With fewer than :data:`MIN_INTERVAL_COMPOUNDS` held-out compounds the resamples
+    repeat a handful of values; an interval of zero width (every resample gave the same
+    value) says nothing of the uncertainty either.
+    """
+    if n < 2:
+        return None  # no interval at all; the correlations' note says why
+    flat = [k for k, ci in ci95.items() if ci is not None and ci[0] == ci[1]]
+    if n >= MIN_INTERVAL_COMPOUNDS and not flat:
+        return None
+    if n < MIN_INTERVAL_COMPOUNDS:
+        return (
+            f"the 95% intervals are not meaningful: only {n} held-out compounds, whose "
+            "bootstrap resamples repeat a handful of values; hold out more compounds (more "
+            "compounds or a larger test_fraction)"
+        )
+    return (
+        f"the 95% intervals of {', '.join(flat)} are not meaningful: every bootstrap "
+        "resample gave the same value (an interval of zero width)"
+    )
 
 
 def undefined_correlation(pred: Tensor, target: Tensor) -> str | None:

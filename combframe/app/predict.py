@@ -32,12 +32,28 @@ from torch import Tensor
 
 import combframe
 from combframe.app.building import build_model
-from combframe.app.checkpoint import CheckpointError, atomic_write
-from combframe.app.config import TrainConfig, format_validation_error
-from combframe.app.data import Compound
+from combframe.app.checkpoint import CheckpointError, atomic_write, read_status
+from combframe.app.config import (
+    SYNTHETIC_KEYS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    format_validation_error,
+)
+from combframe.app.data import Compound, Dataset
+from combframe.app.loading import load_data
 from combframe.app.saved import read_model
 
-__all__ = ["Predictions", "load", "predict", "run_folders", "write_csv"]
+__all__ = [
+    "PREDICT_KEYS",
+    "Predictions",
+    "load",
+    "predict",
+    "PredictedFile",
+    "predict_file",
+    "run_folders",
+    "write_csv",
+]
 
 #: Compounds per forward call.
 _BATCH = 64
@@ -85,15 +101,134 @@ def load(
 
 
 def run_folders(paths: Sequence[str | Path]) -> list[Path]:
-    """Expand each path: a run folder, or a ``--compare``/``--seeds`` folder of runs."""
+    """Expand each path: a run folder, or a ``--compare``/``--seeds`` folder of runs.
+
+    Raises
+    ------
+    CheckpointError
+        For a ``--compare``/``--seeds`` folder whose runs have not all finished.
+    """
     out: list[Path] = []
     for path in map(Path, paths):
         table = path / "compare.json"
         if table.is_file():
             out += [path / Path(row["run_dir"]).name for row in json.loads(table.read_text())]
+        elif (path / "runs.json").is_file():
+            raise CheckpointError(
+                f"{str(path)!r} holds runs of --compare or --seeds that have not all "
+                f"finished ({read_status(path).get('state', 'unknown')}); finish them with "
+                f"`combframe train --resume {path}`"
+            )
         else:
             out.append(path)
     return out
+
+
+@dataclass(frozen=True)
+class PredictedFile:
+    """The compounds of a file and their predictions (:func:`predict_file`).
+
+    Attributes
+    ----------
+    compounds
+        Every compound, in the file's order.
+    predictions
+        Their predictions; row ``i`` is compound ``i``.
+    skipped
+        What ``reader.skip_invalid`` left out, one line each.
+    """
+
+    compounds: tuple[Compound, ...]
+    predictions: Predictions
+    skipped: tuple[str, ...] = ()
+
+
+#: Config keys that choose the compounds to predict (with ``reader.*`` and the synthetic
+#: set's keys); the model's settings are the run's.
+PREDICT_KEYS = ("data", "seed", "test_fraction")
+
+
+def predict_file(
+    runs: str | Path | Sequence[str | Path],
+    data: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    which: str = "final",
+    device: str | torch.device = "cpu",
+) -> PredictedFile:
+    """Predict every compound of a file, in the file's order, with one run or an ensemble.
+
+    Parameters
+    ----------
+    runs
+        A run folder, a ``--compare``/``--seeds`` folder (its runs), or several folders;
+        more than one model gives the ensemble's mean and standard deviation.
+    data
+        The compounds file (or built-in set name); default: the run's own data. Its
+        compounds need no value (their target is NaN).
+    overrides
+        More ``KEY=VALUE`` settings that choose the compounds (``reader.*``, ``seed``,
+        ...), as on the command line.
+    which
+        ``"final"`` or ``"best"`` (see :func:`load`); the config that reads the data is
+        that of the model used.
+    device
+        Where the models run.
+
+    Returns
+    -------
+    PredictedFile
+        The compounds, in the file's order (none held out), their :class:`Predictions`
+        (row ``i`` is compound ``i``) and what ``reader.skip_invalid`` left out.
+
+    Raises
+    ------
+    ConfigError
+        If a key does not choose compounds, or the data does not fit the models.
+    CheckpointError
+        If a folder holds no usable model.
+    """
+    folders = run_folders([runs] if isinstance(runs, str | Path) else list(runs))
+    if not folders:
+        raise ConfigError("runs: give at least one run folder")
+    extra = [f"data={data}"] if data is not None else []
+    compounds = _compounds(folders[0], which, [*overrides, *extra])
+    for folder in folders:
+        _check_fits(folder, which, compounds)
+    models = [load(f, device=device, which=which) for f in folders]
+    return PredictedFile(compounds.train, predict(models, compounds.train), compounds.skipped)
+
+
+def _compounds(folder: Path, which: str, overrides: Sequence[str]) -> Dataset:
+    """Read the compounds to predict with the config of ``folder``'s ``which`` model."""
+    allowed = (*PREDICT_KEYS, *SYNTHETIC_KEYS)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in allowed and not key.startswith("reader."):
+            raise ConfigError(
+                f"{key}: predict takes only the keys that choose the compounds "
+                f"({', '.join(allowed)}, reader.*); the model's settings are the run's"
+            )
+    _, meta = read_model(folder, which)
+    config = TrainConfig.model_validate(apply_overrides(meta["config"], list(overrides)))
+    return load_data(config, for_prediction=True)
+
+
+def _check_fits(folder: Path, which: str, data: Dataset) -> None:
+    """Refuse compounds of another kind, or of another number of features, than the model's."""
+    network = read_model(folder, which)[1]["network"]
+    kind, features = network.get("kind", "vectors"), network["features"]
+    what = {"molecules": "molecules (atoms and their 3D positions)", "vectors": "feature vectors"}
+    if kind != data.kind:
+        raise ConfigError(
+            f"data: the compounds are {what.get(data.kind, data.kind)}; the model of "
+            f"{str(folder)!r} was trained on {what.get(kind, kind)}"
+        )
+    if features != data.features:
+        raise ConfigError(
+            f"data: the compounds have {data.features} features per pose; the model of "
+            f"{str(folder)!r} was trained on {features}"
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import shutil
 import signal
@@ -33,6 +34,7 @@ __all__ = [
     "RunWriteError",
     "claimed_run_dir",
     "create_run_dir",
+    "name_taken_note",
     "tensorboard_note",
     "write_epoch_logs",
     "write_run",
@@ -98,17 +100,41 @@ def _make_run_dir(config: TrainConfig) -> Path:
     ``-2``, ``-3``, ... is appended while the name is taken; the check is the creation
     itself, so two processes starting at once get two folders.
     """
-    base = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    root = Path(config.output_dir)
-    n = 1
+    candidates = _candidates(config)
     while True:
-        candidate = root / (base if n == 1 else f"{base}-{n}")
+        candidate = next(candidates)
         try:
             candidate.mkdir()
         except FileExistsError:
-            n += 1
             continue
         return candidate
+
+
+def _candidates(config: TrainConfig) -> Iterator[Path]:
+    """Yield the run folder's possible paths: ``NAME``, then ``NAME-2``, ``NAME-3``, ..."""
+    base = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(config.output_dir)
+    yield root / base
+    for n in itertools.count(2):
+        yield root / f"{base}-{n}"
+
+
+def name_taken_note(config: TrainConfig) -> str | None:
+    """Say, before a run starts, that ``output_dir/name`` is taken and where the run goes.
+
+    None when ``name`` is unset or free. The folder is claimed only when the run starts,
+    so the one named here is where it goes unless another run takes it first.
+    """
+    if not config.name:
+        return None
+    taken = Path(config.output_dir) / config.name
+    if not taken.exists():
+        return None
+    free = next(c for c in _candidates(config) if not c.exists())
+    return (
+        f"{str(taken)!r} exists (an earlier run); this run goes to {str(free)!r}, and "
+        f"`combframe predict {taken}` still predicts with the earlier run's model"
+    )
 
 
 def _dump_config(folder: Path, resolved: Mapping[str, Any]) -> None:

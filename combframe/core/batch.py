@@ -32,6 +32,7 @@ __all__ = [
     "CompoundPredictions",
     "Segments",
     "default_collate",
+    "dtype_clash",
     "each_tensor",
     "map_tensors",
 ]
@@ -126,6 +127,27 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def dtype_clash(
+    batch: Any, params: Sequence[Tensor], what: str, exc: Exception
+) -> CombinationError | None:
+    """Return the error for a model that raised ``exc`` on poses of another dtype.
+
+    Another dtype than its ``params``; None when the floating tensors of ``batch`` are
+    all of the parameters' dtypes (the model's error is then about something else).
+    Poses are never cast.
+    """
+    poses = {t.dtype for t in each_tensor(batch) if t.is_floating_point()}
+    wanted = {t.dtype for t in params}
+    if not poses or not wanted or poses <= wanted:
+        return None
+    have, want = ("/".join(sorted(map(str, d))) for d in (poses, wanted))
+    return CombinationError(
+        f"the model raised on {what}, whose tensors are {have} while its parameters are "
+        f"{want} ({exc}); the model does not cast its input: cast the poses to the "
+        f"parameters' dtype (pose.to({want})) or the model to the poses' (model.to({have}))"
+    )
 
 
 def each_tensor(obj: Any) -> Iterable[Tensor]:

@@ -192,9 +192,9 @@ class MultiPoseModel(torch.nn.Module):
         CombinationError
             If there are no poses, a prediction does not have exactly one element per
             pose, does not depend on anything trainable, is not finite (with
-            ``check_finite``), or a pose is on another device than the model (checked for
-            every pose before the model runs). After any error, ``.grad`` fields and
-            buffers are as they were before the call.
+            ``check_finite``), a pose is on another device than the model (checked for
+            every pose before the model runs) or of a dtype it fails on (never cast).
+            After any error, ``.grad`` fields and buffers are as they were before the call.
         """
         if (poses is None) == (compounds is None):
             raise TypeError(

@@ -15,7 +15,13 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
-from combframe.core.batch import collated_alone, default_collate, each_tensor, map_tensors
+from combframe.core.batch import (
+    collated_alone,
+    default_collate,
+    dtype_clash,
+    each_tensor,
+    map_tensors,
+)
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients
 from combframe.core.strategies.graph import (
     _graph_mark,
@@ -173,10 +179,10 @@ class PoseRunner:
         if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
             watch = _Watch()
             with watch:
-                out = self.model(batch)
+                out = self._call(batch, start, len(poses))
             self._watched(watch, poses, start)
         else:
-            out = self.model(batch)
+            out = self._call(batch, start, len(poses))
         if not isinstance(out, Tensor):
             raise CombinationError(
                 f"the model returned {type(out).__name__} for {self.what(start, len(poses))}; "
@@ -201,6 +207,16 @@ class PoseRunner:
         if self.discovered and torch.is_grad_enabled():
             self.verify(out, aliases or {}, start)
         return out
+
+    def _call(self, batch: Any, start: int, b: int) -> Any:
+        """Run the model on ``batch``; a dtype clash of poses and parameters says so."""
+        try:
+            return self.model(batch)
+        except RuntimeError as exc:
+            clash = dtype_clash(batch, self.params, self.what(start, b), exc)
+            if clash is None:
+                raise
+            raise clash from exc
 
     def require_grad(self, pred: Tensor, start: int, when: str = "") -> None:
         """Raise if ``pred`` does not depend on anything that requires grad."""
