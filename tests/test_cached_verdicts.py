@@ -131,3 +131,57 @@ def test_an_unchanged_model_keeps_its_verdict(strategy: str) -> None:
         optimizer.step()
         calls.append(net.calls)
     assert calls[1] == calls[2] < calls[0]  # the first step's check is not repeated
+
+
+# ---- a collate that pads: the poses' shapes decide whether the model mixes them -----------
+
+
+def _pad(poses: list[Tensor]) -> Tensor:
+    """Pad each (n_i, 4) pose with zeros to the longest of the batch: (B, n_max, 4)."""
+    longest = max(p.shape[0] for p in poses)
+    return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, longest - p.shape[0])) for p in poses])
+
+
+class MeanOverPadding(torch.nn.Module):
+    """Averages over every row of the padded batch, padding included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.lin = torch.nn.Linear(4, 1).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(1, 4, generator=gen, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x)).mean((-1, -2))
+
+
+def _rows(sizes: list[int], seed: int) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 4, generator=gen, dtype=torch.float64) for n in sizes]
+
+
+def test_a_verdict_made_on_poses_of_one_shape_does_not_cover_other_shapes() -> None:
+    """First step: poses of one shape, so padding changes nothing and splitting is allowed.
+
+    A later batch of poses of different lengths is padded to the longest of its chunk, so
+    the model now mixes them: stream runs the chunks whole, as recompute does, instead of
+    splitting them at compounds. (Store runs a custom collate one pose per pass.)
+    """
+    net = MeanOverPadding()
+    model = combframe.MultiPoseModel(
+        net, "boltzmann", strategy="stream", chunk_size=4, collate=_pad
+    )
+    reference = combframe.MultiPoseModel(
+        net, "boltzmann", strategy="recompute", chunk_size=4, collate=_pad
+    )
+    first = [_rows([3, 3], 0), _rows([3, 3], 1)]
+    model(compounds=first).combined.sum().backward()
+    net.zero_grad()
+    later = [_rows([1, 5], 2), _rows([2], 3), _rows([4], 4)]
+    model(compounds=later).combined.sum().backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    reference(compounds=later).combined.sum().backward()
+    for g, want in zip(got, (p.grad for p in net.parameters()), strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)

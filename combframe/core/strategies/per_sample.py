@@ -63,7 +63,7 @@ class PerSampleVerdicts:
 
     def __init__(self) -> None:
         self._known: weakref.WeakKeyDictionary[
-            torch.nn.Module, tuple[tuple[Hashable, Hashable], Verdict]
+            torch.nn.Module, tuple[tuple[Hashable, Hashable], Verdict, bool]
         ] = weakref.WeakKeyDictionary()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -94,22 +94,34 @@ class PerSampleVerdicts:
             tuple(id(b) for b in buffers),
         ), tuple(version(b) for b in buffers)
 
-    def get(self, runner: PoseRunner) -> tuple[bool, Verdict]:
-        """``(known, verdict)`` for the runner's model as it is now."""
+    def get(self, runner: PoseRunner, ragged: bool) -> tuple[bool, Verdict]:
+        """``(known, verdict)`` for the runner's model as it is now.
+
+        ``ragged``: whether this call's poses differ in shape. A verdict that allows
+        batched work, decided on poses of one shape, does not cover them: a collate that
+        pads to the longest pose makes a model mix the poses of a batch only then.
+        """
         kept = self._known.get(runner.model)
         if kept is None:
             return False, UNDECIDED
-        (structure, versions), verdict = kept
+        (structure, versions), verdict, seen_ragged = kept
         now, now_versions = self.structure(runner)
         # A verdict that keeps to one pose (or one chunk) per pass stays safe whatever
         # the buffers hold; one that allows batched work holds for the values it saw.
-        if now != structure or (verdict is None and now_versions != versions):
+        if now != structure or (
+            verdict is None and (now_versions != versions or (ragged and not seen_ragged))
+        ):
             return False, UNDECIDED
         return True, verdict
 
-    def set(self, runner: PoseRunner, verdict: Verdict) -> None:
-        """Keep ``verdict`` for the runner's model as it is now."""
-        self._known[runner.model] = (self.structure(runner), verdict)
+    def set(self, runner: PoseRunner, verdict: Verdict, ragged: bool) -> None:
+        """Keep ``verdict`` for the runner's model as it is now, decided on ``ragged`` poses."""
+        self._known[runner.model] = (self.structure(runner), verdict, ragged)
+
+
+def ragged(runner: PoseRunner, start: int, stop: int) -> bool:
+    """Whether the poses ``start:stop`` of the scanned call differ in their tensors' shapes."""
+    return len({tuple(t.shape for t in leaves) for leaves in runner.leaves[start:stop]}) > 1
 
 
 def obstacle(runner: PoseRunner) -> str | None:

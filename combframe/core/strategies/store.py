@@ -26,6 +26,7 @@ from combframe.core.strategies.per_sample import (
     obstacle,
     per_sample_chunks,
     preview,
+    ragged,
 )
 from combframe.core.strategies.replay import BufferSnapshot
 from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
@@ -62,7 +63,9 @@ class Store(Strategy):
     ) -> Collected:
         m = len(poses)
         chunked = runner.batched and m > 1
-        known, verdict = self._verdicts.get(runner) if chunked else (True, None)
+        known, verdict = (
+            self._verdicts.get(runner, ragged(runner, 0, m)) if chunked else (True, None)
+        )
         # The first step for a model checks, without a trace, that it treats the poses
         # of a batch independently (per-pose gradients assume it).
         first = preview(runner, poses) if chunked and not known else None
@@ -94,7 +97,7 @@ class Store(Strategy):
         if first is not None:
             check_independent(runner, torch.cat(preds), first, compared)
         if chunked:
-            self._verdicts.set(runner, verdict)
+            self._verdicts.set(runner, verdict, ragged(runner, 0, min(m, runner.chunk_size)))
         source = StoredGradients(targets, buffer, rows.pairs(), runner.used)
         source.watch(runner.leaves)
         return torch.cat(preds), source

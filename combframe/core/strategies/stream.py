@@ -13,7 +13,7 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
-from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts
+from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts, ragged
 from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
 from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
@@ -147,7 +147,7 @@ class _Split:
         self.runner = runner
         self.poses = poses
         self.segments = segments
-        self.known, verdict = verdicts.get(runner)
+        self.known, verdict = verdicts.get(runner, ragged(runner, 0, len(poses)))
         self.allowed = self.known and verdict is None
 
     def plan(self) -> list[tuple[int, int]]:
@@ -191,8 +191,11 @@ class _Split:
                 ((got - want).abs() <= tol * want.abs().clamp_min(1.0)).all()
             ):
                 verdict = "the model mixes the poses of a batch"
-        self.verdicts.set(runner, verdict)
-        self.known, self.allowed = True, verdict is None
+        seen = ragged(runner, chunk.start, chunk.stop)
+        self.verdicts.set(runner, verdict, seen)
+        # decided on poses of one shape: later chunks of other shapes are not covered
+        self.known = True
+        self.allowed = verdict is None and (seen or not ragged(runner, 0, len(self.poses)))
         return self.allowed
 
 
