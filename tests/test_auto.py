@@ -8,8 +8,10 @@ an activation) is checked against the full-graph reference in float64.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,3 +213,19 @@ def test_the_app_builds_auto_for_a_combined_loss() -> None:
     model = build_model(TrainConfig(strategy="auto"), features=FEATURES)
     assert isinstance(model.strategy, combframe.Auto)
     assert model.strategy.losses == "combined"
+
+
+def test_the_train_report_says_what_auto_chose(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from combframe.app.cli import main
+
+    assert main(["train", "epochs=1", "--no-progress", f"output_dir={tmp_path}", "name=a"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    chosen = metrics["strategy_chosen"]
+    assert metrics["strategy"] == "auto" and chosen["name"] in {"store", "recompute", "stream"}
+    assert f"strategy     auto (chose {chosen['name']}: {chosen['reason']})" in out
+    args = ["train", "epochs=1", "strategy=recompute", "--no-progress", f"output_dir={tmp_path}"]
+    assert main([*args, "name=r"]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["strategy_chosen"] is None

@@ -138,7 +138,9 @@ def _report(results: Sequence[Any], folder: Any) -> None:
         unit = " kcal/mol" if m["data"]["source"] == "built-in" else ""
         processes = f" ({m['processes']} processes)" if m["processes"] > 1 else ""
         print(f"combination  {describe(m['combination'])}")
-        print(f"strategy     {m['strategy']} on {m['device']}{processes}")
+        chosen = m.get("strategy_chosen")
+        picked = f" (chose {chosen['name']}: {chosen['reason']})" if chosen else ""
+        print(f"strategy     {m['strategy']}{picked} on {m['device']}{processes}")
         print(
             f"held-out     RMSE {fmt(test['rmse'])}{unit}   MAE {fmt(test['mae'])}"
             f"   Pearson {fmt(test['pearson'])}   Spearman {fmt(test['spearman'])}"

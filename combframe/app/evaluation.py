@@ -85,6 +85,7 @@ def run_metrics(run: Run) -> RunResult:
     metrics: dict[str, Any] = {
         "combination": resolved["combination"],
         "strategy": run.config.strategy,
+        "strategy_chosen": _chosen(run),
         "device": str(run.device),
         "processes": run.ranks.world,
         "data": {
@@ -160,6 +161,14 @@ def diverged(run: Run, epoch: int, what: str) -> TrainingDivergedError:
 def _values(run: Run) -> list[float]:
     """Return the value of every compound of the run: training, validation and test."""
     return [float(c.target) for c in (*run.data.train, *run.val, *run.data.test)]
+
+
+def _chosen(run: Run) -> dict[str, str] | None:
+    """Return what ``strategy=auto`` chose and why; ``None`` for a strategy named outright."""
+    strategy = run.model.strategy
+    if not isinstance(strategy, combframe.Auto) or strategy.chosen is None:
+        return None
+    return {"name": strategy.chosen.name, "reason": strategy.reason}
 
 
 def _peak_bytes(run: Run) -> int | None:
