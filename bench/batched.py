@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from _graph import GraphModel, graph_collate, make_graph_poses
 from _models import MODELS
+from _timing import interleaved
 from torch import Tensor, nn
 
 import combframe
@@ -157,13 +158,7 @@ def run_case(
         steps = make_steps(work, model, poses, combination, chunk)
         agreement = check_agreement(steps, model)
         memory = {m: peak_bytes(steps[m], device) for m in METHODS}
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        order = random.Random(seed)
-        for _ in range(reps):
-            methods = list(METHODS)
-            order.shuffle(methods)
-            for m in methods:
-                times[m].append(timer(steps[m]))
+        times = interleaved({m: steps[m] for m in METHODS}, reps, random.Random(seed), timer)
     return {"atoms": atoms, "n": n, "chunk": chunk, "time": times, "memory": memory,
             "agreement": agreement}  # fmt: skip
 

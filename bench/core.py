@@ -26,7 +26,6 @@ import json
 import random
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from _graph import GraphModel, graph_collate, make_graph_poses
 from _models import MODELS
+from _timing import interleaved
 from torch import Tensor, nn
 
 import combframe
@@ -100,15 +100,7 @@ def _interleaved(steps: dict[str, Step], reps: int, seed: int = 0) -> dict[str, 
     """Median seconds per step of each method, run in a shuffled order per repeat."""
     for step in steps.values():  # warm up (and let store decide its path)
         step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = random.Random(seed)
-    for _ in range(reps):
-        names = list(steps)
-        order.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved(steps, reps, random.Random(seed))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from _loop_baseline import loop_combine, loop_step
 from _models import MODELS, BenchModel
+from _timing import interleaved
 from torch import Tensor, nn
 
 import combframe
@@ -149,13 +150,8 @@ def time_steps(
         poses = bench.poses(n, device)
         for m in METHODS:  # warm-up, not timed
             steps[m](models[m], poses)
-        out[n] = {m: [] for m in METHODS}
-        for _ in range(reps):
-            methods = list(METHODS)
-            order.shuffle(methods)
-            for m in methods:
-                model, step = models[m], steps[m]
-                out[n][m].append(timer(partial(step, model, poses)))
+        calls = {m: partial(steps[m], models[m], poses) for m in METHODS}
+        out[n] = interleaved(calls, reps, order, timer)
         print(
             f"  {bench.key} N={n}: "
             + ", ".join(f"{m} {1e3 * statistics.median(v):.1f} ms" for m, v in out[n].items()),
