@@ -22,7 +22,7 @@ MAKERS: dict[str, Callable[[], combframe.Combination]] = {
     "boltzmann": lambda: combframe.create_combination("boltzmann", kT=0.7),
     "learned-kT": lambda: combframe.create_combination("boltzmann", kT=0.7, learn=["kT"]).double(),
 }
-STRATEGIES = ("store", "recompute", "auto")
+STRATEGIES = ("store", "recompute", "stream", "auto")
 
 
 @pytest.mark.parametrize("prior", [False, True])
@@ -32,7 +32,7 @@ def test_column_wise_combinations_are_exact_in_every_strategy(name: str, prior: 
         MAKERS[name](),
         strategies=STRATEGIES,
         outputs=3,
-        n_poses=(1, 4),
+        n_poses=(3,) if prior else (1, 4),  # N = 1 once; a mask needs N > 1
         seeds=(0,),
         chunk_sizes=(1, 2, 3),
         compounds=(1, 3),
@@ -78,7 +78,7 @@ class _Widths(torch.nn.Module):
         return out if bool(pose[0, 0] > 0) else out[:, :2]
 
 
-@pytest.mark.parametrize("strategy", ["store", "recompute", "auto"])
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream", "auto"])
 def test_poses_with_different_d_are_refused_naming_both(strategy: str) -> None:
     poses = [torch.full((1, 5), 1.0, dtype=torch.float64)] * 2
     poses.append(torch.full((1, 5), -1.0, dtype=torch.float64))
