@@ -19,15 +19,14 @@ from combframe_attention import GatedAttention
 import combframe
 from combframe.testing import (
     fake_distribution,
-    gradient_parity,
     isolated_registry,
     peak_tensor_bytes,
     random_model,
 )
 from tests.conftest import make_poses
+from tests.test_vectors import assert_vector_parity
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("store", "recompute", "stream", "auto")
 
 
 def _attention(gated: bool = True, seed: int = 0) -> GatedAttention:
@@ -41,18 +40,7 @@ def test_attention_is_exact_in_every_strategy_with_its_own_weights(
     gated: bool, prior: bool
 ) -> None:
     comb = _attention(gated)
-    result = gradient_parity(
-        comb,
-        strategies=STRATEGIES,
-        outputs=3,
-        n_poses=(3,) if prior else (1, 4),  # N = 1 once; a mask needs N > 1
-        seeds=(0,),
-        chunk_sizes=(1, 2, 3),
-        compounds=(1, 3),
-        prior=prior,
-    )
-    assert result.passed, (result.worst, result.errors)
-    assert {s for s, *_ in result.cases} == set(STRATEGIES)
+    assert_vector_parity(comb, prior)
     assert sum(p.numel() for p in comb.parameters()) > 0  # compared beside the model's
 
 
