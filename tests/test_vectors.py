@@ -6,6 +6,7 @@ prior and a mask too, and a learned temperature."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -13,7 +14,13 @@ import torch
 
 import combframe
 from combframe.errors import CombinationError
-from combframe.testing import gradient_parity, random_model
+from combframe.testing import (
+    full_graph_gradients,
+    gradient_parity,
+    make_loss,
+    multipose_gradients,
+    random_model,
+)
 from tests.conftest import make_poses
 
 MAKERS: dict[str, Callable[[], combframe.Combination]] = {
@@ -114,3 +121,45 @@ def test_the_mtenn_call_refuses_vector_predictions() -> None:
     for preds in ([torch.zeros(3)] * 2, torch.zeros(2, 3)):
         with pytest.raises(CombinationError, match=r"d values per pose.*MultiPoseModel"):
             comb(preds, grads, names, *params)
+
+
+def _attention() -> combframe.Combination:
+    from combframe_attention import GatedAttention
+
+    torch.manual_seed(0)
+    return GatedAttention(dim=3, hidden=4).double()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [MAKERS["boltzmann"], _attention], ids=["boltzmann", "attention"])
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_pose_tensors_get_their_gradients_with_vector_outputs(
+    device: str, make: Callable[[], combframe.Combination], strategy: str, chunk: int
+) -> None:
+    """Forces: poses that require grad, several compounds, chunks across them."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    comb, sizes = make(), [3, 1, 4]
+    loss = make_loss("combined" if strategy == "stream" else "both")
+    cpu = [p.requires_grad_() for p in make_poses(8, seed=4)]
+    want = full_graph_gradients(random_model(3, 5, outputs=3), comb, cpu, loss, sizes=sizes)
+    leaves = [p.detach().to(device).requires_grad_() for p in cpu]
+    net = random_model(3, 5, outputs=3).to(device)
+    comb = comb.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.StrategyWarning)
+        got = multipose_gradients(net, comb, leaves, loss, strategy, sizes=sizes, chunk_size=chunk)
+    pairs = [
+        *zip(got[2], want[2], strict=True),
+        *((x.grad, p.grad) for x, p in zip(leaves, cpu, strict=True)),
+        (got[0], want[0]),
+        (got[1], want[1]),
+    ]
+    scale = max(float(b.abs().max()) for _, b in pairs if b is not None)
+    for a, b in pairs:  # w's bias gets zero (a softmax ignores a shift): one common scale
+        assert a is not None and b is not None
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10 * scale)
