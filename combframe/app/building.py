@@ -34,9 +34,11 @@ __all__ = [
     "build_model",
     "build_run",
     "check_config",
+    "check_outputs",
     "checked_combination",
     "chunk_size",
     "strategy_of",
+    "target_stats",
 ]
 
 
@@ -111,12 +113,16 @@ def _resolve_device(spec: str, ranks: Ranks) -> torch.device:
     return device
 
 
+#: A number per output: one (a float), or one per target.
+Numbers = float | tuple[float, ...]
+
+
 def build_model(
     config: TrainConfig,
     features: int,
-    output_bias: float = 0.0,
+    output_bias: Numbers = 0.0,
     device: torch.device | str = "cpu",
-    output_scale: float = 1.0,
+    output_scale: Numbers = 1.0,
     kind: str = "vectors",
 ) -> combframe.MultiPoseModel:
     """Build the configured model, seeded: the one place a run's model is made.
@@ -128,16 +134,21 @@ def build_model(
     :func:`_start` (and, with ``normalize_targets``, the training values' standard
     deviation ``output_scale``); :func:`combframe.app.load` calls it with the
     ``network`` entry saved next to the weights (``{"features": F, "kind": ...}``) and
-    then loads the weights (the offsets and scale too).
+    then loads the weights (the offsets and scale too). With several targets
+    (``config.reader.targets``, d names) the network has d outputs, and ``output_bias``
+    and ``output_scale`` are one per target (a number is taken for every target).
     """
+    outputs = len(config.reader.targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net: torch.nn.Module
+        bias = _per_output(output_bias, outputs)
         if config.normalize_targets:
-            inner = build_network(config, DataInfo(kind, features, 0.0))
-            net = _Standardized(inner, output_bias, output_scale)
+            zero = _per_output(0.0, outputs)
+            inner = build_network(config, DataInfo(kind, features, zero, outputs))
+            net = _Standardized(inner, bias, _per_output(output_scale, outputs))
         else:
-            net = build_network(config, DataInfo(kind, features, output_bias))
+            net = build_network(config, DataInfo(kind, features, bias, outputs))
     net = net.to(device=device, dtype=dtype_of(config))
     return combframe.MultiPoseModel(
         net,
@@ -147,10 +158,18 @@ def build_model(
     )
 
 
-class _Standardized(torch.nn.Module):
-    """A network trained on standardised values: its output times ``scale`` plus ``shift``."""
+def _per_output(value: Numbers, outputs: int) -> Numbers:
+    """``value`` for each of ``outputs`` targets (a number repeated); as is for one value."""
+    return (value,) * outputs if outputs and isinstance(value, float) else value
 
-    def __init__(self, net: torch.nn.Module, shift: float, scale: float) -> None:
+
+class _Standardized(torch.nn.Module):
+    """A network trained on standardised values: its output times ``scale`` plus ``shift``.
+
+    Several targets: ``shift`` and ``scale`` are one per target (column).
+    """
+
+    def __init__(self, net: torch.nn.Module, shift: Numbers, scale: Numbers) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("shift", torch.tensor(shift))
@@ -227,10 +246,10 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
     moved = dataclasses.replace(
         data, train=_moved(train_set, device), test=_moved(data.test, device)
     )
-    targets = torch.stack([c.target for c in train_set]).double()
-    spread = float(targets.std(correction=0)) if len(targets) > 1 else 0.0
-    start = _start(config, train_set)
-    model = build_model(config, data.features, start, device, spread or 1.0, data.kind)
+    start, spread = _start(config, train_set, data.targets)
+    model = build_model(config, data.features, start, device, spread, data.kind)
+    if data.targets:
+        check_outputs(model, moved.train[0], data.targets, config.model.name)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -259,19 +278,72 @@ def _moved(compounds: Sequence[Compound], device: torch.device) -> tuple[Compoun
     return tuple(c.to(device) for c in compounds)
 
 
-def _start(config: TrainConfig, compounds: Sequence[Compound]) -> float:
-    """Return the per-pose starting value whose combination is the mean training value.
+def _start(
+    config: TrainConfig, compounds: Sequence[Compound], names: Sequence[str] = ()
+) -> tuple[Numbers, Numbers]:
+    """Return the per-pose starting value and the values' spread (for ``normalize_targets``).
 
-    Over a compound of the typical (median) number of poses: the mean itself for
-    ``mean``, a little above it for a smooth minimum.
+    The start is the value whose combination is the mean training value, over a
+    compound of the typical (median) number of poses: the mean itself for ``mean``, a
+    little above it for a smooth minimum. The spread is the standard deviation of the
+    training values (1 where it is 0). Several targets: both per target, over the
+    compounds that have a value for it (:func:`target_stats`).
     """
-    mean = float(torch.stack([c.target for c in compounds]).double().mean())
+    mean, std = target_stats(compounds, names)
     poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
     with torch.no_grad():
-        flat = torch.full((poses,), mean, dtype=torch.float64)
-        combined = float(checked_combination(config).value(flat))
-    start = 2 * mean - combined
-    return start if math.isfinite(start) else mean
+        flat = mean.expand(poses, *mean.shape)
+        combined = checked_combination(config).value(flat)
+    start = torch.where((2 * mean - combined).isfinite(), 2 * mean - combined, mean)
+    std = torch.where(std > 0, std, 1.0)
+    if names:
+        return tuple(start.tolist()), tuple(std.tolist())
+    return float(start), float(std)
+
+
+def target_stats(compounds: Sequence[Compound], names: Sequence[str] = ()) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of the compounds' values; per target with ``names``.
+
+    Several targets: over the compounds with a value for each (NaN is missing).
+
+    Raises
+    ------
+    ConfigError
+        If no compound has a value for one of ``names``.
+    """
+    y = torch.stack([c.target for c in compounds]).detach().double().cpu()
+    if not names:
+        return y.mean(), y.std(correction=0) if len(y) > 1 else torch.zeros(())
+    present = y.isfinite()
+    n = present.sum(dim=0)
+    for name, count in zip(names, n.tolist(), strict=True):
+        if not count:
+            raise ConfigError(
+                f"reader.target: no training compound has a value for {name!r}; give more "
+                "compounds a value for it or a smaller test_fraction"
+            )
+    mean = torch.where(present, y, 0.0).sum(dim=0) / n
+    var = (torch.where(present, y - mean, 0.0) ** 2).sum(dim=0) / n
+    return mean, var.sqrt()
+
+
+def check_outputs(
+    model: combframe.MultiPoseModel, compound: Compound, names: Sequence[str], network: str
+) -> None:
+    """Refuse a network that does not return one value per target for each pose.
+
+    Runs the model on the first pose of ``compound``; the combined value must have
+    shape ``(1, d)`` for the d ``names``.
+    """
+    with torch.no_grad():
+        combined = model(compounds=[list(compound.poses)[:1]]).combined
+    if tuple(combined.shape) != (1, len(names)):
+        raise ConfigError(
+            f"model.name {network!r}: with {len(names)} targets ({', '.join(names)}) the "
+            f"network must return shape (b, {len(names)}), one column per target, for b "
+            f"poses; it returned per-pose values of shape {tuple(combined.shape[1:])} "
+            "per compound"
+        )
 
 
 def _schedule(

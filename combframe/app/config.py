@@ -8,6 +8,7 @@ resolved to :class:`combframe.CombinationConfig` when a config is first validate
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 import types
@@ -48,6 +49,7 @@ else:
 
 __all__ = [
     "ConfigError",
+    "LossConfig",
     "ModelConfig",
     "ReaderConfig",
     "TrainConfig",
@@ -95,10 +97,17 @@ class ReaderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target: str | None = Field(
-        None, description="SD property (SDF) or column (SMILES CSV) holding the value."
+    target: str | list[str] | None = Field(
+        None,
+        description="SD property (SDF) or column (SMILES CSV) holding the value; a list "
+        "[a, b] trains several targets at once (SD properties, CSV or manifest columns, "
+        "JSON value keys; docs/data.md).",
     )
-    values: Path | None = Field(None, description="CSV of name,value rows giving the values.")
+    values: Path | None = Field(
+        None,
+        description="CSV of name,value rows giving the values (name plus the target "
+        "columns with a list reader.target).",
+    )
     group_by: str | None = Field(
         None,
         description="SD property grouping an SDF's records into compounds; null: the "
@@ -122,6 +131,41 @@ class ReaderConfig(BaseModel):
     cache_dir: Path | None = Field(
         None, description="Cache folder; null: $XDG_CACHE_HOME/combframe or ~/.cache/combframe."
     )
+
+    @field_validator("target")
+    @classmethod
+    def _target_names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value or any(not isinstance(v, str) or not v.strip() for v in value):
+                raise ValueError(f"a list of targets must hold non-empty names; got {value}")
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            if repeated:
+                raise ValueError(f"names the target(s) {repeated} twice; give each once")
+        return value
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The names of several targets (a list ``target``); ``()`` for one value."""
+        return tuple(self.target) if isinstance(self.target, list) else ()
+
+
+class LossConfig(BaseModel):
+    """The training loss over several targets (docs/train-save-predict.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: list[float] | None = Field(
+        None,
+        description="Per-target weights of the squared error, one per reader.target "
+        "name, each > 0; null: all 1.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not (w > 0 and w < math.inf) for w in value)):
+            raise ValueError(f"must be finite numbers > 0, one per target; got {value}")
+        return value
 
 
 class TrainConfig(BaseModel):
@@ -192,6 +236,10 @@ class TrainConfig(BaseModel):
         default_factory=lambda: ReaderConfig(),
         description="How molecular input is read (reader.target=..., see docs/data.md).",
     )
+    loss: LossConfig = Field(
+        default_factory=lambda: LossConfig(),
+        description="The loss over several targets (loss.weights=[1, 0.5]).",
+    )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
     poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
     features: int = Field(8, ge=1, description="Built-in set: features of a pose.")
@@ -242,6 +290,16 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _weights_per_target(self) -> TrainConfig:
+        weights, names = self.loss.weights, self.reader.targets
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(
+                f"loss.weights has {len(weights)} weight(s) but reader.target names "
+                f"{len(names)} target(s) {list(names)}; give one weight per target"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _device_form(cls, value: str) -> str:
@@ -269,6 +327,7 @@ _HELP_DEFAULTS = {
     "name": "a timestamp",
     "model": "name=auto",
     "reader": "see docs/data.md",
+    "loss": "weights=null",
     "strategy_options": "{}",
 }
 
@@ -281,7 +340,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation in (_CombinationField, ModelConfig, ReaderConfig):
+    if annotation in (_CombinationField, ModelConfig, ReaderConfig, LossConfig):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"
@@ -317,7 +376,11 @@ def config_keys_help(width: int = 100) -> str:
     """
     column = 26
     lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
-    sections: dict[str, type[BaseModel]] = {"model": ModelConfig, "reader": ReaderConfig}
+    sections: dict[str, type[BaseModel]] = {
+        "model": ModelConfig,
+        "reader": ReaderConfig,
+        "loss": LossConfig,
+    }
     fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
     fields += [
         (f"{section}.{name}", info)
