@@ -410,6 +410,10 @@ def did_you_mean(word: str, known: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: The sections whose unknown keys are refused with the closest known key.
+_SECTIONS: dict[str, type[BaseModel]] = {"reader": ReaderConfig, "loss": LossConfig}
+
+
 def _parameter_names(data: Mapping[str, Any] | None) -> list[str]:
     """Return the parameters of the combination named in ``data`` (none if unknown)."""
     section = (data or {}).get("combination")
@@ -434,7 +438,8 @@ def format_validation_error(
     """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
 
     An unknown top-level field is followed by the closest known field and
-    ``known_fields`` when given; an unknown ``reader.*`` key by the closest reader key;
+    ``known_fields`` when given; an unknown ``reader.*`` (``loss.*``) key by the closest
+    key of that section;
     an unknown combination parameter by the closest parameter of the combination named
     in ``data``.
     """
@@ -451,8 +456,9 @@ def format_validation_error(
             if known_fields and len(err["loc"]) == 1:
                 hint = did_you_mean(str(err["loc"][0]), known_fields)
                 known = f"{hint}; known fields: " + ", ".join(known_fields)
-            elif err["loc"][:1] == ("reader",) and len(err["loc"]) == 2:
-                known = did_you_mean(str(err["loc"][1]), list(ReaderConfig.model_fields))
+            elif str(err["loc"][0]) in _SECTIONS and len(err["loc"]) == 2:
+                fields = _SECTIONS[str(err["loc"][0])].model_fields
+                known = did_you_mean(str(err["loc"][1]), list(fields))
             elif err["loc"][:1] == ("combination",):
                 msg = "not a parameter of this combination (see `combframe list`)"
                 known = did_you_mean(str(err["loc"][-1]), _parameter_names(data))
