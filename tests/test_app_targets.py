@@ -316,3 +316,35 @@ def test_manifest_columns_as_targets_and_a_compound_without_any_value(tmp_path: 
     smi.write_text("CCO a 1.0\nCCN b 2.0\n")
     with pytest.raises(ConfigError, match=r"a \.smi file holds one value per line"):
         load_data(_config(f"data={smi}", "reader.target=[x,y]", base[2]))
+
+
+@pytest.mark.slow
+def test_two_targets_under_torchrun_match_one_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batches of 7 leave ranks with different numbers of values: |P| is the whole batch's."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    settings = [f"data={_json(tmp_path)}", "reader.target=[a,b]", "loss.weights=[1,2]"]
+    settings += ["dtype=float64", "batch_size=7", *FAST, f"output_dir={tmp_path}"]
+    assert main(["train", *settings, "name=one"]) == 0
+    capsys.readouterr()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "combframe", "train", *settings, "name=two"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    for name in ("a", "b"):
+        want, got = one["test"]["targets"][name]["rmse"], two["test"]["targets"][name]["rmse"]
+        assert got == pytest.approx(want, rel=1e-9)
+    assert two["history"][-1]["train_rmse"] == pytest.approx(one["history"][-1]["train_rmse"])
