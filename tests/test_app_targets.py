@@ -294,12 +294,8 @@ def test_manifest_columns_as_targets_and_a_compound_without_any_value(tmp_path: 
     pytest.importorskip("rdkit")
     pytest.importorskip("torch_geometric")
     pdb = Path(str(resources.files("posebusters").joinpath("datasets", "pdb")))
-    rows = [
-        f"1ia1,6.5,,{pdb}/1ia1/1ia1_ligand.sdf",
-        f"1uou,7.0,2.5,{pdb}/1uou/1uou_ligand.sdf",
-        f"1s3v,,1.5,{pdb}/1s3v/1s3v_ligand.sdf",
-        f"1of6,,,{pdb}/1of6/1of6_ligand.sdf",
-    ]
+    values = {"1ia1": "6.5,", "1uou": "7.0,2.5", "1s3v": ",1.5", "1of6": ","}  # pIC50,logD
+    rows = [f"{code},{v},{pdb}/{code}/{code}_ligand.sdf" for code, v in values.items()]
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("compound,pIC50,logD,poses\n" + "\n".join(rows) + "\n")
     base = [f"data={manifest}", "reader.target=[pIC50,logD]", f"reader.cache_dir={tmp_path}"]
