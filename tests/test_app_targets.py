@@ -261,6 +261,9 @@ def test_sd_properties_and_csv_columns_as_targets(tmp_path: Path) -> None:
         load_data(_config(f"data={sdf}", "reader.target=[r_exp_dg, kii]", cache))
     assert "no record has the SD property 'kii'" in str(info.value)
     assert "did you mean 'ki'?" in str(info.value)
+    to_predict = _config(f"data={sdf}", "reader.target=[r_exp_dg, kii]", cache)
+    predicted = load_data(to_predict, for_prediction=True).train
+    assert all(c.target.shape == (2,) and c.target[1].isnan() for c in predicted)
 
     names = [m.GetProp("_Name") for m in Chem.SDMolSupplier(str(sdf))]
     values = tmp_path / "values.csv"

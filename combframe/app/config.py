@@ -93,7 +93,10 @@ class ModelConfig(BaseModel):
 
 
 class ReaderConfig(BaseModel):
-    """How molecular input is read (docs/data.md); ignored for the JSON of vectors."""
+    """How molecular input is read (docs/data.md).
+
+    The JSON of vectors uses only ``target``, when it is a list (several targets).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

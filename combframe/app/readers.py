@@ -226,13 +226,16 @@ class _Problems:
 
     ``stop`` holds the signal received while reading; :meth:`check` (called by
     :meth:`report` first, so an interrupted RDKit call is not blamed on the data, and
-    after every compound) raises :class:`ReadInterruptedError` for it.
+    after every compound) raises :class:`ReadInterruptedError` for it. ``values``: the
+    compounds need values (training), so a target name that a file lacks altogether is
+    an error; compounds to predict need none.
     """
 
-    def __init__(self, skip: bool, stop: StopRequest | None = None) -> None:
+    def __init__(self, skip: bool, stop: StopRequest | None = None, values: bool = True) -> None:
         self.skip = skip
         self.lines: list[str] = []
         self.stop = stop if stop is not None else StopRequest()
+        self.values = values
 
     def check(self) -> None:
         if self.stop.signum:
@@ -412,7 +415,7 @@ def _sdf(
             atoms = chem.pocket(atoms, protein, opts.pocket_cutoff)
         raw.poses.append(atoms)
         raw.props.append(_pose_numbers(record.properties, opts))
-    if values is None and group is None:
+    if values is None and group is None and problems.values:
         _has_properties(path, records, opts.targets)
     return list(compounds.values())
 
@@ -458,7 +461,9 @@ def _pose_numbers(props: dict[str, str], opts: ReaderConfig) -> dict[str, float]
     return {k: v for k, v in numbers.items() if v is not None}
 
 
-def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, Value | None]]:
+def _smiles_rows(
+    path: Path, opts: ReaderConfig, required: bool = True
+) -> list[tuple[str, str, Value | None]]:
     """``(name, smiles, value)`` per line of a ``.smi`` (SMILES name) or a CSV with a header."""
     if path.suffix.lower() == ".smi":
         if opts.targets:
@@ -478,7 +483,7 @@ def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, Value |
     rows = _read_csv(path)
     if rows and "smiles" not in rows[0]:
         raise DataError(f"{str(path)!r}: a SMILES CSV needs a 'smiles' column; got {list(rows[0])}")
-    if opts.values is None:
+    if opts.values is None and required:
         _has_columns(path, rows, opts.targets)
     names = opts.targets or [opts.target if isinstance(opts.target, str) else "value"]
     return [
@@ -513,7 +518,7 @@ def _conformers(
 ) -> list[_Raw]:
     import combframe.app.chem as chem
 
-    rows = _smiles_rows(_check_file(path, "SMILES file"), opts)
+    rows = _smiles_rows(_check_file(path, "SMILES file"), opts, problems.values)
     bad = _repeated_names(path, rows, problems)
     names = {row[0]: i for i, row in reversed(list(enumerate(rows)))}
     keep = [i for i, row in enumerate(rows) if row[0] not in bad and names[row[0]] == i]
@@ -560,7 +565,8 @@ def _manifest(
             f"{str(path)!r}: a manifest needs columns compound, value, poses "
             f"(and optionally protein); got {list(rows[0])}"
         )
-    _has_columns(path, rows, names)
+    if problems is not None and problems.values:
+        _has_columns(path, rows, names)
     base = path.parent
     entries: dict[str, _Entry] = {}
     first: dict[str, int] = {}
@@ -898,7 +904,7 @@ def read_molecules(
     """
     label = f"built-in {source}" if source in BUILT_IN else source
     with stop_on_signals() as stop:  # from the imports to the last record
-        problems = _Problems(opts.skip_invalid, stop)
+        problems = _Problems(opts.skip_invalid, stop, values)
         require_chem()
         key = _cache_key(source, opts, _inputs(source, opts), values)
         path = cache_dir(opts) / f"{key}.pt"
