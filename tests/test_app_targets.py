@@ -347,3 +347,17 @@ def test_two_targets_under_torchrun_match_one_process(
         want, got = one["test"]["targets"][name]["rmse"], two["test"]["targets"][name]["rmse"]
         assert got == pytest.approx(want, rel=1e-9)
     assert two["history"][-1]["train_rmse"] == pytest.approx(one["history"][-1]["train_rmse"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream"])
+def test_two_targets_on_cuda_match_the_cpu(tmp_path: Path, strategy: str) -> None:
+    """The masked loss runs on the device (no NaN in any gradient) and gives the CPU's run."""
+    settings = [f"data={_json(tmp_path)}", "reader.target=[a,b]", "dtype=float64"]
+    settings += [f"strategy={strategy}", *FAST, f"output_dir={tmp_path}"]
+    for device in ("cpu", "cuda"):
+        assert main(["train", *settings, f"device={device}", f"name={device}"]) == 0
+    cpu, gpu = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("cpu", "cuda"))
+    for name in ("a", "b"):
+        want, got = cpu["test"]["targets"][name]["rmse"], gpu["test"]["targets"][name]["rmse"]
+        assert got == pytest.approx(want, rel=1e-9)
