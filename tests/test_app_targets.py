@@ -116,6 +116,25 @@ def test_a_target_no_json_compound_has_lists_the_keys(tmp_path: Path) -> None:
     assert "the value keys in the file: a, b" in str(info.value)
 
 
+def test_a_built_in_set_refuses_several_targets(tmp_path: Path) -> None:
+    pytest.importorskip("rdkit")
+    pytest.importorskip("torch_geometric")
+    with pytest.raises(ConfigError, match="built-in cmet: has one value per compound"):
+        load_data(_config("data=cmet", "reader.target=[a,b]", f"reader.cache_dir={tmp_path}"))
+
+
+def test_a_target_without_training_values_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "held.json"
+    entries = [{"value": {"a": float(i)}, "poses": [[float(i)]]} for i in range(5)]
+    entries[0]["value"]["b"] = 1.0  # the only value of b
+    path.write_text(json.dumps({"compounds": entries}))
+    config = _config(f"data={path}", "reader.target=[a,b]", "test_fraction=0.2", "seed=1")
+    data = load_data(config)
+    assert all(c.target[1].isnan() for c in data.train), "the seed must hold b's value out"
+    with pytest.raises(ConfigError, match="no training compound has a value for 'b'"):
+        build_run(config, data, torch.device("cpu"), Ranks())
+
+
 # ---- the loss ---------------------------------------------------------------------------
 
 
