@@ -1,0 +1,36 @@
+"""The multiple-instance benchmark (bench/mil.py): its bags, and its arms' exact gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import mil
+
+
+def _indexed_pool(n: int, positives: int) -> mil.Pool:
+    """A pool whose image k is filled with the number k, the first ``positives`` positive."""
+    images = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, 8, 8)
+    return mil.Pool(images.clone(), torch.arange(n) < positives)
+
+
+@pytest.mark.parametrize("n", [1, 5, 50])
+def test_bags_are_balanced_and_positive_exactly_when_they_hold_the_digit(n: int) -> None:
+    pool = _indexed_pool(200, positives=20)
+    bags = mil.make_bags(pool, 10, n, torch.Generator().manual_seed(0))
+    assert [label for _, label in bags] == [1.0, 0.0] * 5
+    for bag, label in bags:
+        assert bag.shape == (n, 1, 8, 8)
+        index = bag[:, 0, 0, 0].long()
+        nines = int(pool.positive[index].sum())
+        assert (nines > 0) == (label == 1.0)
+        assert nines <= max(1, round(mil.FRACTION * n)), "too many positives for MIL"
+        assert len(set(index.tolist())) == n, "an image twice in one bag"
+
+
+def test_test_pool_shares_no_image_with_the_training_pool() -> None:
+    train, test = mil.digit_pools(seed=0)
+    assert len(train.images) + len(test.images) == 1797
+    seen = {img.numpy().tobytes(): k for k, img in enumerate(train.images)}
+    assert not [img for img in test.images if img.numpy().tobytes() in seen]
+    assert 0 < int(test.positive.sum()) < int(train.positive.sum())
