@@ -34,3 +34,20 @@ def test_test_pool_shares_no_image_with_the_training_pool() -> None:
     seen = {img.numpy().tobytes(): k for k, img in enumerate(train.images)}
     assert not [img for img in test.images if img.numpy().tobytes() in seen]
     assert 0 < int(test.positive.sum()) < int(train.positive.sum())
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "stream"])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_cnn_and_attention_gradients_equal_the_full_graph(strategy: str, chunk: int) -> None:
+    pool = mil.digit_pools(seed=0)[0]
+    bag, label = mil.make_bags(pool, 1, 7, torch.Generator().manual_seed(1))[0]
+    bag = bag.double()
+    want = mil.build_arm("full graph", seed=3, chunk=chunk, dtype=torch.float64)
+    got = mil.build_arm(strategy, seed=3, chunk=chunk, dtype=torch.float64)
+    torch.testing.assert_close(got(bag), want(bag), rtol=1e-12, atol=1e-12)
+    names = [n for n, _ in want.named_parameters()]
+    for name, g, w in zip(
+        names, mil.gradients(got, bag, label), mil.gradients(want, bag, label), strict=True
+    ):
+        assert w.abs().max() > 0, f"{name}: no gradient reaches it, the check is empty"
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"{name} ({strategy})")
