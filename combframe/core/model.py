@@ -334,15 +334,17 @@ class MultiPoseModel(torch.nn.Module):
             return
         if bool(torch.isfinite(preds).all() & torch.isfinite(combined).all()):
             return
-        bad = torch.nonzero(~torch.isfinite(preds)).flatten().tolist()
+        rows = preds.reshape(preds.shape[0], -1)  # one row per pose, d values
+        bad = torch.nonzero(~torch.isfinite(rows).all(1)).flatten().tolist()
         if bad:
-            values = [preds[i].item() for i in bad[:10]]
+            values = [preds[i].tolist() for i in bad[:10]]
             raise CombinationError(
                 f"non-finite per-pose predictions at poses {bad} (values {values}); check "
                 "the model and its inputs, or pass check_finite=False to MultiPoseModel"
             )
-        worse = torch.nonzero(~torch.isfinite(combined)).flatten().tolist()
-        values = [combined[c].item() for c in worse[:10]]
+        each = combined.reshape(combined.shape[0], -1)
+        worse = torch.nonzero(~torch.isfinite(each).all(1)).flatten().tolist()
+        values = [combined[c].tolist() for c in worse[:10]]
         raise CombinationError(
             f"the combination {self.combination!r} gives non-finite values {values} for "
             f"compounds {worse} from finite per-pose predictions (range "

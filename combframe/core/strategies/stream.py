@@ -13,9 +13,10 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts, ragged
 from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
 from combframe.errors import StrategyError
 
@@ -89,6 +90,11 @@ class Stream(Strategy):
             )
             if k == 0:
                 sums.allocate(runner.targets)
+                if chunk.pred.dim() == 2:
+                    raise StrategyError(
+                        "strategy='stream' takes one value per pose; the model returns "
+                        f"{chunk.pred.shape[1]}. Use strategy='store' or 'recompute'"
+                    )
             if snapshot is not None and split.decide(chunk, snapshot):
                 plan[k + 1 :] = split.pieces(plan[k + 1 :])
             y = chunk.pred.detach()
@@ -112,12 +118,12 @@ class Stream(Strategy):
         """Add a chunk's gradients to the sums of its compounds."""
         y = chunk.pred
         if y.shape[0] >= len(fold.rows):
-            sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
+            sums.add_rows(fold.rows, *chunk.weighted_grads(fold.by_row.to(y.dtype)))
             return
         # Fewer poses than rows (one pose per compound): each pose's own gradient (one
         # pose alone: the gradient of its prediction, unweighted).
         b = y.shape[0]
-        per_pose, pose = _weighted_grads(chunk, None if b == 1 else torch.eye(b, dtype=y.dtype))
+        per_pose, pose = chunk.weighted_grads(None if b == 1 else torch.eye(b, dtype=y.dtype))
         if pose:
             by_row = fold.by_row
             sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
@@ -197,26 +203,6 @@ class _Split:
         self.known = True
         self.allowed = verdict is None and (seen or not ragged(runner, 0, len(self.poses)))
         return self.allowed
-
-
-def _weighted_grads(
-    chunk: Chunk, weights: Tensor | None
-) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-    """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
-
-    One backward of the chunk per weighting (``None``: one, of their sum). Returns
-    ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
-    """
-    layout = chunk.runner.targets.layout
-    rows = 1 if weights is None else weights.shape[0]
-    flat = layout.new_buffer(rows)
-    pose: dict[int, list[Tensor]] = {}
-    for r in range(rows):
-        params, got = chunk.grads(None if weights is None else weights[r], retain=r < rows - 1)
-        layout.flatten_into(params, flat[r])
-        for slot, g in got:
-            pose.setdefault(slot, []).append(g)
-    return flat, [(slot, torch.stack(g)) for slot, g in pose.items()]
 
 
 def _contract(weights: Tensor, grads: Tensor) -> Tensor:
