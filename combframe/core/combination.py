@@ -148,6 +148,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             start = getattr(self.__dict__["_settings"], field)
             raw = unconstrain(self.Params.model_fields[field], field, start)
             self.register_parameter(f"raw_{field}", torch.nn.Parameter(torch.tensor(raw)))
+        self.build()
+
+    def build(self) -> None:
+        """Make the combination's own layers from its parameters (attention's); none by default.
+
+        Called once, at the end of ``__init__``: a plugin with trainable layers makes them
+        here (``self.V = torch.nn.Linear(self.params.dim, ...)``) and keeps the class's
+        signature, the ``Params`` fields.
+        """
 
     @property
     def params(self) -> P:

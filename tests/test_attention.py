@@ -1,0 +1,152 @@
+"""The gated-attention pooling plugin: exact in every strategy (its own weights too),
+batched, with priors and masks, its pose weights, its state and its registered name."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pydantic
+import pytest
+import tomllib
+import torch
+from combframe_attention import GatedAttention
+
+import combframe
+from combframe.testing import fake_distribution, gradient_parity, isolated_registry, random_model
+from tests.conftest import make_poses
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("store", "recompute", "auto")
+
+
+def _attention(gated: bool = True, seed: int = 0) -> GatedAttention:
+    torch.manual_seed(seed)
+    return GatedAttention(dim=3, hidden=4, gated=gated).double()
+
+
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_attention_is_exact_in_every_strategy_with_its_own_weights(
+    gated: bool, prior: bool
+) -> None:
+    comb = _attention(gated)
+    result = gradient_parity(
+        comb,
+        strategies=STRATEGIES,
+        outputs=3,
+        n_poses=(1, 4),
+        seeds=(0,),
+        chunk_sizes=(1, 2, 3),
+        compounds=(1, 3),
+        prior=prior,
+    )
+    assert result.passed, (result.worst, result.errors)
+    assert {s for s, *_ in result.cases} == set(STRATEGIES)
+    assert sum(p.numel() for p in comb.parameters()) > 0  # compared beside the model's
+
+
+def test_segment_value_is_value_per_compound_and_pool_weights_are_the_softmax() -> None:
+    comb = _attention()
+    y = torch.randn(7, 3, dtype=torch.float64)
+    index = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    prior = torch.randn(7, dtype=torch.float64)
+    batched = comb.segment_value(y, index, 3, prior=prior)
+    parts = zip(y.split([3, 1, 3]), prior.split([3, 1, 3]), strict=True)
+    torch.testing.assert_close(batched, torch.stack([comb.value(e, prior=p) for e, p in parts]))
+    weights = combframe.pose_weights(comb, y, index, prior=prior)
+    assert weights.shape == (7,)
+    torch.testing.assert_close(
+        torch.zeros(3, dtype=weights.dtype).index_add(0, index, weights),
+        torch.ones(3, dtype=weights.dtype),
+    )
+    torch.testing.assert_close((weights[:3, None] * y[:3]).sum(0), batched[0])
+
+
+def test_pose_weights_can_be_trained_on() -> None:
+    comb = _attention()
+    net = random_model(0, 5, outputs=3)
+    model = combframe.MultiPoseModel(net, comb, strategy="store")
+    out = model(compounds=[make_poses(3), make_poses(2, seed=1)])
+    weights = model.pose_weights(out.per_pose, out.index, create_graph=True)
+    (-weights[0].log()).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert comb.V.weight.grad is not None
+
+
+def test_a_head_reads_the_pooled_embedding() -> None:
+    comb, head = _attention(), torch.nn.Linear(3, 1).double()
+    net = random_model(0, 5, outputs=3)
+    model = combframe.MultiPoseModel(
+        net, comb, strategy="recompute", comb_readout=lambda g: head(g).squeeze(-1)
+    )
+    out = model(compounds=[make_poses(3), make_poses(2, seed=1)])
+    assert out.combined.shape == (2,)
+    out.combined.sum().backward()
+    assert head.weight.grad is not None and comb.w.weight.grad is not None
+
+
+def test_the_wrong_embedding_size_is_refused() -> None:
+    model = combframe.MultiPoseModel(random_model(0, 5, outputs=2), _attention())
+    with pytest.raises(combframe.CombinationError, match=r"dim=3.*shape \(4, 2\).*set dim"):
+        model(make_poses(4))
+
+
+@pytest.mark.parametrize("bad", [{"dim": 0}, {"dim": 3, "hidden": 0}, {"hidden": 4}])
+def test_bad_parameters_name_the_field(bad: dict[str, int]) -> None:
+    field = "dim" if "dim" not in bad or bad["dim"] == 0 else "hidden"
+    with pytest.raises(pydantic.ValidationError, match=field):
+        GatedAttention(**bad)
+
+
+def test_state_dict_round_trip_keeps_its_weights_and_settings() -> None:
+    net = random_model(0, 5, outputs=3)
+    saved = combframe.MultiPoseModel(net, _attention(seed=1)).state_dict()
+    assert {"combination.V.weight", "combination.U.weight", "combination.w.bias"} <= set(saved)
+    fresh = combframe.MultiPoseModel(random_model(1, 5, outputs=3), _attention(seed=2))
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh.combination.V.weight, saved["combination.V.weight"])
+    assert saved["combination._extra_state"]["params"] == {"dim": 3, "hidden": 4, "gated": True}
+    other = combframe.MultiPoseModel(net, GatedAttention(dim=3, hidden=4, gated=False).double())
+    with pytest.raises(combframe.CombinationError, match="gated"):
+        other.load_state_dict(saved)
+
+
+def _declared() -> dict[str, str]:
+    """The combframe entry points pyproject.toml declares (what a fresh install gets)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    entries: dict[str, str] = project["entry-points"]["combframe"]
+    return entries
+
+
+def test_pyproject_ships_the_plugin() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    setup = config["tool"]["setuptools"]
+    assert _declared()["gated_attention"] == "combframe_attention:GatedAttention"
+    assert setup["package-dir"]["combframe_attention"] == "plugins/combframe_attention"
+    assert "combframe_attention" in setup["packages"]
+    assert setup["package-data"]["combframe_attention"] == ["py.typed"]
+
+
+@pytest.mark.parametrize("query", ["gated_attention", "Gated-Attention", "attention"])
+def test_the_registered_name_resolves_through_entry_point_metadata(
+    query: str, tmp_path: Path
+) -> None:
+    """Through the installed metadata after a fresh install, or, in a checkout installed
+    before the plugin was added, through the same entry point as pyproject declares it."""
+    installed = {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="combframe")
+        if ep.dist is not None and ep.dist.name == "combframe"
+    }
+    entry = {"gated_attention": _declared()["gated_attention"]}
+    if "gated_attention" in installed:
+        assert installed["gated_attention"] == entry["gated_attention"]
+        with isolated_registry():
+            comb = combframe.create_combination(query, dim=4)
+    else:
+        fresh = fake_distribution(tmp_path, "combframe-fresh", "0", {"combframe": entry})
+        with fresh, isolated_registry():
+            comb = combframe.create_combination(query, dim=4)
+    assert type(comb).__name__ == "GatedAttention" and comb.name == "gated_attention"
+    assert comb.to_config() == {"name": "gated_attention", "dim": 4, "hidden": 64, "gated": True}
