@@ -8,16 +8,25 @@ from pathlib import Path
 
 import pydantic
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
 import torch
 from combframe_attention import GatedAttention
 
 import combframe
-from combframe.testing import fake_distribution, gradient_parity, isolated_registry, random_model
+from combframe.testing import (
+    fake_distribution,
+    isolated_registry,
+    peak_tensor_bytes,
+    random_model,
+)
 from tests.conftest import make_poses
+from tests.test_vectors import assert_vector_parity
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("store", "recompute", "auto")
 
 
 def _attention(gated: bool = True, seed: int = 0) -> GatedAttention:
@@ -31,18 +40,7 @@ def test_attention_is_exact_in_every_strategy_with_its_own_weights(
     gated: bool, prior: bool
 ) -> None:
     comb = _attention(gated)
-    result = gradient_parity(
-        comb,
-        strategies=STRATEGIES,
-        outputs=3,
-        n_poses=(1, 4),
-        seeds=(0,),
-        chunk_sizes=(1, 2, 3),
-        compounds=(1, 3),
-        prior=prior,
-    )
-    assert result.passed, (result.worst, result.errors)
-    assert {s for s, *_ in result.cases} == set(STRATEGIES)
+    assert_vector_parity(comb, prior)
     assert sum(p.numel() for p in comb.parameters()) > 0  # compared beside the model's
 
 
@@ -150,3 +148,63 @@ def test_the_registered_name_resolves_through_entry_point_metadata(
             comb = combframe.create_combination(query, dim=4)
     assert type(comb).__name__ == "GatedAttention" and comb.name == "gated_attention"
     assert comb.to_config() == {"name": "gated_attention", "dim": 4, "hidden": 64, "gated": True}
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "stream"])
+def test_memory_stays_flat_in_the_bag_size(strategy: str) -> None:
+    comb = _attention()
+    net = random_model(0, 5, hidden=256, outputs=3)
+
+    def full(poses: list[torch.Tensor]) -> None:
+        comb.value(torch.cat([net(p) for p in poses])).sum().backward()
+
+    def peak(n: int, wrapped: bool) -> int:
+        poses = make_poses(n)
+        model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=4)
+        run = (lambda: model(poses)[0].sum().backward()) if wrapped else (lambda: full(poses))
+        return peak_tensor_bytes(run)
+
+    grows = peak(96, True) - peak(8, True)
+    graphs = peak(96, False) - peak(8, False)
+    # what grows is O(N d) (the predictions, the attention's own graph), not N pose graphs
+    assert grows < graphs / 10, (grows, graphs)
+
+
+def test_auto_counts_the_attention_sums_and_store_s_jacobians() -> None:
+    net = random_model(0, 5, outputs=3)
+    comb = _attention()
+    p = sum(t.numel() for t in net.parameters())
+    auto = combframe.Auto(losses="combined", memory_budget=7 * 3 * p * 8 - 1)
+    combframe.MultiPoseModel(net, comb, strategy=auto)(make_poses(7))
+    assert auto.chosen is not None and auto.chosen.name == "stream", auto.reason
+    assert "(M, d=3, P)" in auto.reason
+
+
+class _Outlier(torch.nn.Module):
+    """Pose 0 (last feature 1) embeds 1e8 away from the rest: sums centred on it cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = random_model(3, 5, outputs=3)
+
+    def forward(self, pose: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(pose) + 1e8 * pose[..., -1:]
+        return out
+
+
+def test_stream_centres_attention_on_its_best_pose() -> None:
+    comb = _attention()
+    poses = [p.clone() for p in make_poses(9)]
+    for k, p in enumerate(poses):
+        p[..., -1] = float(k == 0)
+    prior = torch.zeros(9, dtype=torch.float64)
+    prior[0] = -40.0  # pose 0 weighs nothing: z is far from it
+    got = {}
+    for strategy in ("store", "stream"):
+        net = _Outlier()
+        model = combframe.MultiPoseModel(net, comb, strategy=strategy, chunk_size=2)
+        combined, _ = model(poses, prior=prior)
+        combined.pow(2).sum().backward()
+        got[strategy] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    scale = got["store"].abs().max()
+    assert ((got["stream"] - got["store"]).abs().max() / scale) < 1e-10

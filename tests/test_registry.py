@@ -142,7 +142,7 @@ def test_shipped_plugins_found_through_entry_points() -> None:
             assert (info.plugin, info.distribution, info.version) == (name, "combframe", VERSION)
             assert info.combination_class is not None
             assert info.combination_class.__module__ == CLASSES[name].split(":")[0]
-            assert info.supports_stream or name == "gated_attention", name  # streams next
+            assert info.supports_stream, name
         assert combframe.plugin_errors() == []
 
 

@@ -38,6 +38,16 @@ class StreamingCombination(Protocol):
     every :math:`y`: the strategy then keeps the centre on the best pose seen so far
     (re-expressing the sums as :math:`A \leftarrow M A`, exact), so that sums of large,
     nearly cancelling terms never arise whatever the order of the poses.
+
+    For ``d`` values per pose a combination that combines each column on its own needs
+    nothing more: the strategy runs these methods on every column. A pooling
+    combination (``pools = True``) writes them for vectors: ``stream_terms`` takes
+    ``(b, d)`` predictions and centres and returns log weights ``(b,)`` and *directions*
+    ``(b, k, d)`` (the sums are vector-Jacobian products along them),
+    ``stream_coefficients`` takes one compound's ``(d_out,)`` value and ``(d,)`` centre
+    and returns a ``(k, d_out)`` matrix, contracted with :math:`\partial L/\partial G`;
+    ``stream_shift`` takes the old and new ``(d,)`` centres
+    (:mod:`combframe.core.strategies.terms`).
     """
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

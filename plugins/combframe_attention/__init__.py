@@ -68,3 +68,25 @@ class GatedAttention(combframe.Combination[AttentionParams]):
         return segment_sum(
             alpha.reshape(-1, *(1,) * (preds.dim() - 1)) * preds, index, num_segments
         )
+
+    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            e = preds.detach().requires_grad_(True)
+            a = self.scores(e)
+            (grad,) = torch.autograd.grad(a.sum(), e)  # each pose's own: nabla_e a_i
+        b, d = e.shape
+        one_hot = torch.eye(d, dtype=e.dtype, device=e.device).expand(b, d, d)
+        centred = (e.detach() - center.to(e.dtype))[:, :, None] * grad[:, None, :]
+        return a.detach(), torch.cat([one_hot, centred, grad[:, None, :]], 1)
+
+    def stream_shift(self, old: Tensor, new: Tensor) -> Tensor:
+        zero = torch.zeros_like(old)
+        column = torch.cat([zero, old - new, zero[:1]])  # S2_k += (c_k - c'_k) S3
+        last = torch.cat([zero, zero, torch.ones_like(old[:1])])
+        return torch.eye(column.shape[0], dtype=old.dtype, device=old.device) + torch.outer(
+            column, last
+        )
+
+    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
+        eye = torch.eye(combined.shape[0], dtype=combined.dtype, device=combined.device)
+        return torch.cat([eye, eye, -(combined - center)[None]])

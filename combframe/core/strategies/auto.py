@@ -14,7 +14,8 @@ The choice, read top-down (the table of ``docs/strategies.md``; the times are th
    the buffer is ``(M, d, P)`` (each pose's Jacobian); the first pose, run once without a
    graph before the choice, gives ``d``.
 4. Over the budget, ``losses="combined"``, a streaming combination and stream's
-   ``C x k x P`` running sums within it: **stream** (no per-pose gradients held).
+   ``C x k x P`` running sums within it: **stream** (no per-pose gradients held; ``k``
+   per column for ``d`` values combined column-wise, ``2d + 1`` for attention).
 5. Otherwise **recompute** (one chunk graph and one ``P``-vector, any loss).
 """
 
@@ -36,6 +37,7 @@ from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.store import Store
 from combframe.core.strategies.stream import Stream
+from combframe.core.strategies.terms import StreamTerms
 from combframe.errors import StrategyError
 
 _log = logging.getLogger("combframe")
@@ -160,7 +162,7 @@ def choose(
         )
     over = f"store's {shape} buffer of {_size(held)} is over the budget of {_size(budget)}"
     if auto.losses == "combined" and isinstance(combination, StreamingCombination):
-        sums = count * _features(combination, runner.device) * row
+        sums = count * StreamTerms(combination, width).rows(runner.device) * row
         if sums <= budget:
             return Stream(), f"{over}; a combined loss, running sums of {_size(sums)}"
     return Recompute(), over
@@ -176,13 +178,6 @@ def _width(runner: PoseRunner, poses: Poses) -> int:
         out = runner.predict(poses[:1], 0)
     runner.outputs.width = None  # the forward's own first chunk sets it again
     return int(out[0].numel())
-
-
-def _features(combination: StreamingCombination, device: torch.device) -> int:
-    """Return the number ``k`` of running sums per compound stream keeps for ``combination``."""
-    zero = torch.zeros(1, dtype=torch.float64, device=device)  # beside its own parameters
-    _, phi = combination.stream_terms(zero, zero[0])
-    return int(phi.shape[-1]) if phi.dim() > 1 else 1
 
 
 def _budget(device: torch.device) -> int:
