@@ -36,7 +36,7 @@ def test_test_pool_shares_no_image_with_the_training_pool() -> None:
     assert 0 < int(test.positive.sum()) < int(train.positive.sum())
 
 
-@pytest.mark.parametrize("strategy", ["recompute"])
+@pytest.mark.parametrize("strategy", ["recompute", "stream"])
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 def test_cnn_and_attention_gradients_equal_the_full_graph(strategy: str, chunk: int) -> None:
     pool = mil.digit_pools(seed=0)[0]
@@ -52,3 +52,24 @@ def test_cnn_and_attention_gradients_equal_the_full_graph(strategy: str, chunk: 
         if name != "attention.w.bias":  # zero: a softmax ignores a shift of its scores
             assert w.abs().max() > 1e-8, f"{name}: no gradient reaches it, the check is empty"
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=f"{name} ({strategy})")
+
+
+def test_stream_runs_one_backward_per_sum_not_per_jacobian_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chunk of 7 embeddings of d = 32 has 7 x 32 Jacobian rows but attention needs only
+    # 2d + 1 = 65 weighted sums: one backward each is the cheaper way.
+    pool = mil.digit_pools(seed=0)[0]
+    bag, _ = mil.make_bags(pool, 1, 7, torch.Generator().manual_seed(1))[0]
+    net = mil.build_arm("stream", seed=0, chunk=7)
+    calls = []
+    grad = torch.autograd.grad
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return grad(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    net(bag)
+    # the 2d + 1 sums, and the attention's own gradient of its scores (grad_e a_i)
+    assert len(calls) == 2 * mil.DIM + 2

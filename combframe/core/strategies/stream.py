@@ -43,8 +43,9 @@ class Stream(Strategy):
 
     the last term for every compound and feature of a chunk being one batched backward
     of the chunk (``is_grads_batched``) whose ``grad_outputs`` are those weights, one row
-    per compound and feature; where the chunk holds fewer poses than rows (one pose per
-    compound), the rows are its poses' own gradients, contracted with the weights.
+    per compound and feature; where the chunk's Jacobian has fewer rows than that (poses
+    times values per pose; one pose per compound), the rows are its poses' own
+    gradients, contracted with the weights.
     Every exponent is at most zero, so nothing overflows however widely the predictions
     are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
     only the ``k`` sums of ``P`` numbers per compound use the parameters' dtype. A model
@@ -113,12 +114,13 @@ class Stream(Strategy):
     def _add(sums: _StreamSums, fold: Fold, chunk: Chunk, segments: Segments, start: int) -> None:
         """Add a chunk's gradients to the sums of its compounds."""
         y = chunk.pred
-        if y.shape[0] >= len(fold.rows):
+        b, values = y.shape[0], y[0].numel()
+        # One backward per row of sums, or per row of the chunk's Jacobian: the fewer.
+        if b * values >= len(fold.rows):
             sums.add_rows(fold.rows, *chunk.weighted_grads(fold.by_row.to(y.dtype)))
             return
-        # Fewer poses than rows (one pose per compound): each pose's own gradient, or its
-        # Jacobian's d rows (one pose of one value alone: the gradient, unweighted).
-        b, values = y.shape[0], y[0].numel()
+        # Fewer Jacobian rows than sums (one pose per compound): each pose's own gradient,
+        # or its Jacobian's d rows (one pose of one value alone: the gradient, unweighted).
         eye = torch.eye(b * values, dtype=y.dtype, device=y.device).reshape(-1, *y.shape)
         per_pose, pose = chunk.weighted_grads(None if eye.shape[0] == 1 else eye)
         if pose:
