@@ -3,7 +3,9 @@ batched, with priors and masks, its pose weights, its state and its registered n
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
@@ -126,12 +128,11 @@ def test_pyproject_ships_the_plugin() -> None:
     assert setup["package-data"]["combframe_attention"] == ["py.typed"]
 
 
-@pytest.mark.parametrize("query", ["gated_attention", "Gated-Attention", "attention"])
-def test_the_registered_name_resolves_through_entry_point_metadata(
-    query: str, tmp_path: Path
-) -> None:
-    """Through the installed metadata after a fresh install, or, in a checkout installed
-    before the plugin was added, through the same entry point as pyproject declares it."""
+@contextlib.contextmanager
+def _registered(tmp_path: Path) -> Iterator[None]:
+    """A registry holding gated_attention through entry-point metadata: the installed one
+    after a fresh install, or, in a checkout installed before the plugin was added, the
+    same entry point as pyproject declares it."""
     installed = {
         ep.name: ep.value
         for ep in importlib.metadata.entry_points(group="combframe")
@@ -141,13 +142,33 @@ def test_the_registered_name_resolves_through_entry_point_metadata(
     if "gated_attention" in installed:
         assert installed["gated_attention"] == entry["gated_attention"]
         with isolated_registry():
-            comb = combframe.create_combination(query, dim=4)
+            yield
     else:
         fresh = fake_distribution(tmp_path, "combframe-fresh", "0", {"combframe": entry})
         with fresh, isolated_registry():
-            comb = combframe.create_combination(query, dim=4)
+            yield
+
+
+@pytest.mark.parametrize("query", ["gated_attention", "Gated-Attention", "attention"])
+def test_the_registered_name_resolves_through_entry_point_metadata(
+    query: str, tmp_path: Path
+) -> None:
+    with _registered(tmp_path):
+        comb = combframe.create_combination(query, dim=4)
     assert type(comb).__name__ == "GatedAttention" and comb.name == "gated_attention"
     assert comb.to_config() == {"name": "gated_attention", "dim": 4, "hidden": 64, "gated": True}
+
+
+def test_combframe_check_runs_it_on_vector_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from combframe.app.cli import main
+
+    with _registered(tmp_path):
+        code = main(["check", "gated_attention", "dim=3", "hidden=4", "--seeds", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS gated_attention" in out and "stream" in out
 
 
 @pytest.mark.parametrize("strategy", ["recompute", "stream"])

@@ -83,9 +83,8 @@ class GatedAttention(combframe.Combination[AttentionParams]):
         zero = torch.zeros_like(old)
         column = torch.cat([zero, old - new, zero[:1]])  # S2_k += (c_k - c'_k) S3
         last = torch.cat([zero, zero, torch.ones_like(old[:1])])
-        return torch.eye(column.shape[0], dtype=old.dtype, device=old.device) + torch.outer(
-            column, last
-        )
+        eye = torch.eye(column.shape[0], dtype=old.dtype, device=old.device)
+        return eye + torch.outer(column, last)
 
     def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
         eye = torch.eye(combined.shape[0], dtype=combined.dtype, device=combined.device)

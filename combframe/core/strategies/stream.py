@@ -49,7 +49,9 @@ class Stream(Strategy):
     Every exponent is at most zero, so nothing overflows however widely the predictions
     are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
     only the ``k`` sums of ``P`` numbers per compound use the parameters' dtype. A model
-    with a gradient hook on an activation is refused.
+    with a gradient hook on an activation is refused. With ``d`` values per pose the
+    sums are taken along per-pose directions in output space, an online softmax per
+    column for a column-wise combination (:mod:`combframe.core.strategies.terms`).
     """
 
     name = "stream"
