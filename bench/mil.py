@@ -352,6 +352,12 @@ def report(results: dict[str, Any]) -> str:
     s, sm = results["settings"], results["summary"]
     prev, last = results["scaling"][-2:]
     p_cnn = results["parameters"]["cnn"]
+    stream_note = (
+        "stream's peak comes while a chunk is back-propagated once per sum, above that "
+        "graph at these sizes, so it hardly grows. "
+        if sm["bytes_per_image_stream"] < 0.5 * sm["bytes_per_image_recompute"]
+        else ""
+    )
     smaller = [
         c["n"] for c in results["scaling"] if c["memory"]["stream"] < c["memory"]["full graph"]
     ]
@@ -359,10 +365,12 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "# Multiple-instance learning on digits: a CNN trained through gated attention",
         "",
-        f"Made by `{results['command']}` on {results['date']}: {results['machine']}, "
-        f"torch {results['torch']}, one intra-op thread, on a machine shared with other work "
-        "(read the times as ratios measured side by side, not as absolute numbers). The raw "
-        "results are in [mil.json](mil.json).",
+        f"Made by `{results['command']}` (from the repository root; it sets one intra-op "
+        f"thread itself) on {results['date']}: {results['machine']}, torch "
+        f"{results['torch']}, in {results['seconds'] / 60:.1f} minutes, on a machine shared "
+        "with other work (read the times as ratios measured side by side, not as absolute "
+        "numbers). `--quick` is a smoke run of a few seconds. Needs scikit-learn (the "
+        "`bench` extra). The raw results are in [mil.json](mil.json).",
         "",
         "Instances are the 1,797 bundled 8x8 images of scikit-learn's `load_digits`; a bag is "
         f"positive when it holds at least one {DIGIT}. The images are split (stratified, 60/40, "
@@ -415,8 +423,8 @@ def report(results: dict[str, Any]) -> str:
         "pooling's own graph, ordinary autograd on the n embeddings: gated attention keeps "
         f"$V e_i$, $U e_i$, their tanh, sigmoid and product, 5 x {HIDDEN} numbers "
         f"({5 * HIDDEN * 4 / 1024:.2f} KiB in float32) and the embedding's {DIM} per image. "
-        "A larger network per instance (a CNN on pathology tiles keeps megabytes per "
-        "instance) widens the gap; the pooling's share does not change.",
+        f"{stream_note}A larger network per instance (a CNN on pathology tiles keeps "
+        "megabytes per instance) widens the gap; the pooling's share does not change.",
         "",
         f"stream also keeps, per bag, 2d + 1 = {2 * DIM + 1} running sums of the CNN's "
         f"{p_cnn:,} parameters ({(2 * DIM + 1) * p_cnn * 4 / 2**20:.2f} MiB), the attention's "
@@ -446,7 +454,9 @@ def report(results: dict[str, Any]) -> str:
         f"backward of each chunk per sum, {2 * DIM + 1} where the full graph runs one "
         "backward in all: for d = 32 pooled by attention recompute is the strategy to use."
         " stream's single pass pays for scalar outputs "
-        "(one or two sums) and expensive forwards ([SchNet](schnet.md)).",
+        "(one or two sums) and expensive forwards ([SchNet](schnet.md)). Steps of a few "
+        "milliseconds on a shared machine move by tens of percent between runs: read the "
+        "order of the arms, not the second digit.",
         "",
         "Before measuring, each bag's gradients of every arm were compared with the full "
         f"graph's: the largest difference, relative to the largest entry, was {worst:.1e} "
@@ -494,6 +504,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for mil.md and mil.json")
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
+    start = time.perf_counter()
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs" / "bench")
     torch.set_num_threads(1)
     train_pool = digit_pools(0)[0]
@@ -519,6 +530,7 @@ def main() -> None:
         "accuracy": accuracy(s),
     }
     results["summary"] = summary(results)
+    results["seconds"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     (out / "mil.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "mil.md").write_text(report(results))
