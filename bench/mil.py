@@ -455,8 +455,8 @@ def report(results: dict[str, Any]) -> str:
         "backward in all: for d = 32 pooled by attention recompute is the strategy to use."
         " stream's single pass pays for scalar outputs "
         "(one or two sums) and expensive forwards ([SchNet](schnet.md)). Steps of a few "
-        "milliseconds on a shared machine move by tens of percent between runs: read the "
-        "order of the arms, not the second digit.",
+        "milliseconds on a shared machine move by up to a factor of two between runs of "
+        "this command: read the order of the arms and the size of the gaps, not the digits.",
         "",
         "Before measuring, each bag's gradients of every arm were compared with the full "
         f"graph's: the largest difference, relative to the largest entry, was {worst:.1e} "
