@@ -108,17 +108,12 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def _origin(distribution: str | None, version: str | None) -> str:
-    origin = distribution or "not from a distribution"
-    return f"{origin} {version}" if version else origin
-
-
 def _print_combination(info: Any) -> None:
     aliases = f" (aliases: {', '.join(info.aliases)})" if info.aliases else ""
     stream = "yes" if info.supports_stream else "no"
     print(f"{info.name}{aliases}")
     print(f"    {info.description}")
-    print(f"    plugin {info.plugin}, {_origin(info.distribution, info.version)}; ", end="")
+    print(f"    plugin {info.plugin}, {info.origin}; ", end="")
     print(f"stream strategy: {stream}")
     if not info.parameters:
         print("    no parameters")
@@ -150,7 +145,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if errors:
         print("plugins that failed to load:")
     for err in errors:
-        print(f"    {err.plugin} ({_origin(err.distribution, err.version)}): {err.exception}")
+        print(f"    {err.plugin} ({err.origin}): {err.exception}")
     return EXIT_OK
 
 

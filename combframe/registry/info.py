@@ -12,7 +12,7 @@ from typing import Any, Final
 from pydantic.fields import FieldInfo
 
 from combframe.core.combination import Combination
-from combframe.registry.plugins import Entry
+from combframe.registry.plugins import Entry, Source
 
 __all__ = ["CombinationInfo", "ParameterInfo", "combination_info"]
 
@@ -115,6 +115,11 @@ class CombinationInfo:
     combination_class: type[Combination] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+
+    @property
+    def origin(self) -> str:
+        """Where its plugin comes from (``distribution combframe 0.2.0``)."""
+        return Source(self.plugin, self.distribution, self.version).origin()
 
 
 def combination_info(entry: Entry) -> CombinationInfo:

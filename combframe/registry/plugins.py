@@ -98,6 +98,11 @@ class PluginLoadError:
     version: str | None
     exception: str
 
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from, as :meth:`Source.origin` says it."""
+        return Source(self.plugin, self.distribution, self.version).origin()
+
     def __str__(self) -> str:
         return f"{Source(self.plugin, self.distribution, self.version).describe()}: " + (
             self.exception
