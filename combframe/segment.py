@@ -4,7 +4,8 @@ The poses of a batch of compounds are laid out flat, ``M`` of them, with ``index
 compound of pose ``i`` (``0 <= index[i] < num_segments``, sorted, as PyTorch Geometric's
 aggregations take an ``index``). These functions reduce such a vector per compound without
 a Python loop over compounds, and are ordinary autograd operations, so a combination built
-from them is differentiable to any order.
+from them is differentiable to any order. Values are ``(M,)``, or ``(M, d)`` for ``d``
+values per pose, reduced column by column into ``(num_segments, d)``.
 
 >>> import torch
 >>> from combframe.segment import segment_sum, segment_logsumexp
@@ -32,18 +33,24 @@ __all__ = [
 
 
 def with_prior(log_weights: Tensor, prior: Tensor | None) -> Tensor:
-    """Return log weights plus the per-pose log prior, if one is given (a masked pose: -inf)."""
-    return log_weights if prior is None else log_weights + prior
+    """Return log weights plus the per-pose log prior, if one is given (a masked pose: -inf).
+
+    ``log_weights`` is ``(M,)`` or ``(M, d)`` (one column per output); the ``(M,)`` prior
+    is added to every column.
+    """
+    if prior is None:
+        return log_weights
+    return log_weights + prior.reshape(-1, *(1,) * (log_weights.dim() - 1))
 
 
 def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Return the per-segment sums, shape ``(num_segments,)``."""
-    out = torch.zeros(num_segments, dtype=values.dtype, device=values.device)
+    """Return the per-segment sums, shape ``(num_segments, *values.shape[1:])``."""
+    out = values.new_zeros((num_segments, *values.shape[1:]))
     return out.index_add(0, index, values)
 
 
 def segment_mean(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Return the per-segment means, shape ``(num_segments,)``."""
+    """Return the per-segment means, shape ``(num_segments, *values.shape[1:])``."""
     ones = torch.ones_like(values)
     return segment_sum(values, index, num_segments) / segment_sum(ones, index, num_segments)
 
@@ -54,8 +61,9 @@ def segment_max(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
     Used as the shift that keeps :func:`segment_logsumexp` and :func:`segment_softmax`
     finite; both are exactly invariant to it, so it carries no gradient.
     """
-    out = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, index, values.detach(), reduce="amax", include_self=True)
+    out = values.new_full((num_segments, *values.shape[1:]), float("-inf"))
+    spread = index.reshape(-1, *(1,) * (values.dim() - 1)).expand(values.shape)
+    return out.scatter_reduce(0, spread, values.detach(), reduce="amax", include_self=True)
 
 
 def segment_logsumexp(values: Tensor, index: Tensor, num_segments: int) -> Tensor:

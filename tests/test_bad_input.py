@@ -78,9 +78,10 @@ def test_empty_pred_list_in_mtenn_call() -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_prediction_with_more_than_one_element(strategy: str) -> None:
-    net = torch.nn.Linear(5, 2).double()
+    # (1, 2, 2): neither one value nor a vector of d values per pose
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Unflatten(1, (2, 2))).double()
     model = combframe.MultiPoseModel(net, "mean", strategy=strategy)
-    with state_unchanged(net), pytest.raises(CombinationError, match=r"shape \(1, 2\)"):
+    with state_unchanged(net), pytest.raises(CombinationError, match=r"shape \(1, 2, 2\)"):
         model(make_poses(3))
 
 

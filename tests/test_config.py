@@ -97,7 +97,7 @@ def test_unknown_or_missing_name_is_reported_on_the_name_field() -> None:
     with pytest.raises(ValidationError) as info:
         TrainConfig.model_validate({"combination": {"pred_scale": 2.0}})
     assert _errors(info.value) == [(("combination", "name"), "missing_combination_name")]
-    assert "installed: boltzmann, max, mean" in str(info.value)
+    assert f"installed: {', '.join(combframe.list_combinations())}" in str(info.value)
     with pytest.raises(ValidationError) as info:
         CombinationConfig.model_validate({"name": 7})
     assert _errors(info.value) == [(("name",), "string_type")]
@@ -202,7 +202,8 @@ def test_schema_covers_every_installed_combination(tmp_path: Path) -> None:
     schema = combframe.combination_config_schema()
     json.dumps(schema)  # plain JSON
     variants = _variants(schema)
-    assert sorted(variants) == combframe.list_combinations()
+    aliases = [a for i in combframe.describe_combinations() for a in i.aliases]
+    assert sorted(variants) == sorted([*combframe.list_combinations(), *aliases])
     max_props = variants["max"]["properties"]
     assert max_props["pred_scale"] == {
         "default": 1000.0,
@@ -219,9 +220,10 @@ def test_schema_covers_every_installed_combination(tmp_path: Path) -> None:
         learn = {"learn"} if any(p.type == "float" for p in info.parameters) else set()
         assert set(props) == {"name"} | learn | {p.name for p in info.parameters}
 
+    shipped = sorted(variants)
     with isolated_registry(), install_example_plugin(tmp_path):
         variants = _variants(combframe.combination_config_schema())
-        assert sorted(variants) == ["blend", "boltzmann", "max", "mean", "mean_min_blend"]
+        assert sorted(variants) == sorted([*shipped, "blend", "mean_min_blend"])
         assert variants["blend"] is variants["mean_min_blend"]
         alpha = variants["blend"]["properties"]["alpha"]
         assert (alpha["minimum"], alpha["maximum"], alpha["default"]) == (0, 1, 0.5)
@@ -233,7 +235,8 @@ def test_user_model_schema_embeds_the_union() -> None:
     field = schema["properties"]["combination"]
     ref = field["$ref"].rsplit("/", 1)[1]
     union = schema["$defs"][ref]
-    assert set(union["discriminator"]["mapping"]) == {"boltzmann", "max", "mean"}
+    names = {n for i in combframe.describe_combinations() for n in (i.name, *i.aliases)}
+    assert set(union["discriminator"]["mapping"]) == names
     for target in union["discriminator"]["mapping"].values():
         assert target.rsplit("/", 1)[1] in schema["$defs"]
 

@@ -25,6 +25,11 @@ from typing import Any
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
+
 import combframe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +37,7 @@ DOCS = ROOT / "docs"
 EXAMPLE_PACKAGE = DOCS / "examples" / "combframe-expavg"
 #: Pages whose examples need the example plugin installed; they run in a subprocess.
 NEEDS_EXAMPLE_PLUGIN = {"docs/plugin-guide.md"}
-SHIPPED_PLUGINS = ("combframe_max", "combframe_mean", "combframe_boltzmann")
+SHIPPED_PLUGINS = ("combframe_max", "combframe_mean", "combframe_boltzmann", "combframe_attention")
 #: The class an example plugin's entry point names.
 EXAMPLE_CLASS = "combframe_expavg:ExpAverageCombination"
 
@@ -266,9 +271,15 @@ def test_example_plugin_discovered_and_exact(example_site: Path) -> None:
 
 
 def _shipped_classes(module: str) -> list[type[combframe.Combination]]:
-    """The classes that combframe's own entry points register from ``module``."""
-    eps = importlib.metadata.distribution("combframe").entry_points
-    classes = [ep.load() for ep in eps if ep.group == "combframe" and ep.module == module]
+    """The classes that combframe's own entry points register from ``module``.
+
+    Read from pyproject.toml, which a fresh install's metadata reproduces (a checkout
+    installed before a plugin was added lacks its entry point until reinstalled).
+    """
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    values = project["entry-points"]["combframe"].values()
+    eps = [importlib.metadata.EntryPoint("", v, "combframe") for v in values]
+    classes = [ep.load() for ep in eps if ep.module == module]
     for cls in classes:
         assert isinstance(cls, type) and issubclass(cls, combframe.Combination), cls
     assert classes, f"no entry point in group 'combframe' names a class of {module}"
@@ -294,9 +305,10 @@ def test_combination_pages_document_every_parameter(module: str) -> None:
         text = page.read_text(encoding="utf-8")
         assert f".. automodule:: {module}" in text, f"{page.name} does not render {module}'s math"
         for field, info in cls.Params.model_fields.items():
-            row = f"| `{field}` | `{info.default!r}` |"
+            default = "required" if info.is_required() else f"`{info.default!r}`"
+            row = f"| `{field}` | {default} |"
             assert row in text, f"{page.name}: no parameter row {row!r} for {cls.__name__}"
-        listed = set(re.findall(r"^\| `(\w+)` \| `", text, re.MULTILINE))
+        listed = set(re.findall(r"^\| `(\w+)` \| (?:`|required)", text, re.MULTILINE))
         extra = listed - set(cls.Params.model_fields)
         assert not extra, f"{page.name} documents parameters {cls.__name__} lacks: {extra}"
 

@@ -112,7 +112,7 @@ def test_stream_refuses_a_loss_on_the_weights_by_name() -> None:
 def test_bad_shapes_are_refused() -> None:
     comb = combframe.create_combination("mean")
     with pytest.raises(combframe.CombinationError, match="per-pose predictions"):
-        combframe.pose_weights(comb, torch.zeros(2, 3))
+        combframe.pose_weights(comb, torch.zeros(2, 3, 4))
     with pytest.raises(combframe.CombinationError, match="index"):
         combframe.pose_weights(comb, torch.zeros(3), torch.zeros(2, dtype=torch.long))
 

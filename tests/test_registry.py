@@ -29,7 +29,23 @@ from combframe.testing import (
 from tests.conftest import FOREIGN, make_mlp, make_poses
 from tests.example_plugin import install_example_plugin
 
-SHIPPED = ("boltzmann", "max", "mean")
+#: The plugins the installed combframe declares (pyproject.toml's entry points, as
+#: installed: tests/test_attention.py checks that a fresh install carries them all).
+SHIPPED = tuple(
+    sorted(
+        ep.name
+        for ep in importlib.metadata.entry_points(group="combframe")
+        if ep.dist is not None and ep.dist.name == "combframe"
+    )
+)
+#: Every shipped name but ``max``.
+NO_MAX = [n for n in SHIPPED if n != "max"]
+CLASSES = {
+    "max": "combframe_max:MaxCombination",
+    "mean": "combframe_mean:MeanCombination",
+    "boltzmann": "combframe_boltzmann:BoltzmannCombination",
+    "gated_attention": "combframe_attention:GatedAttention",
+}
 VERSION = importlib.metadata.version("combframe")
 
 
@@ -116,14 +132,8 @@ def _dist(tmp_path: Path, dist: str, version: str, plugin: str, module: str, bod
 
 def test_shipped_plugins_found_through_entry_points() -> None:
     declared = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="combframe")}
-    classes = {
-        "max": "MaxCombination",
-        "mean": "MeanCombination",
-        "boltzmann": "BoltzmannCombination",
-    }
-    assert {name: declared.get(name) for name in SHIPPED} == {
-        name: f"combframe_{name}:{classes[name]}" for name in SHIPPED
-    }
+    assert {"boltzmann", "max", "mean"} <= set(SHIPPED)
+    assert {name: declared.get(name) for name in SHIPPED} == {n: CLASSES[n] for n in SHIPPED}
     with isolated_registry():
         assert combframe.list_combinations() == list(SHIPPED)
         infos = {i.name: i for i in combframe.describe_combinations()}
@@ -131,7 +141,7 @@ def test_shipped_plugins_found_through_entry_points() -> None:
             info = infos[name]
             assert (info.plugin, info.distribution, info.version) == (name, "combframe", VERSION)
             assert info.combination_class is not None
-            assert info.combination_class.__module__ == f"combframe_{name}"
+            assert info.combination_class.__module__ == CLASSES[name].split(":")[0]
             assert info.supports_stream, name
         assert combframe.plugin_errors() == []
 
@@ -167,8 +177,8 @@ def test_import_and_metadata_import_no_plugin_module() -> None:
     )
     assert out.splitlines() == [
         "[]",
-        "['boltzmann', 'max', 'mean'] []",
-        "['boltzmann', 'max', 'mean'] ['combframe_boltzmann', 'combframe_max', 'combframe_mean']",
+        f"{list(SHIPPED)} []",
+        f"{list(SHIPPED)} {sorted(CLASSES[n].split(':')[0] for n in SHIPPED)}",
     ]
 
 
@@ -180,7 +190,7 @@ def test_blocked_shipped_plugin_is_never_imported() -> None:
         """,
         COMBFRAME_BLOCK_PLUGINS="max",
     )
-    assert out == "['boltzmann', 'mean'] False"
+    assert out == f"{NO_MAX} False"
 
 
 def test_registry_is_built_once_and_cached() -> None:
@@ -255,7 +265,8 @@ def test_unknown_name_lists_installed_and_suggests(query: str, suggestion: str) 
             combframe.create_combination(query)
     message = str(info.value)
     assert f"Did you mean {suggestion!r}?" in message
-    assert "Installed combinations: 'boltzmann', 'max', 'mean', 'soft_min'." in message
+    installed = ", ".join(map(repr, sorted([*SHIPPED, "soft_min"])))
+    assert f"Installed combinations: {installed}." in message
     assert "plugin" in message and "installed" in message
     assert info.value.suggestion == suggestion
 
@@ -304,7 +315,7 @@ def test_identical_class_registered_twice_is_a_no_op() -> None:
         import combframe_max
 
         register_plugin(combframe_max, name="max-again")
-        assert combframe.list_combinations() == ["boltzmann", "max", "mean", "soft_min"]
+        assert combframe.list_combinations() == sorted([*SHIPPED, "soft_min"])
 
 
 def test_in_process_clash_names_both_plugins_and_leaves_registry_intact() -> None:
@@ -416,7 +427,7 @@ def test_third_party_max_leaves_every_other_name_working(
     body = GOOD_CLASS.format(name="max")
     with isolated_registry(), _dist(tmp_path, "greedy", "0.1", "max", "greedy_max", body):
         with pytest.warns(PluginWarning, match="'max' is claimed twice"):
-            assert combframe.list_combinations() == ["boltzmann", "mean"]
+            assert combframe.list_combinations() == NO_MAX
         model = combframe.MultiPoseModel(make_mlp(), "boltzmann")
         model(make_poses(3))
         with pytest.raises(AmbiguousCombinationError, match="COMBFRAME_BLOCK_PLUGINS=greedy:max"):
@@ -481,7 +492,7 @@ def test_broken_plugin_is_isolated_reported_and_listed(tmp_path: Path, case: str
     ):
         with pytest.warns(PluginWarning) as record:
             names = combframe.list_combinations()
-        assert names == ["boltzmann", "fine", "max", "mean"]
+        assert names == sorted([*SHIPPED, "fine"])
         (warning,) = record
         text = str(warning.message)
         # the warning points at the caller (this file), not at combframe's internals
@@ -541,10 +552,10 @@ def test_blocklist_skips_named_entry_points(
     with isolated_registry(), _dist(tmp_path, "broken-dist", "0.3", "broken", "broken_mod", body):
         blocked_broken = "broken" in value
         if blocked_broken:
-            assert combframe.list_combinations() == ["boltzmann", "mean"]
+            assert combframe.list_combinations() == NO_MAX
         else:
             with pytest.warns(PluginWarning, match="'broken'"):
-                assert combframe.list_combinations() == ["boltzmann", "mean"]
+                assert combframe.list_combinations() == NO_MAX
         with pytest.raises(UnknownCombinationError, match="Installed combinations: 'boltzmann'"):
             combframe.create_combination("max")
 
@@ -554,7 +565,7 @@ def test_autoload_switch(monkeypatch: pytest.MonkeyPatch, value: str, autoload: 
     monkeypatch.setenv("COMBFRAME_DISABLE_PLUGIN_AUTOLOAD", value)
     with isolated_registry():
         register_plugin(Soft)
-        expected = ["boltzmann", "max", "mean", "soft_min"] if autoload else ["soft_min"]
+        expected = sorted([*SHIPPED, "soft_min"]) if autoload else ["soft_min"]
         assert combframe.list_combinations() == expected
 
 
@@ -597,7 +608,7 @@ def test_reload_rereads_environment_and_keeps_in_process_plugins(
         monkeypatch.setenv("COMBFRAME_BLOCK_PLUGINS", "max")
         assert "max" in combframe.list_combinations()  # cached until reloaded
         combframe.reload_registry()
-        assert combframe.list_combinations() == ["boltzmann", "mean", "soft_min"]
+        assert combframe.list_combinations() == sorted([*NO_MAX, "soft_min"])
 
 
 def test_isolated_registry_restores_the_previous_one() -> None:

@@ -248,8 +248,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         "full-graph reference"
     )
     print(f"  poses N in {list(args.poses)}, seeds {list(args.seeds)}, rtol {args.rtol:g}")
+    # float64 throughout; a pooling combination gets models returning its `dim` values
+    outputs = getattr(combination.settings(), "dim", 1) if combination.pools else 1
     result = _parity_harness()(
-        combination, n_poses=args.poses, seeds=args.seeds, rtol=args.rtol, on_error="record"
+        combination.double(),
+        n_poses=args.poses,
+        seeds=args.seeds,
+        rtol=args.rtol,
+        on_error="record",
+        outputs=outputs,
     )
     worst: dict[tuple[str, str], float] = {}
     for strategy, loss, _n, err in result.cases:

@@ -48,9 +48,9 @@ class CompoundPredictions:
     Attributes
     ----------
     combined
-        One combined prediction per compound, shape ``(C,)``.
+        One combined prediction per compound, shape ``(C,)`` (``(C, d)``: vector outputs).
     per_pose
-        The per-pose predictions of all compounds, flat, shape ``(M,)``.
+        The per-pose predictions of all compounds, flat, shape ``(M,)`` (or ``(M, d)``).
     index
         The compound of each pose, shape ``(M,)`` (``torch.long``), sorted.
     """

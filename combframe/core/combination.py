@@ -14,7 +14,7 @@ import inspect
 import typing
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, Protocol, runtime_checkable
+from typing import Any, ClassVar, Generic
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -29,6 +29,7 @@ from combframe.core.settings import (
     normalize_name,
     unconstrain,
 )
+from combframe.core.streaming import StreamingCombination
 
 __all__ = [
     "Combination",
@@ -54,45 +55,6 @@ class CombinationParams(BaseModel):
 
 #: The parameter model of a combination class (``Combination[MaxParams]``).
 P = TypeVar("P", bound=CombinationParams, default=CombinationParams, covariant=True)
-
-
-@runtime_checkable
-class StreamingCombination(Protocol):
-    r"""Optional extension: a combination that the ``"stream"`` strategy can run.
-
-    The stream strategy never stores per-pose gradients. It keeps, for ``k`` features,
-    running sums :math:`A_j = \sum_i e^{a_i - m} \phi_{ij} \, \partial y_i/\partial\theta`
-    and :math:`Z = \sum_i e^{a_i - m}` with a running maximum :math:`m` of the log weights
-    :math:`a_i` (the online softmax of FlashAttention), so that at the end
-
-    .. math::
-
-        \frac{\partial h}{\partial y_i} = \operatorname{softmax}(a)_i \sum_j \lambda_j \phi_{ij},
-        \qquad
-        \sum_i \frac{\partial h}{\partial y_i} \frac{\partial y_i}{\partial\theta}
-        = \frac{1}{Z} \sum_j \lambda_j A_j .
-
-    A combination opts in by writing the two methods below (a structural check: no
-    registration); :math:`a_i` and :math:`\phi_i` may depend on :math:`y_i` and on a
-    centre :math:`c`, the coefficients :math:`\lambda` on :math:`G` and :math:`c`. The
-    centre starts at the compound's first prediction. A combination whose features
-    depend on it should also write ``stream_shift(old, new)``, returning the ``(k, k)``
-    matrix :math:`M` with :math:`\phi(y; c_\text{new}) = M\,\phi(y; c_\text{old})` for
-    every :math:`y`: the strategy then keeps the centre on the best pose seen so far
-    (re-expressing the sums as :math:`A \leftarrow M A`, exact), so that sums of large,
-    nearly cancelling terms never arise whatever the order of the poses.
-    """
-
-    def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Return log weights :math:`a` and features :math:`\phi`.
-
-        ``a`` has the shape of ``preds``; ``phi`` has shape ``preds.shape + (k,)``.
-        """
-        ...
-
-    def stream_coefficients(self, combined: Tensor, center: Tensor) -> Tensor:
-        r"""Return the ``k`` coefficients :math:`\lambda` given :math:`G` and the centre."""
-        ...
 
 
 class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
@@ -125,6 +87,11 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         :func:`combframe.mtenn.from_mtenn_config` (``{"max_comb_scale": "pred_scale"}``).
     takes_prior
         Whether ``value`` takes ``prior=``, per-pose log weights (:mod:`combframe.core.weights`).
+    pools
+        Whether ``value`` pools vector outputs, coupling their columns (attention), rather
+        than combining each column on its own as every reduction over dim 0 does (mean,
+        max, Boltzmann on ``(N, d)`` predictions). A pooling combination writes
+        :meth:`pool_weights`.
     Params
         The parameter model, taken from the brackets.
     params
@@ -140,6 +107,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     deprecated_aliases: ClassVar[tuple[str, ...]] = ()
     mtenn_fields: ClassVar[Mapping[str, str]] = {}
     takes_prior: ClassVar[bool] = False
+    pools: ClassVar[bool] = False
     Params: ClassVar[type[CombinationParams]] = CombinationParams
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -180,6 +148,15 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             start = getattr(self.__dict__["_settings"], field)
             raw = unconstrain(self.Params.model_fields[field], field, start)
             self.register_parameter(f"raw_{field}", torch.nn.Parameter(torch.tensor(raw)))
+        self.build()
+
+    def build(self) -> None:
+        """Make the combination's own layers from its parameters (attention's); none by default.
+
+        Called once, at the end of ``__init__``: a plugin with trainable layers makes them
+        here (``self.V = torch.nn.Linear(self.params.dim, ...)``) and keeps the class's
+        signature, the ``Params`` fields.
+        """
 
     @property
     def params(self) -> P:
@@ -288,12 +265,17 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
     # ---- the math a plugin supplies -----------------------------------------------
     @abstractmethod
     def value(self, preds: Tensor) -> Tensor:
-        r"""Return :math:`h(y)` as a 0-d tensor, for one compound's ``preds`` of shape ``(N,)``."""
+        r"""Return :math:`h(y)` for one compound's ``preds``.
+
+        ``preds`` is ``(N,)`` (one value per pose; return a 0-d tensor) or ``(N, d)`` (a
+        vector per pose; return ``(d,)``, or ``(d_out,)`` for a pooling combination).
+        Written with reductions over dim 0, a combination combines each column on its own.
+        """
 
     def segment_value(
         self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
     ) -> Tensor:
-        r"""Return :math:`h` of every compound of a batch, shape ``(num_segments,)``.
+        r"""Return :math:`h` of every compound of a batch, shape ``(num_segments, ...)``.
 
         The default calls :meth:`value` once per compound (a Python loop, one host sync);
         a combination written with the reductions of :mod:`combframe.segment` evaluates
@@ -302,7 +284,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         Parameters
         ----------
         preds
-            The per-pose predictions of all compounds, flat, shape ``(M,)``.
+            The per-pose predictions of all compounds, flat, shape ``(M,)`` or ``(M, d)``.
         index
             The compound of each pose, shape ``(M,)``, sorted: the poses of one compound
             are contiguous and every compound has at least one pose.
@@ -317,6 +299,19 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         value: Callable[..., Tensor] = self.value  # takes prior= (takes_prior)
         pairs = zip(preds.split(sizes), prior.split(sizes), strict=True)
         return torch.stack([value(y, prior=q) for y, q in pairs])
+
+    def pool_weights(
+        self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
+    ) -> Tensor:
+        r"""Return each pose's weight in a pooled value, shape ``(M,)`` (pooling only).
+
+        A pooling combination (``pools = True``) says here which pose it picked for
+        :func:`combframe.pose_weights` with ``(M, d)`` predictions: attention returns its
+        softmax weights :math:`\alpha_i`. Arguments as :meth:`segment_value`'s.
+        """
+        raise NotImplementedError(
+            f"combination {self.name!r} sets pools = True but does not write pool_weights"
+        )
 
     def pose_weights(self, preds: Tensor, combined: Tensor) -> Tensor:
         r"""Return :math:`\partial h/\partial y_i` (shape ``(N,)``) for ``combined = h(preds)``.

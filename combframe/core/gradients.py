@@ -33,7 +33,21 @@ __all__ = [
     "ParamLayout",
     "PoseGradients",
     "StoredGradients",
+    "contract_rows",
 ]
+
+
+def contract_rows(coeffs: Tensor, rows: Tensor) -> Tensor:
+    r"""Return :math:`\sum_{i,l} c_{il}\,J_{il}`: per-pose coefficients times per-pose rows.
+
+    ``coeffs`` is ``(n,)`` (one value per pose) or ``(n, d)`` (a vector output);
+    ``rows`` is ``(n, *shape)`` or ``(n, d, *shape)`` (a pose's gradient, or its ``d``
+    rows of the Jacobian :math:`\partial y_i/\partial x`). One tensor contraction, in
+    ``rows``' dtype; the result has shape ``shape``. The one place every strategy's
+    :math:`\sum_i c_i^\top \partial y_i/\partial x` is formed from kept rows.
+    """
+    out: Tensor = torch.tensordot(coeffs.to(rows.dtype), rows, dims=coeffs.dim())
+    return out
 
 
 @final
@@ -214,7 +228,8 @@ class PoseGradients(ABC):
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` for each input :math:`x`.
 
-        ``coeffs`` has one entry per pose (``(M,)``); the result has one entry per input
+        ``coeffs`` has one entry per pose (``(M,)``, or ``(M, d)`` for ``d`` values per
+        pose: :math:`\sum_i c_i^\top \partial y_i/\partial x`); the result has one entry per input
         of ``targets.inputs`` (``None`` for a pose tensor no pose depends on).
         """
 
@@ -270,9 +285,8 @@ class StoredGradients(PoseGradients):
 
     @override
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
-        flat = torch.mv(self.buffer.t(), coeffs.to(self.buffer.dtype))
+        flat = contract_rows(coeffs, self.buffer)
         grads: list[Tensor | None] = list(self.layout.unflatten(flat))
         for (rows, stacked), t in zip(self.pose_rows, self.targets.pose_inputs, strict=True):
-            weights = coeffs[rows].to(stacked.dtype)
-            grads.append(torch.tensordot(weights, stacked, dims=1).reshape(t.shape))
+            grads.append(contract_rows(coeffs[rows], stacked).reshape(t.shape))
         return grads

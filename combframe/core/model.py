@@ -31,7 +31,9 @@ class MultiPoseModel(torch.nn.Module):
     ----------
     model
         Single-pose model: ``model(pose)`` returns a tensor with one element; with
-        ``chunk_size > 1``, ``model(collate(poses))`` returns one element per pose.
+        ``chunk_size > 1``, ``model(collate(poses))`` returns one element per pose. Or
+        ``d`` values per pose (``(d,)``, ``(b, d)``): vector outputs, the same ``d``
+        for every pose.
     combination
         A combination module, a registered name (``"max"``), a
         :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
@@ -44,7 +46,8 @@ class MultiPoseModel(torch.nn.Module):
     pred_readout
         Applied to each pose's prediction before combining (part of the per-pose graph).
     comb_readout
-        Applied to the combined prediction (0-d for one compound, ``(C,)`` for a batch).
+        Applied to the combined prediction (0-d for one compound, ``(C,)`` for a batch;
+        ``(d,)`` and ``(C, d)`` for vector outputs: the head of a pooling combination).
         When it is a module, its trainable parameters' gradients are accumulated only
         after the poses' backward, so an error there leaves their ``.grad`` untouched.
     check_finite
@@ -183,14 +186,14 @@ class MultiPoseModel(torch.nn.Module):
         tuple or CompoundPredictions
             For ``poses``: the combined prediction (0-d) and the ``(N,)`` per-pose ones.
             For ``compounds``: a :class:`~combframe.CompoundPredictions` (``(C,)``
-            combined, ``(M,)`` per-pose, their ``(M,)`` compound index). All are
-            differentiable with respect to the model's parameters and to any tensor in
-            the poses that requires grad.
+            combined, ``(M,)`` per-pose, their ``(M,)`` index; ``d`` values per pose add
+            a dimension ``d``). All are differentiable with respect to the model's
+            parameters and to any tensor in the poses that requires grad.
 
         Raises
         ------
         CombinationError
-            If there are no poses, a prediction does not have exactly one element per
+            If there are no poses, a prediction has neither one element nor ``d`` per
             pose, does not depend on anything trainable, is not finite (with
             ``check_finite``), a pose is on another device than the model (checked for
             every pose before the model runs) or of a dtype it fails on (never cast).
@@ -334,15 +337,17 @@ class MultiPoseModel(torch.nn.Module):
             return
         if bool(torch.isfinite(preds).all() & torch.isfinite(combined).all()):
             return
-        bad = torch.nonzero(~torch.isfinite(preds)).flatten().tolist()
+        rows = preds.reshape(preds.shape[0], -1)  # one row per pose, d values
+        bad = torch.nonzero(~torch.isfinite(rows).all(1)).flatten().tolist()
         if bad:
-            values = [preds[i].item() for i in bad[:10]]
+            values = [preds[i].tolist() for i in bad[:10]]
             raise CombinationError(
                 f"non-finite per-pose predictions at poses {bad} (values {values}); check "
                 "the model and its inputs, or pass check_finite=False to MultiPoseModel"
             )
-        worse = torch.nonzero(~torch.isfinite(combined)).flatten().tolist()
-        values = [combined[c].item() for c in worse[:10]]
+        each = combined.reshape(combined.shape[0], -1)
+        worse = torch.nonzero(~torch.isfinite(each).all(1)).flatten().tolist()
+        values = [combined[c].tolist() for c in worse[:10]]
         raise CombinationError(
             f"the combination {self.combination!r} gives non-finite values {values} for "
             f"compounds {worse} from finite per-pose predictions (range "

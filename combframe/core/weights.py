@@ -17,6 +17,14 @@ stays exact. The prior is data: no gradient flows to it.
 :math:`q_i (1 - (y_i - G)/kT)` with :math:`q = \operatorname{softmax}(-y/kT + p)`. They
 need the per-pose predictions only: one autograd pass through the combination's batched
 value on the ``(M,)`` vector, never the model.
+
+**Vector outputs.** With ``d`` values per pose (``(M, d)`` predictions) a combination
+that combines each column on its own gives ``(M, d)`` weights:
+:math:`\partial G_{cl}/\partial y_{il}`, the weight of pose :math:`i` in column
+:math:`l` (which pose was picked, per target). A pooling combination (``pools = True``,
+attention) gives its own closed-form ``(M,)`` weights
+(:meth:`~combframe.Combination.pool_weights`: attention's :math:`\alpha_i`), the share
+of each pose in the pooled vector: which pose it picked for the whole vector.
 """
 
 from __future__ import annotations
@@ -135,12 +143,15 @@ def pose_weights(
 ) -> Tensor:
     r"""Return :math:`\partial G_c/\partial y_i` for every pose of every compound, shape ``(M,)``.
 
+    ``(M, d)`` for ``(M, d)`` predictions, or a pooling combination's ``(M,)`` (the
+    module's text).
+
     Parameters
     ----------
     combination
         The combination that made the combined values (``model.combination``).
     per_pose
-        The per-pose predictions, shape ``(M,)``: ``per_pose`` of a
+        The per-pose predictions, shape ``(M,)`` or ``(M, d)``: ``per_pose`` of a
         :class:`~combframe.MultiPoseModel` call.
     index
         The compound of each pose, sorted (``CompoundPredictions.index``); ``None`` for
@@ -160,19 +171,23 @@ def pose_weights(
         If ``per_pose`` is not one-dimensional, ``index`` does not match it, or the
         prior or mask is refused (see :func:`log_prior`).
     """
-    if per_pose.dim() != 1 or (index is not None and index.shape != per_pose.shape):
+    m = per_pose.shape[0] if per_pose.dim() else 0
+    if per_pose.dim() not in (1, 2) or (index is not None and index.shape != (m,)):
         got = "none" if index is None else tuple(index.shape)
         raise CombinationError(
-            f"pose_weights takes the (M,) per-pose predictions and their (M,) compound "
-            f"index; got per_pose of shape {tuple(per_pose.shape)} and index {got}"
+            f"pose_weights takes the (M,) or (M, d) per-pose predictions and their (M,) "
+            f"compound index; got per_pose of shape {tuple(per_pose.shape)} and index {got}"
         )
     if index is None:
-        index = torch.zeros(per_pose.shape, dtype=torch.long, device=per_pose.device)
+        index = torch.zeros(m, dtype=torch.long, device=per_pose.device)
     sizes = torch.bincount(index).tolist()
     segments = log_prior(combination, prior, mask, Segments.from_sizes(sizes, index.device))
     keep = create_graph and per_pose.requires_grad
     with torch.enable_grad():
         y = per_pose if keep else per_pose.detach().requires_grad_(True)
+        if per_pose.dim() == 2 and combination.pools:
+            weights = combination.pool_weights(y, index, len(sizes), segments.prior)
+            return weights if create_graph else weights.detach()
         combined = combined_values(combination, y, segments)
         (weights,) = torch.autograd.grad(combined.sum(), y, create_graph=create_graph)
     return weights

@@ -259,15 +259,29 @@ def combine_forward(
     return combination.value(preds), preds
 
 
+#: Why the mtenn-style call refuses vector predictions, and what to use instead.
+_SCALAR_ONLY = (
+    "mtenn's call combines one value per pose; for d values per pose (several targets, "
+    "an embedding to pool) use combframe.MultiPoseModel, whose strategies take (N, d) "
+    "predictions"
+)
+
+
 def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:
     """Stack per-pose predictions into a fresh, detached ``(N,)`` tensor.
 
     Raises
     ------
     CombinationError
-        If there are no predictions, or one of them has more than one element.
+        If there are no predictions, or one of them has more than one element (mtenn's
+        call is scalar: vector outputs go through :class:`~combframe.MultiPoseModel`).
     """
     if isinstance(pred_list, Tensor):
+        if pred_list.dim() > 1 and pred_list.numel() != pred_list.shape[0]:
+            raise CombinationError(
+                f"pred_list has shape {tuple(pred_list.shape)}: d > 1 values per pose. "
+                + _SCALAR_ONLY
+            )
         return pred_list.detach().reshape(-1).clone()
     preds = list(pred_list)
     if not preds:
@@ -277,6 +291,8 @@ def as_pred_vector(pred_list: Sequence[Tensor] | Tensor) -> Tensor:
         raise CombinationError(
             "each per-pose prediction must have exactly one element; got shapes "
             + ", ".join(f"pose {i}: {s}" for i, s in bad[:5])
+            + ". "
+            + _SCALAR_ONLY
         )
     return torch.stack([p.detach().reshape(()) for p in preds])
 

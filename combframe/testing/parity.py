@@ -45,12 +45,14 @@ def make_loss(kind: LossKind, target: float = 0.5) -> LossFn:
 
     The per-pose term uses pose-dependent weights so that every pose weight matters; the
     combined term sums over compounds (``combined`` is 0-d or ``(C,)``) with
-    compound-dependent targets.
+    compound-dependent targets. Vector outputs (``(C, d)`` combined, ``(M, d)`` per
+    pose) get a target per element.
     """
 
     def loss(combined: Tensor, per_pose: Tensor) -> Tensor:
         n = per_pose.shape[0]
         ramp = torch.linspace(0.5, 1.5, n, dtype=per_pose.dtype, device=per_pose.device)
+        ramp = ramp.reshape(n, *(1,) * (per_pose.dim() - 1))  # (N, d): every column
         goal = target + 0.25 * torch.arange(
             combined.numel(), dtype=combined.dtype, device=combined.device
         ).reshape(combined.shape)
@@ -101,6 +103,7 @@ def full_graph_gradients(
     sizes: Sequence[int] | None = None,
     chunk_size: int | None = None,
     collate: Callable[[list[Any]], Any] | None = None,
+    prior: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Return combined value(s), per-pose predictions and gradients with all graphs kept.
 
@@ -110,23 +113,33 @@ def full_graph_gradients(
     ``poses`` is one compound, or with ``sizes`` the flat poses of several compounds
     (then the combined values have shape ``(C,)``). With ``chunk_size`` the model runs on
     collated chunks, as :class:`~combframe.MultiPoseModel` does, still keeping every
-    graph (the reference for models whose poses interact within a batch).
+    graph (the reference for models whose poses interact within a batch). A model may
+    return ``d`` values per pose (``(M, d)`` per-pose predictions). ``prior``: the
+    ``(M,)`` log prior of every pose (``-inf`` masks one), for a combination that takes it.
     """
     modules = _clear(model, combination)
     if chunk_size is None:
-        per_pose = torch.stack([model(p).reshape(()) for p in poses])
+        per_pose = torch.stack([model(p).reshape(-1) for p in poses])
     else:
         join = collate or default_collate
         per_pose = torch.cat(
             [
-                model(join(list(poses[s : s + chunk_size]))).reshape(-1)
+                model(join(list(poses[s : s + chunk_size]))).reshape(
+                    len(poses[s:][:chunk_size]), -1
+                )
                 for s in range(0, len(poses), chunk_size)
             ]
         )
+    if per_pose.shape[1] == 1:
+        per_pose = per_pose.reshape(-1)  # one value per pose
+    parts = list(sizes or [len(poses)])
+    value: Callable[..., Tensor] = combination.value
+    given = [{}] * len(parts) if prior is None else [{"prior": q} for q in prior.split(parts)]
+    combined = torch.stack(
+        [value(y, **kw) for y, kw in zip(per_pose.split(parts), given, strict=True)]
+    )
     if sizes is None:
-        combined = combination.value(per_pose)
-    else:
-        combined = torch.stack([combination.value(y) for y in per_pose.split(list(sizes))])
+        combined = combined[0]
     return _backward(modules, loss, combined, per_pose)
 
 
@@ -140,6 +153,7 @@ def multipose_gradients(
     sizes: Sequence[int] | None = None,
     chunk_size: int = 1,
     collate: Callable[[list[Any]], Any] | None = None,
+    prior: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Return what :func:`full_graph_gradients` does, through ``MultiPoseModel``."""
     from combframe.core.model import MultiPoseModel
@@ -149,11 +163,11 @@ def multipose_gradients(
         model, combination, strategy=strategy, chunk_size=chunk_size, collate=collate
     )
     if sizes is None:
-        combined, per_pose = wrapped(list(poses))
+        combined, per_pose = wrapped(list(poses), prior=prior)
     else:
         cut = torch.tensor(list(sizes)).cumsum(0).tolist()
         compounds = [list(poses[a:b]) for a, b in zip([0, *cut[:-1]], cut, strict=True)]
-        combined, per_pose, _ = wrapped(compounds=compounds)
+        combined, per_pose, _ = wrapped(compounds=compounds, prior=prior)
     return _backward(modules, loss, combined, per_pose)
 
 
@@ -239,18 +253,20 @@ def _relative_error(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
 
 
 def random_model(
-    seed: int, features: int, hidden: int = 16, dropout: float = 0.0
+    seed: int, features: int, hidden: int = 16, dropout: float = 0.0, outputs: int = 1
 ) -> torch.nn.Module:
     """Build a small float64 single-pose MLP with N(0, 1) weights drawn from ``seed``.
 
-    ``model(pose)`` maps a ``(1, features)`` pose to one element. With ``dropout > 0`` a
-    dropout layer follows the hidden activation (for RNG-replay checks).
+    ``model(pose)`` maps a ``(1, features)`` pose to one element, or with ``outputs > 1``
+    to ``(1, outputs)`` (a vector per pose). With ``dropout > 0`` a dropout layer follows
+    the hidden activation (for RNG-replay checks).
     """
     gen = torch.Generator().manual_seed(seed)
     layers: list[torch.nn.Module] = [torch.nn.Linear(features, hidden), torch.nn.Tanh()]
     if dropout > 0:
         layers.append(torch.nn.Dropout(dropout))
-    layers += [torch.nn.Linear(hidden, 1), torch.nn.Flatten(0)]
+    layers += [torch.nn.Linear(hidden, outputs)]
+    layers += [torch.nn.Flatten(0)] if outputs == 1 else []
     model = torch.nn.Sequential(*layers).double()
     with torch.no_grad():
         for p in model.parameters():
@@ -271,6 +287,8 @@ def gradient_parity(
     on_error: Literal["raise", "record"] = "raise",
     chunk_sizes: Sequence[int] = (1, 3),
     compounds: Sequence[int] = (1, 3),
+    outputs: int = 1,
+    prior: bool = False,
 ) -> ParityResult:
     """Check a combination's gradients against the full-graph reference in float64.
 
@@ -287,7 +305,8 @@ def gradient_parity(
     per pass), whose backward uses the closed-form
     :meth:`~combframe.Combination.pose_weights`. Strategies that do not
     support a loss (``stream`` with a per-pose loss) are skipped after checking that
-    they refuse it.
+    they refuse it. ``outputs > 1``: vector outputs (no mtenn call); ``prior``: random
+    log priors, a pose masked.
 
     With ``on_error="record"`` an exception raised by the combination (a wrong shape of
     pose weights, say) fails its case and is kept in ``errors`` instead of propagating,
@@ -298,11 +317,10 @@ def gradient_parity(
     ParityResult
         ``passed`` is True when every relative error is at most ``rtol``.
     """
-    factory = model_factory or random_model
+    factory = model_factory or (lambda s, f: random_model(s, f, outputs=outputs))
     result = ParityResult(passed=True, worst=0.0, rtol=rtol)
-    layouts = [(1, 1)] + [
-        (c, b) for c in dict.fromkeys((1, *compounds)) for b in chunk_sizes if (c, b) != (1, 1)
-    ]
+    pairs = ((c, b) for c in dict.fromkeys((1, *compounds)) for b in chunk_sizes)
+    layouts = [(1, 1)] + [(c, b) for c, b in pairs if (c, b) != (1, 1)]
     for seed in seeds:
         for n in n_poses:
             for count, chunk in layouts:
@@ -312,11 +330,18 @@ def gradient_parity(
                     torch.randn((1, features), generator=gen, dtype=torch.float64)
                     for _ in range(sum(sizes))
                 ]
-                model = factory(seed, features)
-                cases = (strategies, losses, on_error)
-                compounds_sizes = sizes if count > 1 else None
-                _parity_cases(result, combination, model, poses, compounds_sizes, chunk, *cases)
+                logp = _random_prior(sizes, gen) if prior else None
+                one = (sizes if count > 1 else None, chunk, strategies, losses, on_error, logp)
+                _parity_cases(result, combination, factory(seed, features), poses, *one)
     return result
+
+
+def _random_prior(sizes: list[int], gen: torch.Generator) -> Tensor:
+    """Random log priors for the poses; the last pose masked (-inf) if it is not alone."""
+    logp = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+    if sizes[-1] > 1:
+        logp[-1] = -torch.inf
+    return logp
 
 
 def _parity_cases(
@@ -329,6 +354,7 @@ def _parity_cases(
     strategies: Sequence[str],
     losses: Sequence[LossKind],
     on_error: Literal["raise", "record"],
+    prior: Tensor | None = None,
 ) -> None:
     """Compare every strategy and loss on one set of compounds with the reference."""
     n = len(poses) if sizes is None else sizes[0]
@@ -341,7 +367,7 @@ def _parity_cases(
     for kind in losses:
         loss = make_loss(kind)
         try:
-            want = full_graph_gradients(base, combination, poses, loss, sizes=sizes)
+            want = full_graph_gradients(base, combination, poses, loss, sizes=sizes, prior=prior)
         except Exception as exc:
             result.fail(f"reference/{kind}/{where}", exc, on_error)
             continue
@@ -349,10 +375,14 @@ def _parity_cases(
             if strategy == "stream" and not isinstance(combination, StreamingCombination):
                 result.skip(f"stream: {combination.name!r} does not implement streaming")
                 continue
-            if strategy == "mtenn" and (sizes is not None or chunk != 1):
-                continue  # the mtenn call takes one compound, one pose per pass
+            if strategy == "mtenn" and (
+                sizes is not None or chunk != 1 or want[1].dim() > 1 or prior is not None
+            ):
+                continue  # the mtenn call takes one compound, one value per pose, no prior
             try:
-                got = _strategy_gradients(base, combination, poses, loss, strategy, sizes, chunk)
+                got = _strategy_gradients(
+                    base, combination, poses, loss, strategy, sizes, chunk, prior
+                )
             except Exception as exc:
                 if isinstance(exc, StrategyError) and kind != "combined":
                     result.skip(f"{strategy}/{kind}: {exc}")
@@ -380,6 +410,7 @@ def _strategy_gradients(
     strategy: str,
     sizes: list[int] | None,
     chunk: int,
+    prior: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Gradients of one strategy (or the mtenn call) on a copy of ``base``."""
     model = copy.deepcopy(base)
@@ -388,5 +419,5 @@ def _strategy_gradients(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StrategyWarning)
         return multipose_gradients(
-            model, combination, poses, loss, strategy, sizes=sizes, chunk_size=chunk
+            model, combination, poses, loss, strategy, sizes=sizes, chunk_size=chunk, prior=prior
         )

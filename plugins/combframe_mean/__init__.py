@@ -12,7 +12,7 @@ from torch import Tensor
 
 import combframe
 from combframe.mtenn import mtenn_function
-from combframe.segment import segment_mean, segment_softmax, segment_sum
+from combframe.segment import segment_mean, segment_softmax, segment_sum, with_prior
 
 
 class MeanCombination(combframe.Combination[combframe.CombinationParams]):
@@ -23,14 +23,14 @@ class MeanCombination(combframe.Combination[combframe.CombinationParams]):
     def value(self, preds: Tensor, prior: Tensor | None = None) -> Tensor:
         if prior is None:
             return preds.mean(dim=0)
-        return (torch.softmax(prior, dim=0) * preds).sum(dim=0)
+        return (torch.softmax(with_prior(torch.zeros_like(preds), prior), dim=0) * preds).sum(0)
 
     def segment_value(
         self, preds: Tensor, index: Tensor, num_segments: int, prior: Tensor | None = None
     ) -> Tensor:
         if prior is None:
             return segment_mean(preds, index, num_segments)
-        weights = segment_softmax(prior, index, num_segments)
+        weights = segment_softmax(with_prior(torch.zeros_like(preds), prior), index, num_segments)
         return segment_sum(weights * preds, index, num_segments)
 
     def stream_terms(self, preds: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:

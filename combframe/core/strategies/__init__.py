@@ -30,9 +30,10 @@ from __future__ import annotations
 
 from combframe.core.strategies.auto import Auto
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.recompute import Recompute
 from combframe.core.strategies.replay import undo_side_effects
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.store import Store
 from combframe.core.strategies.stream import Stream
 

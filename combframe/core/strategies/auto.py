@@ -10,9 +10,12 @@ The choice, read top-down (the table of ``docs/strategies.md``; the times are th
    gradients of a chunk are per-sample gradients (2-6x), and stream runs ``k`` backward
    passes per chunk and holds ``k`` sums per compound (1.0-6x).
 3. One pose per pass and store's ``(M, P)`` buffer within the memory budget: **store**
-   (the fastest of the three at one pose per pass, any loss).
+   (the fastest of the three at one pose per pass, any loss). With ``d`` values per pose
+   the buffer is ``(M, d, P)`` (each pose's Jacobian); the first pose, run once without a
+   graph before the choice, gives ``d``.
 4. Over the budget, ``losses="combined"``, a streaming combination and stream's
-   ``C x k x P`` running sums within it: **stream** (no per-pose gradients held).
+   ``C x k x P`` running sums within it: **stream** (no per-pose gradients held; ``k``
+   per column for ``d`` values combined column-wise, ``2d + 1`` for attention).
 5. Otherwise **recompute** (one chunk graph and one ``P``-vector, any loss).
 """
 
@@ -30,10 +33,11 @@ from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.graph import _module_backward_hooks
 from combframe.core.strategies.recompute import Recompute
-from combframe.core.strategies.replay import BufferSnapshot
+from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.store import Store
 from combframe.core.strategies.stream import Stream
+from combframe.core.strategies.terms import StreamTerms
 from combframe.errors import StrategyError
 
 _log = logging.getLogger("combframe")
@@ -108,7 +112,7 @@ class Auto(Strategy):
         self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
     ) -> Collected:
         """Choose, and run the first forward with the choice (recompute if a hook shows)."""
-        self._choose(*choose(runner, len(poses), segments.count, combination, self))
+        self._choose(*choose(runner, poses, segments.count, combination, self))
         assert self.chosen is not None
         if isinstance(self.chosen, Recompute):
             return self.chosen.collect(runner, poses, segments, combination)
@@ -135,9 +139,9 @@ class Auto(Strategy):
 
 
 def choose(
-    runner: PoseRunner, m: int, count: int, combination: Combination, auto: Auto
+    runner: PoseRunner, poses: Poses, count: int, combination: Combination, auto: Auto
 ) -> tuple[Strategy, str]:
-    """Return the strategy for ``m`` poses of ``count`` compounds, and why (the table above)."""
+    """Return the strategy for the poses of ``count`` compounds, and why (the table above)."""
     if any(map(_module_backward_hooks, runner.modules)):
         return Recompute(), "the model has a module backward hook"
     if runner.batched:
@@ -146,27 +150,34 @@ def choose(
             "stream a backward per running sum, recompute is the fastest with chunks"
         )
     layout = runner.targets.layout
+    width = _width(runner, poses)
     row = layout.numel * layout.dtype.itemsize
     budget = auto.memory_budget if auto.memory_budget is not None else _budget(runner.device)
-    held = m * row
+    held = len(poses) * width * row
+    shape = "(M, P)" if width == 1 else f"(M, d={width}, P)"
     if held <= budget:
         return (
             Store(),
-            f"one pose per pass, an (M, P) buffer of {_size(held)} within {_size(budget)}",
+            f"one pose per pass, an {shape} buffer of {_size(held)} within {_size(budget)}",
         )
-    over = f"store's (M, P) buffer of {_size(held)} is over the budget of {_size(budget)}"
+    over = f"store's {shape} buffer of {_size(held)} is over the budget of {_size(budget)}"
     if auto.losses == "combined" and isinstance(combination, StreamingCombination):
-        sums = count * _features(combination, runner.device) * row
+        sums = count * StreamTerms(combination, width).rows(runner.device) * row
         if sums <= budget:
             return Stream(), f"{over}; a combined loss, running sums of {_size(sums)}"
     return Recompute(), over
 
 
-def _features(combination: StreamingCombination, device: torch.device) -> int:
-    """Return the number ``k`` of running sums per compound stream keeps for ``combination``."""
-    zero = torch.zeros(1, dtype=torch.float64, device=device)  # beside its own parameters
-    _, phi = combination.stream_terms(zero, zero[0])
-    return int(phi.shape[-1]) if phi.dim() > 1 else 1
+def _width(runner: PoseRunner, poses: Poses) -> int:
+    """Return ``d``, the values the model gives per pose: one pose run, leaving no trace.
+
+    Store's buffer grows by ``d`` (each pose's Jacobian); the first pose, run without a
+    graph with its random draws and buffer updates undone, tells.
+    """
+    with undo_side_effects(runner.modules, runner.device), torch.no_grad():
+        out = runner.predict(poses[:1], 0)
+    runner.outputs.width = None  # the forward's own first chunk sets it again
+    return int(out[0].numel())
 
 
 def _budget(device: torch.device) -> int:

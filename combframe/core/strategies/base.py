@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from combframe.core.batch import Segments
 from combframe.core.combination import Combination
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.chunk import Chunk
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.errors import StrategyError
 
 

@@ -256,31 +256,34 @@ def _per_sample_grads(
     start: int,
     out: Tensor,
 ) -> Tensor:
-    """Write the chunk's per-pose gradients into ``out`` (one row per pose); return preds.
+    """Write the chunk's per-pose gradients into ``out`` (one row, or d, per pose); return preds.
 
     ``state`` is the trainable parameters by name and the rest ``functional_call`` needs.
     """
-    from torch.func import functional_call, grad, vmap
+    from torch.func import functional_call, grad, jacrev, vmap
 
     model = runner.model
     trainable, fixed = state
     readout = runner.pred_readout
+    width = runner.width or 1
+    shape = () if width == 1 else (width,)  # d values per pose: per-sample Jacobians
 
     def predict_one(params: dict[str, Tensor], pose: Any) -> tuple[Tensor, Tensor]:
         pred = functional_call(model, {**params, **fixed}, (default_collate([pose]),))
         if readout is not None:
             pred = readout(pred)
-        if pred.numel() != 1:
+        if pred.numel() != width:
             raise CombinationError(
                 f"the model returned shape {tuple(pred.shape)} for a chunk of one pose"
             )
-        pred = pred.reshape(())
+        pred = pred.reshape(shape)
         return pred, pred.detach()
 
     batch = default_collate([runner.place(start + k, p) for k, p in enumerate(poses)])
-    per_pose = vmap(grad(predict_one, has_aux=True), in_dims=(None, 0), randomness="error")
+    derivative = grad if width == 1 else jacrev
+    per_pose = vmap(derivative(predict_one, has_aux=True), in_dims=(None, 0), randomness="error")
     grads, preds = per_pose(trainable, batch)
-    b = len(poses)
-    torch.cat([grads[n].detach().reshape(b, -1) for n in trainable], dim=1, out=out)
-    result: Tensor = preds.detach().reshape(b)
+    rows = out.shape[:-1]  # (b,) or (b, d)
+    torch.cat([grads[n].detach().reshape(*rows, -1) for n in trainable], dim=-1, out=out)
+    result: Tensor = preds.detach().reshape(rows)
     return result

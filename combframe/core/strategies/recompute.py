@@ -13,6 +13,7 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination
 from combframe.core.gradients import PoseGradients
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.replay import (
     AutocastState,
     BufferLog,
@@ -21,7 +22,7 @@ from combframe.core.strategies.replay import (
     stand_in_buffers,
     training,
 )
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.errors import StrategyError
 
 
@@ -34,7 +35,8 @@ class Recompute(Strategy):
     prediction and find what it depends on) and that graph is kept for the backward,
     which starts with it; the other chunks are re-run. Each chunk's backward is one
     ``autograd.grad`` with
-    ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`.
+    ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`
+    (``(b, d)`` for ``d`` values per pose: one backward whatever ``d``).
     The RNG state of each chunk is saved and restored, so dropout replays identically,
     and the autocast state of the forward is restored. Each chunk's re-run starts
     from the buffers (batch-norm running statistics) as they were before
@@ -153,7 +155,8 @@ class _RecomputedGradients(PoseGradients):
         if self.check:  # compared once for all chunks, at the end of the backward
             got, want = pred.detach(), self.preds[s:e].to(pred.dtype)
             tol = min(64 * torch.finfo(got.dtype).eps, 1e-3)
-            self.deviation.append((s, e, (got - want).abs() / (tol * want.abs().clamp_min(1.0))))
+            ratio = (got - want).abs() / (tol * want.abs().clamp_min(1.0))
+            self.deviation.append((s, e, ratio.reshape(e - s, -1).amax(1)))  # one per pose
         return Chunk(runner, s, pred, aliases)
 
     def _verify(self) -> None:
@@ -187,7 +190,8 @@ class _RecomputedGradients(PoseGradients):
         pose_acc: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
-        active = sorted({i // step for i in torch.nonzero(coeffs).flatten().tolist()})
+        nonzero = coeffs.reshape(coeffs.shape[0], -1).ne(0).any(1)  # (M,) or (M, d)
+        active = sorted({i // step for i in torch.nonzero(nonzero).flatten().tolist()})
         # A skipped chunk still runs forward if it holds a pose tensor no graph has
         # reached yet: reached, the tensor gets a gradient of zeros, as in the full graph.
         unseen = [

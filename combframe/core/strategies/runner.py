@@ -9,7 +9,6 @@ for the chunk's gradients, weighted or batched.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, final
 
 import torch
@@ -23,6 +22,7 @@ from combframe.core.batch import (
     map_tensors,
 )
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients
+from combframe.core.strategies.chunk import Aliases, Chunk
 from combframe.core.strategies.graph import (
     _graph_mark,
     _held_hooks,
@@ -30,9 +30,9 @@ from combframe.core.strategies.graph import (
     _reached,
     _Watch,
 )
+from combframe.core.strategies.outputs import OutputShape, what
 from combframe.errors import CombinationError
 
-Aliases = dict[int, Tensor]
 #: The poses of a batch of compounds, flat.
 Poses = Sequence[Any]
 #: What a strategy's forward gives: the detached ``(M,)`` predictions and their gradients.
@@ -103,6 +103,13 @@ class PoseRunner:
         #: run with a graph is then watched too, to tell them from captured tensors.
         self.makes_leaves = False
         self._private: set[int] = set()
+        #: The shape of the outputs: ``d`` values per pose, known once a chunk ran.
+        self.outputs = OutputShape()
+
+    @property
+    def width(self) -> int | None:
+        """Values per pose (``d``; 1 for one value), ``None`` until a chunk ran."""
+        return self.outputs.width
 
     # ---- before any pose runs --------------------------------------------------------
     def scan(self, poses: Sequence[Any]) -> None:
@@ -170,7 +177,7 @@ class PoseRunner:
         return out
 
     def predict(self, poses: Sequence[Any], start: int, aliases: Aliases | None = None) -> Tensor:
-        """Return the ``(b,)`` predictions of ``b`` poses (with a graph in grad mode)."""
+        """Return the ``(b,)`` or ``(b, d)`` predictions of ``b`` poses (a graph in grad mode)."""
         if torch.is_grad_enabled():
             self._mark = _graph_mark()
         placed = [self.place(start + k, pose, aliases) for k, pose in enumerate(poses)]
@@ -190,20 +197,7 @@ class PoseRunner:
             )
         if self.pred_readout is not None:
             out = self.pred_readout(out)
-        if out.numel() != len(poses):
-            if not self.batched:
-                raise CombinationError(
-                    f"the model's prediction for pose {start} has shape {tuple(out.shape)}; "
-                    "it must have exactly one element. Reduce it in the model (e.g. .sum()) "
-                    "or pass pred_readout"
-                )
-            raise CombinationError(
-                f"the model returned shape {tuple(out.shape)} for "
-                f"{self.what(start, len(poses))}; with chunk_size={self.chunk_size} it must "
-                f"return one prediction per pose of the collated batch ({len(poses)} "
-                "elements), e.g. a per-graph sum over the batch vector"
-            )
-        out = out.reshape(len(poses))
+        out = self.outputs.check(out, start, len(poses), self.batched, self.chunk_size)
         if self.discovered and torch.is_grad_enabled():
             self.verify(out, aliases or {}, start)
         return out
@@ -356,7 +350,7 @@ class PoseRunner:
 
     def what(self, start: int, b: int) -> str:
         """Name pose ``start`` or the chunk of ``b`` poses from it, for messages."""
-        return f"pose {start}" if b == 1 else f"the chunk of poses {start}..{start + b - 1}"
+        return what(start, b)
 
     def place(self, index: int, pose: Any, aliases: Aliases | None = None) -> Any:
         """Pose ``index`` as the model gets it: stand-ins substituted, moved to the device.
@@ -380,31 +374,3 @@ class PoseRunner:
             f"pose {index} holds a tensor on {t.device}, but the model is on {self.device}. "
             "Move the poses to the model's device, or pass move_poses=True to MultiPoseModel"
         )
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A chunk of poses run by :meth:`PoseRunner.run_chunk`: what a strategy asks of it.
-
-    ``start`` is the index of its first pose in the flat list, ``pred`` the ``(b,)``
-    predictions (with a graph when run with one), ``aliases`` the stand-ins of the pose
-    tensors that require grad, by id of the pose tensor.
-    """
-
-    runner: PoseRunner
-    start: int
-    pred: Tensor
-    aliases: Aliases
-
-    @property
-    def stop(self) -> int:
-        """One past the index of its last pose."""
-        return self.start + self.pred.shape[0]
-
-    def grads(
-        self, weights: Tensor | None = None, retain: bool = False
-    ) -> tuple[Sequence[Tensor], list[tuple[int, Tensor]]]:
-        """Return the gradients of the predictions (weighted sum) w.r.t. every target."""
-        with torch.enable_grad():
-            return self.runner.grads(self.pred, self.aliases, weights, retain)

@@ -15,6 +15,7 @@ from combframe.core.batch import Segments
 from combframe.core.combination import Combination
 from combframe.core.gradients import StoredGradients
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.per_sample import (
     HIDDEN_PARAMETERS,
     UNDECIDED,
@@ -29,7 +30,7 @@ from combframe.core.strategies.per_sample import (
     ragged,
 )
 from combframe.core.strategies.replay import BufferSnapshot
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.errors import CombinationError, StrategyWarning, user_stacklevel
 
 
@@ -38,7 +39,9 @@ class Store(Strategy):
     """Store each pose's gradient in one preallocated ``(M, P)`` buffer.
 
     Costs M forward and backward passes plus one ``M x P`` matrix-vector product, and
-    ``M * P`` numbers of memory between forward and backward.
+    ``M * P`` numbers of memory between forward and backward. A model returning ``d``
+    values per pose costs ``d`` backward passes per pose and ``M * d * P`` numbers (each
+    pose's Jacobian).
 
     With ``chunk_size > 1`` per-pose gradients are per-sample gradients: they are
     computed for a whole chunk at once with :func:`torch.func.vmap` when the model can be
@@ -74,7 +77,9 @@ class Store(Strategy):
             chunk = self.first_chunk(runner, poses, 0, 1)
         targets = runner.targets
         layout = targets.layout
-        buffer = layout.new_buffer(m)
+        width = runner.width or 1
+        # (M, P), or (M, d, P) for d values per pose: each pose's Jacobian
+        buffer = layout.new_buffer(m * width).view((m, width, -1) if width > 1 else (m, -1))
         rows = _PoseRows(runner, layout.device)
         self._warn_shared(runner, rows, buffer)
         preds = [chunk.pred.detach()]
@@ -137,9 +142,16 @@ class Store(Strategy):
 
     @staticmethod
     def _store(chunk: Chunk, buffer: Tensor, rows: _PoseRows) -> None:
-        params, pose = chunk.grads()
+        if chunk.pred.dim() == 2:  # d values: the d rows of the pose's Jacobian
+            d = chunk.pred.shape[1]
+            eye = torch.eye(d, dtype=chunk.pred.dtype, device=chunk.pred.device)
+            jacobian, pose = chunk.weighted_grads(eye.view(d, 1, d))
+            buffer[chunk.start].copy_(jacobian)
+            rows.write(chunk.start, pose)
+            return
+        params, grads = chunk.grads()
         chunk.runner.targets.layout.flatten_into(params, buffer[chunk.start])
-        rows.write(chunk.start, pose)
+        rows.write(chunk.start, grads)
 
     def _warn_shared(self, runner: PoseRunner, rows: _PoseRows, buffer: Tensor) -> None:
         """Warn once per model when copies of shared pose tensors' gradients dominate."""
@@ -184,10 +196,11 @@ class _PoseRows:
 
     def __init__(self, runner: PoseRunner, device: torch.device) -> None:
         inputs = runner.targets.pose_inputs
+        rows = () if (runner.width or 1) == 1 else (runner.width,)  # a Jacobian's d rows
         self.index = [torch.tensor(r, dtype=torch.long, device=device) for r in runner.readers]
         self.row = [{i: k for k, i in enumerate(r)} for r in runner.readers]
         self.stacked = [
-            torch.empty((len(r), *t.shape), dtype=t.dtype, device=t.device)
+            torch.empty((len(r), *rows, *t.shape), dtype=t.dtype, device=t.device)
             for r, t in zip(runner.readers, inputs, strict=True)
         ]
 

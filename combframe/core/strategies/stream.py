@@ -11,12 +11,14 @@ from typing_extensions import override
 
 from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
-from combframe.core.gradients import PoseGradients
+from combframe.core.gradients import PoseGradients, contract_rows
 from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts, ragged
 from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
-from combframe.core.strategies.runner import Chunk, Collected, PoseRunner, Poses
+from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
+from combframe.core.strategies.terms import StreamTerms
 from combframe.errors import StrategyError
 
 
@@ -46,7 +48,9 @@ class Stream(Strategy):
     Every exponent is at most zero, so nothing overflows however widely the predictions
     are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
     only the ``k`` sums of ``P`` numbers per compound use the parameters' dtype. A model
-    with a gradient hook on an activation is refused.
+    with a gradient hook on an activation is refused. With ``d`` values per pose the
+    sums are taken along per-pose directions in output space, an online softmax per
+    column for a column-wise combination (:mod:`combframe.core.strategies.terms`).
     """
 
     name = "stream"
@@ -89,21 +93,21 @@ class Stream(Strategy):
             )
             if k == 0:
                 sums.allocate(runner.targets)
+                sums.shape(StreamTerms(combination, runner.width or 1))
             if snapshot is not None and split.decide(chunk, snapshot):
                 plan[k + 1 :] = split.pieces(plan[k + 1 :])
             y = chunk.pred.detach()
             preds.append(y)
-            if on_host:
+            if on_host and y.dim() == 1 and not getattr(combination, "pools", False):
                 fold = sums.update_host(combination, segments, s, y)
             else:
-                local = segments.index[s:e] - lo
-                fold = sums.update(combination, segments, s, y, lo, hi, local)
+                fold = sums.update(segments, s, y, lo, hi, segments.index[s:e] - lo)
             if fold.rows:
                 self._add(sums, fold, chunk, segments, s)
             del chunk  # free before the next chunk's graph is built
             k += 1
         sums.finish()
-        source = _StreamedGradients(sums, combination, runner.used)
+        source = _StreamedGradients(sums, runner.used)
         source.watch(runner.leaves)
         return torch.cat(preds), source
 
@@ -112,16 +116,17 @@ class Stream(Strategy):
         """Add a chunk's gradients to the sums of its compounds."""
         y = chunk.pred
         if y.shape[0] >= len(fold.rows):
-            sums.add_rows(fold.rows, *_weighted_grads(chunk, fold.by_row.to(y.dtype)))
+            sums.add_rows(fold.rows, *chunk.weighted_grads(fold.by_row.to(y.dtype)))
             return
-        # Fewer poses than rows (one pose per compound): each pose's own gradient (one
-        # pose alone: the gradient of its prediction, unweighted).
-        b = y.shape[0]
-        per_pose, pose = _weighted_grads(chunk, None if b == 1 else torch.eye(b, dtype=y.dtype))
+        # Fewer poses than rows (one pose per compound): each pose's own gradient, or its
+        # Jacobian's d rows (one pose of one value alone: the gradient, unweighted).
+        b, values = y.shape[0], y[0].numel()
+        eye = torch.eye(b * values, dtype=y.dtype, device=y.device).reshape(-1, *y.shape)
+        per_pose, pose = chunk.weighted_grads(None if eye.shape[0] == 1 else eye)
         if pose:
             by_row = fold.by_row
             sums.add_rows(fold.rows, None, [(k, _contract(by_row, g)) for k, g in pose])
-        sums.add_poses(segments, start, fold.by_pose, per_pose)
+        sums.add_poses(segments, start, fold.by_pose, per_pose.reshape(b, values, -1))
 
     def __repr__(self) -> str:
         return "Stream()"
@@ -199,30 +204,13 @@ class _Split:
         return self.allowed
 
 
-def _weighted_grads(
-    chunk: Chunk, weights: Tensor | None
-) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-    """Return the gradients of ``n`` weightings (``(n, b)``) of a chunk's predictions.
-
-    One backward of the chunk per weighting (``None``: one, of their sum). Returns
-    ``(n, P)`` and ``(slot, (n, *shape))`` per pose tensor.
-    """
-    layout = chunk.runner.targets.layout
-    rows = 1 if weights is None else weights.shape[0]
-    flat = layout.new_buffer(rows)
-    pose: dict[int, list[Tensor]] = {}
-    for r in range(rows):
-        params, got = chunk.grads(None if weights is None else weights[r], retain=r < rows - 1)
-        layout.flatten_into(params, flat[r])
-        for slot, g in got:
-            pose.setdefault(slot, []).append(g)
-    return flat, [(slot, torch.stack(g)) for slot, g in pose.items()]
-
-
 def _contract(weights: Tensor, grads: Tensor) -> Tensor:
-    """``(n, b)`` weights times ``(b, *shape)`` gradients: ``(n, *shape)``."""
-    out: Tensor = torch.tensordot(weights.to(grads.dtype), grads, dims=1)
-    return out
+    """``(n, *y.shape)`` directions times the ``(y.numel(), *shape)`` gradients: ``(n, *shape)``."""
+    dims = weights.dim() - 1
+    out: Tensor = torch.tensordot(
+        weights.to(grads.dtype), grads.reshape(*weights.shape[1:], -1), dims=dims
+    )
+    return out.reshape(weights.shape[0], *grads.shape[1:])
 
 
 def _host_scalars(device: torch.device) -> bool:
@@ -240,12 +228,10 @@ class _StreamedGradients(PoseGradients):
     supports_pose_losses = Stream.supports_pose_losses
     strategy = "stream"
 
-    def __init__(
-        self, sums: _StreamSums, combination: StreamingCombination, used: set[int]
-    ) -> None:
+    def __init__(self, sums: _StreamSums, used: set[int]) -> None:
         super().__init__(sums.targets, used)
         self.sums = sums
-        self.combination: StreamingCombination | None = combination
+        self.terms: StreamTerms | None = sums.terms
         self.coefficients: Tensor | None = None
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:  # pragma: no cover - guarded
@@ -256,36 +242,26 @@ class _StreamedGradients(PoseGradients):
 
     @override
     def settle(self, combined: Tensor) -> None:
-        # The coefficients lambda(G) with the combination as the forward used it: a
+        # The coefficients Lambda(G) with the combination as the forward used it: a
         # hyperparameter changed before backward (a schedule step) must not change them.
         sums = self.sums
-        assert self.combination is not None, "settle is called once, by the forward"
+        assert self.terms is not None, "settle is called once, by the forward"
         with torch.no_grad():
-            self.coefficients = _coefficients(
-                self.combination, combined.detach().to(sums.exact), sums.center
-            ).to(sums.exact)
-        self.combination = None
+            exact = combined.detach().to(sums.exact)
+            self.coefficients = self.terms.coefficients(exact, sums.center).to(sums.exact)
+        self.terms = None
 
     def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
         sums = self.sums
         assert self.coefficients is not None, "settle runs in the forward, before any backward"
-        coeffs = self.coefficients * (comb_grad.to(sums.exact) / sums.total)[:, None]
-        acc = sums.acc
-        flat = torch.mv(acc.reshape(-1, acc.shape[-1]).t(), coeffs.reshape(-1).to(acc.dtype))
-        grads: list[Tensor | None] = list(self.layout.unflatten(flat))
+        lam = self.coefficients  # (C, G, k, d_out)
+        g = comb_grad.to(sums.exact).reshape(lam.shape[0], -1)  # (C, d_out)
+        coeffs = (lam @ g[:, None, :, None]).squeeze(-1) / sums.total[:, :, None]
+        coeffs = coeffs.reshape(lam.shape[0], -1)  # (C, R): one per running sum
+        grads: list[Tensor | None] = list(self.layout.unflatten(contract_rows(coeffs, sums.acc)))
         pose: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
         for (c, slot), t in sums.pose_acc.items():
-            g = torch.tensordot(coeffs[c].to(t.dtype), t, dims=1)
+            got = contract_rows(coeffs[c], t)
             prev = pose[slot]
-            pose[slot] = g if prev is None else prev + g
+            pose[slot] = got if prev is None else prev + got
         return grads + pose
-
-
-def _coefficients(combination: StreamingCombination, combined: Tensor, center: Tensor) -> Tensor:
-    """``stream_coefficients`` of every compound, shape ``(C, k)``."""
-    try:
-        return torch.vmap(combination.stream_coefficients)(combined, center)
-    except Exception:  # a plugin whose coefficients vmap cannot map: one call per compound
-        return torch.stack(
-            [combination.stream_coefficients(g, c) for g, c in zip(combined, center, strict=True)]
-        )

@@ -13,7 +13,8 @@ from torch import Tensor
 from combframe.core.batch import Segments
 from combframe.core.combination import StreamingCombination
 from combframe.core.gradients import GradTargets, ParamLayout
-from combframe.segment import segment_max, segment_sum
+from combframe.core.strategies.terms import StreamTerms
+from combframe.segment import segment_max, segment_sum, with_prior
 
 
 @final
@@ -25,10 +26,10 @@ class Fold:
     rows
         The ``(compound, feature)`` of each backward row.
     by_row
-        ``(n, b)``: each row's weights on the chunk's poses (zero for other compounds'),
-        made when first asked for.
+        ``(n, *y.shape)``: each row's direction on the chunk's predictions (zero on
+        other compounds' poses), made when first asked for.
     by_pose
-        ``(b, k)``: each pose's weight on its compound's ``k`` sums.
+        ``(b, R, d)``: each pose's direction for each of its compound's ``R`` sums.
     """
 
     def __init__(
@@ -54,6 +55,8 @@ class _StreamSums:
         self.running_max = torch.full((count,), float("-inf"), dtype=exact, device=device)
         self.total = torch.zeros(count, dtype=exact, device=device)
         self.center = torch.zeros(count, dtype=exact, device=device)
+        #: The combination's terms for this call (:meth:`shape`, after the first chunk).
+        self.terms: StreamTerms | None = None
         # the same state as Python floats, for the CPU's host bookkeeping
         self.host_max = [-math.inf] * count
         self.host_total = [0.0] * count
@@ -67,73 +70,98 @@ class _StreamSums:
         """Fix the targets (known once the first chunk's graph was walked)."""
         self.targets = targets
 
+    def shape(self, terms: StreamTerms) -> None:
+        """Size the state for ``G`` groups and ``d`` values per pose (known after a chunk)."""
+        exact, device, count = self.exact, self.running_max.device, self.count
+        self.terms = terms
+        self.running_max = torch.full((count, terms.groups), -torch.inf, dtype=exact, device=device)
+        self.total = torch.zeros((count, terms.groups), dtype=exact, device=device)
+        self.center = torch.zeros((count, terms.width), dtype=exact, device=device)
+
     @torch.no_grad()
     def update(
-        self,
-        combination: StreamingCombination,
-        segments: Segments,
-        start: int,
-        y: Tensor,
-        lo: int,
-        hi: int,
-        local: Tensor,
+        self, segments: Segments, start: int, y: Tensor, lo: int, hi: int, local: Tensor
     ) -> Fold:
         """Fold a chunk's predictions into the state; return its backward rows.
 
-        The rows are every ``(compound, feature)`` of the chunk, with their ``(n, b)``
-        weights (zero for another compound's poses).
+        The rows are every ``(compound, group x feature)`` of the chunk, with their
+        ``(n, *y.shape)`` directions (zero on another compound's poses).
         """
+        terms, b, n = self.terms, y.shape[0], hi - lo
+        assert terms is not None, "shape() runs after the first chunk, before any update"
+        values = y.reshape(b, -1).to(self.exact)  # (b, d)
         # Compounds that start in this chunk (a contiguous range) take their first
         # prediction as centre; device-side indexing, so no host sync per chunk.
         first = lo if segments.starts[lo] >= start else lo + 1
         if first < hi:
-            rows = segments.start_index[first:hi] - start
-            self.center[first:hi] = y[rows]
-        centers = self.center[lo:hi].clone()
-        log_w, feats = combination.stream_terms(y, centers[local])
-        log_w = _with_prior(log_w, segments, start)
-        self._allocate(feats.shape[-1])
+            self.center[first:hi] = values[segments.start_index[first:hi] - start]
+        centers = self.center[lo:hi].clone()  # (n, d)
+        log_w, dirs = terms.terms(y, centers[local])  # (b, G), (b, G, k, d)
+        log_w = _with_prior(log_w.to(self.exact), segments, start)
+        groups, k = dirs.shape[1], dirs.shape[2]
+        self._allocate(groups * k)
         old = self.running_max[lo:hi].clone()
-        chunk_max = segment_max(log_w, local, hi - lo)
+        chunk_max = segment_max(log_w, local, n)
         new = torch.maximum(old, chunk_max)
         scale = torch.where(torch.isinf(old), torch.zeros_like(old), torch.exp(old - new))
         w = torch.exp(log_w - new[local]).nan_to_num(nan=0.0)  # 0 for masked poses
-        self.total[lo:hi] = self.total[lo:hi] * scale + segment_sum(w, local, hi - lo)
+        self.total[lo:hi] = self.total[lo:hi] * scale + segment_sum(w, local, n)
         self.running_max[lo:hi] = new
-        self.acc[lo:hi].mul_(scale.to(self.acc.dtype)[:, None, None])
+        self._rescale(lo, hi, scale.repeat_interleave(k, dim=1))
+        if terms.shifts:
+            # Centre every compound (every column's group) on its best pose so far (no
+            # host sync: where the best pose is not in this chunk the move is the identity).
+            position = torch.arange(b, device=y.device)[:, None].expand(b, groups)
+            best = torch.full((n, groups), b - 1, dtype=torch.long, device=y.device)
+            best = best.scatter_reduce(
+                0,
+                local[:, None].expand(b, groups),
+                torch.where(log_w == chunk_max[local], position, b - 1),
+                reduce="amin",
+            )
+            moved = values.gather(0, best.expand(n, terms.width))
+            ahead = (chunk_max > old).expand(n, terms.width)
+            moved = torch.where(ahead, moved, centers)
+            move = terms.shift(centers, moved).to(self.exact)  # (n, G, k, k)
+            self._move_rows(lo, hi, move)
+            dirs = move[local].to(dirs.dtype) @ dirs
+            self.center[lo:hi] = moved
+        weights = (w[:, :, None, None].to(dirs.dtype) * dirs).reshape(b, groups * k, -1)
+        mine = torch.nn.functional.one_hot(local, n).T.to(weights.dtype)  # (n, b)
+        rows = groups * k
+        pairs = [(c, j) for c in range(lo, hi) for j in range(rows)]
+        shape = (n * rows, *y.shape)
+
+        def by_row() -> Tensor:
+            return (mine[:, None, :, None] * weights.transpose(0, 1)[None]).reshape(shape)
+
+        return Fold(pairs, by_row, weights)
+
+    def _rescale(self, lo: int, hi: int, scale: Tensor) -> None:
+        """Multiply the sums of compounds ``lo..hi-1`` by their rows' ``(n, R)`` scales."""
+        self.acc[lo:hi].mul_(scale.to(self.acc.dtype)[:, :, None])
         for (c, _), t in self.pose_acc.items():
             if lo <= c < hi:
-                t.mul_(scale[c - lo].to(t.dtype))
-        shift = getattr(combination, "stream_shift", None)
-        if shift is not None:
-            # Centre every compound on its best pose so far (no host sync: where the
-            # best pose is not in this chunk the move is the identity).
-            b = y.shape[0]
-            position = torch.arange(b, device=y.device)
-            best = torch.full((hi - lo,), b - 1, dtype=torch.long, device=y.device)
-            best = best.scatter_reduce(
-                0, local, torch.where(log_w == chunk_max[local], position, b - 1), reduce="amin"
-            )
-            moved = torch.where(chunk_max > old, y[best], centers)
-            move = torch.vmap(shift)(centers, moved).to(self.exact)  # (n, k, k)
-            self.acc[lo:hi] = torch.bmm(move.to(self.acc.dtype), self.acc[lo:hi])
-            for (c, _), t in self.pose_acc.items():
-                if lo <= c < hi:
-                    t.copy_(torch.tensordot(move[c - lo].to(t.dtype), t, dims=1))
-            feats = torch.bmm(move[local], feats.unsqueeze(-1)).squeeze(-1)
-            self.center[lo:hi] = moved
-        weights = w[:, None] * feats  # (b, k)
-        mine = torch.nn.functional.one_hot(local, hi - lo).T.to(weights.dtype)  # (n, b)
-        k = weights.shape[1]
-        pairs = [(c, j) for c in range(lo, hi) for j in range(k)]
-        n = (hi - lo) * k
-        return Fold(pairs, lambda: (mine[:, None, :] * weights.T[None]).reshape(n, -1), weights)
+                t.mul_(scale[c - lo].to(t.dtype).reshape(-1, *(1,) * (t.dim() - 1)))
+
+    def _move_rows(self, lo: int, hi: int, move: Tensor) -> None:
+        """Re-express compounds ``lo..hi-1``'s sums for new centres: per group, ``A <- M A``."""
+        n, groups, k = move.shape[:3]
+        acc = self.acc[lo:hi].view(n, groups, k, -1)
+        self.acc[lo:hi] = (move.to(acc.dtype) @ acc).reshape(n, groups * k, -1)
+        for (c, _), t in self.pose_acc.items():
+            if lo <= c < hi:
+                rows = t.reshape(groups, k, -1)
+                t.copy_((move[c - lo].to(t.dtype) @ rows).reshape(t.shape))
 
     @torch.no_grad()
     def update_host(
         self, combination: StreamingCombination, segments: Segments, start: int, pred: Tensor
     ) -> Fold:
-        """:meth:`update` on Python floats; rows whose weights are all zero are left out."""
+        """:meth:`update` on Python floats; rows whose weights are all zero are left out.
+
+        For one value per pose and a combination that does not pool.
+        """
         self.on_host = True
         y = pred.to(self.exact)
         values = y.tolist()
@@ -180,7 +208,7 @@ class _StreamSums:
                     weights.append(row)
         shape = (len(rows), len(values))
         by_row = lambda: torch.tensor(weights, dtype=self.exact).reshape(shape)  # noqa: E731
-        return Fold(rows, by_row, torch.tensor(by_pose, dtype=self.exact))
+        return Fold(rows, by_row, torch.tensor(by_pose, dtype=self.exact)[:, :, None])
 
     def _scale(self, c: int, scale: float | Tensor) -> None:
         """Multiply compound ``c``'s sums by ``scale`` (a new running maximum)."""
@@ -199,8 +227,8 @@ class _StreamSums:
     def finish(self) -> None:
         """Bring the host bookkeeping into the tensors the backward reads."""
         if self.on_host:
-            self.total = torch.tensor(self.host_total, dtype=self.exact)
-            self.center = torch.tensor(self.host_center, dtype=self.exact)
+            self.total = torch.tensor(self.host_total, dtype=self.exact)[:, None]
+            self.center = torch.tensor(self.host_center, dtype=self.exact)[:, None]
 
     def _allocate(self, features: int) -> None:
         """Allocate the sums once ``k`` is known, before the first backward (flat peak)."""
@@ -211,18 +239,19 @@ class _StreamSums:
             )
 
     def add_poses(self, segments: Segments, start: int, weights: Tensor, grads: Tensor) -> None:
-        """Add each pose's own gradient (``(b, P)``), weighted (``(b, k)``), to its compound's sums.
+        """Add each pose's own Jacobian (``(b, d, P)``), along its ``(b, R, d)`` directions.
 
-        The poses from ``start`` on. One ``k x b_c`` by ``b_c x P`` product per compound
-        of the chunk (never a dense compounds-by-poses one, nor a scaled copy of the
-        gradients).
+        The poses from ``start`` on, to their compounds' ``R`` sums. One contraction over
+        the ``b_c`` poses and ``d`` values per compound of the chunk (never a dense
+        compounds-by-poses one, nor a scaled copy of the gradients).
         """
         stop = start + grads.shape[0]
         weights = weights.to(grads.dtype)
         for c in range(segments.owner[start], segments.owner[stop - 1] + 1):
             first = max(segments.starts[c], start) - start
             last = min(segments.starts[c] + segments.sizes[c], stop) - start
-            self.acc[c].addmm_(weights[first:last].T, grads[first:last])
+            mine = weights[first:last].transpose(0, 1)  # (R, b_c, d)
+            self.acc[c].add_(torch.tensordot(mine, grads[first:last], dims=2))
 
     def add_rows(
         self, rows: list[tuple[int, int]], flat: Tensor | None, pose: list[tuple[int, Tensor]]
@@ -251,7 +280,10 @@ class _StreamSums:
 
 
 def _with_prior(log_w: Tensor, segments: Segments, start: int) -> Tensor:
-    """Add the chunk's log prior weights (from pose ``start`` on) to its log weights."""
+    """Add the chunk's log prior weights (from pose ``start`` on) to its log weights.
+
+    ``log_w`` is ``(b,)`` or ``(b, G)``: the prior counts in every group.
+    """
     if segments.prior is None:
         return log_w
-    return log_w + segments.prior[start : start + log_w.shape[0]].to(log_w.dtype)
+    return with_prior(log_w, segments.prior[start : start + log_w.shape[0]].to(log_w.dtype))
