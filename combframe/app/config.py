@@ -48,7 +48,9 @@ else:
 
 __all__ = [
     "ConfigError",
+    "MaskConfig",
     "ModelConfig",
+    "PriorConfig",
     "ReaderConfig",
     "TrainConfig",
     "apply_overrides",
@@ -124,6 +126,36 @@ class ReaderConfig(BaseModel):
     )
 
 
+class PriorConfig(BaseModel):
+    """A per-pose prior weight read from a pose field (docs/data.md, "Priors and masks")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str | None = Field(
+        None,
+        description="Pose field giving each pose's prior (an SD property, mmff_energy of "
+        "minimised conformers, a JSON pose property); null: no prior.",
+    )
+    kind: Literal["log_weight", "probability", "energy"] = Field(
+        "log_weight",
+        description="What the field holds: log_weight (used as is), probability (0 < p "
+        "<= 1, log p), energy (kcal/mol: -(E - lowest E of the compound) / prior.kT).",
+    )
+    kT: float = Field(
+        0.593, gt=0, description="kind=energy: temperature in the field's unit (298 K)."
+    )
+
+
+class MaskConfig(BaseModel):
+    """Which poses count, read from a pose field (docs/data.md, "Priors and masks")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str | None = Field(
+        None, description="Pose field: nonzero keeps the pose, 0 leaves it out; null: no mask."
+    )
+
+
 class TrainConfig(BaseModel):
     """Everything ``combframe train`` needs. Unknown keys are rejected.
 
@@ -191,6 +223,15 @@ class TrainConfig(BaseModel):
     reader: ReaderConfig = Field(
         default_factory=lambda: ReaderConfig(),
         description="How molecular input is read (reader.target=..., see docs/data.md).",
+    )
+    prior: PriorConfig = Field(
+        default_factory=lambda: PriorConfig(),
+        description="A per-pose prior weight from a pose field (prior.field=..., "
+        "prior.kind=...); see docs/data.md.",
+    )
+    mask: MaskConfig = Field(
+        default_factory=lambda: MaskConfig(),
+        description="Poses to leave out, from a pose field (mask.field=...).",
     )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
     poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
@@ -270,6 +311,8 @@ _HELP_DEFAULTS = {
     "model": "name=auto",
     "reader": "see docs/data.md",
     "strategy_options": "{}",
+    "prior": "no prior",
+    "mask": "no mask",
 }
 
 
@@ -281,7 +324,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation in (_CombinationField, ModelConfig, ReaderConfig):
+    if annotation in (_CombinationField, ModelConfig, ReaderConfig, PriorConfig, MaskConfig):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"
@@ -317,7 +360,12 @@ def config_keys_help(width: int = 100) -> str:
     """
     column = 26
     lines = ["config keys (KEY=VALUE overrides, or in a --config file):"]
-    sections: dict[str, type[BaseModel]] = {"model": ModelConfig, "reader": ReaderConfig}
+    sections: dict[str, type[BaseModel]] = {
+        "model": ModelConfig,
+        "reader": ReaderConfig,
+        "prior": PriorConfig,
+        "mask": MaskConfig,
+    }
     fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
     fields += [
         (f"{section}.{name}", info)
