@@ -41,11 +41,11 @@ class Stream(Strategy):
         A_j \leftarrow e^{m - m'} A_j
             + \frac{\partial}{\partial\theta} \sum_{i \in B} e^{a_i - m'} \phi_{ij}\, y_i ,
 
-    the last term for every compound and feature of a chunk being one batched backward
-    of the chunk (``is_grads_batched``) whose ``grad_outputs`` are those weights, one row
-    per compound and feature; where the chunk's Jacobian has fewer rows than that (poses
-    times values per pose; one pose per compound), the rows are its poses' own
-    gradients, contracted with the weights.
+    the last term for every compound and feature of a chunk being one backward of the
+    chunk's graph whose ``grad_outputs`` are those weights, one per compound and feature
+    (``is_grads_batched`` was measured slower; see docs/bench/core.md); where the
+    chunk's Jacobian has fewer rows than that (poses times values per pose; one pose per
+    compound), the rows are its poses' own gradients, contracted with the weights.
     Every exponent is at most zero, so nothing overflows however widely the predictions
     are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
     only the ``k`` sums of ``P`` numbers per compound use the parameters' dtype. A model
