@@ -627,7 +627,7 @@ def _interrupt_embedding(signum: int, monkeypatch: pytest.MonkeyPatch) -> None:
         os.kill(os.getpid(), signum)
         raise chem.ChemError("RDKit could not embed it in 3D (ETKDG found no conformer)")
 
-    monkeypatch.setattr(chem, "conformer_poses", embed)
+    monkeypatch.setattr(chem, "conformer_ensemble", embed)
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -380,3 +380,21 @@ def test_two_targets_on_cuda_match_the_cpu(tmp_path: Path, strategy: str) -> Non
     for name in ("a", "b"):
         want, got = cpu["test"]["targets"][name]["rmse"], gpu["test"]["targets"][name]["rmse"]
         assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_two_targets_with_a_prior_and_a_mask_from_pose_fields(tmp_path: Path) -> None:
+    """Each column is combined under the same per-pose prior and mask."""
+    data = json.loads(_json(tmp_path).read_text())
+    for c in data["compounds"]:
+        n = len(c["poses"])
+        c["properties"] = {"score": [-float(i) for i in range(n)], "ok": [1] * (n - 1) + [0]}
+    path = tmp_path / "fields.json"
+    path.write_text(json.dumps(data))
+    args = [f"data={path}", "reader.target=[a,b]", "prior.field=score", "prior.kind=energy"]
+    args += ["mask.field=ok", "combination.name=boltzmann", *FAST, f"output_dir={tmp_path}"]
+    assert main(["train", *args, "name=run"]) == 0
+    out, poses = tmp_path / "p.csv", tmp_path / "poses.csv"
+    assert main(["predict", str(tmp_path / "run"), "-o", str(out), "--poses", str(poses)]) == 0
+    rows = list(csv.DictReader(poses.read_text().splitlines()))
+    last = [r for r in rows if r["name"] == "c0"][-1]  # masked: no weight in either column
+    assert float(last["weight_a"]) == 0 and float(last["weight_b"]) == 0

@@ -27,6 +27,7 @@ from combframe.app.data import Compound, Dataset, split_compounds
 from combframe.app.distributed import Ranks
 from combframe.app.loading import dtype_of
 from combframe.app.models import DataInfo, build_network
+from combframe.app.priors import check_priors
 
 __all__ = [
     "Progress",
@@ -43,14 +44,16 @@ __all__ = [
 
 
 def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.device:
-    """Check what pydantic cannot (combination and strategy, device); return the device.
+    """Check what pydantic cannot (combination, strategy, prior, device); return the device.
 
     Raises
     ------
     ConfigError
-        If the device is unavailable or the strategy does not fit the combination.
+        If the device is unavailable, or the strategy or a prior (``prior.field``,
+        ``mask.field``) does not fit the combination.
     """
     checked_combination(config)
+    check_priors(config)
     strategy_of(config)
     return _resolve_device(config.device, ranks or Ranks())
 

@@ -24,6 +24,7 @@ from rdkit.Chem import AllChem as _AllChem
 from rdkit.Chem import Crippen as _Crippen
 from rdkit.Chem import rdFingerprintGenerator
 
+from combframe.app.data import MMFF_ENERGY
 from combframe.errors import CombframeError
 
 # RDKit's bundled stubs leave out many functions these modules export.
@@ -34,6 +35,7 @@ __all__ = [
     "Atoms",
     "ChemError",
     "SdfRecord",
+    "conformer_ensemble",
     "conformer_poses",
     "heavy_formula",
     "ligand_logp",
@@ -200,7 +202,20 @@ def conformer_poses(
     """Generate up to ``count`` ETKDG conformers of ``smiles`` (seeded); one pose each.
 
     Hydrogens are added for the embedding (and the MMFF minimisation, if asked) and
-    dropped afterwards unless ``hydrogens``.
+    dropped afterwards unless ``hydrogens``. :func:`conformer_ensemble` also gives each
+    conformer's MMFF energy.
+    """
+    return conformer_ensemble(smiles, count, seed, minimize, hydrogens)[0]
+
+
+def conformer_ensemble(
+    smiles: str, count: int, seed: int, minimize: bool, hydrogens: bool
+) -> tuple[list[Atoms], list[dict[str, float]]]:
+    """Return :func:`conformer_poses`'s poses and each conformer's pose fields.
+
+    With ``minimize`` and a molecule MMFF has every parameter for, a conformer's fields
+    hold ``mmff_energy``: its MMFF94 energy after minimisation, kcal/mol, relative to the
+    compound's lowest conformer (so the lowest is 0); otherwise they are empty.
     """
     mol = Chem.AddHs(_parse_smiles(smiles))
     params = AllChem.ETKDGv3()
@@ -209,9 +224,14 @@ def conformer_poses(
     ids = _embed(mol, count, params)
     if not ids:
         raise ChemError(f"RDKit could not embed {smiles!r} in 3D (ETKDG found no conformer)")
+    fields: list[dict[str, float]] = [{} for _ in ids]
     if minimize and AllChem.MMFFHasAllMoleculeParams(mol):
-        AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=500)
-    return molecule_poses(mol, hydrogens)
+        done = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=500)
+        energies = [float(energy) for _, energy in done]
+        if all(math.isfinite(e) for e in energies):
+            low = min(energies)
+            fields = [{MMFF_ENERGY: e - low} for e in energies]
+    return molecule_poses(mol, hydrogens), fields
 
 
 def ligand_logp(mol: Any) -> float:

@@ -50,7 +50,9 @@ else:
 __all__ = [
     "ConfigError",
     "LossConfig",
+    "MaskConfig",
     "ModelConfig",
+    "PriorConfig",
     "ReaderConfig",
     "TrainConfig",
     "apply_overrides",
@@ -171,6 +173,36 @@ class LossConfig(BaseModel):
         return value
 
 
+class PriorConfig(BaseModel):
+    """A per-pose prior weight read from a pose field (docs/data.md, "Priors and masks")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str | None = Field(
+        None,
+        description="Pose field giving each pose's prior (an SD property, mmff_energy of "
+        "minimised conformers, a JSON pose property); null: no prior.",
+    )
+    kind: Literal["log_weight", "probability", "energy"] = Field(
+        "log_weight",
+        description="What the field holds: log_weight (used as is), probability (0 < p "
+        "<= 1, log p), energy (kcal/mol: -(E - lowest E of the compound) / prior.kT).",
+    )
+    kT: float = Field(
+        0.593, gt=0, description="kind=energy: temperature in the field's unit (298 K)."
+    )
+
+
+class MaskConfig(BaseModel):
+    """Which poses count, read from a pose field (docs/data.md, "Priors and masks")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: str | None = Field(
+        None, description="Pose field: nonzero keeps the pose, 0 leaves it out; null: no mask."
+    )
+
+
 class TrainConfig(BaseModel):
     """Everything ``combframe train`` needs. Unknown keys are rejected.
 
@@ -242,6 +274,15 @@ class TrainConfig(BaseModel):
     loss: LossConfig = Field(
         default_factory=lambda: LossConfig(),
         description="The loss over several targets (loss.weights=[1, 0.5]).",
+    )
+    prior: PriorConfig = Field(
+        default_factory=lambda: PriorConfig(),
+        description="A per-pose prior weight from a pose field (prior.field=..., "
+        "prior.kind=...); see docs/data.md.",
+    )
+    mask: MaskConfig = Field(
+        default_factory=lambda: MaskConfig(),
+        description="Poses to leave out, from a pose field (mask.field=...).",
     )
     compounds: int = Field(240, ge=2, description="Built-in set: compounds (both splits).")
     poses_per_compound: int = Field(8, ge=1, description="Built-in set: poses of every compound.")
@@ -332,6 +373,8 @@ _HELP_DEFAULTS = {
     "reader": "see docs/data.md",
     "loss": "weights=null",
     "strategy_options": "{}",
+    "prior": "no prior",
+    "mask": "no mask",
 }
 
 
@@ -343,7 +386,14 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation in (_CombinationField, ModelConfig, ReaderConfig, LossConfig):
+    if annotation in (
+        _CombinationField,
+        ModelConfig,
+        ReaderConfig,
+        LossConfig,
+        PriorConfig,
+        MaskConfig,
+    ):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"
@@ -383,6 +433,8 @@ def config_keys_help(width: int = 100) -> str:
         "model": ModelConfig,
         "reader": ReaderConfig,
         "loss": LossConfig,
+        "prior": PriorConfig,
+        "mask": MaskConfig,
     }
     fields = [(name, info) for name, info in TrainConfig.model_fields.items()]
     fields += [
@@ -414,7 +466,12 @@ def did_you_mean(word: str, known: Sequence[str]) -> str:
 
 
 #: The sections whose unknown keys are refused with the closest known key.
-_SECTIONS: dict[str, type[BaseModel]] = {"reader": ReaderConfig, "loss": LossConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "reader": ReaderConfig,
+    "loss": LossConfig,
+    "prior": PriorConfig,
+    "mask": MaskConfig,
+}
 
 
 def _parameter_names(data: Mapping[str, Any] | None) -> list[str]:

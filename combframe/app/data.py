@@ -33,6 +33,7 @@ from torch import Tensor
 from combframe.errors import CombframeError
 
 __all__ = [
+    "MMFF_ENERGY",
     "Compound",
     "DataError",
     "Dataset",
@@ -40,6 +41,11 @@ __all__ = [
     "make_dataset",
     "split_compounds",
 ]
+
+
+#: The pose field of a generated conformer's MMFF energy (``reader.minimize=true``),
+#: kcal/mol, relative to the compound's lowest conformer.
+MMFF_ENERGY = "mmff_energy"
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class Compound:
     properties
         Per-pose numbers read with the poses (an SDF's docking scores), each ``(N,)``;
         NaN where a pose lacks one.
+    prior
+        Shape ``(N,)``, each pose's log prior weight in the combination (``-inf``: left
+        out), set from ``properties`` by :func:`combframe.app.priors.with_priors`; None:
+        no prior.
     """
 
     poses: Tensor | tuple[Any, ...]
@@ -72,9 +82,10 @@ class Compound:
     pose_energies: Tensor | None = None
     name: str | None = None
     properties: Mapping[str, Tensor] | None = None
+    prior: Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Compound:
-        """Return the compound with its poses and target on ``device`` (floats in ``dtype``).
+        """Return the compound with poses, target and prior on ``device`` (floats in ``dtype``).
 
         Feature-vector poses move as one tensor, molecular poses (``Data``) one by one,
         their coordinates cast to ``dtype`` when given.
@@ -84,7 +95,8 @@ class Compound:
         else:
             poses = tuple(_pose_to(p, device, dtype) for p in self.poses)
         target = self.target.to(device, dtype)
-        return Compound(poses, target, name=self.name, properties=self.properties)
+        prior = None if self.prior is None else self.prior.to(device, dtype)
+        return Compound(poses, target, name=self.name, properties=self.properties, prior=prior)
 
 
 def _pose_to(pose: Any, device: torch.device | str, dtype: torch.dtype | None) -> Any:
@@ -240,7 +252,7 @@ class DataError(CombframeError, ValueError):
     """A compounds file that cannot be used; the message names the compound and problem."""
 
 
-_KEYS = ("name", "value", "poses")
+_KEYS = ("name", "value", "poses", "properties")
 
 
 def _read_json(path: Path) -> Any:
@@ -349,6 +361,29 @@ def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype
     return converted.unsqueeze(1)
 
 
+def _check_properties(entry: dict[str, Any], poses: int) -> dict[str, Tensor] | None:
+    """Per-pose numbers of ``properties`` (``{"score": [one per pose]}``; null: none)."""
+    if "properties" not in entry:
+        return None
+    fields = entry["properties"]
+    if not isinstance(fields, dict):
+        raise DataError(
+            f"'properties' must map names to lists of one number per pose; got {fields!r:.60}"
+        )
+    out = {}
+    for name, values in fields.items():
+        if not isinstance(values, list) or len(values) != poses:
+            raise DataError(
+                f"properties[{name!r}] must be a list of {poses} numbers (one per pose, "
+                f"null for none); got {values!r:.60}"
+            )
+        if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in values):
+            raise DataError(f"properties[{name!r}] holds something other than numbers")
+        numbers = [math.nan if v is None else v for v in values]
+        out[name] = torch.tensor(numbers, dtype=torch.float64)
+    return out
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -382,7 +417,8 @@ def _compound(
             f"{_name(dtype)} (the training dtype); rescale the values or use dtype=float64"
         )
     poses = _check_poses(entry, features, dtype)
-    return Compound(poses=poses, target=target, name=name)
+    properties = _check_properties(entry, len(poses))
+    return Compound(poses=poses, target=target, name=name, properties=properties)
 
 
 def load_compounds(
@@ -401,6 +437,8 @@ def load_compounds(
     then NaN. With several ``targets`` (a list ``reader.target``) ``value`` maps each
     target's name to a number or null (``{"pic50_a": 6.1, "pic50_b": null}``), the
     target is ``(d,)``, NaN where missing, and each name must appear in some compound.
+    An optional ``"properties": {"score": [...]}`` gives per-pose numbers (one
+    per pose, ``null`` for none), the pose fields of ``prior.field`` and ``mask.field``.
 
     Returns
     -------

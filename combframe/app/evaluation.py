@@ -29,6 +29,7 @@ from combframe.app.metrics import (
     per_target,
     rmse,
 )
+from combframe.app.priors import log_priors
 from combframe.app.readers import skipped_note
 from combframe.app.runs import RunResult, tensorboard_note
 from combframe.app.saved import save_model
@@ -66,7 +67,8 @@ def predict_compounds(run: Run, compounds: Sequence[Compound]) -> tuple[Tensor, 
     with torch.no_grad():
         for i in range(0, len(local), _EVAL_BATCH):
             chunk = local[i : i + _EVAL_BATCH]
-            parts.append(run.model(compounds=[list(c.poses) for c in chunk]).combined)
+            poses, prior = [list(c.poses) for c in chunk], log_priors(chunk)
+            parts.append(run.model(compounds=poses, prior=prior).combined)
     pred = torch.cat(parts) if parts else torch.zeros(0)
     pred = run.ranks.gather(pred.detach().double().cpu())
     target = torch.stack([c.target for c in compounds]).detach().double().cpu()

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from combframe.app.config import ConfigError, TrainConfig
 from combframe.app.data import DataError, Dataset, load_compounds, make_dataset, split_compounds
+from combframe.app.priors import with_priors
 from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
 
 __all__ = [
@@ -38,11 +39,20 @@ def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
     ``for_prediction=True``, to get every compound in ``train`` (the file's order), none
     held out, and compounds without a value allowed (their target is NaN).
 
+    With ``prior.field`` or ``mask.field``, every compound's ``prior`` is set from its
+    pose fields (:func:`combframe.app.priors.with_priors`).
+
     Raises
     ------
     ConfigError
-        ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used.
+        ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used;
+        ``prior.field: ...`` or ``mask.field: ...`` for pose fields that cannot be.
     """
+    return with_priors(config, _load(config, for_prediction))
+
+
+def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
+    """Read and split the compounds of :func:`load_data`, without their priors."""
     names = config.reader.targets
     if names and config.data is None:
         raise ConfigError(

@@ -42,6 +42,7 @@ from combframe.app.config import (
 )
 from combframe.app.data import Compound, Dataset
 from combframe.app.loading import load_data
+from combframe.app.priors import log_priors
 from combframe.app.saved import read_model
 
 __all__ = [
@@ -194,7 +195,7 @@ def predict_file(
     extra = [f"data={data}"] if data is not None else []
     compounds = _compounds(folders[0], which, [*overrides, *extra])
     for folder in folders:
-        _check_fits(folder, which, compounds)
+        _check_fits(folder, which, compounds, _priors_of(folders[0], which))
     models = [load(f, device=device, which=which) for f in folders]
     result = predict(models, compounds.train, targets=compounds.targets)
     return PredictedFile(compounds.train, result, compounds.skipped)
@@ -215,8 +216,17 @@ def _compounds(folder: Path, which: str, overrides: Sequence[str]) -> Dataset:
     return load_data(config, for_prediction=True)
 
 
-def _check_fits(folder: Path, which: str, data: Dataset) -> None:
-    """Refuse compounds of another kind, features or targets than the model's."""
+def _priors_of(folder: Path, which: str) -> dict[str, object]:
+    """Return the ``prior`` and ``mask`` settings of ``folder``'s model (older runs: none)."""
+    config = TrainConfig.model_validate(read_model(folder, which)[1]["config"])
+    return {"prior": config.prior.model_dump(), "mask": config.mask.model_dump()}
+
+
+def _check_fits(folder: Path, which: str, data: Dataset, priors: dict[str, object]) -> None:
+    """Refuse compounds of another kind, size or targets than the model's, or other priors.
+
+    ``priors``: the settings the compounds were read with (the first model's).
+    """
     meta = read_model(folder, which)[1]
     network, targets = meta["network"], meta.get("targets", [])
     if list(data.targets) != list(targets):
@@ -236,6 +246,11 @@ def _check_fits(folder: Path, which: str, data: Dataset) -> None:
         raise ConfigError(
             f"data: the compounds have {data.features} features per pose; the model of "
             f"{str(folder)!r} was trained on {features}"
+        )
+    if _priors_of(folder, which) != priors:
+        raise ConfigError(
+            f"runs: the model of {str(folder)!r} was trained with other prior.* or mask.* "
+            f"settings than the first run's ({priors}); predict such runs separately"
         )
 
 
@@ -282,10 +297,11 @@ def _one_model(
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for start in range(0, len(compounds), _BATCH):
         chunk = compounds[start : start + _BATCH]
-        poses = [list(c.to(param.device, param.dtype).poses) for c in chunk]
+        moved = [c.to(param.device, param.dtype) for c in chunk]
+        poses, prior = [list(c.poses) for c in moved], log_priors(moved)
         with torch.no_grad():
-            out = model(compounds=poses)
-        weights = model.pose_weights(out.per_pose, out.index)
+            out = model(compounds=poses, prior=prior)
+        weights = model.pose_weights(out.per_pose, out.index, prior=prior)
         parts.append((out.combined, out.per_pose, weights, out.index + start))
     combined, per_pose, weights, index = (
         torch.cat([p[i] for p in parts]).detach().cpu() for i in range(4)

@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 #: Bumped when the cached layout or the featurisation changes.
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 
 #: The built-in real data sets, by name: what they are (``--help`` and docs/data.md).
 BUILT_IN = {
@@ -529,13 +529,13 @@ def _conformers(
         where = f"{str(path)!r}: record {index} (compound {name!r})"
         value, hint = values.get(name) if values is not None else (value, "")
         try:
-            poses = chem.conformer_poses(
+            poses, fields = chem.conformer_ensemble(
                 smiles, opts.conformers, opts.conformer_seed, opts.minimize, opts.hydrogens
             )
         except chem.ChemError as exc:
             problems.report(where, str(exc))
             continue
-        out.append(_Raw(name, value, where, poses, [{} for _ in poses], hint))
+        out.append(_Raw(name, value, where, poses, fields, hint))
     return out
 
 
