@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_outputs",
     "checked_combination",
     "chunk_size",
+    "pooled_dim",
     "strategy_of",
     "target_stats",
 ]
@@ -140,25 +142,97 @@ def build_model(
     then loads the weights (the offsets and scale too). With several targets
     (``config.reader.targets``, d names) the network has d outputs, and ``output_bias``
     and ``output_scale`` are one per target (a number is taken for every target).
+
+    A pooling combination (``pools``, e.g. ``gated_attention``) takes ``combination.dim``
+    values per pose: the network returns ``(b, dim)`` embeddings, and a linear head
+    (the model's ``comb_readout``, saved with its weights) maps the pooled ``(C, dim)``
+    embeddings to ``(C,)`` (or ``(C, d)`` for d targets); the head, not the network,
+    starts at ``output_bias``. The combination (its own layers too) and the head are in
+    the model's dtype and on its device.
     """
+    combination = checked_combination(config)
     outputs = len(config.reader.targets)
+    info = DataInfo(kind, features, 0.0, outputs)
+    head: torch.nn.Module | None = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        net: torch.nn.Module
-        bias = _per_output(output_bias, outputs)
-        if config.normalize_targets:
-            zero = _per_output(0.0, outputs)
-            inner = build_network(config, DataInfo(kind, features, zero, outputs))
-            net = _Standardized(inner, bias, _per_output(output_scale, outputs))
+        if combination.pools:
+            dim = pooled_dim(combination)
+            net = build_network(config, dataclasses.replace(info, start=(0.0,) * dim, outputs=dim))
+            head = _started(
+                config, partial(_Head, dim, outputs), outputs, output_bias, output_scale
+            )
         else:
-            net = build_network(config, DataInfo(kind, features, bias, outputs))
-    net = net.to(device=device, dtype=dtype_of(config))
+            make = partial(_network_from, config, info)
+            net = _started(config, make, outputs, output_bias, output_scale)
+        combination = checked_combination(config)  # its own layers seeded too (after the net's)
+    dtype = dtype_of(config)
     return combframe.MultiPoseModel(
-        net,
-        checked_combination(config),
+        net.to(device=device, dtype=dtype),
+        combination.to(device=device, dtype=dtype),
         strategy=strategy_of(config),
         chunk_size=chunk_size(config, kind),
+        comb_readout=None if head is None else head.to(device=device, dtype=dtype),
     )
+
+
+def pooled_dim(combination: combframe.Combination) -> int:
+    """Return the values per pose a pooling combination takes: its ``dim`` setting.
+
+    Raises
+    ------
+    ConfigError
+        If the combination has no integer ``dim`` setting.
+    """
+    dim = getattr(combination.settings(), "dim", None)
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise ConfigError(
+            f"combination: {combination.name!r} pools per-pose embeddings but has no integer "
+            "dim setting, so the network's width is unknown; combframe train needs one"
+        )
+    return dim
+
+
+def _network_from(config: TrainConfig, info: DataInfo, start: Numbers) -> torch.nn.Module:
+    return build_network(config, dataclasses.replace(info, start=start))
+
+
+def _started(
+    config: TrainConfig,
+    make: Callable[[Numbers], torch.nn.Module],
+    outputs: int,
+    output_bias: Numbers,
+    output_scale: Numbers,
+) -> torch.nn.Module:
+    """``make(start)``: the last layer, starting at ``output_bias`` (or standardised).
+
+    With ``normalize_targets`` the module starts at 0 and its output is scaled by
+    ``output_scale`` and shifted by ``output_bias`` (:class:`_Standardized`).
+    """
+    bias = _per_output(output_bias, outputs)
+    if not config.normalize_targets:
+        return make(bias)
+    return _Standardized(make(_per_output(0.0, outputs)), bias, _per_output(output_scale, outputs))
+
+
+class _Head(torch.nn.Module):
+    """The head of a pooling combination: pooled ``(C, dim)`` embeddings to the targets.
+
+    A linear layer to one value per compound, ``(C,)`` (``outputs`` 0), or to ``(C, d)``
+    for d targets; its bias starts at ``start`` (the training values' mean).
+    """
+
+    def __init__(self, dim: int, outputs: int, start: Numbers) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, outputs or 1)
+        self.outputs = outputs
+        with torch.no_grad():
+            self.linear.bias.copy_(torch.tensor(start))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """Return ``(C,)`` or ``(C, d)`` predictions of ``(C, dim)`` pooled embeddings."""
+        out: Tensor = self.linear(pooled)
+        return out if self.outputs else out.squeeze(-1)
 
 
 def _per_output(value: Numbers, outputs: int) -> Numbers:
@@ -251,8 +325,7 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
     )
     start, spread = _start(config, train_set, data.targets)
     model = build_model(config, data.features, start, device, spread, data.kind)
-    if data.targets:
-        check_outputs(model, moved.train[0], data.targets, config.model.name)
+    check_outputs(model, moved.train[0], data.targets, config.model.name)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -288,16 +361,19 @@ def _start(
 
     The start is the value whose combination is the mean training value, over a
     compound of the typical (median) number of poses: the mean itself for ``mean``, a
-    little above it for a smooth minimum. The spread is the standard deviation of the
-    training values (1 where it is 0). Several targets: both per target, over the
-    compounds that have a value for it (:func:`target_stats`).
+    little above it for a smooth minimum (the combination evaluated in float64). A
+    pooling combination's head starts at the mean itself. The spread is the standard
+    deviation of the training values (1 where it is 0). Several targets: both per
+    target, over the compounds that have a value for it (:func:`target_stats`).
     """
     mean, std = target_stats(compounds, names)
-    poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
-    with torch.no_grad():
-        flat = mean.expand(poses, *mean.shape)
-        combined = checked_combination(config).value(flat)
-    start = torch.where((2 * mean - combined).isfinite(), 2 * mean - combined, mean)
+    combination = checked_combination(config)
+    start = mean
+    if not combination.pools:  # a pooling combination's head starts at the mean itself
+        poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
+        with torch.no_grad():
+            combined = combination.double().value(mean.expand(poses, *mean.shape))
+        start = torch.where((2 * mean - combined).isfinite(), 2 * mean - combined, mean)
     std = torch.where(std > 0, std, 1.0)
     if names:
         return tuple(start.tolist()), tuple(std.tolist())
@@ -335,18 +411,48 @@ def check_outputs(
 ) -> None:
     """Refuse a network that does not return one value per target for each pose.
 
-    Runs the model on the first pose of ``compound``; the combined value must have
-    shape ``(1, d)`` for the d ``names``.
+    Runs the model (in eval mode) on the first pose of ``compound``; the combined value
+    must have shape ``(1,)`` for one target, ``(1, d)`` for the d ``names``. For a
+    pooling combination the network must return ``combination.dim`` values per pose.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``model.name``, the shape wanted and the shape returned.
     """
-    with torch.no_grad():
-        combined = model(compounds=[list(compound.poses)[:1]]).combined
-    if tuple(combined.shape) != (1, len(names)):
-        raise ConfigError(
-            f"model.name {network!r}: with {len(names)} targets ({', '.join(names)}) the "
-            f"network must return shape (b, {len(names)}), one column per target, for b "
-            f"poses; it returned per-pose values of shape {tuple(combined.shape[1:])} "
-            "per compound"
-        )
+    wanted, per_pose = _wanted_outputs(model.combination, len(names))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # one pose: no batch-norm statistics updated, no dropout drawn
+    try:
+        with torch.no_grad():
+            out = model(compounds=[list(compound.poses)[:1]])
+    except combframe.CombinationError as exc:
+        returned = f"values the combination refuses ({exc})"
+    else:
+        if tuple(out.combined.shape) == wanted:
+            return
+        returned = f"per-pose values of shape {tuple(out.per_pose.shape[1:])}"
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    what = f"with {len(names)} targets ({', '.join(names)})" if names else "with one target"
+    raise ConfigError(
+        f"model.name {network!r}: {what} and combination {model.combination.name!r} the "
+        f"network must return {per_pose} for b poses; it returned {returned}"
+    )
+
+
+def _wanted_outputs(
+    combination: combframe.Combination, targets: int
+) -> tuple[tuple[int, ...], str]:
+    """Return the combined shape of one compound and the per-pose shape wanted (words)."""
+    wanted = (1, targets) if targets else (1,)
+    if combination.pools:
+        dim = pooled_dim(combination)
+        return wanted, f"shape (b, {dim}), combination.dim={dim} values per pose,"
+    if targets:
+        return wanted, f"shape (b, {targets}), one column per target,"
+    return wanted, "shape (b,), one value per pose,"
 
 
 def _schedule(

@@ -85,7 +85,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if (note := skipped_note(done.skipped)) is not None:
         print(f"note: {note}", file=sys.stderr)
     if poses is not None:
-        print(f"poses        {count(len(result.per_pose), 'pose')} with weights dG/dy_i -> {poses}")
+        weights = "pooling weights alpha_i" if result.pools else "weights dG/dy_i"
+        print(f"poses        {count(len(result.per_pose), 'pose')} with {weights} -> {poses}")
     return EXIT_OK
 
 

@@ -277,6 +277,10 @@ class Predictions:
         The names of several targets: then ``combined``, ``combined_std``,
         ``per_pose`` and ``weights`` have a column per target, ``(C, d)`` and
         ``(M, d)``, and each pose its weight in each target's combined value.
+    pools
+        Whether the models pool per-pose embeddings (``gated_attention``): then
+        ``per_pose`` holds the ``(M, dim)`` embeddings and ``weights`` the pooling
+        weights :math:`\alpha_i`, one per pose, ``(M,)``.
     """
 
     combined: Tensor
@@ -287,6 +291,7 @@ class Predictions:
     models: int
     digits: int = 17
     targets: tuple[str, ...] = ()
+    pools: bool = False
 
 
 def _one_model(
@@ -334,6 +339,7 @@ def predict(
         models=len(runs),
         digits=max(9 if next(m.parameters()).dtype != torch.float64 else 17 for m in models),
         targets=tuple(targets),
+        pools=models[0].combination.pools,
     )
 
 
@@ -347,7 +353,9 @@ def write_csv(
     read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
     Pose rows: ``index, name, pose, prediction, weight``. Several targets: a
     ``prediction_<name>`` column per target (and ``std_<name>``, ``target_<name>``;
-    ``weight_<name>`` per pose).
+    ``weight_<name>`` per pose). A pooling model (``gated_attention``): pose rows
+    ``index, name, pose, weight``, the pose's pooling weight (its embedding is no
+    prediction).
     """
     names = [c.name or "" for c in compounds]
     ends = [f"_{t}" for t in result.targets] or [""]
@@ -365,16 +373,28 @@ def write_csv(
         rows.append(row)
     _write_rows(path, header, rows, result.digits)
     if poses is not None:
-        pose_rows: list[list[object]] = []
-        counts = [0] * len(compounds)
-        width = len(ends)
-        per_pose = result.per_pose.reshape(-1, width).tolist()
-        weights = result.weights.reshape(-1, width).tolist()
-        for c, y, w in zip(result.index.tolist(), per_pose, weights, strict=True):
-            pose_rows.append([c, names[c], counts[c], *y, *w])
-            counts[c] += 1
-        header = ["index", "name", "pose", *(f"prediction{e}" for e in ends)]
-        _write_rows(poses, header + [f"weight{e}" for e in ends], pose_rows, result.digits)
+        _write_poses(poses, names, ends, result)
+
+
+def _write_poses(
+    path: Path, names: Sequence[str], ends: Sequence[str], result: Predictions
+) -> None:
+    """Write one row per pose: its prediction(s) and weight(s); pooled: its one weight."""
+    width = len(ends)
+    header = ["index", "name", "pose"]
+    if result.pools:  # per-pose embeddings are no predictions; one pooling weight a pose
+        columns = result.weights.reshape(-1, 1).tolist()
+        header.append("weight")
+    else:
+        y, w = result.per_pose.reshape(-1, width), result.weights.reshape(-1, width)
+        columns = torch.cat([y, w], dim=1).tolist()
+        header += [*(f"prediction{e}" for e in ends), *(f"weight{e}" for e in ends)]
+    rows: list[list[object]] = []
+    counts = [0] * len(names)
+    for c, values in zip(result.index.tolist(), columns, strict=True):
+        rows.append([c, names[c], counts[c], *values])
+        counts[c] += 1
+    _write_rows(path, header, rows, result.digits)
 
 
 def _value_text(value: Tensor) -> str:
