@@ -372,8 +372,9 @@ def _add_predict(sub: Any) -> None:
         help="predict compounds with a trained run (or an ensemble of runs); write a CSV",
         description="Load the model of a run folder and write one row per compound "
         "(index, name, prediction, target when known) to a CSV; with --poses, one row per "
-        "pose with its prediction and its weight dG/dy_i in the combination. Several "
-        "runs (--ensemble, or a folder of `train --seeds N`) give the mean and std.",
+        "pose with its prediction and its weight dG/dy_i in the combination (a pooling "
+        "combination: its pooling weight alpha_i only). Several runs (--ensemble, or a "
+        "folder of `train --seeds N`) give the mean and std.",
     )
     p.add_argument("run", metavar="RUN", help="a run folder (or a --seeds/--compare folder)")
     p.add_argument(
