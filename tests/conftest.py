@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +56,20 @@ def make_poses(n: int, features: int = 5, seed: int = 0) -> list[torch.Tensor]:
 @pytest.fixture
 def mlp() -> torch.nn.Module:
     return make_mlp()
+
+
+def torchrun_train(*settings: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``combframe train *settings`` as two gloo processes under torchrun; assert exit 0."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "combframe", "train", *settings],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc

@@ -10,9 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,8 +22,8 @@ from combframe.app.cli import main
 from combframe.app.config import ConfigError, load_config
 from combframe.app.distributed import Ranks
 from combframe.app.train import _step, load_data
+from tests.conftest import torchrun_train
 
-ROOT = Path(__file__).resolve().parents[1]
 POOL = ["combination.name=gated_attention", "combination.dim=4", "combination.hidden=8"]
 FAST = ["epochs=2", "plot=false", "memory=false", "--no-progress", "hidden=8"]
 SMALL = ["compounds=16", "poses_per_compound=3", "batch_size=4"]
@@ -193,17 +190,7 @@ def test_gated_attention_under_torchrun_matches_one_process(
     settings = [*POOL, *SMALL, *FAST, "dtype=float64", f"output_dir={tmp_path}"]
     assert main(["train", *settings, "name=one"]) == 0
     capsys.readouterr()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "combframe", "train", *settings, "name=two"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    torchrun_train(*settings, "name=two")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert two["history"][-1]["train_rmse"] == pytest.approx(one["history"][-1]["train_rmse"])
     assert two["test"]["rmse"] == pytest.approx(one["test"]["rmse"], rel=1e-9)

@@ -21,6 +21,7 @@ from combframe.app.config import ConfigError, load_config
 from combframe.app.distributed import Ranks
 from combframe.app.metrics import multi_target_metrics, rmse
 from combframe.app.train import _step, load_data
+from tests.conftest import torchrun_train
 
 FAST = ["epochs=2", "plot=false", "memory=false", "--no-progress"]
 
@@ -341,26 +342,11 @@ def test_two_targets_under_torchrun_match_one_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Batches of 7 leave ranks with different numbers of values: |P| is the whole batch's."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
     settings = [f"data={_json(tmp_path)}", "reader.target=[a,b]", "loss.weights=[1,2]"]
     settings += ["dtype=float64", "batch_size=7", *FAST, f"output_dir={tmp_path}"]
     assert main(["train", *settings, "name=one"]) == 0
     capsys.readouterr()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "combframe", "train", *settings, "name=two"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    torchrun_train(*settings, "name=two")
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     for name in ("a", "b"):
         want, got = one["test"]["targets"][name]["rmse"], two["test"]["targets"][name]["rmse"]
