@@ -24,7 +24,8 @@ from combframe.app.distributed import Ranks
 from combframe.app.train import _step, load_data
 from tests.conftest import torchrun_train
 
-POOL = ["combination.name=gated_attention", "combination.dim=4", "combination.hidden=8"]
+ATTENTION = ["combination.name=gated_attention", "combination.hidden=8"]
+POOL = [*ATTENTION, "combination.dim=4"]
 FAST = ["epochs=2", "plot=false", "memory=false", "--no-progress", "hidden=8"]
 SMALL = ["compounds=16", "poses_per_compound=3", "batch_size=4"]
 
@@ -57,15 +58,16 @@ def _check_pose_weights(poses_csv: Path) -> None:
     assert sums and all(s == pytest.approx(1.0, abs=1e-6) for s in sums.values())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("dtype", "dim"), [("float32", 4), ("float64", 4), ("float64", 1)])
 def test_gated_attention_trains_saves_and_predicts_from_the_command_line(
-    tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, dtype: str, dim: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = [*POOL, *SMALL, *FAST, f"dtype={dtype}", "normalize_targets=true"]
+    settings = [*ATTENTION, f"combination.dim={dim}", *SMALL, *FAST, f"dtype={dtype}"]
+    settings += ["normalize_targets=true"]
     assert main(["train", *settings, f"output_dir={tmp_path}", "name=run"]) == 0
     run = tmp_path / "run"
     meta = json.loads((run / "model.json").read_text())
-    assert meta["config"]["combination"]["dim"] == 4
+    assert meta["config"]["combination"]["dim"] == dim
     model = load(run)
     assert isinstance(model.comb_readout, torch.nn.Module)
     state = model.state_dict()

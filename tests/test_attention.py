@@ -63,6 +63,16 @@ def test_segment_value_is_value_per_compound_and_pool_weights_are_the_softmax() 
     torch.testing.assert_close((weights[:3, None] * y[:3]).sum(0), batched[0])
 
 
+def test_pose_weights_of_width_one_embeddings_are_the_pooling_weights() -> None:
+    """dim=1: (M,) per-pose values are embeddings of width 1; their weights are alpha."""
+    torch.manual_seed(0)
+    comb = GatedAttention(dim=1, hidden=4).double()
+    y = torch.randn(5, dtype=torch.float64)
+    index = torch.tensor([0, 0, 1, 1, 1])
+    weights = combframe.pose_weights(comb, y, index)
+    torch.testing.assert_close(weights, comb.pool_weights(y[:, None], index, 2))
+
+
 def test_pose_weights_can_be_trained_on() -> None:
     comb = _attention()
     net = random_model(0, 5, outputs=3)

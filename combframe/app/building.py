@@ -225,13 +225,17 @@ class _Head(torch.nn.Module):
     def __init__(self, dim: int, outputs: int, start: Numbers) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(dim, outputs or 1)
-        self.outputs = outputs
+        self.dim, self.outputs = dim, outputs
         with torch.no_grad():
             self.linear.bias.copy_(torch.tensor(start))
 
     def forward(self, pooled: Tensor) -> Tensor:
-        """Return ``(C,)`` or ``(C, d)`` predictions of ``(C, dim)`` pooled embeddings."""
-        out: Tensor = self.linear(pooled)
+        """Return ``(C,)`` or ``(C, d)`` predictions of ``(C, dim)`` pooled embeddings.
+
+        With ``dim`` 1 the pooled values come as ``(C,)`` (one value per pose is a vector
+        of width 1).
+        """
+        out: Tensor = self.linear(pooled.unsqueeze(-1) if self.dim == 1 else pooled)
         return out if self.outputs else out.squeeze(-1)
 
 

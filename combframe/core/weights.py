@@ -185,7 +185,7 @@ def pose_weights(
     keep = create_graph and per_pose.requires_grad
     with torch.enable_grad():
         y = per_pose if keep else per_pose.detach().requires_grad_(True)
-        if per_pose.dim() == 2 and combination.pools:
+        if combination.pools:  # its alpha, for (M,) embeddings of width 1 too
             weights = combination.pool_weights(y, index, len(sizes), segments.prior)
             return weights if create_graph else weights.detach()
         combined = combined_values(combination, y, segments)
