@@ -143,6 +143,23 @@ def test_gated_attention_pools_schnet_embeddings_of_molecules(tmp_path: Path) ->
     _check_pose_weights(poses)
 
 
+def test_gated_attention_with_a_prior_and_a_mask_from_pose_fields(tmp_path: Path) -> None:
+    """The prior and mask enter the pooling weights: a masked pose gets none."""
+    data = json.loads(_json(tmp_path, two=False).read_text())
+    for c in data["compounds"]:
+        n = len(c["poses"])
+        c["properties"] = {"score": [-float(i) for i in range(n)], "ok": [1] * (n - 1) + [0]}
+    path = tmp_path / "fields.json"
+    path.write_text(json.dumps(data))
+    args = [f"data={path}", "prior.field=score", "prior.kind=energy", "mask.field=ok", *POOL]
+    assert main(["train", *args, *FAST, f"output_dir={tmp_path}", "name=run"]) == 0
+    out, poses = tmp_path / "p.csv", tmp_path / "poses.csv"
+    assert main(["predict", str(tmp_path / "run"), "-o", str(out), "--poses", str(poses)]) == 0
+    _check_pose_weights(poses)
+    last = [r for r in _rows(poses) if r["name"] == "c0"][-1]
+    assert float(last["weight"]) == 0
+
+
 class ThreeValues(torch.nn.Module):
     """A user network returning three values per pose: ``(b, 3)``."""
 
@@ -172,7 +189,7 @@ def test_a_user_network_of_the_wrong_width_is_refused_before_training(
 
 
 def test_a_pooling_combination_without_a_dim_is_refused() -> None:
-    from combframe.app.building import pooled_dim
+    from combframe.app.models import pooled_dim
 
     class NoDim(combframe.Combination[combframe.CombinationParams]):
         name = "nodim_pool"

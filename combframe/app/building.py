@@ -27,7 +27,7 @@ from combframe.app.config import ConfigError, TrainConfig
 from combframe.app.data import Compound, Dataset, split_compounds
 from combframe.app.distributed import Ranks
 from combframe.app.loading import dtype_of
-from combframe.app.models import DataInfo, build_network
+from combframe.app.models import DataInfo, build_network, pooled_dim
 from combframe.app.priors import check_priors
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "check_outputs",
     "checked_combination",
     "chunk_size",
-    "pooled_dim",
     "strategy_of",
     "target_stats",
 ]
@@ -174,23 +173,6 @@ def build_model(
         chunk_size=chunk_size(config, kind),
         comb_readout=None if head is None else head.to(device=device, dtype=dtype),
     )
-
-
-def pooled_dim(combination: combframe.Combination) -> int:
-    """Return the values per pose a pooling combination takes: its ``dim`` setting.
-
-    Raises
-    ------
-    ConfigError
-        If the combination has no integer ``dim`` setting.
-    """
-    dim = getattr(combination.settings(), "dim", None)
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise ConfigError(
-            f"combination: {combination.name!r} pools per-pose embeddings but has no integer "
-            "dim setting, so the network's width is unknown; combframe train needs one"
-        )
-    return dim
 
 
 def _network_from(config: TrainConfig, info: DataInfo, start: Numbers) -> torch.nn.Module:

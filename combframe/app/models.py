@@ -26,10 +26,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from combframe import Combination
 from combframe.app.config import ConfigError, TrainConfig
 from combframe.app.readers import import_quietly
 
-__all__ = ["DataInfo", "RadiusGraph", "SchNetNetwork", "build_network", "resolve_model_name"]
+__all__ = [
+    "DataInfo",
+    "RadiusGraph",
+    "SchNetNetwork",
+    "build_network",
+    "pooled_dim",
+    "resolve_model_name",
+]
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,23 @@ def _mlp(
         head,
         torch.nn.Flatten(0, 1) if outputs else torch.nn.Flatten(0),
     )
+
+
+def pooled_dim(combination: Combination) -> int:
+    """Return the values per pose a pooling combination takes: its ``dim`` setting.
+
+    Raises
+    ------
+    ConfigError
+        If the combination has no integer ``dim`` setting.
+    """
+    dim = getattr(combination.settings(), "dim", None)
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise ConfigError(
+            f"combination: {combination.name!r} pools per-pose embeddings but has no integer "
+            "dim setting, so the network's width is unknown; combframe train needs one"
+        )
+    return dim
 
 
 def resolve_model_name(name: str, kind: str) -> str:

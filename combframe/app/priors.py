@@ -30,6 +30,7 @@ from torch import Tensor
 import combframe
 from combframe.app.config import ConfigError, TrainConfig, did_you_mean
 from combframe.app.data import MMFF_ENERGY, Compound, Dataset
+from combframe.app.models import pooled_dim
 
 __all__ = ["check_priors", "log_priors", "with_priors"]
 
@@ -42,14 +43,16 @@ def check_priors(config: TrainConfig) -> None:
     """Refuse ``prior.field`` or ``mask.field`` for a combination that takes no prior.
 
     The message is the combination's own refusal (:func:`combframe.pose_weights` on one
-    pose), so it names the combination and says which ones take a prior.
+    pose, of ``dim`` values for a pooling combination), so it names the combination and
+    says which ones take a prior.
     """
     if not _uses_fields(config):
         return
     key = "prior.field" if config.prior.field is not None else "mask.field"
     combination = config.combination.build()
+    pose = torch.zeros(1, pooled_dim(combination)) if combination.pools else torch.zeros(1)
     try:
-        combframe.pose_weights(combination, torch.zeros(1), prior=torch.zeros(1))
+        combframe.pose_weights(combination, pose, prior=torch.zeros(1))
     except combframe.CombinationError as exc:
         raise ConfigError(f"{key}: {exc}") from None
 
