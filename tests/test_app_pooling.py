@@ -213,3 +213,33 @@ def test_gated_attention_under_torchrun_matches_one_process(
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert two["history"][-1]["train_rmse"] == pytest.approx(one["history"][-1]["train_rmse"])
     assert two["test"]["rmse"] == pytest.approx(one["test"]["rmse"], rel=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["store", "recompute", "stream"])
+def test_gated_attention_on_cuda_matches_the_cpu(tmp_path: Path, strategy: str) -> None:
+    """The combination's layers and the head follow the model onto the device."""
+    settings = [*POOL, *SMALL, *FAST, "dtype=float64", f"strategy={strategy}"]
+    for device in ("cpu", "cuda"):
+        where = [f"device={device}", f"output_dir={tmp_path}", f"name={device}"]
+        assert main(["train", *settings, *where]) == 0
+    cpu, gpu = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("cpu", "cuda"))
+    assert gpu["test"]["rmse"] == pytest.approx(cpu["test"]["rmse"], rel=1e-9)
+    model = load(tmp_path / "cuda", device="cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+@pytest.mark.slow
+def test_a_stopped_gated_attention_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """The head's and the attention's weights and optimizer state are checkpointed."""
+    from tests.test_app_runs import TINY, _child, _weights
+
+    assert main(["train", *TINY, *POOL, f"output_dir={tmp_path}", "name=full"]) == 0
+    proc = _child(tmp_path, "sigterm-mid-epoch", 5, "t", *POOL)
+    assert proc.returncode == 128 + 15, proc.stderr
+    assert main(["train", "--resume", str(tmp_path / "t"), "--no-progress"]) == 0
+    resumed, full = _weights(tmp_path / "t"), _weights(tmp_path / "full")
+    assert {"comb_readout.linear.weight", "combination.V.weight"} <= set(full)
+    assert resumed.keys() == full.keys()
+    for key, value in full.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
