@@ -287,3 +287,39 @@ def test_minimised_conformers_carry_their_mmff_energy(tmp_path: Path) -> None:
     plain = [k for k in keys if k not in ("reader.minimize=true",)]
     with pytest.raises(ConfigError, match=r"with reader\.minimize=true"):
         load_data(_config(smi, *plain))
+
+
+def test_gated_attention_of_embeddings_is_refused_as_a_combination_not_a_prior(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Train's networks give one value per pose: dim=3 is the combination's fault."""
+    args = ["train", f"data={_file(tmp_path)}", *FAST, "prior.field=score"]
+    args += ["combination.name=gated_attention", "combination.dim=3"]
+    assert main([*args, f"output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "combframe train: error: combination: 'gated_attention' does not combine one value "
+        "per pose into one (gated_attention pools embeddings of dim=3"
+    ), err
+    assert "use dim=1" in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gated_attention_trains_on_a_field_prior_reproducibly(tmp_path: Path, dtype: str) -> None:
+    """Its own layers follow the run's dtype and seed: two runs give the same weights."""
+    keys = ["prior.field=score", "combination.name=gated_attention", "combination.dim=1"]
+    keys += ["combination.hidden=3", "test_fraction=0.34"]
+    fast = [k for k in FAST if not k.startswith("dtype=")] + [f"dtype={dtype}"]
+    config = load_config(None, [f"data={_file(tmp_path)}", *fast, *keys])
+    states = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        train(config, progress=False, run_dir=tmp_path / name)
+        states.append(load(tmp_path / name).state_dict())
+    weights = [
+        k for k, v in states[0].items() if k.startswith("combination.") and k[-5:] != "state"
+    ]
+    assert "combination.V.weight" in weights
+    assert states[0]["combination.V.weight"].dtype == getattr(torch, dtype)
+    for key in weights:
+        assert torch.equal(states[0][key], states[1][key]), key

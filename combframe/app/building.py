@@ -57,12 +57,31 @@ def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.devic
 
 
 def checked_combination(config: TrainConfig) -> combframe.Combination:
-    """Build the combination, refusing a strategy it does not support."""
+    """Build the combination, refusing a strategy it does not support.
+
+    Also refused: a combination that does not turn one value per pose into one value
+    (``gated_attention`` with ``dim`` > 1 pools embeddings): a run's networks return
+    one value per pose and its loss is on one value per compound. Its layers, if it has
+    some, are drawn from the global generator (:func:`build_model` seeds it).
+    """
     combination = config.combination.build()
     if config.strategy == "stream" and not isinstance(combination, combframe.StreamingCombination):
         raise ConfigError(
             f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
             "does not implement stream_terms; use strategy=store or strategy=recompute"
+        )
+    try:
+        with torch.no_grad():
+            shape = tuple(combination.double().value(torch.zeros(2, dtype=torch.float64)).shape)
+        why = f" (it returns shape {shape})"
+    except combframe.CombinationError as exc:
+        shape, why = None, f" ({exc})"
+    if shape != ():
+        raise ConfigError(
+            f"combination: {combination.name!r} does not combine one value per pose into "
+            f"one{why}, but combframe train's networks return one value per pose and fit "
+            "one value per compound; use dim=1 for a pooling combination, or the Python "
+            "API (MultiPoseModel with a comb_readout) for vector outputs"
         )
     return combination
 
@@ -141,13 +160,11 @@ def build_model(
             net = _Standardized(inner, output_bias, output_scale)
         else:
             net = build_network(config, DataInfo(kind, features, output_bias))
-    net = net.to(device=device, dtype=dtype_of(config))
-    return combframe.MultiPoseModel(
-        net,
-        checked_combination(config),
-        strategy=strategy_of(config),
-        chunk_size=chunk_size(config, kind),
+        combination = checked_combination(config)  # its own layers (attention's), seeded
+    model = combframe.MultiPoseModel(
+        net, combination, strategy=strategy_of(config), chunk_size=chunk_size(config, kind)
     )
+    return model.to(device=device, dtype=dtype_of(config))  # the combination's layers too
 
 
 class _Standardized(torch.nn.Module):
@@ -272,7 +289,7 @@ def _start(config: TrainConfig, compounds: Sequence[Compound]) -> float:
     poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
     with torch.no_grad():
         flat = torch.full((poses,), mean, dtype=torch.float64)
-        combined = float(checked_combination(config).value(flat))
+        combined = float(checked_combination(config).value(flat))  # in float64
     start = 2 * mean - combined
     return start if math.isfinite(start) else mean
 
