@@ -27,7 +27,7 @@ from combframe.app.data import Compound, Dataset, split_compounds
 from combframe.app.distributed import Ranks
 from combframe.app.loading import dtype_of
 from combframe.app.models import DataInfo, build_network
-from combframe.app.priors import check_priors
+from combframe.app.priors import check_priors, log_priors
 
 __all__ = [
     "Progress",
@@ -37,6 +37,7 @@ __all__ = [
     "check_config",
     "checked_combination",
     "chunk_size",
+    "compound_values",
     "strategy_of",
 ]
 
@@ -273,6 +274,32 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
         progress,
         _moved(val_set, device),
     )
+
+
+def compound_values(model: torch.nn.Module, compounds: Sequence[Compound]) -> Tensor:
+    """Return ``model``'s ``(C,)`` values of ``compounds`` (their poses, with their priors).
+
+    ``model`` is a run's :class:`combframe.MultiPoseModel` (or its distributed wrapper);
+    the graph is kept in grad mode.
+
+    Raises
+    ------
+    ConfigError
+        If the network returns more than one value per pose (a ``model.name`` import
+        path with vector outputs): the squared error against one value per compound
+        would broadcast, silently, where the counts happen to match.
+    """
+    out = model(compounds=[list(c.poses) for c in compounds], prior=log_priors(compounds))
+    combined: Tensor = out.combined
+    if combined.shape != (len(compounds),):
+        raise ConfigError(
+            f"model.name: the network returns {tuple(out.per_pose.shape[1:])} values per "
+            f"pose (combined: {tuple(combined.shape)} for {len(compounds)} compounds), but "
+            "combframe train fits one value per compound; return one value per pose "
+            "(shape (b,) for b poses), or use the Python API (MultiPoseModel with a "
+            "comb_readout) for vector outputs"
+        )
+    return combined
 
 
 def _moved(compounds: Sequence[Compound], device: torch.device) -> tuple[Compound, ...]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import combframe
-from combframe.app.building import Run
+from combframe.app.building import Run, compound_values
 from combframe.app.data import Compound
 from combframe.app.memory import process_peak_rss_mb
 from combframe.app.metrics import (
@@ -27,7 +27,6 @@ from combframe.app.metrics import (
     held_out_metrics,
     rmse,
 )
-from combframe.app.priors import log_priors
 from combframe.app.readers import skipped_note
 from combframe.app.runs import RunResult, tensorboard_note
 from combframe.app.saved import save_model
@@ -64,9 +63,7 @@ def predict_compounds(run: Run, compounds: Sequence[Compound]) -> tuple[Tensor, 
     parts = []
     with torch.no_grad():
         for i in range(0, len(local), _EVAL_BATCH):
-            chunk = local[i : i + _EVAL_BATCH]
-            poses, prior = [list(c.poses) for c in chunk], log_priors(chunk)
-            parts.append(run.model(compounds=poses, prior=prior).combined)
+            parts.append(compound_values(run.model, local[i : i + _EVAL_BATCH]))
     pred = torch.cat(parts) if parts else torch.zeros(0)
     pred = run.ranks.gather(pred.detach().double().cpu())
     target = torch.stack([c.target for c in compounds]).detach().double().cpu()

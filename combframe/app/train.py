@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import torch
 
 import combframe
-from combframe.app.building import Progress, Run, build_run, check_config
+from combframe.app.building import Progress, Run, build_run, check_config, compound_values
 from combframe.app.checkpoint import (
     CheckpointError,
     StopRequest,
@@ -52,7 +52,6 @@ from combframe.app.evaluation import (
 from combframe.app.loading import load_data
 from combframe.app.memory import CUDA_RUN_KIND, cpu_kind, measure_step, profiled, run_peak
 from combframe.app.metrics import rmse
-from combframe.app.priors import log_priors
 from combframe.app.progress import epoch_line, is_terminal, progress_bar
 from combframe.app.runs import (
     RunInterruptedError,
@@ -282,8 +281,7 @@ def _step(run: Run, batch: Sequence[Compound], epoch: int) -> float:
         local, weight = list(batch[:1]), 0.0
     run.optimizer.zero_grad(set_to_none=True)
     try:
-        poses, prior = [list(c.poses) for c in local], log_priors(local)
-        combined, _, _ = run.trainer(compounds=poses, prior=prior)
+        combined = compound_values(run.trainer, local)
     except combframe.CombinationError as exc:  # non-finite per-pose predictions
         raise diverged(run, epoch, str(exc).split(";")[0]) from None
     squared = (combined - torch.stack([c.target for c in local])) ** 2
