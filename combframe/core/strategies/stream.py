@@ -41,9 +41,10 @@ class Stream(Strategy):
         A_j \leftarrow e^{m - m'} A_j
             + \frac{\partial}{\partial\theta} \sum_{i \in B} e^{a_i - m'} \phi_{ij}\, y_i ,
 
-    the last term for every compound and feature of a chunk being one batched backward
-    of the chunk (``is_grads_batched``) whose ``grad_outputs`` are those weights, one row
-    per compound and feature; where the chunk holds fewer poses than rows (one pose per
+    the last term for every compound and feature of a chunk being one backward of the
+    chunk's graph whose ``grad_outputs`` are those weights, one per compound and feature
+    (``is_grads_batched`` was measured slower; see docs/bench/core.md); where the
+    chunk's Jacobian has fewer rows than that (poses times values per pose; one pose per
     compound), the rows are its poses' own gradients, contracted with the weights.
     Every exponent is at most zero, so nothing overflows however widely the predictions
     are spread. The scalar bookkeeping is done in float64 whatever the model's dtype;
@@ -115,12 +116,13 @@ class Stream(Strategy):
     def _add(sums: _StreamSums, fold: Fold, chunk: Chunk, segments: Segments, start: int) -> None:
         """Add a chunk's gradients to the sums of its compounds."""
         y = chunk.pred
-        if y.shape[0] >= len(fold.rows):
+        b, values = y.shape[0], y[0].numel()
+        # One backward per row of sums, or per row of the chunk's Jacobian: the fewer.
+        if b * values >= len(fold.rows):
             sums.add_rows(fold.rows, *chunk.weighted_grads(fold.by_row.to(y.dtype)))
             return
-        # Fewer poses than rows (one pose per compound): each pose's own gradient, or its
-        # Jacobian's d rows (one pose of one value alone: the gradient, unweighted).
-        b, values = y.shape[0], y[0].numel()
+        # Fewer Jacobian rows than sums (one pose per compound): each pose's own gradient,
+        # or its Jacobian's d rows (one pose of one value alone: the gradient, unweighted).
         eye = torch.eye(b * values, dtype=y.dtype, device=y.device).reshape(-1, *y.shape)
         per_pose, pose = chunk.weighted_grads(None if eye.shape[0] == 1 else eye)
         if pose:
