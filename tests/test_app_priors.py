@@ -314,9 +314,9 @@ def test_gated_attention_of_embeddings_is_refused_as_a_combination_not_a_prior(
     err = capsys.readouterr().err
     assert err.startswith(
         "combframe train: error: combination: 'gated_attention' does not combine one value "
-        "per pose into one (gated_attention pools embeddings of dim=3"
+        "per pose into as many (gated_attention pools embeddings of dim=3"
     ), err
-    assert "use dim=1" in err and not (tmp_path / "runs").exists()
+    assert "give a pooling combination dim=1" in err and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

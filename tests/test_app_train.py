@@ -205,5 +205,6 @@ def test_a_network_of_two_values_per_pose_is_refused_not_broadcast() -> None:
     """Two training compounds of two values each: (2, 2) - (2,) would broadcast silently."""
     keys = ["compounds=4", "features=3", "test_fraction=0.5", "val_fraction=0", "epochs=1"]
     config = load_config(None, [*keys, "model.name=tests.test_app_train:TwoValues"])
-    with pytest.raises(ConfigError, match=r"model.name: the network returns \(2,\) values per"):
+    says = r"model.name '\S+TwoValues': with one target the network must return shape \(b,\)"
+    with pytest.raises(ConfigError, match=says + r".* shape \(2,\) per compound"):
         train(config, progress=False, write=False)

@@ -27,7 +27,7 @@ from combframe.app.data import Compound, Dataset, split_compounds
 from combframe.app.distributed import Ranks
 from combframe.app.loading import dtype_of
 from combframe.app.models import DataInfo, build_network
-from combframe.app.priors import check_priors, log_priors
+from combframe.app.priors import check_priors
 
 __all__ = [
     "Progress",
@@ -35,10 +35,11 @@ __all__ = [
     "build_model",
     "build_run",
     "check_config",
+    "check_outputs",
     "checked_combination",
     "chunk_size",
-    "compound_values",
     "strategy_of",
+    "target_stats",
 ]
 
 
@@ -58,12 +59,12 @@ def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.devic
 
 
 def checked_combination(config: TrainConfig) -> combframe.Combination:
-    """Build the combination, refusing a strategy it does not support.
+    """Build the combination (in float64), refusing a strategy it does not support.
 
-    Also refused: a combination that does not turn one value per pose into one value
-    (``gated_attention`` with ``dim`` > 1 pools embeddings): a run's networks return
-    one value per pose and its loss is on one value per compound. Its layers, if it has
-    some, are drawn from the global generator (:func:`build_model` seeds it).
+    Also refused: a combination that does not turn the run's values per pose (one, or
+    one per target of ``reader.target``) into as many per compound, such as
+    ``gated_attention`` with another ``dim``: a run's loss is on them. Its layers, if it
+    has some, are drawn from the global generator (:func:`build_model` seeds it).
     """
     combination = config.combination.build()
     if config.strategy == "stream" and not isinstance(combination, combframe.StreamingCombination):
@@ -71,18 +72,21 @@ def checked_combination(config: TrainConfig) -> combframe.Combination:
             f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
             "does not implement stream_terms; use strategy=store or strategy=recompute"
         )
+    d = len(config.reader.targets)
+    values = f"{d} values (one per target)" if d else "one value"
     try:
         with torch.no_grad():
-            shape = tuple(combination.double().value(torch.zeros(2, dtype=torch.float64)).shape)
+            probe = torch.zeros((2, d) if d else (2,), dtype=torch.float64)
+            shape = tuple(combination.double().value(probe).shape)
         why = f" (it returns shape {shape})"
     except combframe.CombinationError as exc:
         shape, why = None, f" ({exc})"
-    if shape != ():
+    if shape != tuple(probe.shape[1:]):
         raise ConfigError(
-            f"combination: {combination.name!r} does not combine one value per pose into "
-            f"one{why}, but combframe train's networks return one value per pose and fit "
-            "one value per compound; use dim=1 for a pooling combination, or the Python "
-            "API (MultiPoseModel with a comb_readout) for vector outputs"
+            f"combination: {combination.name!r} does not combine {values} per pose into "
+            f"as many{why}, but combframe train's networks return {values} per pose and "
+            f"fit {values} per compound; give a pooling combination dim={max(d, 1)}, or "
+            "use the Python API (MultiPoseModel with a comb_readout) to pool embeddings"
         )
     return combination
 
@@ -134,12 +138,16 @@ def _resolve_device(spec: str, ranks: Ranks) -> torch.device:
     return device
 
 
+#: A number per output: one (a float), or one per target.
+Numbers = float | tuple[float, ...]
+
+
 def build_model(
     config: TrainConfig,
     features: int,
-    output_bias: float = 0.0,
+    output_bias: Numbers = 0.0,
     device: torch.device | str = "cpu",
-    output_scale: float = 1.0,
+    output_scale: Numbers = 1.0,
     kind: str = "vectors",
 ) -> combframe.MultiPoseModel:
     """Build the configured model, seeded: the one place a run's model is made.
@@ -151,16 +159,21 @@ def build_model(
     :func:`_start` (and, with ``normalize_targets``, the training values' standard
     deviation ``output_scale``); :func:`combframe.app.load` calls it with the
     ``network`` entry saved next to the weights (``{"features": F, "kind": ...}``) and
-    then loads the weights (the offsets and scale too).
+    then loads the weights (the offsets and scale too). With several targets
+    (``config.reader.targets``, d names) the network has d outputs, and ``output_bias``
+    and ``output_scale`` are one per target (a number is taken for every target).
     """
+    outputs = len(config.reader.targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net: torch.nn.Module
+        bias = _per_output(output_bias, outputs)
         if config.normalize_targets:
-            inner = build_network(config, DataInfo(kind, features, 0.0))
-            net = _Standardized(inner, output_bias, output_scale)
+            zero = _per_output(0.0, outputs)
+            inner = build_network(config, DataInfo(kind, features, zero, outputs))
+            net = _Standardized(inner, bias, _per_output(output_scale, outputs))
         else:
-            net = build_network(config, DataInfo(kind, features, output_bias))
+            net = build_network(config, DataInfo(kind, features, bias, outputs))
         combination = checked_combination(config)  # its own layers (attention's), seeded
     model = combframe.MultiPoseModel(
         net, combination, strategy=strategy_of(config), chunk_size=chunk_size(config, kind)
@@ -168,10 +181,18 @@ def build_model(
     return model.to(device=device, dtype=dtype_of(config))  # the combination's layers too
 
 
-class _Standardized(torch.nn.Module):
-    """A network trained on standardised values: its output times ``scale`` plus ``shift``."""
+def _per_output(value: Numbers, outputs: int) -> Numbers:
+    """``value`` for each of ``outputs`` targets (a number repeated); as is for one value."""
+    return (value,) * outputs if outputs and isinstance(value, float) else value
 
-    def __init__(self, net: torch.nn.Module, shift: float, scale: float) -> None:
+
+class _Standardized(torch.nn.Module):
+    """A network trained on standardised values: its output times ``scale`` plus ``shift``.
+
+    Several targets: ``shift`` and ``scale`` are one per target (column).
+    """
+
+    def __init__(self, net: torch.nn.Module, shift: Numbers, scale: Numbers) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("shift", torch.tensor(shift))
@@ -248,10 +269,9 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
     moved = dataclasses.replace(
         data, train=_moved(train_set, device), test=_moved(data.test, device)
     )
-    targets = torch.stack([c.target for c in train_set]).double()
-    spread = float(targets.std(correction=0)) if len(targets) > 1 else 0.0
-    start = _start(config, train_set)
-    model = build_model(config, data.features, start, device, spread or 1.0, data.kind)
+    start, spread = _start(config, train_set, data.targets)
+    model = build_model(config, data.features, start, device, spread, data.kind)
+    check_outputs(model, moved.train[0], data.targets, config.model.name)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -276,49 +296,84 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
     )
 
 
-def compound_values(model: torch.nn.Module, compounds: Sequence[Compound]) -> Tensor:
-    """Return ``model``'s ``(C,)`` values of ``compounds`` (their poses, with their priors).
-
-    ``model`` is a run's :class:`combframe.MultiPoseModel` (or its distributed wrapper);
-    the graph is kept in grad mode.
-
-    Raises
-    ------
-    ConfigError
-        If the network returns more than one value per pose (a ``model.name`` import
-        path with vector outputs): the squared error against one value per compound
-        would broadcast, silently, where the counts happen to match.
-    """
-    out = model(compounds=[list(c.poses) for c in compounds], prior=log_priors(compounds))
-    combined: Tensor = out.combined
-    if combined.shape != (len(compounds),):
-        raise ConfigError(
-            f"model.name: the network returns {tuple(out.per_pose.shape[1:])} values per "
-            f"pose (combined: {tuple(combined.shape)} for {len(compounds)} compounds), but "
-            "combframe train fits one value per compound; return one value per pose "
-            "(shape (b,) for b poses), or use the Python API (MultiPoseModel with a "
-            "comb_readout) for vector outputs"
-        )
-    return combined
-
-
 def _moved(compounds: Sequence[Compound], device: torch.device) -> tuple[Compound, ...]:
     return tuple(c.to(device) for c in compounds)
 
 
-def _start(config: TrainConfig, compounds: Sequence[Compound]) -> float:
-    """Return the per-pose starting value whose combination is the mean training value.
+def _start(
+    config: TrainConfig, compounds: Sequence[Compound], names: Sequence[str] = ()
+) -> tuple[Numbers, Numbers]:
+    """Return the per-pose starting value and the values' spread (for ``normalize_targets``).
 
-    Over a compound of the typical (median) number of poses: the mean itself for
-    ``mean``, a little above it for a smooth minimum.
+    The start is the value whose combination is the mean training value, over a
+    compound of the typical (median) number of poses: the mean itself for ``mean``, a
+    little above it for a smooth minimum. The spread is the standard deviation of the
+    training values (1 where it is 0). Several targets: both per target, over the
+    compounds that have a value for it (:func:`target_stats`).
     """
-    mean = float(torch.stack([c.target for c in compounds]).double().mean())
+    mean, std = target_stats(compounds, names)
     poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
     with torch.no_grad():
-        flat = torch.full((poses,), mean, dtype=torch.float64)
-        combined = float(checked_combination(config).value(flat))  # in float64
-    start = 2 * mean - combined
-    return start if math.isfinite(start) else mean
+        flat = mean.expand(poses, *mean.shape)
+        combined = checked_combination(config).value(flat)
+    start = torch.where((2 * mean - combined).isfinite(), 2 * mean - combined, mean)
+    std = torch.where(std > 0, std, 1.0)
+    if names:
+        return tuple(start.tolist()), tuple(std.tolist())
+    return float(start), float(std)
+
+
+def target_stats(compounds: Sequence[Compound], names: Sequence[str] = ()) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of the compounds' values; per target with ``names``.
+
+    Several targets: over the compounds with a value for each (NaN is missing).
+
+    Raises
+    ------
+    ConfigError
+        If no compound has a value for one of ``names``.
+    """
+    y = torch.stack([c.target for c in compounds]).detach().double().cpu()
+    if not names:
+        return y.mean(), y.std(correction=0) if len(y) > 1 else torch.zeros(())
+    present = y.isfinite()
+    n = present.sum(dim=0)
+    for name, count in zip(names, n.tolist(), strict=True):
+        if not count:
+            raise ConfigError(
+                f"reader.target: no training compound has a value for {name!r}; give more "
+                "compounds a value for it or a smaller test_fraction"
+            )
+    mean = torch.where(present, y, 0.0).sum(dim=0) / n
+    var = (torch.where(present, y - mean, 0.0) ** 2).sum(dim=0) / n
+    return mean, var.sqrt()
+
+
+def check_outputs(
+    model: combframe.MultiPoseModel, compound: Compound, names: Sequence[str], network: str
+) -> None:
+    """Refuse a network that does not return one value per target for each pose.
+
+    Runs the model, in eval mode, on the first pose of ``compound``; the combined value
+    must have shape ``(1,)`` for one value per compound (no ``names``), ``(1, d)`` for
+    the d ``names``. Otherwise the squared error against the values would broadcast,
+    silently where the counts happen to match.
+    """
+    mode = model.training
+    try:
+        with torch.no_grad():
+            combined = model.eval()(compounds=[list(compound.poses)[:1]]).combined
+    finally:
+        model.train(mode)
+    want = (1, len(names)) if names else (1,)
+    if tuple(combined.shape) != want:
+        what = f"{len(names)} targets ({', '.join(names)})" if names else "one target"
+        shape = f"(b, {len(names)}), one column per target" if names else "(b,)"
+        raise ConfigError(
+            f"model.name {network!r}: with {what} the network must return shape {shape}, "
+            f"for b poses; it returned per-pose values of shape {tuple(combined.shape[1:])} "
+            "per compound"
+        )
 
 
 def _schedule(

@@ -141,12 +141,7 @@ def _report(results: Sequence[Any], folder: Any) -> None:
         chosen = m.get("strategy_chosen")
         picked = f" (chose {chosen['name']}: {chosen['reason']})" if chosen else ""
         print(f"strategy     {m['strategy']}{picked} on {m['device']}{processes}")
-        print(
-            f"held-out     RMSE {fmt(test['rmse'])}{unit}   MAE {fmt(test['mae'])}"
-            f"   Pearson {fmt(test['pearson'])}   Spearman {fmt(test['spearman'])}"
-            f"   Kendall {fmt(test['kendall'])}   ({count(test['compounds'], 'compound')})"
-        )
-        print(f"95% CI       {_intervals(test)}")
+        _held_out_lines(test, unit)
         _epochs_lines(m)
         print(f"time/epoch   {fmt(m['time_per_epoch_s'], '.2f')} s")
         rss = m["process_peak_rss_mb"]
@@ -166,6 +161,27 @@ def _report(results: Sequence[Any], folder: Any) -> None:
             print(f"note: {label}{note}", file=sys.stderr)
     if folder is not None:
         print(f"run folder   {folder}")
+
+
+def _held_out_lines(test: dict[str, Any], unit: str) -> None:
+    """Print the held-out metrics and their intervals; several targets: a row per target."""
+
+    def metrics(row: dict[str, Any]) -> str:
+        return (
+            f"RMSE {fmt(row['rmse'])}{unit}   MAE {fmt(row['mae'])}   Pearson "
+            f"{fmt(row['pearson'])}   Spearman {fmt(row['spearman'])}   Kendall "
+            f"{fmt(row['kendall'])}   ({count(row['compounds'], 'compound')})"
+        )
+
+    targets = test.get("targets")
+    if not targets:
+        print(f"held-out     {metrics(test)}")
+        print(f"95% CI       {_intervals(test)}")
+        return
+    print(f"held-out     mean of {len(targets)} targets: {metrics(test)}")
+    for name, row in targets.items():
+        print(f"  {name}: {metrics(row)}")
+        print(f"  {' ' * len(name)}  95% CI {_intervals(row)}")
 
 
 def _epochs_lines(m: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ resolved to :class:`combframe.CombinationConfig` when a config is first validate
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 import types
@@ -48,6 +49,7 @@ else:
 
 __all__ = [
     "ConfigError",
+    "LossConfig",
     "MaskConfig",
     "ModelConfig",
     "PriorConfig",
@@ -93,14 +95,24 @@ class ModelConfig(BaseModel):
 
 
 class ReaderConfig(BaseModel):
-    """How molecular input is read (docs/data.md); ignored for the JSON of vectors."""
+    """How molecular input is read (docs/data.md).
+
+    The JSON of vectors uses only ``target``, when it is a list (several targets).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    target: str | None = Field(
-        None, description="SD property (SDF) or column (SMILES CSV) holding the value."
+    target: str | list[str] | None = Field(
+        None,
+        description="SD property (SDF) or column (SMILES CSV) holding the value; a list "
+        "[a, b] trains several targets at once (SD properties, CSV or manifest columns, "
+        "JSON value keys; docs/data.md).",
     )
-    values: Path | None = Field(None, description="CSV of name,value rows giving the values.")
+    values: Path | None = Field(
+        None,
+        description="CSV of name,value rows giving the values (name plus the target "
+        "columns with a list reader.target).",
+    )
     group_by: str | None = Field(
         None,
         description="SD property grouping an SDF's records into compounds; null: the "
@@ -124,6 +136,41 @@ class ReaderConfig(BaseModel):
     cache_dir: Path | None = Field(
         None, description="Cache folder; null: $XDG_CACHE_HOME/combframe or ~/.cache/combframe."
     )
+
+    @field_validator("target")
+    @classmethod
+    def _target_names(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value or any(not isinstance(v, str) or not v.strip() for v in value):
+                raise ValueError(f"a list of targets must hold non-empty names; got {value}")
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            if repeated:
+                raise ValueError(f"names the target(s) {repeated} twice; give each once")
+        return value
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The names of several targets (a list ``target``); ``()`` for one value."""
+        return tuple(self.target) if isinstance(self.target, list) else ()
+
+
+class LossConfig(BaseModel):
+    """The training loss over several targets (docs/train-save-predict.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: list[float] | None = Field(
+        None,
+        description="Per-target weights of the squared error, one per reader.target "
+        "name, each > 0; null: all 1.",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not (w > 0 and w < math.inf) for w in value)):
+            raise ValueError(f"must be finite numbers > 0, one per target; got {value}")
+        return value
 
 
 class PriorConfig(BaseModel):
@@ -224,6 +271,10 @@ class TrainConfig(BaseModel):
         default_factory=lambda: ReaderConfig(),
         description="How molecular input is read (reader.target=..., see docs/data.md).",
     )
+    loss: LossConfig = Field(
+        default_factory=lambda: LossConfig(),
+        description="The loss over several targets (loss.weights=[1, 0.5]).",
+    )
     prior: PriorConfig = Field(
         default_factory=lambda: PriorConfig(),
         description="A per-pose prior weight from a pose field (prior.field=..., "
@@ -283,6 +334,16 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _weights_per_target(self) -> TrainConfig:
+        weights, names = self.loss.weights, self.reader.targets
+        if weights is not None and len(weights) != len(names):
+            raise ValueError(
+                f"loss.weights has {len(weights)} weight(s) but reader.target names "
+                f"{len(names)} target(s) {list(names)}; give one weight per target"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _device_form(cls, value: str) -> str:
@@ -310,6 +371,7 @@ _HELP_DEFAULTS = {
     "name": "a timestamp",
     "model": "name=auto",
     "reader": "see docs/data.md",
+    "loss": "weights=null",
     "strategy_options": "{}",
     "prior": "no prior",
     "mask": "no mask",
@@ -324,7 +386,14 @@ def _type_name(annotation: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in typing.get_args(annotation) if a is not type(None)]
         return " or ".join([*names, "null"])
-    if annotation in (_CombinationField, ModelConfig, ReaderConfig, PriorConfig, MaskConfig):
+    if annotation in (
+        _CombinationField,
+        ModelConfig,
+        ReaderConfig,
+        LossConfig,
+        PriorConfig,
+        MaskConfig,
+    ):
         return "mapping"
     if isinstance(annotation, type) and issubclass(annotation, Path):
         return "path"
@@ -363,6 +432,7 @@ def config_keys_help(width: int = 100) -> str:
     sections: dict[str, type[BaseModel]] = {
         "model": ModelConfig,
         "reader": ReaderConfig,
+        "loss": LossConfig,
         "prior": PriorConfig,
         "mask": MaskConfig,
     }
@@ -395,6 +465,15 @@ def did_you_mean(word: str, known: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: The sections whose unknown keys are refused with the closest known key.
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "reader": ReaderConfig,
+    "loss": LossConfig,
+    "prior": PriorConfig,
+    "mask": MaskConfig,
+}
+
+
 def _parameter_names(data: Mapping[str, Any] | None) -> list[str]:
     """Return the parameters of the combination named in ``data`` (none if unknown)."""
     section = (data or {}).get("combination")
@@ -419,7 +498,8 @@ def format_validation_error(
     """Pydantic errors as ``field.path: message (got value)``, joined by ``; `` on one line.
 
     An unknown top-level field is followed by the closest known field and
-    ``known_fields`` when given; an unknown ``reader.*`` key by the closest reader key;
+    ``known_fields`` when given; an unknown ``reader.*`` (``loss.*``) key by the closest
+    key of that section;
     an unknown combination parameter by the closest parameter of the combination named
     in ``data``.
     """
@@ -436,8 +516,9 @@ def format_validation_error(
             if known_fields and len(err["loc"]) == 1:
                 hint = did_you_mean(str(err["loc"][0]), known_fields)
                 known = f"{hint}; known fields: " + ", ".join(known_fields)
-            elif err["loc"][:1] == ("reader",) and len(err["loc"]) == 2:
-                known = did_you_mean(str(err["loc"][1]), list(ReaderConfig.model_fields))
+            elif str(err["loc"][0]) in _SECTIONS and len(err["loc"]) == 2:
+                fields = _SECTIONS[str(err["loc"][0])].model_fields
+                known = did_you_mean(str(err["loc"][1]), list(fields))
             elif err["loc"][:1] == ("combination",):
                 msg = "not a parameter of this combination (see `combframe list`)"
                 known = did_you_mean(str(err["loc"][-1]), _parameter_names(data))

@@ -60,7 +60,9 @@ class Compound:
         Geometric ``Data``, each with ``pos`` (n, 3), ``z`` (n,) atomic numbers and ``lig``
         (n,) ligand flags (see :mod:`combframe.app.readers`).
     target
-        0-d tensor, the compound's free energy (the best pose's, plus noise).
+        0-d tensor, the compound's free energy (the best pose's, plus noise); with
+        several targets (a list ``reader.target``) shape ``(d,)``, NaN where the
+        compound has no value for a target.
     pose_energies
         Shape ``(N,)``, the teacher's free energy of every pose (for inspection only);
         None for compounds read from a file.
@@ -120,6 +122,9 @@ class Dataset:
         ``"vectors"`` (poses are feature rows) or ``"molecules"`` (PyG ``Data``).
     skipped
         What ``reader.skip_invalid`` left out, one line each.
+    targets
+        The names of several targets (each compound's target is ``(d,)``); ``()`` for
+        one value per compound (a 0-d target).
     """
 
     train: tuple[Compound, ...]
@@ -128,6 +133,7 @@ class Dataset:
     source: str = "built-in"
     kind: str = "vectors"
     skipped: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
 
 def _teacher(features: int, hidden: int, gen: torch.Generator) -> torch.nn.Module:
@@ -276,12 +282,44 @@ def _label(index: int, entry: Any) -> str:
 def _check_value(entry: dict[str, Any]) -> float:
     if "value" not in entry:
         raise DataError("has no 'value' (its measured value, a number)")
-    value = entry["value"]
+    return _finite(entry["value"], "'value'")
+
+
+def _finite(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"'value' must be a number; got {value!r}")
+        raise DataError(f"{what} must be a number; got {value!r}")
     if not math.isfinite(value):
-        raise DataError(f"'value' is {value}; values must be finite")
+        raise DataError(f"{what} is {value}; values must be finite")
     return float(value)
+
+
+def _check_values(entry: dict[str, Any], targets: Sequence[str], values: bool) -> list[float]:
+    """Return the values of several ``targets``: ``value`` maps each name to a number or null.
+
+    A name absent or null is a value the compound lacks (NaN); with ``values`` at least
+    one must be present.
+    """
+    given = entry.get("value", {} if not values else None)
+    if not isinstance(given, dict):
+        raise DataError(
+            f"'value' must map each target ({', '.join(targets)}) to a number or null; "
+            f"got {given!r:.60}"
+        )
+    unknown = [k for k in given if k not in targets]
+    if unknown:
+        from combframe.app.config import did_you_mean
+
+        raise DataError(
+            f"'value' names {unknown[0]!r}, which is not a target"
+            f"{did_you_mean(str(unknown[0]), list(targets))}; the targets (reader.target): "
+            f"{', '.join(targets)}"
+        )
+    out = [
+        math.nan if given.get(t) is None else _finite(given[t], f"'value' {t!r}") for t in targets
+    ]
+    if values and all(math.isnan(v) for v in out):
+        raise DataError(f"has no value for any target ({', '.join(targets)}); give one at least")
+    return out
 
 
 def _check_poses(entry: dict[str, Any], features: int | None, dtype: torch.dtype) -> Tensor:
@@ -351,7 +389,12 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _compound(
-    index: int, entry: Any, features: int | None, dtype: torch.dtype, values: bool = True
+    index: int,
+    entry: Any,
+    features: int | None,
+    dtype: torch.dtype,
+    values: bool = True,
+    targets: Sequence[str] = (),
 ) -> Compound:
     if not isinstance(entry, dict):
         raise DataError(f"must be a mapping with 'value' and 'poses'; got {entry!r:.60}")
@@ -361,12 +404,17 @@ def _compound(
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
         raise DataError(f"'name' must be a string; got {name!r}")
-    value = _check_value(entry) if values or "value" in entry else math.nan
-    target = torch.tensor(value, dtype=dtype)
-    if math.isfinite(value) and not torch.isfinite(target):
+    if targets:
+        value = torch.tensor(_check_values(entry, targets, values), dtype=torch.float64)
+    else:
+        number = _check_value(entry) if values or "value" in entry else math.nan
+        value = torch.tensor(number, dtype=torch.float64)
+    target = value.to(dtype)
+    overflow = (value.isfinite() & ~target.isfinite()).nonzero()
+    if len(overflow):
         raise DataError(
-            f"'value' is {value:g}, which is not finite in {_name(dtype)} (the training "
-            "dtype); rescale the values or use dtype=float64"
+            f"'value' is {float(value.reshape(-1)[overflow[0]]):g}, which is not finite in "
+            f"{_name(dtype)} (the training dtype); rescale the values or use dtype=float64"
         )
     poses = _check_poses(entry, features, dtype)
     properties = _check_properties(entry, len(poses))
@@ -374,7 +422,11 @@ def _compound(
 
 
 def load_compounds(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, values: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    values: bool = True,
+    targets: Sequence[str] = (),
 ) -> list[Compound]:
     """Read a user's compounds from a JSON file (the format is in ``docs/cli.md``).
 
@@ -382,7 +434,10 @@ def load_compounds(
     per compound an optional name, the measured value (a number) and a non-empty list of
     poses, each a list of the same number of features in every compound. With
     ``values=False`` (compounds to predict) a compound may have no value; its target is
-    then NaN. An optional ``"properties": {"score": [...]}`` gives per-pose numbers (one
+    then NaN. With several ``targets`` (a list ``reader.target``) ``value`` maps each
+    target's name to a number or null (``{"pic50_a": 6.1, "pic50_b": null}``), the
+    target is ``(d,)``, NaN where missing, and each name must appear in some compound.
+    An optional ``"properties": {"score": [...]}`` gives per-pose numbers (one
     per pose, ``null`` for none), the pose fields of ``prior.field`` and ``mask.field``.
 
     Returns
@@ -410,7 +465,7 @@ def load_compounds(
         first = compounds[0].poses if compounds else None
         features = first.shape[-1] if isinstance(first, Tensor) else None
         try:
-            compound = _compound(index, entry, features, dtype, values)
+            compound = _compound(index, entry, features, dtype, values, targets)
             if compound.name is not None and compound.name in names:
                 raise DataError(f"has the same name as compounds[{names[compound.name]}]")
         except DataError as exc:
@@ -418,7 +473,30 @@ def load_compounds(
         if compound.name is not None:
             names[compound.name] = index
         compounds.append(compound)
+    _every_target_given(path, entries, compounds, targets, values)
     return compounds
+
+
+def _every_target_given(
+    path: Path,
+    entries: list[Any],
+    compounds: list[Compound],
+    targets: Sequence[str],
+    values: bool,
+) -> None:
+    """Refuse a target that no compound of the file has a value for (a misspelt name)."""
+    if not targets or not values:
+        return
+    present = torch.stack([c.target for c in compounds]).isfinite().any(dim=0)
+    for name, found in zip(targets, present.tolist(), strict=True):
+        if not found:
+            from combframe.app.config import did_you_mean
+
+            keys = sorted({k for e in entries for k in e.get("value", {})})
+            raise DataError(
+                f"{str(path)!r}: no compound has a value for the target {name!r}"
+                f"{did_you_mean(name, keys)}; the value keys in the file: {', '.join(keys)}"
+            )
 
 
 def split_compounds(

@@ -72,7 +72,7 @@ class Ranks:
         return self._reduce(value, dist.ReduceOp.MAX)
 
     def gather(self, values: Tensor) -> Tensor:
-        """Undo :meth:`shard`: return every rank's 1-d ``values`` in their original order."""
+        """Undo :meth:`shard`: every rank's ``values`` (rows of several targets) in order."""
         if not self.active:
             return values
         parts: list[list[float]] = [[] for _ in range(self.world)]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import combframe
-from combframe.app.building import Run, compound_values
+from combframe.app.building import Run, target_stats
 from combframe.app.data import Compound
 from combframe.app.memory import process_peak_rss_mb
 from combframe.app.metrics import (
@@ -25,8 +25,11 @@ from combframe.app.metrics import (
     baseline_note,
     divergence,
     held_out_metrics,
+    multi_target_metrics,
+    per_target,
     rmse,
 )
+from combframe.app.priors import log_priors
 from combframe.app.readers import skipped_note
 from combframe.app.runs import RunResult, tensorboard_note
 from combframe.app.saved import save_model
@@ -63,7 +66,9 @@ def predict_compounds(run: Run, compounds: Sequence[Compound]) -> tuple[Tensor, 
     parts = []
     with torch.no_grad():
         for i in range(0, len(local), _EVAL_BATCH):
-            parts.append(compound_values(run.model, local[i : i + _EVAL_BATCH]))
+            chunk = local[i : i + _EVAL_BATCH]
+            poses, prior = [list(c.poses) for c in chunk], log_priors(chunk)
+            parts.append(run.model(compounds=poses, prior=prior).combined)
     pred = torch.cat(parts) if parts else torch.zeros(0)
     pred = run.ranks.gather(pred.detach().double().cpu())
     target = torch.stack([c.target for c in compounds]).detach().double().cpu()
@@ -75,10 +80,7 @@ def run_metrics(run: Run) -> RunResult:
     test, notes = _held_out(run)
     train_pred, train_target = predict_compounds(run, run.data.train)
     train_rmse = rmse(train_pred, train_target)
-    values = _values(run)
-    why = divergence(train_rmse, test["rmse"], values)
-    if why is not None:
-        raise diverged(run, 0, why)
+    _check_divergence(run, train_pred, train_target, test)
     p = run.progress
     resolved = run.config.model_dump(mode="json")
     metrics: dict[str, Any] = {
@@ -108,18 +110,47 @@ def run_metrics(run: Run) -> RunResult:
     return RunResult(combination=resolved["combination"], metrics=metrics, notes=notes)
 
 
+def _check_divergence(run: Run, pred: Tensor, target: Tensor, test: dict[str, Any]) -> None:
+    """Refuse a diverged run (:func:`divergence`); several targets: each on its own values."""
+    names = run.data.targets
+    if not names:
+        why = divergence(rmse(pred, target), test["rmse"], _values(run))
+    else:
+        every = _all_targets(run)
+        for j, (name, (p, y)) in enumerate(per_target(pred, target, names).items()):
+            column = every[:, j][every[:, j].isfinite()].tolist()
+            why = divergence(rmse(p, y), test["targets"][name]["rmse"], column)
+            why = None if why is None else f"{name}: {why}"
+            if why is not None:
+                break
+    if why is not None:
+        raise diverged(run, 0, why)
+
+
 def _held_out(run: Run) -> tuple[dict[str, Any], list[str]]:
-    """Compute held-out metrics (None where undefined) with 95% intervals, and notes."""
+    """Compute held-out metrics (None where undefined) with 95% intervals, and notes.
+
+    Several targets: per target (keyed by name under ``targets``) and their means.
+    """
     pred, target = predict_compounds(run, run.data.test)
-    test, notes = held_out_metrics(pred, target, seed=run.config.seed)
-    mean_train = torch.stack([c.target for c in run.data.train]).double().mean().cpu()
-    baseline = rmse(mean_train.expand_as(target), target)
-    test["mean_value_rmse"] = baseline
-    skipped = run.data.skipped
+    names = run.data.targets
+    mean_train = target_stats(run.data.train, names)[0]
+    baselines: list[str | None] = []
+    if names:
+        test, notes = multi_target_metrics(pred, target, names, seed=run.config.seed)
+        for j, (name, (_, y)) in enumerate(per_target(pred, target, names).items()):
+            row = test["targets"][name]
+            row["mean_value_rmse"] = rmse(mean_train[j].expand_as(y), y)
+            note = baseline_note(row["rmse"], row["mean_value_rmse"])
+            baselines.append(f"{name}: {note}" if note else None)
+    else:
+        test, notes = held_out_metrics(pred, target, seed=run.config.seed)
+        test["mean_value_rmse"] = rmse(mean_train.expand_as(target), target)
+        baselines.append(baseline_note(test["rmse"], test["mean_value_rmse"]))
     for note in (
-        baseline_note(test["rmse"], baseline),
+        *baselines,
         tensorboard_note() if run.config.tensorboard else None,
-        skipped_note(skipped),
+        skipped_note(run.data.skipped),
     ):
         if note is not None:
             notes.append(note)
@@ -158,8 +189,18 @@ def diverged(run: Run, epoch: int, what: str) -> TrainingDivergedError:
 
 
 def _values(run: Run) -> list[float]:
-    """Return the value of every compound of the run: training, validation and test."""
-    return [float(c.target) for c in (*run.data.train, *run.val, *run.data.test)]
+    """Return the value of every compound of the run: training, validation and test.
+
+    Several targets: every value present, of all targets (for the divergence message).
+    """
+    every = _all_targets(run)
+    return every[every.isfinite()].tolist()
+
+
+def _all_targets(run: Run) -> Tensor:
+    """Return the values of every compound of the run, ``(C,)`` or ``(C, d)``, float64, CPU."""
+    compounds = (*run.data.train, *run.val, *run.data.test)
+    return torch.stack([c.target.detach().double().cpu() for c in compounds])
 
 
 def _chosen(run: Run) -> dict[str, str] | None:
@@ -197,6 +238,7 @@ def save_models(run: Run, folder: Path) -> None:
     info = {
         "config": run.config.model_dump(mode="json"),
         "network": {"features": run.data.features, "kind": run.data.kind},
+        "targets": list(run.data.targets),
         "versions": _versions(),
     }
     save_model(folder, "final", run.model.state_dict(), {**info, "epoch": p.epoch})

@@ -7,6 +7,8 @@ or molecules (:mod:`combframe.app.readers`): training, ``combframe predict`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -51,8 +53,14 @@ def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
 
 def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
     """Read and split the compounds of :func:`load_data`, without their priors."""
+    names = config.reader.targets
+    if names and config.data is None:
+        raise ConfigError(
+            f"reader.target: several targets {list(names)} need data=<file> holding them; "
+            "the built-in synthetic set has one value per compound"
+        )
     if is_molecular(config.data):
-        return _molecules(config, for_prediction)
+        return dataclasses.replace(_molecules(config, for_prediction), targets=names)
     if config.data is not None and not config.data.suffix and not config.data.exists():
         raise ConfigError(
             f"data: {str(config.data)!r} is neither a file nor a built-in set "
@@ -74,15 +82,17 @@ def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
             return Dataset(every, (), built_in.features, "built-in")
         return Dataset(built_in.train, built_in.test, built_in.features, "built-in")
     try:
-        compounds = load_compounds(config.data, dtype=dtype_of(config), values=not for_prediction)
+        compounds = load_compounds(
+            config.data, dtype=dtype_of(config), values=not for_prediction, targets=names
+        )
     except DataError as exc:
         raise ConfigError(f"data: {exc}") from None
     first = compounds[0].poses
     features = int(first.shape[-1]) if isinstance(first, Tensor) else 0
     if for_prediction:
-        return Dataset(tuple(compounds), (), features, str(config.data))
+        return Dataset(tuple(compounds), (), features, str(config.data), targets=names)
     train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
-    return Dataset(train_set, test_set, features, str(config.data))
+    return Dataset(train_set, test_set, features, str(config.data), targets=names)
 
 
 def _molecules(config: TrainConfig, for_prediction: bool) -> Dataset:

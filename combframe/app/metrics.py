@@ -37,9 +37,12 @@ __all__ = [
     "interval_note",
     "kendall",
     "mae",
+    "multi_target_metrics",
     "pearson",
+    "per_target",
     "rmse",
     "spearman",
+    "squared_errors",
     "undefined_correlation",
 ]
 
@@ -54,8 +57,37 @@ DIVERGENCE_FACTOR = 10.0
 
 
 def rmse(pred: Tensor, target: Tensor) -> float:
-    """Root mean squared error."""
-    return float(((pred.double() - target.double()) ** 2).mean().sqrt())
+    """Root mean squared error; several targets ``(C, d)``: the mean of their RMSEs.
+
+    Each target's RMSE is over the compounds with a value for it (NaN: missing); the
+    mean over targets is what selects the best model and stops early.
+    """
+    if target.dim() < 2:
+        return float(((pred.double() - target.double()) ** 2).mean().sqrt())
+    errors = squared_errors(pred.double(), target.double())
+    per_target = (errors.sum(dim=0) / target.isfinite().sum(dim=0)).sqrt()
+    return float(per_target.mean())
+
+
+def squared_errors(pred: Tensor, target: Tensor) -> Tensor:
+    """``(pred - target)²``, 0 where the value is missing (NaN), with a finite gradient.
+
+    The missing values are replaced before the subtraction, so no NaN reaches autograd
+    (a NaN behind :func:`torch.where` would still make the gradient NaN).
+    """
+    present = target.isfinite()
+    return torch.where(present, (pred - torch.where(present, target, 0.0)) ** 2, 0.0)
+
+
+def per_target(
+    pred: Tensor, target: Tensor, names: Sequence[str]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Split ``(C, d)`` predictions and values into each target's compounds with a value."""
+    out = {}
+    for j, name in enumerate(names):
+        present = target[:, j].isfinite()
+        out[name] = (pred[:, j][present], target[:, j][present])
+    return out
 
 
 def mae(pred: Tensor, target: Tensor) -> float:
@@ -181,6 +213,28 @@ def held_out_metrics(
     note = interval_note(out["compounds"], out["ci95"])
     if note is not None:
         notes.append(note)
+    return out, notes
+
+
+def multi_target_metrics(
+    pred: Tensor, target: Tensor, names: Sequence[str], *, seed: int = 0
+) -> tuple[dict[str, Any], list[str]]:
+    """:func:`held_out_metrics` of each target, keyed by name, and their mean over targets.
+
+    Each target is measured on the compounds with a value for it. The top-level MAE,
+    RMSE and correlations are the means over the targets (None if one is undefined);
+    ``targets`` holds each target's metrics with its intervals; notes name their target.
+    """
+    targets, notes = {}, []
+    for name, (p, y) in per_target(pred, target, names).items():
+        targets[name], found = held_out_metrics(p, y, seed=seed)
+        notes += [f"{name}: {note}" for note in found]
+    out: dict[str, Any] = {}
+    for key in ("mae", "rmse", "pearson", "spearman", "kendall"):
+        each = [t[key] for t in targets.values()]
+        out[key] = None if None in each else sum(each) / len(each)
+    out["compounds"] = int(target.shape[0])
+    out["targets"] = targets
     return out, notes
 
 

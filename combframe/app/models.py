@@ -45,12 +45,16 @@ class DataInfo:
         Features F of a pose (vectors), or 0.
     start
         The built-in networks' starting prediction for every pose (about the training
-        compounds' mean value; see :meth:`combframe.app.train.Dataset.info`).
+        compounds' mean value): a number, or one per target.
+    outputs
+        Values per pose: 0 for one (a network returning ``(b,)``), d for d targets (a
+        network returning ``(b, d)``, its last layer d wide).
     """
 
     kind: str
     features: int
-    start: float
+    start: float | tuple[float, ...]
+    outputs: int = 0
 
 
 class RadiusGraph(torch.nn.Module):
@@ -94,7 +98,7 @@ class RadiusGraph(torch.nn.Module):
 
 
 class SchNetNetwork(torch.nn.Module):
-    """SchNet on one pose or a ``Batch`` of poses: one value per pose, plus an offset.
+    """SchNet on one pose or a ``Batch`` of poses: one value (or ``outputs``) per pose.
 
     SchNet's last layer starts at zero, so every pose starts at ``offset`` (a sum over
     atoms of random outputs would start far from the values, and further the larger the
@@ -111,13 +115,22 @@ class SchNetNetwork(torch.nn.Module):
     gaussians
         Radial basis functions over ``[0, cutoff]``.
     offset
-        Added to every prediction (the training set's mean value).
+        Added to every prediction (the training set's mean value; one per target).
+    outputs
+        0: one value per pose, shape ``(poses,)``; d: d values, ``(poses, d)`` (SchNet's
+        last layer is d wide).
     """
 
     offset: Tensor
 
     def __init__(
-        self, hidden: int, interactions: int, cutoff: float, gaussians: int, offset: float
+        self,
+        hidden: int,
+        interactions: int,
+        cutoff: float,
+        gaussians: int,
+        offset: float | tuple[float, ...],
+        outputs: int = 0,
     ) -> None:
         super().__init__()
         SchNet = import_quietly("torch_geometric.nn.models").SchNet
@@ -133,30 +146,42 @@ class SchNetNetwork(torch.nn.Module):
             # ``mlp`` is ``conv.nn`` under a second name; one name per parameter lets the
             # weights be saved as safetensors (the block's forward uses ``conv`` only).
             del block.mlp
+        if outputs:
+            self.schnet.lin2 = torch.nn.Linear(self.schnet.lin2.in_features, outputs)
+        self.outputs = outputs
         with torch.no_grad():  # start every prediction at ``offset``, whatever the atoms
             self.schnet.lin2.weight.zero_()
             self.schnet.lin2.bias.zero_()
-        self.register_buffer("offset", torch.tensor(float(offset)))
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.get_default_dtype()))
 
     def forward(self, pose: Any) -> Tensor:
-        """Predict each pose of ``pose`` (a ``Data`` or a ``Batch``): shape ``(poses,)``."""
+        """Predict each pose of ``pose`` (a ``Data`` or a ``Batch``).
+
+        Returns shape ``(poses,)``, or ``(poses, outputs)`` with several outputs.
+        """
         batch = getattr(pose, "batch", None)
         out: Tensor = self.schnet(pose.z, pose.pos, batch)
-        return out.reshape(-1) + self.offset
+        shape = (-1, self.outputs) if self.outputs else (-1,)
+        return out.reshape(shape) + self.offset
 
 
-def _mlp(features: int, hidden: int, offset: float) -> torch.nn.Module:
-    """Build the feature-vector network: an MLP from a pose's features to one value."""
-    head = torch.nn.Linear(hidden, 1)
+def _mlp(
+    features: int, hidden: int, offset: float | tuple[float, ...], outputs: int = 0
+) -> torch.nn.Module:
+    """Build the feature-vector network: an MLP from a pose's features to one value.
+
+    With ``outputs`` d > 0 the last layer is d wide: ``(b, 1, F)`` poses give ``(b, d)``.
+    """
+    head = torch.nn.Linear(hidden, outputs or 1)
     with torch.no_grad():
-        head.bias.fill_(offset)  # start at the mean target, not at 0 kcal/mol
+        head.bias.copy_(torch.tensor(offset))  # start at the mean target, not at 0 kcal/mol
     return torch.nn.Sequential(
         torch.nn.Linear(features, hidden),
         torch.nn.SiLU(),
         torch.nn.Linear(hidden, hidden),
         torch.nn.SiLU(),
         head,
-        torch.nn.Flatten(0),
+        torch.nn.Flatten(0, 1) if outputs else torch.nn.Flatten(0),
     )
 
 
@@ -227,5 +252,7 @@ def _build(config: TrainConfig, info: DataInfo) -> torch.nn.Module:
             f"use model.name={resolve_model_name('auto', info.kind)} (or auto)"
         )
     if name == "mlp":
-        return _mlp(info.features, config.hidden, info.start)
-    return SchNetNetwork(config.hidden, spec.interactions, spec.cutoff, spec.gaussians, info.start)
+        return _mlp(info.features, config.hidden, info.start, info.outputs)
+    return SchNetNetwork(
+        config.hidden, spec.interactions, spec.cutoff, spec.gaussians, info.start, info.outputs
+    )

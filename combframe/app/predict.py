@@ -197,7 +197,8 @@ def predict_file(
     for folder in folders:
         _check_fits(folder, which, compounds, _priors_of(folders[0], which))
     models = [load(f, device=device, which=which) for f in folders]
-    return PredictedFile(compounds.train, predict(models, compounds.train), compounds.skipped)
+    result = predict(models, compounds.train, targets=compounds.targets)
+    return PredictedFile(compounds.train, result, compounds.skipped)
 
 
 def _compounds(folder: Path, which: str, overrides: Sequence[str]) -> Dataset:
@@ -222,11 +223,18 @@ def _priors_of(folder: Path, which: str) -> dict[str, object]:
 
 
 def _check_fits(folder: Path, which: str, data: Dataset, priors: dict[str, object]) -> None:
-    """Refuse compounds of another kind or size than the model's, or a model of other priors.
+    """Refuse compounds of another kind, size or targets than the model's, or other priors.
 
     ``priors``: the settings the compounds were read with (the first model's).
     """
-    network = read_model(folder, which)[1]["network"]
+    meta = read_model(folder, which)[1]
+    network, targets = meta["network"], meta.get("targets", [])
+    if list(data.targets) != list(targets):
+        raise ConfigError(
+            f"reader.target: the model of {str(folder)!r} predicts "
+            f"{targets or 'one value'}; the data name {list(data.targets) or 'one value'} "
+            "(leave reader.target as the run had it)"
+        )
     kind, features = network.get("kind", "vectors"), network["features"]
     what = {"molecules": "molecules (atoms and their 3D positions)", "vectors": "feature vectors"}
     if kind != data.kind:
@@ -265,6 +273,10 @@ class Predictions:
     digits
         Significant digits that tell the models' values apart (9 for float32, 17 for
         float64), for writing them as text.
+    targets
+        The names of several targets: then ``combined``, ``combined_std``,
+        ``per_pose`` and ``weights`` have a column per target, ``(C, d)`` and
+        ``(M, d)``, and each pose its weight in each target's combined value.
     """
 
     combined: Tensor
@@ -274,6 +286,7 @@ class Predictions:
     index: Tensor
     models: int
     digits: int = 17
+    targets: tuple[str, ...] = ()
 
 
 def _one_model(
@@ -297,9 +310,16 @@ def _one_model(
 
 
 def predict(
-    models: Sequence[combframe.MultiPoseModel], compounds: Sequence[Compound]
+    models: Sequence[combframe.MultiPoseModel],
+    compounds: Sequence[Compound],
+    *,
+    targets: Sequence[str] = (),
 ) -> Predictions:
-    """Predict ``compounds`` with every model of ``models``; average over the models."""
+    """Predict ``compounds`` with every model of ``models``; average over the models.
+
+    ``targets``: the names of the models' several outputs (each model returns
+    ``(b, d)``), written as the columns of :func:`write_csv`.
+    """
     if not models or not compounds:
         raise ValueError("predict needs at least one model and one compound")
     runs = [_one_model(m, compounds) for m in models]
@@ -313,6 +333,7 @@ def predict(
         index=runs[0][3],
         models=len(runs),
         digits=max(9 if next(m.parameters()).dtype != torch.float64 else 17 for m in models),
+        targets=tuple(targets),
     )
 
 
@@ -324,31 +345,36 @@ def write_csv(
     Compound rows: ``index, name, prediction`` (``std`` and ``models`` for an ensemble)
     and ``target`` when any compound has a value (empty for one without), written as
     read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
-    Pose rows: ``index, name, pose, prediction, weight``.
+    Pose rows: ``index, name, pose, prediction, weight``. Several targets: a
+    ``prediction_<name>`` column per target (and ``std_<name>``, ``target_<name>``;
+    ``weight_<name>`` per pose).
     """
     names = [c.name or "" for c in compounds]
-    targets = [_value_text(c.target) for c in compounds]
-    with_target = any(targets)
-    header = ["index", "name", "prediction"]
-    header += ["std", "models"] if result.models > 1 else []
-    header += ["target"] if with_target else []
+    ends = [f"_{t}" for t in result.targets] or [""]
+    values = [[_value_text(v) for v in c.target.reshape(-1)] for c in compounds]
+    with_target = any(any(v) for v in values)
+    header = ["index", "name", *(f"prediction{e}" for e in ends)]
+    header += [*(f"std{e}" for e in ends), "models"] if result.models > 1 else []
+    header += [f"target{e}" for e in ends] if with_target else []
     rows = []
     for i, name in enumerate(names):
-        row: list[object] = [i, name, float(result.combined[i])]
-        row += [float(result.combined_std[i]), result.models] if result.models > 1 else []
-        row += [targets[i]] if with_target else []
+        row: list[object] = [i, name, *result.combined[i].reshape(-1).tolist()]
+        if result.models > 1:
+            row += [*result.combined_std[i].reshape(-1).tolist(), result.models]
+        row += values[i] if with_target else []
         rows.append(row)
     _write_rows(path, header, rows, result.digits)
     if poses is not None:
         pose_rows: list[list[object]] = []
         counts = [0] * len(compounds)
-        for c, y, w in zip(
-            result.index.tolist(), result.per_pose.tolist(), result.weights.tolist(), strict=True
-        ):
-            pose_rows.append([c, names[c], counts[c], y, w])
+        width = len(ends)
+        per_pose = result.per_pose.reshape(-1, width).tolist()
+        weights = result.weights.reshape(-1, width).tolist()
+        for c, y, w in zip(result.index.tolist(), per_pose, weights, strict=True):
+            pose_rows.append([c, names[c], counts[c], *y, *w])
             counts[c] += 1
-        header = ["index", "name", "pose", "prediction", "weight"]
-        _write_rows(poses, header, pose_rows, result.digits)
+        header = ["index", "name", "pose", *(f"prediction{e}" for e in ends)]
+        _write_rows(poses, header + [f"weight{e}" for e in ends], pose_rows, result.digits)
 
 
 def _value_text(value: Tensor) -> str:

@@ -137,12 +137,49 @@ def is_molecular(data: Path | None) -> bool:
 # ---- records to raw compounds --------------------------------------------------------
 
 
+#: A compound's value: one number, or one per target of a list ``reader.target`` (None
+#: where the compound has none for that target).
+Value = float | tuple[float | None, ...]
+
+
+def _text(value: Value) -> str:
+    """Write a value as messages show it: ``-6.1`` or ``(-6.1, none)``."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join("none" if v is None else f"{v:g}" for v in value) + ")"
+    return f"{value:g}"
+
+
+def _present(cells: tuple[float | None, ...]) -> tuple[float | None, ...] | None:
+    """Return the values of several targets, or None when the compound has none of them."""
+    return cells if any(c is not None for c in cells) else None
+
+
+def _row_value(row: dict[str, str], names: Sequence[str]) -> Value | None:
+    """Return the value of a CSV row: its ``value`` column, or the columns of several targets."""
+    if not names:
+        return _number(row.get("value", ""))
+    return _present(tuple(_number(row.get(n.lower(), "")) for n in names))
+
+
+def _has_columns(path: Path, rows: list[dict[str, str]], names: Sequence[str]) -> None:
+    """Refuse a target name that is no column of ``path``, naming the closest column."""
+    from combframe.app.config import did_you_mean
+
+    header = list(rows[0]) if rows else []
+    for name in names:
+        if name.lower() not in header:
+            raise DataError(
+                f"{str(path)!r}: reader.target {name!r} is not a column"
+                f"{did_you_mean(name.lower(), header)}; its columns: {', '.join(header)}"
+            )
+
+
 @dataclass
 class _Raw:
     """One compound before caching: its poses' atoms and per-pose numbers."""
 
     name: str
-    value: float | None
+    value: Value | None
     where: str
     poses: list[Atoms] = field(default_factory=list)
     props: list[dict[str, float]] = field(default_factory=list)
@@ -153,8 +190,8 @@ class _Raw:
 _CONFLICT = math.nan
 
 
-def _conflicting(value: float | None) -> bool:
-    return value is not None and math.isnan(value)
+def _conflicting(value: Value | None) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def skipped_note(skipped: Sequence[str]) -> str | None:
@@ -189,13 +226,16 @@ class _Problems:
 
     ``stop`` holds the signal received while reading; :meth:`check` (called by
     :meth:`report` first, so an interrupted RDKit call is not blamed on the data, and
-    after every compound) raises :class:`ReadInterruptedError` for it.
+    after every compound) raises :class:`ReadInterruptedError` for it. ``values``: the
+    compounds need values (training), so a target name that a file lacks altogether is
+    an error; compounds to predict need none.
     """
 
-    def __init__(self, skip: bool, stop: StopRequest | None = None) -> None:
+    def __init__(self, skip: bool, stop: StopRequest | None = None, values: bool = True) -> None:
         self.skip = skip
         self.lines: list[str] = []
         self.stop = stop if stop is not None else StopRequest()
+        self.values = values
 
     def check(self) -> None:
         if self.stop.signum:
@@ -233,9 +273,9 @@ class _Values:
     """The ``reader.values`` CSV: its path and each name's value (:data:`_CONFLICT`)."""
 
     path: Path
-    by_name: dict[str, float]
+    by_name: dict[str, Value]
 
-    def get(self, name: str) -> tuple[float | None, str]:
+    def get(self, name: str) -> tuple[Value | None, str]:
         """Return the value of ``name`` (None if absent) and, if absent, a hint."""
         if name in self.by_name:
             return self.by_name[name], ""
@@ -245,27 +285,32 @@ class _Values:
         return None, f" in {str(self.path)!r}{close}"
 
 
-def _read_values(path: Path, problems: _Problems) -> _Values:
+def _read_values(path: Path, problems: _Problems, names: Sequence[str] = ()) -> _Values:
     """Read a CSV of ``name,value`` rows (a header first): the value of each compound.
 
-    A name on rows with different values is reported (and its compound left out); a
-    repeated row with the same value is accepted.
+    With several target ``names`` the value is those columns (an empty cell: no value
+    for that target). A name on rows with different values is reported (and its
+    compound left out); a repeated row with the same value is accepted.
     """
     rows = _read_csv(path)
-    values: dict[str, float] = {}
+    _has_columns(path, rows, names)
+    values: dict[str, Value] = {}
     first: dict[str, int] = {}
     for i, row in enumerate(rows):
         cells = list(row.values())
-        value = _number(cells[1]) if len(cells) >= 2 else None
+        value = _row_value(row, names) if names else None
+        if not names and len(cells) >= 2:
+            value = _number(cells[1])
         if value is None:
-            raise DataError(f"{str(path)!r}: row {i + 2}: expected name,value; got {cells}")
+            what = f"name,{','.join(names)} (one value at least)" if names else "name,value"
+            raise DataError(f"{str(path)!r}: row {i + 2}: expected {what}; got {cells}")
         name = cells[0]
         old = values.get(name)
         if old is not None and old != value:
             if not _conflicting(old):
                 problems.report(
                     f"{str(path)!r}: rows {first[name]} and {i + 2} (compound {name!r})",
-                    f"two values, {old:g} and {value:g}; keep one",
+                    f"two values, {_text(old)} and {_text(value)}; keep one",
                 )
             values[name] = _CONFLICT
             continue
@@ -302,16 +347,19 @@ class _Titled:
     """What the first record of an SDF title was: its molecule, value and record."""
 
     formula: str
-    value: float | None
+    value: Value | None
     index: int
 
 
-def _same_title(first: _Titled, formula: str, value: float | None) -> str | None:
+def _same_title(first: _Titled, formula: str, value: Value | None) -> str | None:
     """Why records ``first.index`` and ``index`` cannot be poses of one compound, or None."""
     if formula != first.formula:
         return f"is {formula} but record {first.index} of the same name is {first.formula}"
     if value is not None and first.value is not None and value != first.value:
-        return f"has the value {value:g} but record {first.index} of the same name {first.value:g}"
+        return (
+            f"has the value {_text(value)} but record {first.index} of the same name "
+            f"{_text(first.value)}"
+        )
     return None
 
 
@@ -367,15 +415,35 @@ def _sdf(
             atoms = chem.pocket(atoms, protein, opts.pocket_cutoff)
         raw.poses.append(atoms)
         raw.props.append(_pose_numbers(record.properties, opts))
+    if values is None and group is None and problems.values:
+        _has_properties(path, records, opts.targets)
     return list(compounds.values())
 
 
+def _has_properties(path: Path, records: list[SdfRecord], names: Sequence[str]) -> None:
+    """Refuse a target name that no record of ``path`` has, naming the closest property."""
+    from combframe.app.config import did_you_mean
+
+    known = sorted({k for r in records for k in r.properties})
+    for name in names:
+        if name not in known:
+            raise DataError(
+                f"{str(path)!r}: no record has the SD property {name!r} of reader.target"
+                f"{did_you_mean(name, known)}; its properties: {', '.join(known) or 'none'}"
+            )
+
+
 def _value_of(
-    name: str, props: dict[str, str], target: str | None, values: _Values | None
-) -> tuple[float | None, str]:
-    """Return the value of compound ``name`` and, if it has none, a hint."""
+    name: str, props: dict[str, str], target: str | list[str] | None, values: _Values | None
+) -> tuple[Value | None, str]:
+    """Return the value of compound ``name`` and, if it has none, a hint.
+
+    Several targets: each SD property of the list (absent: no value for that target).
+    """
     if values is not None:
         return values.get(name)
+    if isinstance(target, list):
+        return _present(tuple(_number(props[t]) if t in props else None for t in target)), ""
     if not target:
         return None, ""
     if target in props:
@@ -388,14 +456,21 @@ def _value_of(
 
 def _pose_numbers(props: dict[str, str], opts: ReaderConfig) -> dict[str, float]:
     """Every numeric SD property but the target and the grouping one."""
-    skip = {opts.target, opts.group_by}
+    skip = {*opts.targets, opts.target if isinstance(opts.target, str) else None, opts.group_by}
     numbers = {k: _number(v) for k, v in props.items() if k not in skip}
     return {k: v for k, v in numbers.items() if v is not None}
 
 
-def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, float | None]]:
+def _smiles_rows(
+    path: Path, opts: ReaderConfig, required: bool = True
+) -> list[tuple[str, str, Value | None]]:
     """``(name, smiles, value)`` per line of a ``.smi`` (SMILES name) or a CSV with a header."""
     if path.suffix.lower() == ".smi":
+        if opts.targets:
+            raise DataError(
+                f"{str(path)!r}: a .smi file holds one value per line; for several targets "
+                "use a SMILES CSV with a column per target, or reader.values=<CSV>"
+            )
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
@@ -406,21 +481,23 @@ def _smiles_rows(path: Path, opts: ReaderConfig) -> list[tuple[str, str, float |
             for i, p in enumerate(parts)
         ]
     rows = _read_csv(path)
-    column = (opts.target or "value").lower()
     if rows and "smiles" not in rows[0]:
         raise DataError(f"{str(path)!r}: a SMILES CSV needs a 'smiles' column; got {list(rows[0])}")
+    if opts.values is None and required:
+        _has_columns(path, rows, opts.targets)
+    names = opts.targets or [opts.target if isinstance(opts.target, str) else "value"]
     return [
         (
             r.get("name") or r.get("compound") or f"row {i + 2}",
             r["smiles"],
-            _number(r.get(column, "")),
+            _row_value(r, opts.targets) if opts.targets else _number(r.get(names[0].lower(), "")),
         )
         for i, r in enumerate(rows)
     ]
 
 
 def _repeated_names(
-    path: Path, rows: list[tuple[str, str, float | None]], problems: _Problems
+    path: Path, rows: list[tuple[str, str, Value | None]], problems: _Problems
 ) -> set[str]:
     """Report each name on two rows that differ (SMILES or value); return those names."""
     first: dict[str, int] = {}
@@ -441,7 +518,7 @@ def _conformers(
 ) -> list[_Raw]:
     import combframe.app.chem as chem
 
-    rows = _smiles_rows(_check_file(path, "SMILES file"), opts)
+    rows = _smiles_rows(_check_file(path, "SMILES file"), opts, problems.values)
     bad = _repeated_names(path, rows, problems)
     names = {row[0]: i for i, row in reversed(list(enumerate(rows)))}
     keep = [i for i, row in enumerate(rows) if row[0] not in bad and names[row[0]] == i]
@@ -467,17 +544,20 @@ class _Entry:
     """One compound of a manifest: its value, pose files and optional protein."""
 
     name: str
-    value: float | None
+    value: Value | None
     poses: tuple[Path, ...]
     protein: Path | None
     where: str
 
 
-def _manifest(path: Path, problems: _Problems | None = None) -> list[_Entry]:
+def _manifest(
+    path: Path, problems: _Problems | None = None, names: Sequence[str] = ()
+) -> list[_Entry]:
     """``compound,value,poses[,protein]`` rows; ``;`` separates pose files of one row.
 
-    Rows of one compound add poses; different values on them are reported to
-    ``problems`` (the compound is then left out); a row without a value takes the other's.
+    With several target ``names`` their columns replace ``value``. Rows of one compound
+    add poses; different values on them are reported to ``problems`` (the compound is
+    then left out); a row without a value takes the other's.
     """
     rows = _read_csv(_check_file(path, "manifest"))
     if rows and not {"compound", "poses"} <= set(rows[0]):
@@ -485,6 +565,8 @@ def _manifest(path: Path, problems: _Problems | None = None) -> list[_Entry]:
             f"{str(path)!r}: a manifest needs columns compound, value, poses "
             f"(and optionally protein); got {list(rows[0])}"
         )
+    if problems is not None and problems.values:
+        _has_columns(path, rows, names)
     base = path.parent
     entries: dict[str, _Entry] = {}
     first: dict[str, int] = {}
@@ -493,7 +575,7 @@ def _manifest(path: Path, problems: _Problems | None = None) -> list[_Entry]:
         files = tuple(base / p.strip() for p in row["poses"].split(";") if p.strip())
         protein = base / row["protein"] if row.get("protein") else None
         old = entries.get(name)
-        value = _number(row.get("value", ""))
+        value = _row_value(row, names)
         if old is None:
             first[name] = i + 2
             where = f"{str(path)!r}: row {i + 2} (compound {name!r})"
@@ -503,7 +585,7 @@ def _manifest(path: Path, problems: _Problems | None = None) -> list[_Entry]:
             if problems is not None and not _conflicting(old.value):
                 problems.report(
                     f"{str(path)!r}: rows {first[name]} and {i + 2} (compound {name!r})",
-                    f"two values, {old.value:g} and {value:g}; keep one",
+                    f"two values, {_text(old.value)} and {_text(value)}; keep one",
                 )
             value = _CONFLICT
         value = old.value if value is None else value
@@ -648,9 +730,16 @@ def _read_raw(
     import combframe.app.chem as chem
 
     if source in BUILT_IN:
+        if opts.targets:
+            raise DataError(
+                f"built-in {source}: has one value per compound; a list reader.target "
+                "(several targets) needs a file with a column or SD property per target"
+            )
         return _built_in(source, opts, problems)()
     path = Path(source)
-    values = _read_values(opts.values, problems) if opts.values is not None else None
+    values = None
+    if opts.values is not None:
+        values = _read_values(opts.values, problems, opts.targets)
     if path.suffix.lower() == ".sdf":
         protein = None
         if opts.protein is not None:
@@ -665,7 +754,7 @@ def _read_raw(
             )
         return _sdf(path, opts, problems, values, protein)
     if _is_manifest(path):
-        return _from_entries(_manifest(path, problems), opts, problems)
+        return _from_entries(_manifest(path, problems, opts.targets), opts, problems)
     return _conformers(path, opts, problems, values)
 
 
@@ -693,7 +782,9 @@ def _checked(
 # ---- the cache -----------------------------------------------------------------------
 
 
-def _pack(raws: list[_Raw], skipped: list[str], source: str, key: str) -> dict[str, Any]:
+def _pack(
+    raws: list[_Raw], skipped: list[str], source: str, key: str, width: int = 0
+) -> dict[str, Any]:
     """Flatten the compounds into a few tensors and a JSON string (with the cache ``key``)."""
     import numpy as np
 
@@ -707,12 +798,19 @@ def _pack(raws: list[_Raw], skipped: list[str], source: str, key: str) -> dict[s
         "lig": torch.from_numpy(np.concatenate([p.lig for p in poses])),
         "atoms": torch.tensor([len(p.z) for p in poses]),
         "poses": torch.tensor([len(r.poses) for r in raws]),
-        "target": torch.tensor(
-            [math.nan if r.value is None else r.value for r in raws], dtype=torch.float64
-        ),
+        "target": torch.tensor([_numbers(r.value, width) for r in raws], dtype=torch.float64),
         "props": torch.tensor(props, dtype=torch.float64).reshape(len(poses), len(names)),
         "meta": json.dumps({**meta, "source": source, "version": _CACHE_VERSION}),
     }
+
+
+def _numbers(value: Value | None, width: int) -> float | list[float]:
+    """Return a value as the cache stores it: NaN where none; ``width`` targets (0: one)."""
+    if width and not isinstance(value, tuple):
+        return [math.nan] * width  # a compound to predict, without values
+    if isinstance(value, tuple):
+        return [math.nan if v is None else v for v in value]
+    return math.nan if value is None else value
 
 
 def _unpack(packed: dict[str, Any], dtype: torch.dtype) -> tuple[list[Compound], list[str]]:
@@ -806,7 +904,7 @@ def read_molecules(
     """
     label = f"built-in {source}" if source in BUILT_IN else source
     with stop_on_signals() as stop:  # from the imports to the last record
-        problems = _Problems(opts.skip_invalid, stop)
+        problems = _Problems(opts.skip_invalid, stop, values)
         require_chem()
         key = _cache_key(source, opts, _inputs(source, opts), values)
         path = cache_dir(opts) / f"{key}.pt"
@@ -816,7 +914,7 @@ def read_molecules(
             raws = _checked(raws, opts, problems, label, values)
         problems.check()
     if packed is None:
-        packed = _pack(raws, problems.lines, label, key)
+        packed = _pack(raws, problems.lines, label, key, len(opts.targets))
         if opts.cache:
             _store(path, packed)
     compounds, skipped = _unpack(packed, dtype)

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import torch
 
 import combframe
-from combframe.app.building import Progress, Run, build_run, check_config, compound_values
+from combframe.app.building import Progress, Run, build_run, check_config
 from combframe.app.checkpoint import (
     CheckpointError,
     StopRequest,
@@ -51,7 +51,8 @@ from combframe.app.evaluation import (
 )
 from combframe.app.loading import load_data
 from combframe.app.memory import CUDA_RUN_KIND, cpu_kind, measure_step, profiled, run_peak
-from combframe.app.metrics import rmse
+from combframe.app.metrics import rmse, squared_errors
+from combframe.app.priors import log_priors
 from combframe.app.progress import epoch_line, is_terminal, progress_bar
 from combframe.app.runs import (
     RunInterruptedError,
@@ -264,28 +265,43 @@ def _epoch(run: Run, bar: Any, stop: StopRequest) -> None:
     p.seconds.append(time.perf_counter() - start)
     total = run.ranks.sum(p.partial)
     p.epoch, p.step, p.partial, p.shuffle = epoch, 0, 0.0, shuffle.get_state()
-    _end_epoch(run, math.sqrt(total / n_train))
+    _end_epoch(run, math.sqrt(total / _value_count(run, run.data.train)))
+
+
+def _value_count(run: Run, compounds: Sequence[Compound]) -> int:
+    """How many values ``compounds`` hold: one each, or those present of several targets."""
+    if not run.data.targets:
+        return len(compounds)
+    return int(torch.stack([c.target for c in compounds]).isfinite().sum())
 
 
 def _step(run: Run, batch: Sequence[Compound], epoch: int) -> float:
-    """One optimizer step on ``batch``; return this rank's sum of squared errors.
+    r"""One optimizer step on ``batch``; return this rank's sum of squared errors.
 
-    The loss is the mean squared error over the whole batch: each rank weighs its share
-    by ``world / len(batch)`` and DistributedDataParallel averages over the ranks. A
-    rank left without compounds (a batch smaller than the number of ranks) takes part
-    in the backward with weight 0.
+    The loss is the mean squared error over the values of the whole batch,
+
+    .. math:: L = \frac{1}{|P|} \sum_{(c, j) \in P} w_j (G_{cj} - y_{cj})^2,
+
+    :math:`P` the (compound, target) pairs with a value (every compound, one target,
+    :math:`w = 1`, when there is one value per compound) and :math:`w_j` the
+    ``loss.weights``: each rank weighs its share by ``world / |P|`` and
+    DistributedDataParallel averages over the ranks. A rank left without compounds (a
+    batch smaller than the number of ranks) takes part in the backward with weight 0.
     """
     local = run.ranks.shard(batch)
-    weight = run.ranks.world / len(batch)
+    weight = run.ranks.world / _value_count(run, batch)
     if not local:
         local, weight = list(batch[:1]), 0.0
     run.optimizer.zero_grad(set_to_none=True)
     try:
-        combined = compound_values(run.trainer, local)
+        poses, prior = [list(c.poses) for c in local], log_priors(local)
+        combined, _, _ = run.trainer(compounds=poses, prior=prior)
     except combframe.CombinationError as exc:  # non-finite per-pose predictions
         raise diverged(run, epoch, str(exc).split(";")[0]) from None
-    squared = (combined - torch.stack([c.target for c in local])) ** 2
-    (squared.sum() * weight).backward()
+    squared = squared_errors(combined, torch.stack([c.target for c in local]))
+    weights = run.config.loss.weights
+    weighted = squared * squared.new_tensor(weights) if weights is not None else squared
+    (weighted.sum() * weight).backward()
     total = float(squared.detach().sum()) if weight else 0.0
     if not math.isfinite(total):
         raise diverged(run, epoch, f"the loss is {total}")
