@@ -48,14 +48,27 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(path.read_text().splitlines()))
 
 
-def _check_pose_weights(poses_csv: Path) -> None:
-    """One pooling weight per pose (no per-pose prediction), summing to 1 per compound."""
+def _check_pose_weights(poses_csv: Path, predictions: Path | None = None) -> None:
+    """One pooling weight per pose, summing to 1 per compound, after the head's values.
+
+    With the compounds' ``predictions`` (one model): the weights times the poses'
+    values f(e_i) add up to each compound's prediction f(sum_i alpha_i e_i).
+    """
     rows = _rows(poses_csv)
-    assert list(rows[0]) == ["index", "name", "pose", "weight"]
-    sums: dict[str, float] = {}
+    columns = [k for k in rows[0] if k.startswith("prediction")]
+    assert list(rows[0]) == ["index", "name", "pose", *columns, "weight"] and columns
+    sums: dict[str, list[float]] = {}
     for row in rows:
-        sums[row["index"]] = sums.get(row["index"], 0.0) + float(row["weight"])
-    assert sums and all(s == pytest.approx(1.0, abs=1e-6) for s in sums.values())
+        w = float(row["weight"])
+        total = sums.setdefault(row["index"], [0.0] * (1 + len(columns)))
+        total[0] += w
+        for k, column in enumerate(columns, 1):
+            total[k] += w * float(row[column])
+    assert sums and all(s[0] == pytest.approx(1.0, abs=1e-6) for s in sums.values())
+    if predictions is not None:
+        for row in _rows(predictions):
+            want = [float(row[c]) for c in columns]
+            assert sums[row["index"]][1:] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize(("dtype", "dim"), [("float32", 4), ("float64", 4), ("float64", 1)])
@@ -85,7 +98,7 @@ def test_gated_attention_trains_saves_and_predicts_from_the_command_line(
     assert combined.shape == (len(compounds),)
     got = [float(r["prediction"]) for r in rows]
     assert got == pytest.approx(combined.tolist(), rel=1e-6)
-    _check_pose_weights(poses)
+    _check_pose_weights(poses, out)
 
 
 def test_gated_attention_with_two_targets_and_a_seeds_ensemble(tmp_path: Path) -> None:
@@ -140,7 +153,7 @@ def test_gated_attention_pools_schnet_embeddings_of_molecules(tmp_path: Path) ->
     args = ["predict", str(tmp_path / "mol"), "-o", str(out), "--poses", str(poses)]
     assert main(args) == 0
     assert len(_rows(out)) == 6
-    _check_pose_weights(poses)
+    _check_pose_weights(poses, out)
 
 
 def test_gated_attention_with_a_prior_and_a_mask_from_pose_fields(tmp_path: Path) -> None:
@@ -174,7 +187,7 @@ class ThreeValues(torch.nn.Module):
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        ([], "with one target and combination 'max' the network must return shape (b,), one"),
+        ([], "with one target the network must return shape (b,), one value per pose,"),
         (POOL, "the network must return shape (b, 4), combination.dim=4 values per pose"),
     ],
 )

@@ -60,12 +60,39 @@ def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.devic
 
 
 def checked_combination(config: TrainConfig) -> combframe.Combination:
-    """Build the combination, refusing a strategy it does not support."""
+    """Build the combination (in float64), refusing a strategy it does not support.
+
+    Also refused: a combination that does not turn the run's values per pose (one, or
+    one per target of ``reader.target``) into as many per compound: a run's loss is on
+    them. A pooling combination (``gated_attention``) is not probed: its network returns
+    ``dim`` values per pose and a head maps the pooled ones to the targets
+    (:func:`build_model`); it must have a ``dim``. Its layers, if it has some, are drawn
+    from the global generator (:func:`build_model` seeds it).
+    """
     combination = config.combination.build()
     if config.strategy == "stream" and not isinstance(combination, combframe.StreamingCombination):
         raise ConfigError(
             f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
             "does not implement stream_terms; use strategy=store or strategy=recompute"
+        )
+    if combination.pools:
+        pooled_dim(combination)
+        return combination.double()
+    d = len(config.reader.targets)
+    values = f"{d} values (one per target)" if d else "one value"
+    try:
+        with torch.no_grad():
+            probe = torch.zeros((2, d) if d else (2,), dtype=torch.float64)
+            shape = tuple(combination.double().value(probe).shape)
+        why = f" (it returns shape {shape})"
+    except combframe.CombinationError as exc:
+        shape, why = None, f" ({exc})"
+    if shape != tuple(probe.shape[1:]):
+        raise ConfigError(
+            f"combination: {combination.name!r} does not combine {values} per pose into "
+            f"as many{why}, but combframe train's networks return {values} per pose and "
+            f"fit {values} per compound; use a combination that does (combframe list), "
+            "or a pooling one (pools = True) with a dim"
         )
     return combination
 
@@ -165,14 +192,14 @@ def build_model(
             make = partial(_network_from, config, info)
             net = _started(config, make, outputs, output_bias, output_scale)
         combination = checked_combination(config)  # its own layers seeded too (after the net's)
-    dtype = dtype_of(config)
-    return combframe.MultiPoseModel(
-        net.to(device=device, dtype=dtype),
-        combination.to(device=device, dtype=dtype),
+    model = combframe.MultiPoseModel(
+        net,
+        combination,
         strategy=strategy_of(config),
         chunk_size=chunk_size(config, kind),
-        comb_readout=None if head is None else head.to(device=device, dtype=dtype),
+        comb_readout=head,
     )
+    return model.to(device=device, dtype=dtype_of(config))  # combination and head too
 
 
 def _network_from(config: TrainConfig, info: DataInfo, start: Numbers) -> torch.nn.Module:
@@ -358,7 +385,7 @@ def _start(
     if not combination.pools:  # a pooling combination's head starts at the mean itself
         poses = int(torch.tensor([len(c.poses) for c in compounds]).median())
         with torch.no_grad():
-            combined = combination.double().value(mean.expand(poses, *mean.shape))
+            combined = combination.value(mean.expand(poses, *mean.shape))
         start = torch.where((2 * mean - combined).isfinite(), 2 * mean - combined, mean)
     std = torch.where(std > 0, std, 1.0)
     if names:
@@ -398,8 +425,10 @@ def check_outputs(
     """Refuse a network that does not return one value per target for each pose.
 
     Runs the model (in eval mode) on the first pose of ``compound``; the combined value
-    must have shape ``(1,)`` for one target, ``(1, d)`` for the d ``names``. For a
-    pooling combination the network must return ``combination.dim`` values per pose.
+    must have shape ``(1,)`` for one target, ``(1, d)`` for the d ``names`` (otherwise
+    the squared error against the values would broadcast, silently where the counts
+    happen to match). For a pooling combination the network must return
+    ``combination.dim`` values per pose.
 
     Raises
     ------
@@ -417,14 +446,17 @@ def check_outputs(
     else:
         if tuple(out.combined.shape) == wanted:
             return
-        returned = f"per-pose values of shape {tuple(out.per_pose.shape[1:])}"
+        returned = (
+            f"per-pose values of shape {tuple(out.per_pose.shape[1:])} (combined: shape "
+            f"{tuple(out.combined.shape[1:])} per compound)"
+        )
     finally:
         for module, training in modes.items():
             module.training = training
     what = f"with {len(names)} targets ({', '.join(names)})" if names else "with one target"
     raise ConfigError(
-        f"model.name {network!r}: {what} and combination {model.combination.name!r} the "
-        f"network must return {per_pose} for b poses; it returned {returned}"
+        f"model.name {network!r}: {what} the network must return {per_pose} for b poses "
+        f"(combination {model.combination.name!r}); it returned {returned}"
     )
 
 

@@ -278,9 +278,11 @@ class Predictions:
         ``per_pose`` and ``weights`` have a column per target, ``(C, d)`` and
         ``(M, d)``, and each pose its weight in each target's combined value.
     pools
-        Whether the models pool per-pose embeddings (``gated_attention``): then
-        ``per_pose`` holds the ``(M, dim)`` embeddings and ``weights`` the pooling
-        weights :math:`\alpha_i`, one per pose, ``(M,)``.
+        Whether the models pool per-pose embeddings :math:`e_i` (``gated_attention``):
+        then ``weights`` are the pooling weights :math:`\alpha_i`, one per pose,
+        ``(M,)``, and ``per_pose`` the head's value of each embedding, :math:`f(e_i)`.
+        The head is affine and the weights sum to 1, so a compound's prediction
+        :math:`f(\sum_i \alpha_i e_i)` is :math:`\sum_i \alpha_i f(e_i)`.
     """
 
     combined: Tensor
@@ -307,7 +309,11 @@ def _one_model(
         with torch.no_grad():
             out = model(compounds=poses, prior=prior)
         weights = model.pose_weights(out.per_pose, out.index, prior=prior)
-        parts.append((out.combined, out.per_pose, weights, out.index + start))
+        per_pose = out.per_pose
+        if model.combination.pools and model.comb_readout is not None:
+            with torch.no_grad():  # the head of each pose's embedding: f(e_i)
+                per_pose = model.comb_readout(per_pose)
+        parts.append((out.combined, per_pose, weights, out.index + start))
     combined, per_pose, weights, index = (
         torch.cat([p[i] for p in parts]).detach().cpu() for i in range(4)
     )
@@ -353,9 +359,9 @@ def write_csv(
     read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
     Pose rows: ``index, name, pose, prediction, weight``. Several targets: a
     ``prediction_<name>`` column per target (and ``std_<name>``, ``target_<name>``;
-    ``weight_<name>`` per pose). A pooling model (``gated_attention``): pose rows
-    ``index, name, pose, weight``, the pose's pooling weight (its embedding is no
-    prediction).
+    ``weight_<name>`` per pose). A pooling model (``gated_attention``): one ``weight``
+    column, the pose's pooling weight, its share of every target; the pose's
+    ``prediction`` is the head's value of its embedding (:attr:`Predictions.per_pose`).
     """
     names = [c.name or "" for c in compounds]
     ends = [f"_{t}" for t in result.targets] or [""]
@@ -379,16 +385,11 @@ def write_csv(
 def _write_poses(
     path: Path, names: Sequence[str], ends: Sequence[str], result: Predictions
 ) -> None:
-    """Write one row per pose: its prediction(s) and weight(s); pooled: its one weight."""
-    width = len(ends)
-    header = ["index", "name", "pose"]
-    if result.pools:  # per-pose embeddings are no predictions; one pooling weight a pose
-        columns = result.weights.reshape(-1, 1).tolist()
-        header.append("weight")
-    else:
-        y, w = result.per_pose.reshape(-1, width), result.weights.reshape(-1, width)
-        columns = torch.cat([y, w], dim=1).tolist()
-        header += [*(f"prediction{e}" for e in ends), *(f"weight{e}" for e in ends)]
+    """Write one row per pose: its prediction(s) and weight(s), one weight when pooled."""
+    weights = ["weight"] if result.pools else [f"weight{e}" for e in ends]
+    y = result.per_pose.reshape(-1, len(ends))
+    columns = torch.cat([y, result.weights.reshape(len(y), len(weights))], dim=1).tolist()
+    header = ["index", "name", "pose", *(f"prediction{e}" for e in ends), *weights]
     rows: list[list[object]] = []
     counts = [0] * len(names)
     for c, values in zip(result.index.tolist(), columns, strict=True):
