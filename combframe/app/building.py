@@ -155,7 +155,7 @@ def build_model(
     net = net.to(device=device, dtype=dtype_of(config))
     return combframe.MultiPoseModel(
         net,
-        checked_combination(config),
+        checked_combination(config).to(device=device, dtype=dtype_of(config)),
         strategy=strategy_of(config),
         chunk_size=chunk_size(config, kind),
     )
