@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pickle
 
+import pydantic
 import pytest
 import torch
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import Tensor
 
 import combframe
@@ -132,3 +134,44 @@ def test_prior_and_mask_messages_name_what_is_wrong(kw: dict[str, object], messa
     model = combframe.MultiPoseModel(make_mlp(), "max")
     with pytest.raises(combframe.CombinationError, match=message):
         model(compounds=_compounds(), **kw)  # type: ignore[arg-type]  # the wrong inputs
+
+
+BAD_PARAMETERS = [
+    lambda: combframe.create_combination("gated_attention", dim=-1),
+    lambda: combframe.create_combination({"name": "boltzmann", "kT": 0}),
+    lambda: combframe.create_combination("max", pred_scael=5),
+    lambda: combframe.MultiPoseModel(make_mlp(), {"name": "gated_attention", "dim": 0}),
+    lambda: combframe.get_combination_class("boltzmann")(kT=float("inf")),
+]
+
+
+@pytest.mark.parametrize("make", BAD_PARAMETERS)
+def test_bad_parameters_are_a_combframe_error_and_a_validation_error(make: object) -> None:
+    with pytest.raises(combframe.InvalidParametersError) as err:
+        make()  # type: ignore[operator]  # each entry is a callable
+    assert isinstance(err.value, combframe.CombframeError)
+    assert isinstance(err.value, combframe.CombinationError)
+    assert isinstance(err.value, pydantic.ValidationError)
+    assert isinstance(err.value, ValueError)
+    assert err.value.errors()[0]["loc"] and str(err.value).count("validation error") == 1
+
+
+def test_a_refused_assignment_raises_both_and_keeps_the_old_value() -> None:
+    comb = combframe.create_combination("max", pred_scale=2.0)
+    with pytest.raises(pydantic.ValidationError, match="pred_scale"):
+        comb.pred_scale = -1.0
+    with pytest.raises(combframe.CombframeError, match="pred_scale"):
+        comb.pred_scale = -1.0
+    assert comb.pred_scale == 2.0
+
+
+def test_a_custom_pydantic_error_keeps_its_message() -> None:
+    details = InitErrorDetails(
+        type=PydanticCustomError("my_check", "dim {x} must be even", {"x": 3}),
+        loc=("dim",),
+        input=3,
+    )
+    original = pydantic.ValidationError.from_exception_data("P", [details])
+    again = combframe.InvalidParametersError.of(original)
+    assert again.errors()[0]["msg"] == original.errors()[0]["msg"] == "dim 3 must be even"
+    assert again.errors()[0]["loc"] == ("dim",)
