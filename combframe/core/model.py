@@ -36,8 +36,9 @@ class MultiPoseModel(torch.nn.Module):
         ``d`` values per pose (``(d,)``, ``(b, d)``): vector outputs, the same ``d``
         for every pose.
     combination
-        A combination module, a registered name (``"max"``), a
-        :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
+        A combination module (its parameters of the model's dtype), a registered name
+        (``"max"``), a :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}``
+        dict (built in the model's dtype and on its device).
     strategy
         ``"auto"`` (the default: store with one pose per pass when its ``(N, P)``
         buffer fits a quarter of the device's memory, otherwise recompute; chosen at the
