@@ -47,6 +47,15 @@ def test_a_combination_built_by_name_follows_the_models_dtype(spec: object) -> N
     assert out.combined.shape == (2, 3) and out.combined.dtype == torch.float64
 
 
+@pytest.mark.cuda
+def test_a_combination_built_by_name_follows_the_models_device() -> None:
+    net = _Vec().cuda()
+    model = combframe.MultiPoseModel(net, {"name": "gated_attention", "dim": 3, "hidden": 4})
+    assert {p.device.type for p in model.combination.parameters()} == {"cuda"}
+    compounds = [[p.cuda() for p in c] for c in _compounds()]
+    assert model(compounds=compounds).combined.device.type == "cuda"
+
+
 def test_a_combination_module_of_another_dtype_is_refused_before_any_pose_runs() -> None:
     comb = combframe.create_combination("gated_attention", dim=3, hidden=4)  # float32
     with pytest.raises(combframe.CombinationError) as err:
