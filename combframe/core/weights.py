@@ -224,9 +224,9 @@ def pose_weights(
 ) -> Tensor:
     r"""Return :math:`\partial G_c/\partial y_i` for every pose of every compound.
 
-    Shape ``(M,)``; ``(M, d)`` for ``(M, d)`` predictions (per column), but ``(M,)`` for a
-    pooling combination (each pose's share of the pooled vector; see "Vector outputs"
-    in :mod:`combframe.core.weights`).
+    Shape ``(M,)``; ``(M, d)`` for ``(M, d)`` predictions (per column); a pooling
+    combination's are ``(M,)`` whatever the shape of the predictions (each pose's share of
+    the pooled vector; see "Vector outputs" in :mod:`combframe.core.weights`).
 
     Parameters
     ----------
@@ -267,7 +267,7 @@ def pose_weights(
     keep = create_graph and per_pose.requires_grad
     with torch.enable_grad():
         y = per_pose if keep else per_pose.detach().requires_grad_(True)
-        if per_pose.dim() == 2 and combination.pools:
+        if combination.pools:  # its own weights, for (M,) predictions (dim=1) too
             weights = combination.pool_weights(y, index, len(sizes), segments.prior)
             return weights if create_graph else weights.detach()
         combined = combined_values(combination, y, segments)
