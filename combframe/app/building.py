@@ -192,14 +192,14 @@ def build_model(
             make = partial(_network_from, config, info)
             net = _started(config, make, outputs, output_bias, output_scale)
         combination = checked_combination(config)  # its own layers seeded too (after the net's)
-    model = combframe.MultiPoseModel(
-        net,
-        combination,
+    dtype = dtype_of(config)  # each part in the run's dtype before the model checks they match
+    return combframe.MultiPoseModel(
+        net.to(device=device, dtype=dtype),
+        combination.to(device=device, dtype=dtype),
         strategy=strategy_of(config),
         chunk_size=chunk_size(config, kind),
-        comb_readout=head,
+        comb_readout=None if head is None else head.to(device=device, dtype=dtype),
     )
-    return model.to(device=device, dtype=dtype_of(config))  # combination and head too
 
 
 def _network_from(config: TrainConfig, info: DataInfo, start: Numbers) -> torch.nn.Module:
