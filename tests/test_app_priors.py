@@ -52,9 +52,10 @@ def _by_hand(kind: str, masked: bool, kT: float = 0.593) -> list[Tensor]:
     out = []
     for scores, probs, keep in zip(SCORES, PROBS, KEEP, strict=True):
         x = torch.tensor(probs if kind == "probability" else scores, dtype=torch.float64)
-        p = {"log_weight": x, "probability": x.log(), "energy": -(x - x.min()) / kT}[kind]
-        if masked:
-            p = p.masked_fill(torch.tensor(keep) == 0, -math.inf)
+        kept = torch.tensor(keep) != 0 if masked else torch.ones(len(x), dtype=torch.bool)
+        lowest = x[kept].min()  # a masked pose does not count
+        p = {"log_weight": x, "probability": x.log(), "energy": -(x - lowest) / kT}[kind]
+        p = p.masked_fill(~kept, -math.inf)
         out.append(p)
     return out
 
@@ -94,6 +95,20 @@ def test_energy_divides_by_prior_kt_and_counts_from_the_lowest_pose(tmp_path: Pa
     data = load_data(_config(_file(tmp_path), *keys), for_prediction=True)
     for got, want in zip(log_priors(data.train) or [], _by_hand("energy", False, 2.5), strict=True):
         assert torch.equal(got, want) and float(got.max()) == 0.0
+
+
+def test_an_energy_counts_from_the_lowest_pose_kept(tmp_path: Path) -> None:
+    """c2's lowest score (-9.9) is masked: it must not lower the other poses' weights."""
+    keys = ["prior.field=score", "prior.kind=energy", "mask.field=keep"]
+    data = load_data(_config(_file(tmp_path), *keys), for_prediction=True)
+    for got in log_priors(data.train) or []:
+        assert float(got.max()) == 0.0
+    smooth_min = combframe.create_combination("max", pred_scale=1.0).double()
+    flat = torch.zeros(4, dtype=torch.float64)
+    (c2,) = [c for c in data.train if c.name == "c2"]
+    mask = torch.tensor(KEEP[2]) != 0
+    want = smooth_min.value(flat[mask], prior=c2.prior[mask])  # the masked pose left out
+    torch.testing.assert_close(smooth_min.value(flat, prior=c2.prior), want, rtol=0, atol=1e-15)
 
 
 def test_training_evaluation_and_predict_use_the_saved_prior(tmp_path: Path) -> None:
@@ -287,3 +302,39 @@ def test_minimised_conformers_carry_their_mmff_energy(tmp_path: Path) -> None:
     plain = [k for k in keys if k not in ("reader.minimize=true",)]
     with pytest.raises(ConfigError, match=r"with reader\.minimize=true"):
         load_data(_config(smi, *plain))
+
+
+def test_gated_attention_of_embeddings_is_refused_as_a_combination_not_a_prior(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Train's networks give one value per pose: dim=3 is the combination's fault."""
+    args = ["train", f"data={_file(tmp_path)}", *FAST, "prior.field=score"]
+    args += ["combination.name=gated_attention", "combination.dim=3"]
+    assert main([*args, f"output_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "combframe train: error: combination: 'gated_attention' does not combine one value "
+        "per pose into as many (gated_attention pools embeddings of dim=3"
+    ), err
+    assert "give a pooling combination dim=1" in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gated_attention_trains_on_a_field_prior_reproducibly(tmp_path: Path, dtype: str) -> None:
+    """Its own layers follow the run's dtype and seed: two runs give the same weights."""
+    keys = ["prior.field=score", "combination.name=gated_attention", "combination.dim=1"]
+    keys += ["combination.hidden=3", "test_fraction=0.34"]
+    fast = [k for k in FAST if not k.startswith("dtype=")] + [f"dtype={dtype}"]
+    config = load_config(None, [f"data={_file(tmp_path)}", *fast, *keys])
+    states = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        train(config, progress=False, run_dir=tmp_path / name)
+        states.append(load(tmp_path / name).state_dict())
+    weights = [
+        k for k, v in states[0].items() if k.startswith("combination.") and k[-5:] != "state"
+    ]
+    assert "combination.V.weight" in weights
+    assert states[0]["combination.V.weight"].dtype == getattr(torch, dtype)
+    for key in weights:
+        assert torch.equal(states[0][key], states[1][key]), key

@@ -398,3 +398,19 @@ def test_two_targets_with_a_prior_and_a_mask_from_pose_fields(tmp_path: Path) ->
     rows = list(csv.DictReader(poses.read_text().splitlines()))
     last = [r for r in rows if r["name"] == "c0"][-1]  # masked: no weight in either column
     assert float(last["weight_a"]) == 0 and float(last["weight_b"]) == 0
+
+
+def test_gated_attention_pools_the_targets_and_predict_writes_its_one_weight(
+    tmp_path: Path,
+) -> None:
+    """dim = the number of targets; --poses has one weight column, alpha, not one per target."""
+    args = ["train", f"data={_json(tmp_path)}", "reader.target=[a,b]", *FAST]
+    args += ["combination.name=gated_attention", "combination.dim=2", "combination.hidden=3"]
+    assert main([*args, f"output_dir={tmp_path}", "name=run"]) == 0
+    poses = tmp_path / "poses.csv"
+    out = ["predict", str(tmp_path / "run"), "-o", str(tmp_path / "p.csv"), "--poses", str(poses)]
+    assert main(out) == 0
+    rows = list(csv.DictReader(poses.read_text().splitlines()))
+    assert list(rows[0])[-3:] == ["prediction_a", "prediction_b", "weight"]
+    first = [float(r["weight"]) for r in rows if r["name"] == "c0"]
+    assert sum(first) == pytest.approx(1.0, abs=1e-6) and min(first) > 0

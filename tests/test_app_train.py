@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from combframe.app.cli import main
+from combframe.app.config import ConfigError, load_config
 from combframe.app.metrics import DIVERGENCE_FACTOR, divergence, undefined_correlation
+from combframe.app.train import train
 
 SMALL = ["compounds=40", "epochs=2", "--no-progress"]
 
@@ -185,3 +187,24 @@ def test_profiled_steps_are_powers_of_two_when_sampled() -> None:
     assert [n for n in range(1, 70) if profiled(n, "sampled")] == [1, 2, 4, 8, 16, 32, 64]
     assert [n for n in range(1, 70) if profiled(n, "first")] == [1]
     assert all(profiled(n, "every") for n in range(1, 70))
+
+
+class TwoValues(torch.nn.Module):
+    """A user's network (by import path) returning two values per pose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, pose: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(pose)
+        return out
+
+
+def test_a_network_of_two_values_per_pose_is_refused_not_broadcast() -> None:
+    """Two training compounds of two values each: (2, 2) - (2,) would broadcast silently."""
+    keys = ["compounds=4", "features=3", "test_fraction=0.5", "val_fraction=0", "epochs=1"]
+    config = load_config(None, [*keys, "model.name=tests.test_app_train:TwoValues"])
+    says = r"model.name '\S+TwoValues': with one target the network must return shape \(b,\)"
+    with pytest.raises(ConfigError, match=says + r".* shape \(2,\) per compound"):
+        train(config, progress=False, write=False)

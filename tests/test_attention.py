@@ -229,3 +229,20 @@ def test_stream_centres_attention_on_its_best_pose() -> None:
         got[strategy] = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     scale = got["store"].abs().max()
     assert ((got["stream"] - got["store"]).abs().max() / scale) < 1e-10
+
+
+def test_pose_weights_of_one_value_per_pose_are_the_attention_weights_too() -> None:
+    """dim=1: (M,) predictions (a (b, 1) output is one value per pose) give alpha, as (M, 1)."""
+    torch.manual_seed(0)
+    comb = GatedAttention(dim=1, hidden=4).double()
+    y = 3 * torch.randn(6, dtype=torch.float64)
+    index = torch.tensor([0, 0, 0, 0, 1, 1])
+    prior = torch.tensor([0.0, -1.0, 0.5, -torch.inf, 0.0, 0.2], dtype=torch.float64)
+    flat = combframe.pose_weights(comb, y, index, prior=prior)
+    column = combframe.pose_weights(comb, y[:, None], index, prior=prior)
+    torch.testing.assert_close(flat, column, rtol=0, atol=0)
+    alpha = [
+        torch.softmax(comb.scores(e) + p, 0)
+        for e, p in zip(y.split([4, 2]), prior.split([4, 2]), strict=True)
+    ]
+    torch.testing.assert_close(flat, torch.cat(alpha).detach())

@@ -59,12 +59,34 @@ def check_config(config: TrainConfig, ranks: Ranks | None = None) -> torch.devic
 
 
 def checked_combination(config: TrainConfig) -> combframe.Combination:
-    """Build the combination, refusing a strategy it does not support."""
+    """Build the combination (in float64), refusing a strategy it does not support.
+
+    Also refused: a combination that does not turn the run's values per pose (one, or
+    one per target of ``reader.target``) into as many per compound, such as
+    ``gated_attention`` with another ``dim``: a run's loss is on them. Its layers, if it
+    has some, are drawn from the global generator (:func:`build_model` seeds it).
+    """
     combination = config.combination.build()
     if config.strategy == "stream" and not isinstance(combination, combframe.StreamingCombination):
         raise ConfigError(
             f"strategy: 'stream' needs a streaming combination and {combination.name!r} "
             "does not implement stream_terms; use strategy=store or strategy=recompute"
+        )
+    d = len(config.reader.targets)
+    values = f"{d} values (one per target)" if d else "one value"
+    try:
+        with torch.no_grad():
+            probe = torch.zeros((2, d) if d else (2,), dtype=torch.float64)
+            shape = tuple(combination.double().value(probe).shape)
+        why = f" (it returns shape {shape})"
+    except combframe.CombinationError as exc:
+        shape, why = None, f" ({exc})"
+    if shape != tuple(probe.shape[1:]):
+        raise ConfigError(
+            f"combination: {combination.name!r} does not combine {values} per pose into "
+            f"as many{why}, but combframe train's networks return {values} per pose and "
+            f"fit {values} per compound; give a pooling combination dim={max(d, 1)}, or "
+            "use the Python API (MultiPoseModel with a comb_readout) to pool embeddings"
         )
     return combination
 
@@ -152,13 +174,11 @@ def build_model(
             net = _Standardized(inner, bias, _per_output(output_scale, outputs))
         else:
             net = build_network(config, DataInfo(kind, features, bias, outputs))
-    net = net.to(device=device, dtype=dtype_of(config))
-    return combframe.MultiPoseModel(
-        net,
-        checked_combination(config),
-        strategy=strategy_of(config),
-        chunk_size=chunk_size(config, kind),
+        combination = checked_combination(config)  # its own layers (attention's), seeded
+    model = combframe.MultiPoseModel(
+        net, combination, strategy=strategy_of(config), chunk_size=chunk_size(config, kind)
     )
+    return model.to(device=device, dtype=dtype_of(config))  # the combination's layers too
 
 
 def _per_output(value: Numbers, outputs: int) -> Numbers:
@@ -251,8 +271,7 @@ def build_run(config: TrainConfig, data: Dataset, device: torch.device, ranks: R
     )
     start, spread = _start(config, train_set, data.targets)
     model = build_model(config, data.features, start, device, spread, data.kind)
-    if data.targets:
-        check_outputs(model, moved.train[0], data.targets, config.model.name)
+    check_outputs(model, moved.train[0], data.targets, config.model.name)
     trainer: torch.nn.Module = model
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -335,16 +354,24 @@ def check_outputs(
 ) -> None:
     """Refuse a network that does not return one value per target for each pose.
 
-    Runs the model on the first pose of ``compound``; the combined value must have
-    shape ``(1, d)`` for the d ``names``.
+    Runs the model, in eval mode, on the first pose of ``compound``; the combined value
+    must have shape ``(1,)`` for one value per compound (no ``names``), ``(1, d)`` for
+    the d ``names``. Otherwise the squared error against the values would broadcast,
+    silently where the counts happen to match.
     """
-    with torch.no_grad():
-        combined = model(compounds=[list(compound.poses)[:1]]).combined
-    if tuple(combined.shape) != (1, len(names)):
+    mode = model.training
+    try:
+        with torch.no_grad():
+            combined = model.eval()(compounds=[list(compound.poses)[:1]]).combined
+    finally:
+        model.train(mode)
+    want = (1, len(names)) if names else (1,)
+    if tuple(combined.shape) != want:
+        what = f"{len(names)} targets ({', '.join(names)})" if names else "one target"
+        shape = f"(b, {len(names)}), one column per target" if names else "(b,)"
         raise ConfigError(
-            f"model.name {network!r}: with {len(names)} targets ({', '.join(names)}) the "
-            f"network must return shape (b, {len(names)}), one column per target, for b "
-            f"poses; it returned per-pose values of shape {tuple(combined.shape[1:])} "
+            f"model.name {network!r}: with {what} the network must return shape {shape}, "
+            f"for b poses; it returned per-pose values of shape {tuple(combined.shape[1:])} "
             "per compound"
         )
 

@@ -347,7 +347,8 @@ def write_csv(
     read (the shortest text of the value in its dtype: ``-6.1``, not ``-6.0999999``).
     Pose rows: ``index, name, pose, prediction, weight``. Several targets: a
     ``prediction_<name>`` column per target (and ``std_<name>``, ``target_<name>``;
-    ``weight_<name>`` per pose).
+    ``weight_<name>`` per pose, or one ``weight`` for a pooling combination, whose
+    weight is the pose's share of all targets).
     """
     names = [c.name or "" for c in compounds]
     ends = [f"_{t}" for t in result.targets] or [""]
@@ -369,12 +370,14 @@ def write_csv(
         counts = [0] * len(compounds)
         width = len(ends)
         per_pose = result.per_pose.reshape(-1, width).tolist()
-        weights = result.weights.reshape(-1, width).tolist()
+        weights = result.weights.reshape(len(per_pose), -1).tolist()
         for c, y, w in zip(result.index.tolist(), per_pose, weights, strict=True):
             pose_rows.append([c, names[c], counts[c], *y, *w])
             counts[c] += 1
         header = ["index", "name", "pose", *(f"prediction{e}" for e in ends)]
-        _write_rows(poses, header + [f"weight{e}" for e in ends], pose_rows, result.digits)
+        pooled = result.weights.dim() == 1  # a pooling combination: one weight for all
+        header += ["weight"] if pooled else [f"weight{e}" for e in ends]
+        _write_rows(poses, header, pose_rows, result.digits)
 
 
 def _value_text(value: Tensor) -> str:

@@ -9,7 +9,7 @@ pose's log prior weight :math:`p_i = \log\pi_i` (``Compound.prior``), by ``prior
 - ``log_weight``: :math:`p_i = x_i`, the field as it is;
 - ``probability``: :math:`p_i = \log x_i`, for :math:`0 < x_i \le 1`;
 - ``energy``: :math:`p_i = -(E_i - \min_j E_j)/kT` with ``prior.kT``, Boltzmann weights
-  of the compound's poses, the lowest at :math:`\pi = 1`;
+  of the compound's poses, the lowest pose kept (not masked) at :math:`\pi = 1`;
 
 and ``mask.field`` into :math:`p_i = -\infty` where the field is 0 (the pose is left
 out). The combination adds :math:`p_i` to its log weights (:mod:`combframe.core.weights`);
@@ -98,8 +98,15 @@ def _field(compound: Compound, name: str, key: str) -> Tensor:
 
 def _log_weight(compound: Compound, config: TrainConfig) -> Tensor:
     """Return ``compound``'s ``(N,)`` log prior weights (float64; ``-inf``: masked)."""
-    n = len(compound.poses)
-    p = torch.zeros(n, dtype=torch.float64)
+    keep = torch.ones(len(compound.poses), dtype=torch.bool)
+    if config.mask.field is not None:
+        keep = _field(compound, config.mask.field, "mask.field") != 0
+        if not keep.any():
+            raise ConfigError(
+                f"mask.field: every pose of {_label(compound)} has {config.mask.field} "
+                "= 0; keep at least one (or leave the compound out of the input)"
+            )
+    p = torch.zeros(len(compound.poses), dtype=torch.float64)
     prior = config.prior
     if prior.field is not None:
         x = _field(compound, prior.field, "prior.field")
@@ -113,18 +120,10 @@ def _log_weight(compound: Compound, config: TrainConfig) -> Tensor:
                     "log_weight or energy for other numbers"
                 )
             x = x.log()
-        elif prior.kind == "energy":
-            x = -(x - x.min()) / prior.kT
+        elif prior.kind == "energy":  # from the lowest pose kept; a masked one does not count
+            x = -(x - x[keep].min()) / prior.kT
         p = x
-    if config.mask.field is not None:
-        keep = _field(compound, config.mask.field, "mask.field") != 0
-        if not keep.any():
-            raise ConfigError(
-                f"mask.field: every pose of {_label(compound)} has {config.mask.field} "
-                "= 0; keep at least one (or leave the compound out of the input)"
-            )
-        p = p.masked_fill(~keep, -math.inf)
-    return p
+    return p.masked_fill(~keep, -math.inf)
 
 
 def with_priors(

@@ -144,7 +144,7 @@ def pose_weights(
     r"""Return :math:`\partial G_c/\partial y_i` for every pose of every compound, shape ``(M,)``.
 
     ``(M, d)`` for ``(M, d)`` predictions, or a pooling combination's ``(M,)`` (the
-    module's text).
+    module's text), whatever the shape of the predictions.
 
     Parameters
     ----------
@@ -185,7 +185,7 @@ def pose_weights(
     keep = create_graph and per_pose.requires_grad
     with torch.enable_grad():
         y = per_pose if keep else per_pose.detach().requires_grad_(True)
-        if per_pose.dim() == 2 and combination.pools:
+        if combination.pools:  # its own weights, for (M,) predictions (dim=1) too
             weights = combination.pool_weights(y, index, len(sizes), segments.prior)
             return weights if create_graph else weights.detach()
         combined = combined_values(combination, y, segments)
