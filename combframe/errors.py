@@ -11,11 +11,14 @@ import sys
 import warnings
 from typing import Any
 
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError, ValidationError
+
 __all__ = [
     "AmbiguousCombinationError",
     "CombframeError",
     "CombframeWarning",
     "CombinationError",
+    "InvalidParametersError",
     "InvalidPluginError",
     "PluginWarning",
     "StrategyError",
@@ -34,6 +37,39 @@ class CombframeWarning(UserWarning):
 
 class CombinationError(CombframeError, ValueError):
     """Bad input to a combination: shapes, lengths, names or values that do not fit."""
+
+
+class InvalidParametersError(CombinationError, ValidationError):
+    """A combination's parameters were refused (``dim=-1``, ``kT=0``, an unknown keyword).
+
+    Both a :class:`CombinationError` (so a :class:`CombframeError` and a ``ValueError``)
+    and pydantic's ``ValidationError``, with the same ``errors()`` and message naming the
+    field, its bound and the value: ``except CombframeError`` and ``except
+    pydantic.ValidationError`` both catch it. Raised by a combination's constructor, an
+    assignment to a parameter (which keeps the old value) and
+    :func:`combframe.create_combination`; building a
+    :class:`~combframe.CombinationConfig` raises pydantic's own ``ValidationError``.
+    """
+
+    @classmethod
+    def of(cls, exc: ValidationError) -> InvalidParametersError:
+        """Return ``exc`` (pydantic's) as this error, with the same errors and message."""
+        try:
+            return cls.from_exception_data(exc.title, [_again(e) for e in exc.errors()])
+        except (TypeError, KeyError, ValueError):  # a custom error type: kept by message
+            return cls.from_exception_data(exc.title, [_again(e, True) for e in exc.errors()])
+
+
+def _again(error: ErrorDetails, custom: bool = False) -> InitErrorDetails:
+    """Return one of pydantic's reported errors as the details that raise it again."""
+    if custom:
+        message = error["msg"].replace("{", "{{").replace("}", "}}")
+        kind = PydanticCustomError(error["type"], message)
+        return InitErrorDetails(type=kind, loc=error["loc"], input=error["input"])
+    details = InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+    if "ctx" in error:
+        details["ctx"] = error["ctx"]
+    return details
 
 
 class StrategyError(CombframeError, RuntimeError):

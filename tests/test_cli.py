@@ -295,6 +295,23 @@ def test_check_takes_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     assert "max(negate_preds=False, pred_scale=3.0)" in capsys.readouterr().out
 
 
+def test_check_runs_vector_outputs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[int] = []
+
+    def harness(*args: Any, **kw: Any) -> Any:
+        asked.append(kw["outputs"])
+        return gradient_parity(*args, **kw)
+
+    monkeypatch.setattr("combframe.app.cli._parity_harness", lambda: harness)
+    assert main(["check", "boltzmann", "--outputs", "3", "--seeds", "0", "--poses", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 value(s) per pose" in out and "PASS boltzmann" in out
+    assert main(["check", "gated_attention", "dim=2", "hidden=3", "--seeds", "0"]) == 0
+    assert asked == [3, 2]  # a pooling combination: its dim
+
+
 def test_check_fails_for_the_wrong_plugin(tmp_path: Path) -> None:
     proc = run_cli("check", "wrong_weights", cwd=tmp_path, extra_path=WRONG_PLUGIN)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -326,6 +343,8 @@ def test_list_shows_third_party_plugins_and_load_errors(tmp_path: Path) -> None:
         (["check", "max", "pred_scale"], "key=value"),
         (["check", "max", "--poses", "0"], "--poses"),
         (["check", "max", "--poses", "x"], "--poses"),
+        (["check", "max", "--outputs", "0"], "--outputs"),
+        (["check", "gated_attention", "dim=4", "--outputs", "3"], "dim=4"),
         (["check"], "NAME"),
         (["frobnicate"], "frobnicate"),
         (["check", "max", "--fast"], "--fast"),

@@ -158,6 +158,17 @@ def test_docs_use_only_public_modules(path: Path) -> None:
         assert not used, f"{_page_id(path)}:{line}: the example uses private {used}"
 
 
+@pytest.mark.parametrize("path", _markdown_files() + _EXAMPLE_SOURCES, ids=_page_id)
+def test_docs_give_the_head_as_a_module(path: Path) -> None:
+    """A lambda readout hides its head's weights from model.parameters() and state_dict."""
+    text = path.read_text(encoding="utf-8")
+    blocks = python_blocks(text) if path.suffix == ".md" else [(1, text)]
+    for line, code in blocks:
+        assert not re.search(r"_readout\s*=\s*lambda", code), (
+            f"{_page_id(path)}:{line}: a readout given as a lambda; pass an nn.Module head"
+        )
+
+
 def _run_blocks_in_process(path: Path, blocks: list[tuple[int, str]]) -> None:
     namespace: dict[str, Any] = {"__name__": f"docs_example_{path.stem}"}
     for line, code in blocks:

@@ -175,10 +175,13 @@ def build_model(
         else:
             net = build_network(config, DataInfo(kind, features, bias, outputs))
         combination = checked_combination(config)  # its own layers (attention's), seeded
-    model = combframe.MultiPoseModel(
-        net, combination, strategy=strategy_of(config), chunk_size=chunk_size(config, kind)
+    dtype = dtype_of(config)  # the combination's layers too
+    return combframe.MultiPoseModel(
+        net.to(device=device, dtype=dtype),
+        combination.to(device=device, dtype=dtype),
+        strategy=strategy_of(config),
+        chunk_size=chunk_size(config, kind),
     )
-    return model.to(device=device, dtype=dtype_of(config))  # the combination's layers too
 
 
 def _per_output(value: Numbers, outputs: int) -> Numbers:

@@ -247,9 +247,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"check {describe(combination.to_config())}: float64 gradients against the "
         "full-graph reference"
     )
-    print(f"  poses N in {list(args.poses)}, seeds {list(args.seeds)}, rtol {args.rtol:g}")
-    # float64 throughout; a pooling combination gets models returning its `dim` values
-    outputs = getattr(combination.settings(), "dim", 1) if combination.pools else 1
+    outputs = _check_outputs(combination, args.outputs)
+    print(
+        f"  poses N in {list(args.poses)}, seeds {list(args.seeds)}, rtol {args.rtol:g}, "
+        f"{outputs} value(s) per pose"
+    )
     result = _parity_harness()(
         combination.double(),
         n_poses=args.poses,
@@ -269,6 +271,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for error in result.errors:
         print(f"  FAIL {error}")
     return _check_verdict(combination.name, result, args.rtol)
+
+
+def _check_outputs(combination: Any, asked: int | None) -> int:
+    """Values per pose of the check's models: ``--outputs``, or a pooling one's ``dim``."""
+    if not combination.pools:
+        return 1 if asked is None else asked
+    dim: int = getattr(combination.settings(), "dim", 1)
+    if asked is not None and asked != dim:
+        raise UsageError(
+            f"--outputs {asked}: {combination.name} pools embeddings of dim={dim}, so its "
+            f"models give {dim} values per pose; leave --outputs out or give dim={asked}"
+        )
+    return dim
 
 
 def _check_verdict(name: str, result: Any, rtol: float) -> int:
@@ -417,6 +432,13 @@ def _add_check(sub: Any) -> None:
         "--poses", type=_int_list(1), default=(1, 2, 7), help="pose counts N >= 1 (1,2,7)"
     )
     p.add_argument("--seeds", type=_int_list(0), default=(0, 1), help="seeds >= 0 (0,1)")
+    p.add_argument(
+        "--outputs",
+        type=_positive_int,
+        default=None,
+        metavar="D",
+        help="values per pose of the random models, D >= 1 (1; a pooling combination: its dim)",
+    )
     p.set_defaults(func=_cmd_check)
 
 

@@ -53,11 +53,17 @@ class CompoundPredictions:
         The per-pose predictions of all compounds, flat, shape ``(M,)`` (or ``(M, d)``).
     index
         The compound of each pose, shape ``(M,)`` (``torch.long``), sorted.
+    prior
+        The log prior weight of each pose the call was given (``prior=``, ``-inf`` for a
+        pose ``mask=`` leaves out), shape ``(M,)``; ``None`` without either.
+        :meth:`combframe.MultiPoseModel.pose_weights` reads it, so ``model.pose_weights(out)``
+        weighs the poses as the forward did.
     """
 
     combined: Tensor
     per_pose: Tensor
     index: Tensor
+    prior: Tensor | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter((self.combined, self.per_pose, self.index))

@@ -28,6 +28,7 @@ from combframe.core.settings import (
     constrain,
     normalize_name,
     unconstrain,
+    validated,
 )
 from combframe.core.streaming import StreamingCombination
 
@@ -142,7 +143,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
             if field in kwargs:
                 raise TypeError(f"{type(self).__name__} got parameter {field!r} twice")
             kwargs[field] = arg
-        object.__setattr__(self, "_settings", self.Params(**kwargs))
+        object.__setattr__(self, "_settings", validated(self.Params, kwargs))
         object.__setattr__(self, "_learned", checked_learn(self.name, self.Params, learn))
         for field in self.learn:
             start = getattr(self.__dict__["_settings"], field)
@@ -192,7 +193,7 @@ class Combination(torch.nn.Module, Generic[P], metaclass=ABCMeta):
         if key in type(self).Params.model_fields and "_settings" in self.__dict__:
             new = dict(self.settings())
             new[key] = value
-            settings = self.Params(**new)
+            settings = validated(self.Params, new)
             if key in self.learn:
                 raw = unconstrain(self.Params.model_fields[key], key, getattr(settings, key))
                 with torch.no_grad():

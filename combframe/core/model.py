@@ -12,9 +12,10 @@ from typing_extensions import override
 from combframe.core.batch import CompoundPredictions, Segments
 from combframe.core.combination import Combination, as_combination
 from combframe.core.function import AfterPoses, PosePredictions, StreamedPredictions
+from combframe.core.placement import place_combination
 from combframe.core.strategies import PoseRunner, Strategy, resolve_strategy
 from combframe.core.strategies.replay import BufferSnapshot, undo_side_effects
-from combframe.core.weights import PerPose, combined_values, log_prior, pose_weights
+from combframe.core.weights import CallPrior, PerPose, combined_values, log_prior, result_weights
 from combframe.errors import CombinationError
 
 __all__ = ["MultiPoseModel"]
@@ -35,8 +36,9 @@ class MultiPoseModel(torch.nn.Module):
         ``d`` values per pose (``(d,)``, ``(b, d)``): vector outputs, the same ``d``
         for every pose.
     combination
-        A combination module, a registered name (``"max"``), a
-        :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}`` dict.
+        A combination module (its parameters of the model's dtype), a registered name
+        (``"max"``), a :class:`~combframe.CombinationConfig` or a ``{"name": ..., **params}``
+        dict (built in the model's dtype and on its device).
     strategy
         ``"auto"`` (the default: store with one pose per pass when its ``(N, P)``
         buffer fits a quarter of the device's memory, otherwise recompute; chosen at the
@@ -120,6 +122,7 @@ class MultiPoseModel(torch.nn.Module):
 
         self.model = model
         self.combination: Combination = as_combination(combination)
+        place_combination(self.combination, model, given=self.combination is combination)
         self.strategy = resolve_strategy(strategy)
         self.strategy.check_combination(self.combination)
         self.pred_readout = pred_readout
@@ -219,9 +222,16 @@ class MultiPoseModel(torch.nn.Module):
             )
         return self._run(batch, (prior, mask))
 
-    def pose_weights(self, per_pose: Tensor, index: Tensor | None = None, **kw: Any) -> Tensor:
-        """Return each pose's weight in its compound's value (:func:`combframe.pose_weights`)."""
-        return pose_weights(self.combination, per_pose, index, **kw)
+    def pose_weights(
+        self, per_pose: Tensor | CompoundPredictions, index: Tensor | None = None, **kw: Any
+    ) -> Tensor:
+        """Return each pose's weight in its compound's value (:func:`combframe.pose_weights`).
+
+        ``model.pose_weights(out)``, or the latest call's ``per_pose``, weighs the poses
+        with that call's prior and mask; ``prior=`` or ``mask=`` given here replace them.
+        """
+        latest = self.__dict__.get("_call_prior", CallPrior())
+        return result_weights(self.combination, per_pose, index, latest, kw)
 
     def forward_compounds(
         self, compounds: Sequence[Sequence[Any]], prior: PerPose = None, mask: PerPose = None
@@ -270,7 +280,9 @@ class MultiPoseModel(torch.nn.Module):
         except BaseException:
             snapshot.restore()
             raise
-        return CompoundPredictions(combined, per_pose, segments.index)
+        if segments.prior is not None:  # for pose_weights(per_pose) of this call
+            self.__dict__["_call_prior"] = CallPrior(per_pose, segments.prior)
+        return CompoundPredictions(combined, per_pose, segments.index, segments.prior)
 
     def _combine(
         self,

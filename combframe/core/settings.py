@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from torch import Tensor
 
-from combframe.errors import CombinationError
+from combframe.errors import CombinationError, InvalidParametersError
 
 __all__ = [
     "bounds",
@@ -25,6 +25,7 @@ __all__ = [
     "learnable_fields",
     "normalize_name",
     "unconstrain",
+    "validated",
 ]
 
 
@@ -167,3 +168,11 @@ def normalize_name(name: str) -> str:
     'smooth_max'
     """
     return name.strip().lower().replace("-", "_")
+
+
+def validated(params: type[BaseModel], values: Mapping[str, Any]) -> Any:
+    """Return ``params`` validated from ``values``, or raise :class:`InvalidParametersError`."""
+    try:
+        return params.model_validate(dict(values))
+    except ValidationError as exc:
+        raise InvalidParametersError.of(exc) from None

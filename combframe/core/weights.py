@@ -30,19 +30,20 @@ of each pose in the pooled vector: which pose it picked for the whole vector.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from combframe.core.batch import Segments
+from combframe.core.batch import CompoundPredictions, Segments
 from combframe.core.combination import Combination
 from combframe.errors import CombinationError
 from combframe.segment import segment_max
 
-__all__ = ["PerPose", "combined_values", "log_prior", "pose_weights"]
+__all__ = ["CallPrior", "PerPose", "combined_values", "log_prior", "pose_weights", "result_weights"]
 
 #: A per-pose input: a flat ``(M,)`` tensor, one tensor per compound, or ``None``.
 PerPose: TypeAlias = Tensor | Sequence[Tensor] | None
@@ -52,14 +53,41 @@ def _flat(name: str, value: PerPose, segments: Segments) -> Tensor | None:
     """Return a per-pose input as one ``(M,)`` tensor on the device, or raise."""
     if value is None:
         return None
-    flat = value if isinstance(value, Tensor) else torch.cat([torch.as_tensor(v) for v in value])
     m = len(segments.owner)
+    if isinstance(value, Tensor):
+        flat = value
+    else:
+        parts = [torch.as_tensor(v) for v in value]
+        _check_parts(name, parts, segments.sizes)
+        flat = torch.cat([v.reshape(-1) for v in parts])
+    if flat.dim() == 2 and flat.shape[0] == m:
+        raise CombinationError(
+            f"{name} has shape {tuple(flat.shape)}: it takes one value per pose, a flat "
+            f"({m},) tensor, not one per column of the predictions (the same {name} "
+            "weighs a pose in every column)"
+        )
     if flat.shape != (m,):
         raise CombinationError(
             f"{name} has shape {tuple(flat.shape)}, but the call has {m} poses: give one "
             f"value per pose, a flat ({m},) tensor or one tensor per compound"
         )
     return flat.detach().to(segments.index.device)
+
+
+def _check_parts(name: str, parts: list[Tensor], sizes: Sequence[int]) -> None:
+    """Refuse a per-compound ``name`` whose tensors do not match the compounds' pose counts."""
+    if len(parts) != len(sizes):
+        raise CombinationError(
+            f"{name} has {len(parts)} tensors (one per compound), but the call has "
+            f"{len(sizes)} compounds: give one tensor per compound, or a flat tensor"
+        )
+    pairs = enumerate(zip(parts, sizes, strict=True))
+    wrong = [(c, tuple(v.shape), n) for c, (v, n) in pairs if v.shape != (n,)]
+    if wrong:
+        each = "; ".join(f"compound {c} has {n} poses but {shape}" for c, shape, n in wrong[:10])
+        raise CombinationError(
+            f"{name} for each compound must hold one value per pose of that compound: {each}"
+        )
 
 
 def log_prior(
@@ -90,13 +118,66 @@ def log_prior(
     finite = p.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
     best = segment_max(finite, segments.index, segments.count)
     bad = torch.stack([(best == torch.inf).any(), (best == -torch.inf).any()]).tolist()
-    if bad[0] or bad[1]:
+    if bad[0]:
+        poses = torch.nonzero(finite == torch.inf).flatten().tolist()
         raise CombinationError(
-            "the prior holds NaN or +inf; give finite log weights (-inf, or the mask, drops a pose)"
-            if bad[0]
-            else "a compound has every pose masked (or a prior of -inf): keep at least one"
+            f"the prior holds NaN or +inf at poses {poses[:10]}; give finite log weights "
+            "(-inf, or the mask, drops a pose)"
+        )
+    if bad[1]:
+        empty = torch.nonzero(best == -torch.inf).flatten().tolist()
+        raise CombinationError(
+            f"compounds {empty[:10]} (their index in the call) have every pose masked (or a "
+            "prior of -inf): keep at least one pose of each compound, or leave the compound out"
         )
     return dataclasses.replace(segments, prior=p)
+
+
+class CallPrior:
+    """The log prior a forward call used, kept for :func:`pose_weights` of its ``per_pose``.
+
+    Holds the per-pose predictions weakly (it keeps no graph alive) and pickles empty:
+    it is no part of a model's state.
+    """
+
+    def __init__(self, per_pose: Tensor | None = None, prior: Tensor | None = None) -> None:
+        self._ref = None if per_pose is None else weakref.ref(per_pose)
+        self.prior = prior
+
+    def of(self, per_pose: object) -> Tensor | None:
+        """Return the prior if ``per_pose`` is the call's own predictions, else ``None``."""
+        return self.prior if self._ref is not None and self._ref() is per_pose else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CallPrior, ())
+
+
+def result_weights(
+    combination: Combination,
+    per_pose: Tensor | CompoundPredictions,
+    index: Tensor | None,
+    latest: CallPrior,
+    options: dict[str, Any],
+) -> Tensor:
+    """Return :func:`pose_weights` for a forward's result (``MultiPoseModel.pose_weights``).
+
+    ``per_pose`` is a :class:`~combframe.CompoundPredictions` (with its own index and
+    prior) or a tensor; a tensor the ``latest`` call returned gets that call's prior.
+    The call's prior (masked poses at ``-inf``) is used unless ``options`` give a
+    ``prior`` or ``mask``.
+    """
+    if isinstance(per_pose, CompoundPredictions):
+        if index is not None:
+            raise TypeError(
+                "pose_weights takes a CompoundPredictions (which holds the index) or "
+                "per_pose and index; got a CompoundPredictions and an index"
+            )
+        preds, index, used = per_pose.per_pose, per_pose.index, per_pose.prior
+    else:
+        preds, used = per_pose, latest.of(per_pose)
+    if used is not None and "prior" not in options and "mask" not in options:
+        options = {**options, "prior": used}
+    return pose_weights(combination, preds, index, **options)
 
 
 class _SegmentValue(torch.nn.Module):
@@ -141,23 +222,24 @@ def pose_weights(
     mask: PerPose = None,
     create_graph: bool = False,
 ) -> Tensor:
-    r"""Return :math:`\partial G_c/\partial y_i` for every pose of every compound, shape ``(M,)``.
+    r"""Return :math:`\partial G_c/\partial y_i` for every pose of every compound.
 
-    ``(M, d)`` for ``(M, d)`` predictions, or a pooling combination's ``(M,)`` (the
-    module's text), whatever the shape of the predictions.
+    Shape ``(M,)``; ``(M, d)`` for ``(M, d)`` predictions (per column); a pooling
+    combination's are ``(M,)`` whatever the shape of the predictions (each pose's share of
+    the pooled vector; see "Vector outputs" in :mod:`combframe.core.weights`).
 
     Parameters
     ----------
     combination
         The combination that made the combined values (``model.combination``).
     per_pose
-        The per-pose predictions, shape ``(M,)`` or ``(M, d)``: ``per_pose`` of a
-        :class:`~combframe.MultiPoseModel` call.
+        The ``per_pose`` of a :class:`~combframe.MultiPoseModel` call, ``(M,)`` or ``(M, d)``.
     index
         The compound of each pose, sorted (``CompoundPredictions.index``); ``None`` for
         the poses of one compound.
     prior, mask
-        The per-pose inputs the call was given, if any (see the module's text).
+        The forward call's per-pose log prior and mask, if any ("Priors and masks" in
+        :mod:`combframe.core.weights`); ``model.pose_weights(out)`` passes the call's own.
     create_graph
         Return weights that are differentiable with respect to ``per_pose`` (and so the
         model, through the per-pose path) and the combination's own parameters, for a
@@ -168,8 +250,8 @@ def pose_weights(
     Raises
     ------
     CombinationError
-        If ``per_pose`` is not one-dimensional, ``index`` does not match it, or the
-        prior or mask is refused (see :func:`log_prior`).
+        If ``per_pose`` is neither ``(M,)`` nor ``(M, d)``, ``index`` is not ``(M,)``,
+        or the prior or mask is refused (see :func:`log_prior`).
     """
     m = per_pose.shape[0] if per_pose.dim() else 0
     if per_pose.dim() not in (1, 2) or (index is not None and index.shape != (m,)):

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 import pydantic
 
 from combframe.core.combination import Combination, set_mtenn_call, set_resolver
-from combframe.core.settings import checked_learn
+from combframe.core.settings import checked_learn, validated
 from combframe.errors import (
     AmbiguousCombinationError,
     CombinationError,
@@ -274,8 +274,9 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
     ------
     UnknownCombinationError
         For an unknown name (the message lists the installed ones and the closest).
-    pydantic.ValidationError
-        For a bad or unknown parameter; the message names the field and the bound.
+    InvalidParametersError
+        For a bad or unknown parameter; the message names the field and the bound. It
+        is a :class:`CombinationError` and a ``pydantic.ValidationError``.
     CombinationError
         For a mapping without ``"name"``, parameters given with a module, or a
         ``learn`` that names no learnable parameter.
@@ -308,7 +309,7 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
     learn = params.pop("learn", None)
     # validate against Params first, so an unknown keyword is a pydantic error naming the
     # field even when the class's own __init__ spells out its parameters
-    cls.Params.model_validate(params)
+    validated(cls.Params, params)
     return (
         cls(**params, learn=checked_learn(cls.name, cls.Params, learn)) if learn else cls(**params)
     )
