@@ -208,14 +208,28 @@ def conformer_poses(
     return conformer_ensemble(smiles, count, seed, minimize, hydrogens)[0]
 
 
+#: Elements MMFF94 has atom types for: organic molecules' and the common ions'.
+_MMFF_ORGANIC = ("H", "C", "N", "O", "F", "Si", "P", "S", "Cl", "Br", "I")
+_MMFF_ELEMENTS = frozenset((*_MMFF_ORGANIC, "Li", "Na", "K", "Mg", "Ca", "Fe", "Cu", "Zn"))
+
+
+def _mmff_problem(mol: Any) -> str | None:
+    """Say why MMFF94 cannot minimise ``mol`` (None: it has every parameter)."""
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        return None
+    elements = sorted({a.GetSymbol() for a in mol.GetAtoms()} - _MMFF_ELEMENTS)
+    return f"MMFF94 has no parameters for it ({', '.join(elements) or 'an atom type'})"
+
+
 def conformer_ensemble(
     smiles: str, count: int, seed: int, minimize: bool, hydrogens: bool
-) -> tuple[list[Atoms], list[dict[str, float]]]:
-    """Return :func:`conformer_poses`'s poses and each conformer's pose fields.
+) -> tuple[list[Atoms], list[dict[str, float]], str | None]:
+    """Return :func:`conformer_poses`'s poses, each conformer's pose fields and a note.
 
     With ``minimize`` and a molecule MMFF has every parameter for, a conformer's fields
     hold ``mmff_energy``: its MMFF94 energy after minimisation, kcal/mol, relative to the
-    compound's lowest conformer (so the lowest is 0); otherwise they are empty.
+    compound's lowest conformer (so the lowest is 0); otherwise they are empty, and with
+    ``minimize`` the note says why the conformers were not minimised (None otherwise).
     """
     mol = Chem.AddHs(_parse_smiles(smiles))
     params = AllChem.ETKDGv3()
@@ -225,13 +239,16 @@ def conformer_ensemble(
     if not ids:
         raise ChemError(f"RDKit could not embed {smiles!r} in 3D (ETKDG found no conformer)")
     fields: list[dict[str, float]] = [{} for _ in ids]
-    if minimize and AllChem.MMFFHasAllMoleculeParams(mol):
+    problem = _mmff_problem(mol) if minimize else None
+    if minimize and problem is None:
         done = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=500)
         energies = [float(energy) for _, energy in done]
         if all(math.isfinite(e) for e in energies):
             low = min(energies)
             fields = [{MMFF_ENERGY: e - low} for e in energies]
-    return molecule_poses(mol, hydrogens), fields
+        else:
+            problem = "MMFF94 gave it a non-finite energy"
+    return molecule_poses(mol, hydrogens), fields, problem
 
 
 def ligand_logp(mol: Any) -> float:

@@ -192,6 +192,22 @@ class PriorConfig(BaseModel):
         0.593, gt=0, description="kind=energy: temperature in the field's unit (298 K)."
     )
 
+    @model_validator(mode="after")
+    def _needs_field(self) -> PriorConfig:
+        # a saved config.yaml holds every key, so only a value other than the default counts
+        given = [
+            k
+            for k, f in type(self).model_fields.items()
+            if k != "field" and getattr(self, k) != f.default
+        ]
+        if self.field is None and given:
+            keys = ", ".join(f"prior.{k}" for k in given)
+            raise ValueError(
+                f"{keys} given without prior.field, so no prior is read; set prior.field="
+                "<pose field> (e.g. prior.field=mmff_energy) or leave them out"
+            )
+        return self
+
 
 class MaskConfig(BaseModel):
     """Which poses count, read from a pose field (docs/data.md, "Priors and masks")."""
@@ -364,6 +380,28 @@ class TrainConfig(BaseModel):
 
 #: Keys that describe the built-in synthetic data set; ignored with ``data=PATH``.
 SYNTHETIC_KEYS = ("compounds", "poses_per_compound", "features", "pose_spread", "noise")
+
+
+def saved_config(config: TrainConfig) -> dict[str, Any]:
+    """Return ``config`` as a run records it (``config.yaml``, ``model.json``, checkpoint).
+
+    File paths (``data``, ``reader.values``, ``reader.protein``, ``reader.cache_dir``)
+    are made absolute, so ``combframe predict RUN`` and a resumed run find them from any
+    folder; with ``data=...`` the built-in set's :data:`SYNTHETIC_KEYS` are left out (they
+    describe no data of the run).
+    """
+    resolved = config.model_dump(mode="json")
+    if config.data is not None:
+        for key in SYNTHETIC_KEYS:
+            del resolved[key]
+        if config.data.exists():  # a file, not a built-in set's name
+            resolved["data"] = str(config.data.absolute())
+    reader = resolved["reader"]
+    for key in ("values", "protein", "cache_dir"):
+        if reader[key] is not None:
+            reader[key] = str(Path(reader[key]).absolute())
+    return resolved
+
 
 #: Defaults shown in ``--help`` where the default is computed.
 _HELP_DEFAULTS = {

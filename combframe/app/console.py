@@ -63,6 +63,15 @@ def count(n: int, noun: str) -> str:
 
 
 def describe(combination: dict[str, Any]) -> str:
-    """Write a resolved combination as ``max(negate_preds=True, pred_scale=1000.0)``."""
-    params = ", ".join(f"{k}={v!r}" for k, v in combination.items() if k != "name")
+    """Write a resolved combination as ``max(negate_preds=True, pred_scale=1000.0)``.
+
+    A learned parameter (named in ``"learn"``) is marked: ``boltzmann(kT=0.99278
+    (learned))``, its value as the combination holds it (after training: the final one).
+    """
+    learned = set(combination.get("learn", ()))
+    params = ", ".join(
+        f"{k}={v:.5g} (learned)" if k in learned else f"{k}={v!r}"
+        for k, v in combination.items()
+        if k not in ("name", "learn")
+    )
     return f"{combination['name']}({params})"

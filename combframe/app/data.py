@@ -75,6 +75,10 @@ class Compound:
         Shape ``(N,)``, each pose's log prior weight in the combination (``-inf``: left
         out), set from ``properties`` by :func:`combframe.app.priors.with_priors`; None:
         no prior.
+    missing
+        Why a pose field has no value, by field name: ``mmff_energy`` of conformers that
+        ``reader.minimize`` could not minimise (MMFF94 has no parameters for the
+        molecule); None: nothing known to be missing.
     """
 
     poses: Tensor | tuple[Any, ...]
@@ -83,6 +87,7 @@ class Compound:
     name: str | None = None
     properties: Mapping[str, Tensor] | None = None
     prior: Tensor | None = None
+    missing: Mapping[str, str] | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Compound:
         """Return the compound with poses, target and prior on ``device`` (floats in ``dtype``).
@@ -96,7 +101,14 @@ class Compound:
             poses = tuple(_pose_to(p, device, dtype) for p in self.poses)
         target = self.target.to(device, dtype)
         prior = None if self.prior is None else self.prior.to(device, dtype)
-        return Compound(poses, target, name=self.name, properties=self.properties, prior=prior)
+        return Compound(
+            poses,
+            target,
+            name=self.name,
+            properties=self.properties,
+            prior=prior,
+            missing=self.missing,
+        )
 
 
 def _pose_to(pose: Any, device: torch.device | str, dtype: torch.dtype | None) -> Any:
@@ -249,7 +261,18 @@ def _n_test(test_fraction: float, n_compounds: int) -> int:
 
 
 class DataError(CombframeError, ValueError):
-    """A compounds file that cannot be used; the message names the compound and problem."""
+    """A compounds file that cannot be used; the message names the compound and problem.
+
+    Attributes
+    ----------
+    key
+        The config key whose file it is: ``data``, or ``reader.values`` for a file that
+        ``reader.*`` names.
+    """
+
+    def __init__(self, message: str, key: str = "data") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 _KEYS = ("name", "value", "poses", "properties")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 import combframe
 from combframe.app.building import Run, target_stats
+from combframe.app.config import saved_config
 from combframe.app.data import Compound
 from combframe.app.memory import process_peak_rss_mb
 from combframe.app.metrics import (
@@ -30,7 +31,7 @@ from combframe.app.metrics import (
     rmse,
 )
 from combframe.app.priors import log_priors
-from combframe.app.readers import skipped_note
+from combframe.app.readers import missing_note, skipped_note
 from combframe.app.runs import RunResult, tensorboard_note
 from combframe.app.saved import save_model
 from combframe.errors import CombframeError
@@ -82,9 +83,9 @@ def run_metrics(run: Run) -> RunResult:
     train_rmse = rmse(train_pred, train_target)
     _check_divergence(run, train_pred, train_target, test)
     p = run.progress
-    resolved = run.config.model_dump(mode="json")
+    combination = trained_combination(run)
     metrics: dict[str, Any] = {
-        "combination": resolved["combination"],
+        "combination": combination,
         "strategy": run.config.strategy,
         "strategy_chosen": _chosen(run),
         "device": str(run.device),
@@ -107,7 +108,18 @@ def run_metrics(run: Run) -> RunResult:
         "history": p.history,
         "versions": _versions(),
     }
-    return RunResult(combination=resolved["combination"], metrics=metrics, notes=notes)
+    return RunResult(combination=combination, metrics=metrics, notes=notes)
+
+
+def trained_combination(run: Run) -> dict[str, Any]:
+    """Return the run's resolved combination with its learned parameters' final values.
+
+    ``"learn"`` names the learned ones; the config holds only their starting values.
+    """
+    resolved: dict[str, Any] = run.config.model_dump(mode="json")["combination"]
+    combination = run.model.combination
+    settings = combination.settings()  # reads the learned values (a device sync, once)
+    return {**resolved, **{name: getattr(settings, name) for name in combination.learn}}
 
 
 def _check_divergence(run: Run, pred: Tensor, target: Tensor, test: dict[str, Any]) -> None:
@@ -151,6 +163,7 @@ def _held_out(run: Run) -> tuple[dict[str, Any], list[str]]:
         *baselines,
         tensorboard_note() if run.config.tensorboard else None,
         skipped_note(run.data.skipped),
+        missing_note((*run.data.train, *run.data.test)),
     ):
         if note is not None:
             notes.append(note)
@@ -236,7 +249,7 @@ def save_models(run: Run, folder: Path) -> None:
     """Write the final model and, with a validation split, the best one."""
     p = run.progress
     info = {
-        "config": run.config.model_dump(mode="json"),
+        "config": saved_config(run.config),
         "network": {"features": run.data.features, "kind": run.data.kind},
         "targets": list(run.data.targets),
         "versions": _versions(),

@@ -7,13 +7,21 @@ or molecules (:mod:`combframe.app.readers`): training, ``combframe predict`` and
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from combframe.app.config import ConfigError, TrainConfig
-from combframe.app.data import DataError, Dataset, load_compounds, make_dataset, split_compounds
+from combframe.app.data import (
+    Compound,
+    DataError,
+    Dataset,
+    load_compounds,
+    make_dataset,
+    split_compounds,
+)
 from combframe.app.priors import with_priors
 from combframe.app.readers import BUILT_IN, is_molecular, read_molecules
 
@@ -48,11 +56,33 @@ def load_data(config: TrainConfig, *, for_prediction: bool = False) -> Dataset:
         ``data: <file>: <record> (<compound>): <problem>`` for input that cannot be used;
         ``prior.field: ...`` or ``mask.field: ...`` for pose fields that cannot be.
     """
-    return with_priors(config, _load(config, for_prediction))
+    return _load(config, for_prediction)
+
+
+def _split(
+    config: TrainConfig,
+    compounds: Sequence[Compound],
+    for_prediction: bool,
+    source: str,
+    **extra: Any,
+) -> Dataset:
+    """Set the priors of ``compounds`` (file order), then split them (or keep all)."""
+    kept, skipped = with_priors(config, compounds, source)
+    extra["skipped"] = (*extra.get("skipped", ()), *skipped)
+    if skipped and len(kept) < (1 if for_prediction else 2):
+        what = "nothing to predict" if for_prediction else "training needs 2"
+        raise ConfigError(
+            f"reader.skip_invalid: {len(kept)} usable compound(s) left; {what} "
+            f"(the first left out: {skipped[0]})"
+        )
+    if for_prediction:
+        return Dataset(kept, (), source=source, **extra)
+    train_set, test_set = split_compounds(kept, config.test_fraction, config.seed)
+    return Dataset(train_set, test_set, source=source, **extra)
 
 
 def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
-    """Read and split the compounds of :func:`load_data`, without their priors."""
+    """Read and split the compounds of :func:`load_data`."""
     names = config.reader.targets
     if names and config.data is None:
         raise ConfigError(
@@ -60,7 +90,7 @@ def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
             "the built-in synthetic set has one value per compound"
         )
     if is_molecular(config.data):
-        return dataclasses.replace(_molecules(config, for_prediction), targets=names)
+        return _molecules(config, for_prediction)
     if config.data is not None and not config.data.suffix and not config.data.exists():
         raise ConfigError(
             f"data: {str(config.data)!r} is neither a file nor a built-in set "
@@ -77,6 +107,7 @@ def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
             seed=config.seed,
             dtype=dtype_of(config),
         )
+        with_priors(config, (), "built-in")  # refuses pose fields
         if for_prediction:
             every = (*built_in.train, *built_in.test)
             return Dataset(every, (), built_in.features, "built-in")
@@ -86,13 +117,12 @@ def _load(config: TrainConfig, for_prediction: bool) -> Dataset:
             config.data, dtype=dtype_of(config), values=not for_prediction, targets=names
         )
     except DataError as exc:
-        raise ConfigError(f"data: {exc}") from None
+        raise ConfigError(f"{exc.key}: {exc}") from None
     first = compounds[0].poses
     features = int(first.shape[-1]) if isinstance(first, Tensor) else 0
-    if for_prediction:
-        return Dataset(tuple(compounds), (), features, str(config.data), targets=names)
-    train_set, test_set = split_compounds(compounds, config.test_fraction, config.seed)
-    return Dataset(train_set, test_set, features, str(config.data), targets=names)
+    return _split(
+        config, compounds, for_prediction, str(config.data), features=features, targets=names
+    )
 
 
 def _molecules(config: TrainConfig, for_prediction: bool) -> Dataset:
@@ -101,8 +131,14 @@ def _molecules(config: TrainConfig, for_prediction: bool) -> Dataset:
             str(config.data), config.reader, dtype_of(config), values=not for_prediction
         )
     except DataError as exc:
-        raise ConfigError(f"data: {exc}") from None
-    if for_prediction:
-        return Dataset(tuple(read.compounds), (), 0, read.source, "molecules", read.skipped)
-    train_set, test_set = split_compounds(read.compounds, config.test_fraction, config.seed)
-    return Dataset(train_set, test_set, 0, read.source, "molecules", read.skipped)
+        raise ConfigError(f"{exc.key}: {exc}") from None
+    return _split(
+        config,
+        read.compounds,
+        for_prediction,
+        read.source,
+        features=0,
+        kind="molecules",
+        skipped=read.skipped,
+        targets=config.reader.targets,
+    )

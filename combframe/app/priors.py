@@ -29,14 +29,14 @@ from torch import Tensor
 
 import combframe
 from combframe.app.config import ConfigError, TrainConfig, did_you_mean
-from combframe.app.data import MMFF_ENERGY, Compound, Dataset
+from combframe.app.data import MMFF_ENERGY, Compound
 from combframe.app.models import pooled_dim
 
 __all__ = ["check_priors", "log_priors", "with_priors"]
 
 
 def _uses_fields(config: TrainConfig) -> bool:
-    return config.prior.field is not None or config.mask.field is not None
+    return bool(_fields_read(config))
 
 
 def check_priors(config: TrainConfig) -> None:
@@ -61,10 +61,24 @@ def _label(compound: Compound) -> str:
     return f"compound {compound.name!r}" if compound.name is not None else "a compound"
 
 
+def _why_missing(compound: Compound, name: str) -> str | None:
+    """Say why ``compound`` has no pose field ``name`` if the reader knows (else None)."""
+    why = (compound.missing or {}).get(name)
+    return None if why is None else f"{_label(compound)}: {why}, so it has no {name}"
+
+
+def _fields_read(config: TrainConfig) -> list[tuple[str, str]]:
+    """Return the ``(key, pose field)`` pairs of ``prior.field`` and ``mask.field`` set."""
+    pairs = (("prior.field", config.prior.field), ("mask.field", config.mask.field))
+    return [(key, name) for key, name in pairs if name is not None]
+
+
 def _field(compound: Compound, name: str, key: str) -> Tensor:
     """Return the ``(N,)`` values of the pose field ``name`` of ``compound``, or raise."""
     fields = dict(compound.properties or {})
     label = _label(compound)
+    if (why := _why_missing(compound, name)) is not None:
+        raise ConfigError(f"{key}: {why}; remove it from the input or use reader.skip_invalid=true")
     if name not in fields:
         known = ", ".join(sorted(fields)) or "none"
         hint = did_you_mean(name, list(fields))
@@ -115,28 +129,45 @@ def _log_weight(compound: Compound, config: TrainConfig) -> Tensor:
     return p.masked_fill(~keep, -math.inf)
 
 
-def with_priors(config: TrainConfig, data: Dataset) -> Dataset:
-    """Return ``data`` with every compound's ``prior`` set from ``config`` (if it asks).
+def with_priors(
+    config: TrainConfig, compounds: Sequence[Compound], source: str
+) -> tuple[tuple[Compound, ...], tuple[str, ...]]:
+    """Return ``compounds`` with every ``prior`` set from ``config`` (if it asks).
+
+    ``compounds`` are in file order (before the split), so an error names the first
+    compound of the file that has it. With ``reader.skip_invalid``, a compound whose
+    field is missing for a known reason (``mmff_energy`` of a molecule MMFF94 could not
+    minimise) is left out and counted.
+
+    Returns
+    -------
+    tuple
+        The compounds kept, and one line per compound left out.
 
     Raises
     ------
     ConfigError
         Naming the key, the compound and the pose: a field a compound lacks (with the
-        fields it has and the closest name), a pose without a finite value, a
-        probability outside ``(0, 1]``, a compound with every pose masked.
+        fields it has and the closest name, or why it has none), a pose without a finite
+        value, a probability outside ``(0, 1]``, a compound with every pose masked; the
+        built-in synthetic set (``source`` ``"built-in"``), which has no pose fields.
     """
     if not _uses_fields(config):
-        return data
-    if data.kind == "vectors" and data.source == "built-in":
+        return tuple(compounds), ()
+    if source == "built-in":
         raise ConfigError(
             "prior.field/mask.field: the built-in synthetic set has no pose fields; give "
             "data=... with per-pose numbers (docs/data.md)"
         )
-
-    def set_prior(compounds: Sequence[Compound]) -> tuple[Compound, ...]:
-        return tuple(dataclasses.replace(c, prior=_log_weight(c, config)) for c in compounds)
-
-    return dataclasses.replace(data, train=set_prior(data.train), test=set_prior(data.test))
+    kept, skipped = [], []
+    for compound in compounds:
+        if config.reader.skip_invalid:
+            why = [(k, w) for k, n in _fields_read(config) if (w := _why_missing(compound, n))]
+            if why:
+                skipped.append(f"{why[0][1]} ({why[0][0]})")
+                continue
+        kept.append(dataclasses.replace(compound, prior=_log_weight(compound, config)))
+    return tuple(kept), tuple(skipped)
 
 
 def log_priors(compounds: Sequence[Compound]) -> list[Tensor] | None:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from combframe.app.checkpoint import StopRequest, atomic_write, stop_on_signals
-from combframe.app.data import Compound, DataError
+from combframe.app.data import MMFF_ENERGY, Compound, DataError
 from combframe.errors import CombframeError
 
 if TYPE_CHECKING:
@@ -62,13 +62,14 @@ __all__ = [
     "ReadInterruptedError",
     "import_quietly",
     "is_molecular",
+    "missing_note",
     "read_molecules",
     "require_chem",
     "skipped_note",
 ]
 
 #: Bumped when the cached layout or the featurisation changes.
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5
 
 #: The built-in real data sets, by name: what they are (``--help`` and docs/data.md).
 BUILT_IN = {
@@ -184,6 +185,7 @@ class _Raw:
     poses: list[Atoms] = field(default_factory=list)
     props: list[dict[str, float]] = field(default_factory=list)
     hint: str = ""  # why it has no value, when a close name suggests one
+    missing: dict[str, str] = field(default_factory=dict)  # pose field -> why it has none
 
 
 #: The value of a compound whose entries conflict: reported already, left out.
@@ -202,6 +204,20 @@ def skipped_note(skipped: Sequence[str]) -> str | None:
         f"reader.skip_invalid left out {len(skipped)} record(s) or compound(s); the "
         f"first: {skipped[0]}"
     )
+
+
+def missing_note(compounds: Sequence[Compound]) -> str | None:
+    """Return the note that some compounds lack a pose field, and why (None if none do).
+
+    Conformers that ``reader.minimize`` could not minimise (MMFF94 has no parameters for
+    the molecule) are used as embedded; this says how many and which first.
+    """
+    lacking = [c for c in compounds if c.missing]
+    if not lacking:
+        return None
+    first = lacking[0]
+    field, why = next(iter(dict(first.missing or {}).items()))
+    return f"{len(lacking)} compound(s) have no {field}; the first, {first.name!r}: {why}"
 
 
 class ReadInterruptedError(CombframeError, KeyboardInterrupt):
@@ -529,13 +545,14 @@ def _conformers(
         where = f"{str(path)!r}: record {index} (compound {name!r})"
         value, hint = values.get(name) if values is not None else (value, "")
         try:
-            poses, fields = chem.conformer_ensemble(
+            poses, fields, problem = chem.conformer_ensemble(
                 smiles, opts.conformers, opts.conformer_seed, opts.minimize, opts.hydrogens
             )
         except chem.ChemError as exc:
             problems.report(where, str(exc))
             continue
-        out.append(_Raw(name, value, where, poses, fields, hint))
+        missing = {MMFF_ENERGY: f"{problem}; it was not minimised"} if problem else {}
+        out.append(_Raw(name, value, where, poses, fields, hint, missing))
     return out
 
 
@@ -717,11 +734,14 @@ def _inputs(source: str, opts: ReaderConfig) -> list[Path]:
     if source in BUILT_IN:
         return _built_in_files(source)
     path = _check_file(Path(source), "data file")
+    for key, option in (("reader.values", opts.values), ("reader.protein", opts.protein)):
+        if option is not None and not option.is_file():
+            raise DataError(f"file {str(option)!r} does not exist or is not a file", key)
     extra = [p for p in (opts.values, opts.protein) if p is not None]
     if _is_manifest(path):
         for entry in _manifest(path):
             extra += [p for p in (*entry.poses, entry.protein) if p is not None and p.is_file()]
-    return [path, *(_check_file(p, "file") for p in extra)]
+    return [path, *extra]
 
 
 def _read_raw(
@@ -746,7 +766,7 @@ def _read_raw(
             try:
                 protein = chem.read_protein(opts.protein, opts.hydrogens)
             except chem.ChemError as exc:
-                raise DataError(f"reader.protein {str(opts.protein)!r}: {exc}") from None
+                raise DataError(f"{str(opts.protein)!r}: {exc}", "reader.protein") from None
         if values is None and opts.target is None and values_needed:
             raise DataError(
                 f"{source!r}: say where the values are: reader.target=<SD property> or "
@@ -791,7 +811,13 @@ def _pack(
     poses = [p for r in raws for p in r.poses]
     names = sorted({k for r in raws for d in r.props for k in d})
     props = [[d.get(k, math.nan) for k in names] for r in raws for d in r.props]
-    meta = {"names": [r.name for r in raws], "properties": names, "skipped": skipped, "key": key}
+    meta = {
+        "names": [r.name for r in raws],
+        "properties": names,
+        "missing": [r.missing for r in raws],
+        "skipped": skipped,
+        "key": key,
+    }
     return {
         "pos": torch.from_numpy(np.concatenate([p.pos for p in poses])),
         "z": torch.from_numpy(np.concatenate([p.z for p in poses])),
@@ -834,6 +860,7 @@ def _unpack(packed: dict[str, Any], dtype: torch.dtype) -> tuple[list[Compound],
                 target=packed["target"][c].to(dtype),
                 name=meta["names"][c],
                 properties={k: block[:, j] for j, k in enumerate(meta["properties"])},
+                missing=meta["missing"][c] or None,
             )
         )
         start += count

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from combframe.app.checkpoint import atomic_write, write_status
-from combframe.app.config import ConfigError, TrainConfig
+from combframe.app.config import ConfigError, TrainConfig, saved_config
 from combframe.app.distributed import Ranks
 from combframe.errors import CombframeError
 
@@ -165,7 +165,7 @@ def create_run_dir(config: TrainConfig) -> Path:
             f"{exc.strerror or exc} ({where})"
         ) from None
     try:
-        _dump_config(folder, config.model_dump(mode="json"))
+        _dump_config(folder, saved_config(config))
         write_status(folder, "running")
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)

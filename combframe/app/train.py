@@ -39,7 +39,7 @@ from combframe.app.checkpoint import (
     stop_on_signals,
     write_status,
 )
-from combframe.app.config import TrainConfig
+from combframe.app.config import TrainConfig, saved_config
 from combframe.app.data import Compound, Dataset
 from combframe.app.distributed import Ranks
 from combframe.app.evaluation import (
@@ -180,7 +180,7 @@ def run_training(
             except OSError as exc:
                 raise RunWriteError(f"cannot write the model: {exc}", result) from None
     if folder is not None and ranks.main:
-        write_run(folder, config.model_dump(mode="json"), result)
+        write_run(folder, saved_config(config), result)
     return result
 
 
@@ -376,7 +376,7 @@ def _save_checkpoint(run: Run) -> None:
     p = run.progress
     state = {
         "format": 1,
-        "config": run.config.model_dump(mode="json"),
+        "config": saved_config(run.config),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "schedule": run.schedule.state_dict(),
