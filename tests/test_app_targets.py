@@ -337,6 +337,26 @@ def test_manifest_columns_as_targets_and_a_compound_without_any_value(tmp_path: 
         load_data(_config(f"data={smi}", "reader.target=[x,y]", base[2]))
 
 
+def test_a_smi_file_takes_several_targets_from_a_values_csv(tmp_path: Path) -> None:
+    """Like an SDF: ``reader.values`` with a column per target gives a .smi several targets."""
+    pytest.importorskip("rdkit")
+    smi = tmp_path / "series.smi"
+    smi.write_text("CCO a\nCCN b\nCCCO c\n")
+    values = tmp_path / "two.csv"
+    values.write_text("name,a,b\na,1.0,2.0\nb,1.5,\nc,2.0,3.0\n")
+    config = _config(
+        f"data={smi}",
+        f"reader.values={values}",
+        "reader.target=[a,b]",
+        "reader.conformers=1",
+        f"reader.cache_dir={tmp_path / 'c'}",
+    )
+    data = load_data(config)
+    every = {c.name: c.target.tolist() for c in (*data.train, *data.test)}
+    assert every["a"] == [1.0, 2.0] and every["c"] == [2.0, 3.0]
+    assert every["b"][0] == 1.5 and math.isnan(every["b"][1])
+
+
 @pytest.mark.slow
 def test_two_targets_under_torchrun_match_one_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -482,10 +482,11 @@ def _smiles_rows(
 ) -> list[tuple[str, str, Value | None]]:
     """``(name, smiles, value)`` per line of a ``.smi`` (SMILES name) or a CSV with a header."""
     if path.suffix.lower() == ".smi":
-        if opts.targets:
+        if opts.targets and opts.values is None:
             raise DataError(
                 f"{str(path)!r}: a .smi file holds one value per line; for several targets "
-                "use a SMILES CSV with a column per target, or reader.values=<CSV>"
+                "use a SMILES CSV with a column per target, or give reader.values=<CSV> "
+                "with a name column and a column per target"
             )
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
