@@ -181,6 +181,12 @@ def test_an_ensemble_of_runs_with_other_priors_is_refused(tmp_path: Path) -> Non
             "mask.field: every pose of compound 'c1' has keep = 0; keep at least one",
         ),
         (
+            ["mask.field=keep"],
+            {"c1": {"keep": [1, 0.5]}},
+            "mask.field: pose 1 of compound 'c1': keep is 0.5, not 0 or 1: a mask keeps (1) "
+            "or drops (0) a pose; for fractional weights use prior.field=keep",
+        ),
+        (
             ["prior.field=mmff_energy", "prior.kind=energy"],
             {},
             "prior.field: compound 'c0' has no pose field 'mmff_energy' (its pose fields: "

@@ -137,6 +137,8 @@ def test_a_combination_without_a_prior_refuses_it_by_name() -> None:
         ({"prior": torch.zeros(2)}, "shape \\(2,\\), but the call has 3 poses"),
         ({"prior": torch.tensor([0.0, float("nan"), 0.0])}, "NaN or \\+inf"),
         ({"mask": torch.zeros(3, dtype=torch.bool)}, "every pose masked"),
+        ({"mask": torch.tensor([1.0, 0.5, 2.0])}, "other than 0 and 1 at poses \\[1, 2\\]"),
+        ({"mask": torch.tensor([1.0, float("nan"), 1.0])}, "fractional weights give a prior"),
     ],
 )
 def test_bad_priors_are_refused_before_any_work(side: dict[str, Tensor], match: str) -> None:
@@ -145,6 +147,14 @@ def test_bad_priors_are_refused_before_any_work(side: dict[str, Tensor], match: 
     with pytest.raises(combframe.CombinationError, match=match):
         model(make_poses(3), **side)
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_a_mask_of_0_1_numbers_is_the_bool_mask() -> None:
+    model = combframe.MultiPoseModel(make_mlp(), "boltzmann")
+    poses = make_poses(3)
+    want = model(poses, mask=torch.tensor([True, False, True]))[0]
+    for keep in (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1, 0, 1])):
+        assert torch.equal(model(poses, mask=keep)[0], want)
 
 
 def test_forward_compounds_takes_the_prior_too() -> None:

@@ -215,7 +215,7 @@ class MaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     field: str | None = Field(
-        None, description="Pose field: nonzero keeps the pose, 0 leaves it out; null: no mask."
+        None, description="Pose field: 1 keeps the pose, 0 leaves it out; null: no mask."
     )
 
 

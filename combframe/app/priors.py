@@ -103,7 +103,17 @@ def _log_weight(compound: Compound, config: TrainConfig) -> Tensor:
     """Return ``compound``'s ``(N,)`` log prior weights (float64; ``-inf``: masked)."""
     keep = torch.ones(len(compound.poses), dtype=torch.bool)
     if config.mask.field is not None:
-        keep = _field(compound, config.mask.field, "mask.field") != 0
+        x = _field(compound, config.mask.field, "mask.field")
+        odd = ((x != 0) & (x != 1)).nonzero()
+        if len(odd):
+            pose = int(odd[0])
+            raise ConfigError(
+                f"mask.field: pose {pose} of {_label(compound)}: {config.mask.field} is "
+                f"{float(x[pose]):g}, not 0 or 1: a mask keeps (1) or drops (0) a pose; for "
+                f"fractional weights use prior.field={config.mask.field} (prior.kind: "
+                "probability or log_weight)"
+            )
+        keep = x == 1
         if not keep.any():
             raise ConfigError(
                 f"mask.field: every pose of {_label(compound)} has {config.mask.field} "

@@ -99,7 +99,9 @@ def log_prior(
     ------
     CombinationError
         If the combination does not take a prior (``takes_prior``), a shape does not
-        match the poses, a prior is NaN or ``+inf``, or a compound has every pose masked.
+        match the poses, a prior is NaN or ``+inf``, a mask holds a value other than 0
+        and 1 (a mask keeps or drops a pose; a fractional weight is a prior), or a
+        compound has every pose masked.
     """
     p, keep = _flat("prior", prior, segments), _flat("mask", mask, segments)
     if p is None and keep is None:
@@ -113,11 +115,20 @@ def log_prior(
     if p is None:
         p = torch.zeros(len(segments.owner), device=segments.index.device)
     p = p.to(torch.promote_types(p.dtype, torch.float32))
+    odd = torch.zeros((), dtype=torch.bool, device=p.device)
     if keep is not None:
-        p = p.masked_fill(~keep.bool(), -torch.inf)
+        odd = ((keep != 0) & (keep != 1)).any()
+        p = p.masked_fill(keep != 1, -torch.inf)
     finite = p.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
     best = segment_max(finite, segments.index, segments.count)
-    bad = torch.stack([(best == torch.inf).any(), (best == -torch.inf).any()]).tolist()
+    bad = torch.stack([(best == torch.inf).any(), (best == -torch.inf).any(), odd]).tolist()
+    if bad[2]:
+        poses = torch.nonzero((keep != 0) & (keep != 1)).flatten().tolist()
+        raise CombinationError(
+            f"the mask holds values other than 0 and 1 at poses {poses[:10]}: a mask keeps "
+            "(1, True) or drops (0, False) a pose; for fractional weights give a prior "
+            "(prior=, a log weight per pose)"
+        )
     if bad[0]:
         poses = torch.nonzero(finite == torch.inf).flatten().tolist()
         raise CombinationError(
