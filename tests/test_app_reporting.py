@@ -117,6 +117,18 @@ def test_a_learned_kt_is_reported_with_its_final_value(
     assert f"combination  boltzmann(kT={final:.5g} (learned))" in capsys.readouterr().out
 
 
+def test_a_seeds_run_reports_each_seeds_learned_kt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--no-progress", *FAST, "compounds=12", "lr=0.05", "--seeds", "2"]
+    args += ["combination.name=boltzmann", "combination.learn=[kT]", f"output_dir={tmp_path}"]
+    assert main([*args, "name=s"]) == 0
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        final = float(load(tmp_path / "s" / f"seed-{seed}").combination.settings().kT)
+        assert f"  seed={seed} kT={final:.5g} (learned)  " in out, out
+
+
 # ---- molecules MMFF94 cannot minimise ---------------------------------------------------
 
 

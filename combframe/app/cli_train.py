@@ -12,7 +12,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from combframe.app.console import EXIT_FAILED, EXIT_OK, UsageError, count, describe, fmt, say
+from combframe.app.console import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    count,
+    describe,
+    describe_learned,
+    fmt,
+    say,
+)
 
 __all__ = ["cmd_train"]
 
@@ -214,6 +223,18 @@ def _intervals(test: dict[str, Any]) -> str:
     return "   ".join(cells)
 
 
+def _row_label(result: Any, by_name: bool) -> str:
+    """Return a table row's first cell: the combination, or the label and learned values.
+
+    ``--compare combination.name`` names the combination; other runs give their label
+    and the values their combination learned (``seed=1 kT=0.98559 (learned)``).
+    """
+    if by_name:
+        return describe(result.metrics["combination"])
+    learned = describe_learned(result.metrics["combination"])
+    return f"{result.label} {learned}" if learned else str(result.label)
+
+
 def _print_table(results: Sequence[Any]) -> None:
     from combframe.app.memory import format_bytes
 
@@ -221,7 +242,7 @@ def _print_table(results: Sequence[Any]) -> None:
     validated = all(r.metrics.get("validation") for r in results)
     rows = [
         (
-            describe(r.metrics["combination"]) if by_name else r.label,
+            _row_label(r, by_name),
             *([fmt(r.metrics["validation"]["final_rmse"])] if validated else []),
             fmt(r.metrics["test"]["rmse"]),
             fmt(r.metrics["test"]["pearson"]),

@@ -70,8 +70,21 @@ def describe(combination: dict[str, Any]) -> str:
     """
     learned = set(combination.get("learn", ()))
     params = ", ".join(
-        f"{k}={v:.5g} (learned)" if k in learned else f"{k}={v!r}"
+        _learned(k, v) if k in learned else f"{k}={v!r}"
         for k, v in combination.items()
         if k not in ("name", "learn")
     )
     return f"{combination['name']}({params})"
+
+
+def describe_learned(combination: dict[str, Any]) -> str:
+    """Write the learned parameters of a resolved combination: ``kT=0.98559 (learned)``.
+
+    Empty when it learns none; as :func:`describe` marks them.
+    """
+    return ", ".join(_learned(k, combination[k]) for k in combination.get("learn", ()))
+
+
+def _learned(key: str, value: float) -> str:
+    """Write one learned parameter and its value."""
+    return f"{key}={value:.5g} (learned)"
