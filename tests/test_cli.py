@@ -309,7 +309,9 @@ def test_check_runs_vector_outputs(
     out = capsys.readouterr().out
     assert "3 value(s) per pose" in out and "PASS boltzmann" in out
     assert main(["check", "gated_attention", "dim=2", "hidden=3", "--seeds", "0"]) == 0
-    assert asked == [3, 2]  # a pooling combination: its dim
+    assert main(["check", "gated_attention", "hidden=3", "--outputs", "4", "--seeds", "0"]) == 0
+    assert asked == [3, 2, 4]  # a pooling combination: its dim, or --outputs without dim=
+    assert "gated_attention(dim=4, " in capsys.readouterr().out
 
 
 def test_check_fails_for_the_wrong_plugin(tmp_path: Path) -> None:
@@ -345,6 +347,7 @@ def test_list_shows_third_party_plugins_and_load_errors(tmp_path: Path) -> None:
         (["check", "max", "--poses", "x"], "--poses"),
         (["check", "max", "--outputs", "0"], "--outputs"),
         (["check", "gated_attention", "dim=4", "--outputs", "3"], "dim=4"),
+        (["check", "gated_attention"], "dim: Field required: give dim=<values per pose>"),
         (["check"], "NAME"),
         (["frobnicate"], "frobnicate"),
         (["check", "max", "--fast"], "--fast"),

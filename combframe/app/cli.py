@@ -223,7 +223,8 @@ def _check_params(items: Sequence[str]) -> dict[str, Any]:
     return params
 
 
-def _checked_combination(name: str | None, params: dict[str, Any]) -> Any:
+def _checked_combination(name: str | None, params: dict[str, Any], outputs: int | None) -> Any:
+    """Build the combination to check; ``--outputs`` gives a pooling one's ``dim`` if unset."""
     from pydantic import ValidationError
 
     import combframe
@@ -235,6 +236,8 @@ def _checked_combination(name: str | None, params: dict[str, Any]) -> Any:
             "give the NAME of the combination to check, e.g. `combframe check max` "
             f"(installed: {installed}); KEY=VALUE parameters are optional"
         )
+    if outputs is not None and "dim" not in params and _pools(name):
+        params = {**params, "dim": outputs}
     try:
         config = combframe.CombinationConfig.model_validate({"name": name, **params})
     except ValidationError as exc:
@@ -242,8 +245,18 @@ def _checked_combination(name: str | None, params: dict[str, Any]) -> Any:
     return config.build()
 
 
+def _pools(name: str) -> bool:
+    """Whether the installed combination ``name`` pools (False if there is none)."""
+    import combframe
+
+    try:
+        return bool(combframe.get_combination_class(name).pools)
+    except combframe.CombframeError:
+        return False  # the validation below names the unknown combination
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
-    combination = _checked_combination(args.name, _check_params(args.params))
+    combination = _checked_combination(args.name, _check_params(args.params), args.outputs)
     print(
         f"check {describe(combination.to_config())}: float64 gradients against the "
         "full-graph reference"
@@ -439,7 +452,10 @@ def _add_check(sub: Any) -> None:
         type=_positive_int,
         default=None,
         metavar="D",
-        help="values per pose of the random models, D >= 1 (1; a pooling combination: its dim)",
+        help=(
+            "values per pose of the random models, D >= 1 (1; a pooling combination: its "
+            "dim, which D gives when dim= is left out)"
+        ),
     )
     p.set_defaults(func=_cmd_check)
 

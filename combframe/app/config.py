@@ -549,6 +549,8 @@ def format_validation_error(
         if err["type"] != "missing" and "input" in err and repr(err["input"]) not in msg:
             got = f" (got {err['input']!r})"
         known = ""
+        if err["type"] == "missing" and err["loc"][-1:] == ("dim",):
+            known = f": give {loc}=<values per pose> (a pooling combination's embedding size)"
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
             if known_fields and len(err["loc"]) == 1:
