@@ -115,15 +115,16 @@ def log_prior(
     if p is None:
         p = torch.zeros(len(segments.owner), device=segments.index.device)
     p = p.to(torch.promote_types(p.dtype, torch.float32))
-    odd = torch.zeros((), dtype=torch.bool, device=p.device)
+    odd = torch.zeros_like(p, dtype=torch.bool)  # mask values other than 0 and 1
     if keep is not None:
-        odd = ((keep != 0) & (keep != 1)).any()
+        odd = (keep != 0) & (keep != 1)
         p = p.masked_fill(keep != 1, -torch.inf)
     finite = p.nan_to_num(nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
     best = segment_max(finite, segments.index, segments.count)
-    bad = torch.stack([(best == torch.inf).any(), (best == -torch.inf).any(), odd]).tolist()
+    checks = [(best == torch.inf).any(), (best == -torch.inf).any(), odd.any()]
+    bad = torch.stack(checks).tolist()
     if bad[2]:
-        poses = torch.nonzero((keep != 0) & (keep != 1)).flatten().tolist()
+        poses = torch.nonzero(odd).flatten().tolist()
         raise CombinationError(
             f"the mask holds values other than 0 and 1 at poses {poses[:10]}: a mask keeps "
             "(1, True) or drops (0, False) a pose; for fractional weights give a prior "
