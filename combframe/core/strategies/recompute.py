@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -11,7 +12,7 @@ from typing_extensions import override
 
 from combframe.core.batch import Segments
 from combframe.core.combination import Combination
-from combframe.core.gradients import PoseGradients
+from combframe.core.gradients import ParamLayout, PoseGradients
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.replay import (
@@ -184,9 +185,6 @@ class _RecomputedGradients(PoseGradients):
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:
         runner = self.runner
-        layout = self.layout
-        flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
-        acc = layout.views(flat)
         pose_acc: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
@@ -205,6 +203,7 @@ class _RecomputedGradients(PoseGradients):
             order = [order[-1], *order[:-1]]  # the kept graph first, then re-runs
         else:
             self.kept = None  # the last chunk contributes nothing: free its graph
+        sums = _ParamSums(self.layout, len(order) - len(probe))
         try:
             for k in order:
                 s, e = self.chunks[k]
@@ -213,7 +212,7 @@ class _RecomputedGradients(PoseGradients):
                     del chunk
                     continue
                 params, pose = chunk.grads(coeffs[s:e].to(chunk.pred.dtype))
-                torch._foreach_add_(acc, list(params))
+                sums.add(params)
                 for slot, g in pose:
                     prev = pose_acc[slot]
                     pose_acc[slot] = g if prev is None else prev + g
@@ -221,7 +220,39 @@ class _RecomputedGradients(PoseGradients):
             self._verify()
         finally:
             self.deviation = []
-        return [*layout.unflatten(flat), *pose_acc]
+        return [*sums.result(), *pose_acc]
+
+
+@final
+class _ParamSums:
+    """The parameters' gradients summed over ``n`` chunks, in the layout's (widest) dtype.
+
+    With one chunk its gradients are returned as ``autograd.grad`` gave them: no
+    buffer, no copy. With more, the first chunk's are copied once into owned sums (they
+    may be views of one another or of the coefficients, so they are never written) and
+    each later chunk is added in place: one ``P``-sized sum beside one chunk's
+    gradients, as a zeroed buffer would hold, and the same values (:math:`0 + g = g`).
+    """
+
+    def __init__(self, layout: ParamLayout, n: int) -> None:
+        self.layout = layout
+        self.n = n
+        self.sums: list[Tensor] | None = None
+
+    def add(self, grads: Sequence[Tensor]) -> None:
+        """Add one chunk's gradients (one per parameter of the layout)."""
+        dtype = self.layout.dtype
+        if self.sums is not None:
+            torch._foreach_add_(self.sums, list(grads))
+        else:
+            self.sums = [g.to(dtype, copy=self.n > 1) for g in grads]
+
+    def result(self) -> list[Tensor]:
+        """Each parameter's gradient in its own dtype (zeros when no chunk contributed)."""
+        params = self.layout.params
+        if self.sums is None:
+            return [torch.zeros_like(p) for p in params]
+        return [g.to(p.dtype) for g, p in zip(self.sums, params, strict=True)]
 
 
 @dataclass(frozen=True)
