@@ -201,9 +201,16 @@ class _SegmentValue(torch.nn.Module):
 
     @override
     def forward(self, preds: Tensor, index: Tensor, count: int, prior: Tensor | None) -> Tensor:
-        if prior is None:
-            return self.combination.segment_value(preds, index, count)
-        return self.combination.segment_value(preds, index, count, prior=prior.to(preds.dtype))
+        return _segment_value(self.combination, preds, index, count, prior)
+
+
+def _segment_value(
+    combination: Combination, preds: Tensor, index: Tensor, count: int, prior: Tensor | None
+) -> Tensor:
+    """``combination.segment_value`` with the prior, if any, in the predictions' dtype."""
+    if prior is None:
+        return combination.segment_value(preds, index, count)
+    return combination.segment_value(preds, index, count, prior=prior.to(preds.dtype))
 
 
 def combined_values(
@@ -217,9 +224,8 @@ def combined_values(
     ``held`` replaces the combination's own parameters (by name) for this evaluation.
     """
     args = (preds, segments.index, segments.count, segments.prior)
-    if not held:
-        value: Tensor = _SegmentValue(combination)(*args)
-        return value
+    if not held:  # the combination's own parameters: no module around it is needed
+        return _segment_value(combination, *args)
     named = {f"combination.{n}": v for n, v in held.items()}
     out: Tensor = torch.func.functional_call(_SegmentValue(combination), named, args)
     return out

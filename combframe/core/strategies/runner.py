@@ -89,7 +89,9 @@ class PoseRunner:
         self.pose_inputs: tuple[Tensor, ...] = ()
         #: Each pose's tensors, flattened once by :meth:`scan`.
         self.leaves: list[list[Tensor]] = []
-        self.targets = GradTargets(ParamLayout(self.params, device))
+        #: The parameters' layout, made once (the targets before any graph was walked).
+        self.param_layout = ParamLayout(self.params, device)
+        self.targets = GradTargets(self.param_layout)
         self.discovered = False
         #: Ids of the targets some pose graph run so far has reached (see ``discover``).
         self.used: set[int] = set()
@@ -124,10 +126,11 @@ class PoseRunner:
         params = {id(p) for p in self.params}
         grad = torch.is_grad_enabled()
         self.leaves = [list(each_tensor(pose)) for pose in poses]
+        check, device = not self.move_poses, self.device
         for i, leaves in enumerate(self.leaves):
             for t in leaves:
-                if not self.move_poses:
-                    self._check_device(i, t)
+                if check and t.device != device:
+                    self._check_device(i, t)  # raises
                 if grad and t.requires_grad and id(t) not in params:
                     found.setdefault(id(t), t)
                     mine = readers.setdefault(id(t), [])
@@ -140,7 +143,7 @@ class PoseRunner:
         self.readers = [readers[id(t)] for t in self.pose_inputs]
         #: The leaf pose tensors that did not require grad (see ``_watched``).
         self.inert = tuple(inert)
-        self.targets = GradTargets(ParamLayout(self.params, self.device), self.pose_inputs)
+        self.targets = GradTargets(self.param_layout, self.pose_inputs)
 
     def chunks(self, m: int, start: int = 0) -> list[tuple[int, int]]:
         """``(start, stop)`` of each chunk of a flat list of ``m`` poses."""
@@ -180,7 +183,10 @@ class PoseRunner:
         """Return the ``(b,)`` or ``(b, d)`` predictions of ``b`` poses (a graph in grad mode)."""
         if torch.is_grad_enabled():
             self._mark = _graph_mark()
-        placed = [self.place(start + k, pose, aliases) for k, pose in enumerate(poses)]
+        if aliases or self.move_poses:
+            placed = [self.place(start + k, pose, aliases) for k, pose in enumerate(poses)]
+        else:  # nothing to substitute or move: the poses as they are
+            placed = list(poses)
         alone = not self.batched and not collated_alone(placed[0])
         batch = placed[0] if alone else self.collate(placed)
         if torch.is_grad_enabled() and (not self.discovered or self.makes_leaves):
