@@ -161,10 +161,11 @@ class PoseGradients(ABC):
 
     def __init__(self, targets: GradTargets | ParamLayout, used: set[int] | None = None) -> None:
         self.targets = targets if isinstance(targets, GradTargets) else GradTargets(targets)
-        self.versions = tuple(t._version for t in self.targets.inputs)
+        self.versions = [t._version for t in self.targets.inputs]
         self.used = used
-        #: ``(pose, tensor, version)`` of every tensor in the poses (see :meth:`watch`).
-        self.pose_versions: tuple[tuple[int, Tensor, int], ...] = ()
+        #: Each pose's tensors, and the version counter of each, flat (see :meth:`watch`).
+        self.pose_leaves: Sequence[Sequence[Tensor]] = ()
+        self.pose_versions: list[int] = []
 
     def watch(self, leaves: Sequence[Sequence[Tensor]]) -> None:
         """Note the version counter of every pose tensor, as the forward left it.
@@ -174,9 +175,8 @@ class PoseGradients(ABC):
         before the backward, in every strategy: the gradients kept (or the re-runs made)
         describe the values the forward saw.
         """
-        self.pose_versions = tuple(
-            (i, t, t._version) for i, pose in enumerate(leaves) for t in pose
-        )
+        self.pose_leaves = leaves
+        self.pose_versions = [t._version for pose in leaves for t in pose]
 
     def prune(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Give every input no pose graph reached ``None``, and every one reached a tensor.
@@ -200,7 +200,15 @@ class PoseGradients(ABC):
         parameter changed in between (``optimizer.step()`` before ``backward``) would get
         the gradient of values it no longer has.
         """
-        for k, (t, version) in enumerate(zip(self.targets.inputs, self.versions, strict=True)):
+        inputs = self.targets.inputs
+        if [t._version for t in inputs] != self.versions:  # one pass; the culprit if not
+            self._input_changed(inputs)
+        if [t._version for pose in self.pose_leaves for t in pose] != self.pose_versions:
+            self._pose_changed()
+
+    def _input_changed(self, inputs: Sequence[Tensor]) -> None:
+        """Raise for the first input whose version counter moved."""
+        for k, (t, version) in enumerate(zip(inputs, self.versions, strict=True)):
             if t._version != version:
                 what = "parameter" if k < len(self.layout.params) else "pose tensor"
                 raise CombinationError(
@@ -210,7 +218,11 @@ class PoseGradients(ABC):
                     "backward before changing parameters or poses (optimizer.step() after "
                     "loss.backward())"
                 )
-        for i, t, version in self.pose_versions:
+
+    def _pose_changed(self) -> None:
+        """Raise for the first pose tensor whose version counter moved."""
+        found = ((i, t) for i, pose in enumerate(self.pose_leaves) for t in pose)
+        for (i, t), version in zip(found, self.pose_versions, strict=True):
             if t._version != version:
                 raise StrategyError(
                     f"a tensor of pose {i} (shape {tuple(t.shape)}) was modified in place "

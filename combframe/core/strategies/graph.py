@@ -15,12 +15,14 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+#: A leaf whose view is a new autograd node: the probe of :func:`_graph_mark`.
+_PROBE = torch.empty(0, requires_grad=True)
+
 
 def _graph_mark() -> int:
     """Return a sequence number below that of every autograd node created from now on."""
     with torch.enable_grad():
-        probe = torch.empty(0, requires_grad=True)
-        node = probe.view(0).grad_fn
+        node = _PROBE.view(0).grad_fn
     assert node is not None
     return int(node._sequence_nr())
 

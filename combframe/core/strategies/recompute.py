@@ -244,15 +244,20 @@ class _ParamSums:
         dtype = self.layout.dtype
         if self.sums is not None:
             torch._foreach_add_(self.sums, list(grads))
+        elif self.n > 1:
+            self.sums = [g.to(dtype, copy=True) for g in grads]
         else:
-            self.sums = [g.to(dtype, copy=self.n > 1) for g in grads]
+            self.sums = [g if g.dtype == dtype else g.to(dtype) for g in grads]
 
     def result(self) -> list[Tensor]:
         """Each parameter's gradient in its own dtype (zeros when no chunk contributed)."""
         params = self.layout.params
         if self.sums is None:
             return [torch.zeros_like(p) for p in params]
-        return [g.to(p.dtype) for g, p in zip(self.sums, params, strict=True)]
+        return [
+            g if g.dtype == p.dtype else g.to(p.dtype)
+            for g, p in zip(self.sums, params, strict=True)
+        ]
 
 
 @dataclass(frozen=True)
