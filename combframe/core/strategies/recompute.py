@@ -189,7 +189,8 @@ class _RecomputedGradients(PoseGradients):
         # One host sync per backward: chunks whose c_i are all zero contribute nothing.
         step = runner.chunk_size
         nonzero = coeffs.reshape(coeffs.shape[0], -1).ne(0).any(1)  # (M,) or (M, d)
-        active = sorted({i // step for i in torch.nonzero(nonzero).flatten().tolist()})
+        hit = torch.nonzero(nonzero).flatten() // step  # the chunk of each, ascending
+        active: list[int] = hit.unique_consecutive().tolist()
         # A skipped chunk still runs forward if it holds a pose tensor no graph has
         # reached yet: reached, the tensor gets a gradient of zeros, as in the full graph.
         unseen = [
