@@ -407,7 +407,7 @@ class Mixed(torch.nn.Module):
         return self.net(x) * self.scale
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 2, 8])  # 8: one chunk holds every pose
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_parameters_of_mixed_dtypes_get_exact_gradients_in_their_own_dtype(
     strategy: str, chunk: int

@@ -32,7 +32,8 @@ class Recompute(Strategy):
     r"""Forward without graphs; backward re-runs each chunk and back-propagates its ``c``.
 
     Memory stays flat in the number of poses: one chunk graph and one ``P``-sized
-    accumulator. The last chunk runs with a graph in the forward (to validate the
+    accumulator (none when a single chunk contributes: its gradients are returned as
+    ``autograd.grad`` gives them). The last chunk runs with a graph in the forward (to validate the
     prediction and find what it depends on) and that graph is kept for the backward,
     which starts with it; the other chunks are re-run. Each chunk's backward is one
     ``autograd.grad`` with
