@@ -34,12 +34,15 @@ from typing import Any
 import torch
 from _graph import GraphModel, graph_collate, make_graph_poses
 from _models import MODELS
-from _timing import interleaved
+from _timing import cpu, interleaved, wall
 from torch import Tensor, nn
 
 import combframe
 
 Step = Callable[[], object]
+#: How a step is timed: wall clock, or CPU time of the thread (``--clock cpu``).
+CLOCKS = {"wall": wall, "cpu": cpu}
+_clock = [wall]
 MIXES = ((64, 1), (32, 2), (8, 8), (1, 64))
 
 
@@ -100,7 +103,7 @@ def _interleaved(steps: dict[str, Step], reps: int, seed: int = 0) -> dict[str, 
     """Median seconds per step of each method, run in a shuffled order per repeat."""
     for step in steps.values():  # warm up (and let store decide its path)
         step()
-    times = interleaved(steps, reps, random.Random(seed))
+    times = interleaved(steps, reps, random.Random(seed), timer=_clock[0])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -214,15 +217,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--suite", choices=("core", "auto"), default="core")
+    parser.add_argument("--reps", type=int, help="interleaved repeats (default 7)")
+    parser.add_argument(
+        "--clock", choices=tuple(CLOCKS), default="wall", help="time steps by wall or CPU time"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    reps = 3 if args.quick else 7
+    reps = args.reps or (3 if args.quick else 7)
+    _clock[0] = CLOCKS[args.clock]
     if args.suite == "auto":
         _report_auto(auto_suite(reps), args.json)
         return
     results = {
         "torch": torch.__version__,
         "reps": reps,
+        "clock": args.clock,
         "compounds": compounds_suite(reps),
         "store": store_suite(reps),
         "overhead": overhead_suite(reps),
