@@ -170,8 +170,8 @@ class PoseGradients(ABC):
     def watch(self, leaves: Sequence[Sequence[Tensor]]) -> None:
         """Note the version counter of every pose tensor, as the forward left it.
 
-        ``leaves`` holds each pose's tensors, flattened once per forward (the runner's
-        ``leaves``). :meth:`check_unchanged` then refuses a pose tensor changed in place
+        ``leaves`` holds each pose's tensors (as :func:`combframe.core.tree.flatten`
+        found them). :meth:`check_unchanged` then refuses a pose tensor changed in place
         before the backward, in every strategy: the gradients kept (or the re-runs made)
         describe the values the forward saw.
         """
