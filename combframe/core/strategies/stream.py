@@ -32,9 +32,17 @@ class Stream(Strategy):
     :class:`~combframe.core.combination.StreamingCombination`. Exact for losses on the
     combined predictions; a loss on the per-pose predictions raises in backward.
 
-    For each compound, with log weights :math:`a_i`, features :math:`\phi_i` (centred on
-    the compound's first prediction) and running maximum :math:`m`, a chunk holding poses
-    :math:`i \in B` of the compound updates, as the online softmax of FlashAttention,
+    A compound whose poses all lie in one chunk of the runner keeps no sums: its chunk
+    runs without a graph (the last one with a graph kept for the backward) and is re-run
+    in the backward once :math:`\partial L/\partial G` is known, back-propagated once
+    with :math:`c_i = \partial L/\partial y_i` from autograd through the combination on
+    the detached predictions, built in the forward (as recompute does:
+    :mod:`combframe.core.strategies.rerun`).
+
+    For each compound whose poses span chunks, with log weights :math:`a_i`, features
+    :math:`\phi_i` (centred on the compound's first prediction) and running maximum
+    :math:`m`, a chunk holding poses :math:`i \in B` of the compound updates, as the
+    online softmax of FlashAttention,
 
     .. math::
 
@@ -54,6 +62,14 @@ class Stream(Strategy):
     with a gradient hook on an activation is refused. With ``d`` values per pose the
     sums are taken along per-pose directions in output space, an online softmax per
     column for a column-wise combination (:mod:`combframe.core.strategies.terms`).
+
+    Parameters
+    ----------
+    check
+        Compare every chunk re-run in the backward with the forward and raise
+        :class:`~combframe.StrategyError` before any gradient is returned if they differ,
+        as ``Recompute(check=True)`` does. Pass ``False`` for a model known to be
+        deterministic.
     """
 
     name = "stream"
