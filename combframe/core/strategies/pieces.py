@@ -59,17 +59,16 @@ class Plan:
         ):
             self.rank[c] = (r, first)
         device = segments.index.device
-        spanning = Segments.from_sizes([sizes[c] for c in ids], device)
+        self.spanning = segments  # every compound spans chunks: the batch's own
         self.deferred: Tensor | None = None
         if len(ids) < segments.count:
             flags = torch.tensor(self.spans, device=device)
             self.deferred = ~flags[segments.index]
+            spanning = Segments.from_sizes([sizes[c] for c in ids], device)
             if segments.prior is not None:
                 kept = segments.prior[~self.deferred]
                 spanning = dataclasses.replace(spanning, prior=kept)
-        elif segments.prior is not None:
-            spanning = dataclasses.replace(spanning, prior=segments.prior)
-        self.spanning = spanning
+            self.spanning = spanning
         self.ids = torch.tensor(ids, dtype=torch.long, device=device)
 
     def pieces(self, chunks: list[tuple[int, int]], split: bool) -> list[Piece]:
