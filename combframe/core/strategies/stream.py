@@ -97,8 +97,9 @@ class Stream(Strategy):
         device = runner.device
         plan = Plan(segments, runner.chunk_size)
         sums = _StreamSums(plan.spanning.count, _scalar_dtype(device), device)
-        deferred = plan.deferred is not None
-        reruns = Reruns(runner, poses, ("stream", "Stream(check=False)"), self.check)
+        reruns = None
+        if plan.deferred is not None:  # compounds inside one chunk: re-run in the backward
+            reruns = Reruns(runner, poses, ("stream", "Stream(check=False)"), self.check)
         preds: list[Tensor] = []
         # On the CPU reading a scalar costs nothing, so the bookkeeping runs on Python
         # floats there and backward rows whose weights are all zero (a sharp smooth-min
@@ -117,7 +118,7 @@ class Stream(Strategy):
             keep = not spanning and k == len(plan_pieces) - 1
             snapshot = split.snapshot(piece)
             run = functools.partial(self._run, runner, poses, s, e, spanning or keep)
-            chunk = reruns.run(s, e, run, again=b > a) if deferred else run()
+            chunk = run() if reruns is None else reruns.run(s, e, run, again=b > a)
             kept = chunk if keep else None
             if sums.terms is None:
                 sums.shape(StreamTerms(combination, runner.width or 1))
@@ -133,8 +134,9 @@ class Stream(Strategy):
             k += 1
         sums.finish()
         stacked = torch.cat(preds)
-        reruns.finish(stacked, kept)
-        source = _StreamedGradients(runner, sums, plan, reruns if deferred else None)
+        if reruns is not None:
+            reruns.finish(stacked, kept)
+        source = _StreamedGradients(runner, sums, plan, reruns)
         source.watch(runner.leaves)
         source.local = (combination, stacked, segments)
         return stacked, source
