@@ -367,3 +367,28 @@ def test_no_sums_are_kept_for_compounds_inside_a_chunk(chunk: int) -> None:
         monkey.undo()
     sums = seen[0].sums
     assert sums.acc.shape[0] == 1  # the compound of 9 poses only
+
+
+class Hooked(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = random_model(1, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * 2.0
+        if h.requires_grad:
+            h.register_hook(lambda g: g.clamp(-0.1, 0.1))
+        out: Tensor = self.net(h)
+        return out
+
+
+@pytest.mark.parametrize("chunk", (1, 4))
+def test_an_activation_hook_is_still_refused_in_the_forward(chunk: int) -> None:
+    """Compounds inside a chunk could honour it (their chunk is re-run with its c_i), but
+    the spanning ones could not: stream refuses such a model, before any .grad."""
+    poses = [p.requires_grad_() for p in make_poses(4, seed=2)]
+    model = Hooked()
+    wrapped = combframe.MultiPoseModel(model, "mean", strategy="stream", chunk_size=chunk)
+    with pytest.raises(combframe.StrategyError, match="strategy='recompute'"):
+        wrapped(compounds=[poses[:1], poses[1:2], poses[2:3]])
+    assert all(p.grad is None for p in model.parameters())
