@@ -9,6 +9,7 @@ import copy
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import combframe
+import combframe.core.strategies.stream as stream_module
 from combframe.testing import full_graph_gradients, make_loss, multipose_gradients, random_model
 from tests.conftest import make_poses
 from tests.test_own_parameters import LearnedBoltzmann, LearnedSoftMin
@@ -392,3 +394,13 @@ def test_an_activation_hook_is_still_refused_in_the_forward(chunk: int) -> None:
     with pytest.raises(combframe.StrategyError, match="strategy='recompute'"):
         wrapped(compounds=[poses[:1], poses[1:2], poses[2:3]])
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk", (1, 3, 5))
+@pytest.mark.parametrize("sizes", MIXES, ids=str)
+def test_the_device_bookkeeping_too(chunk: int, sizes: list[int]) -> None:
+    """The tensor bookkeeping a GPU runs (the CPU's is on Python floats)."""
+    with mock.patch.object(stream_module, "_host_scalars", return_value=False):
+        _parity(LearnedBoltzmann(), sizes, chunk)
+        _parity(BoltzmannCombination(kT=0.6), sizes, chunk, prior=_prior(sizes, masked=True))
+        _parity(MeanCombination(), sizes, chunk, model=MixesBatch(random_model(1, 5)))
