@@ -136,9 +136,8 @@ class Stream(Strategy):
         stacked = torch.cat(preds)
         if reruns is not None:
             reruns.finish(stacked, kept)
-        source = _StreamedGradients(runner, sums, plan, reruns)
+        source = _StreamedGradients(runner, sums, plan, reruns, (combination, stacked, segments))
         source.watch(runner.leaves)
-        source.local = (combination, stacked, segments)
         return stacked, source
 
     def _run(self, runner: PoseRunner, poses: Poses, start: int, stop: int, graph: bool) -> Chunk:
@@ -239,7 +238,12 @@ class _StreamedGradients(PoseGradients):
     strategy = "stream"
 
     def __init__(
-        self, runner: PoseRunner, sums: _StreamSums, plan: Plan, reruns: Reruns | None
+        self,
+        runner: PoseRunner,
+        sums: _StreamSums,
+        plan: Plan,
+        reruns: Reruns | None,
+        local: tuple[Combination, Tensor, Segments],
     ) -> None:
         super().__init__(runner.targets, runner.used)
         self.sums = sums
@@ -249,7 +253,7 @@ class _StreamedGradients(PoseGradients):
         self.deferred = plan.deferred
         self.reruns = reruns
         #: The combination, the predictions and the segments, until ``settle``.
-        self.local: tuple[Combination, Tensor, Segments] | None = None
+        self.local: tuple[Combination, Tensor, Segments] | None = local
         #: The detached predictions and the combined values made from them (deferred poses).
         self.graph: tuple[Tensor, Tensor] | None = None
 
