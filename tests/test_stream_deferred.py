@@ -23,7 +23,13 @@ from torch import Tensor
 
 import combframe
 import combframe.core.strategies.stream as stream_module
-from combframe.testing import full_graph_gradients, make_loss, multipose_gradients, random_model
+from combframe.testing import (
+    full_graph_gradients,
+    make_loss,
+    multipose_gradients,
+    peak_tensor_bytes,
+    random_model,
+)
 from tests.conftest import make_poses
 from tests.test_own_parameters import LearnedBoltzmann, LearnedSoftMin
 
@@ -404,3 +410,25 @@ def test_the_device_bookkeeping_too(chunk: int, sizes: list[int]) -> None:
         _parity(LearnedBoltzmann(), sizes, chunk)
         _parity(BoltzmannCombination(kT=0.6), sizes, chunk, prior=_prior(sizes, masked=True))
         _parity(MeanCombination(), sizes, chunk, model=MixesBatch(random_model(1, 5)))
+
+
+def _peak_bytes(count: int) -> int:
+    """Peak live tensor bytes of one step of ``count`` one-pose compounds, chunks of 4."""
+    from tests.test_strategies import Gated
+
+    gen = torch.Generator().manual_seed(0)
+    model = Gated().double()
+    poses = [torch.randn(100, 8, generator=gen, dtype=torch.float64) for _ in range(count)]
+    wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy="stream", chunk_size=4)
+    wrapped(compounds=[poses[:1]]).combined.sum().backward()  # allocate .grad first
+
+    def step() -> None:
+        wrapped(compounds=[[p] for p in poses]).combined.sum().backward()
+
+    return peak_tensor_bytes(step)
+
+
+def test_peak_memory_does_not_grow_with_compounds_inside_chunks() -> None:
+    """No running sums for them: one chunk graph, whatever the number of compounds."""
+    few, many = _peak_bytes(4), _peak_bytes(32)
+    assert many <= 1.02 * few, f"peak {many} B for 32 compounds vs {few} B for 4"
