@@ -1,20 +1,73 @@
-"""What the registry reports about installed combinations (for listings and the CLI)."""
+"""The records the registry reports: combinations, their parameters, plugins that failed."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 import types
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from pydantic.fields import FieldInfo
 
 from combframe.core.combination import Combination
-from combframe.registry.plugins import Entry, Source
 
-__all__ = ["CombinationInfo", "ParameterInfo", "combination_info"]
+__all__ = ["CombinationInfo", "ParameterInfo", "PluginLoadError"]
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "multiple of"}
+_BOUNDS |= {"min_length": "length >=", "max_length": "length <="}
+
+
+class _Origin:
+    """Where a plugin comes from: mixed into the records with its name and distribution."""
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from (``distribution combframe 0.2.0``)."""
+        if self.distribution is None:
+            return "registered in-process"
+        return " ".join(filter(None, ("distribution", self.distribution, self.version)))
+
+    def _who(self) -> str:
+        return f"plugin {self.plugin!r} ({self.origin})"
+
+    def _block_key(self) -> str:
+        # for an installed plugin its distribution too: a plain entry-point name would
+        # also block another distribution's plugin of that name
+        return self.plugin if self.distribution is None else f"{self.distribution}:{self.plugin}"
+
+
+@dataclass(frozen=True)
+class _Source(_Origin):
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class PluginLoadError(_Origin):
+    """A plugin that failed to load or register and was skipped.
+
+    Attributes
+    ----------
+    plugin, distribution, version
+        The plugin's entry-point name, and the distribution (and its version) that
+        declares it, if known.
+    exception
+        The error, as ``"ExceptionType: message"``.
+    """
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+    exception: str
+
+    def __str__(self) -> str:
+        return f"{self._who()}: {self.exception}"
 
 
 @dataclass(frozen=True)
@@ -54,33 +107,18 @@ class ParameterInfo:
         bounds = [
             f"{op} {getattr(meta, attr)}"
             for meta in field.metadata
-            for attr, op in _BOUND_OPS
+            for attr, op in _BOUNDS.items()
             if getattr(meta, attr, None) is not None
         ]
         required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
         return cls(
-            name=name,
-            type=kind,
-            default=None if required else field.get_default(call_default_factory=True),
-            bounds=", ".join(bounds) or None,
-            description=field.description or "",
-            required=required,
+            name, kind, default, ", ".join(bounds) or None, field.description or "", required
         )
 
 
-_BOUND_OPS: Final = (
-    ("gt", ">"),
-    ("ge", ">="),
-    ("lt", "<"),
-    ("le", "<="),
-    ("multiple_of", "multiple of"),
-    ("min_length", "length >="),
-    ("max_length", "length <="),
-)
-
-
 @dataclass(frozen=True)
-class CombinationInfo:
+class CombinationInfo(_Origin):
     """What the registry knows about one installed combination.
 
     Attributes
@@ -114,29 +152,4 @@ class CombinationInfo:
     deprecated_aliases: tuple[str, ...] = ()
     combination_class: type[Combination] | None = dataclasses.field(
         default=None, repr=False, compare=False
-    )
-
-    @property
-    def origin(self) -> str:
-        """Where its plugin comes from (``distribution combframe 0.2.0``)."""
-        return Source(self.plugin, self.distribution, self.version).origin()
-
-
-def combination_info(entry: Entry) -> CombinationInfo:
-    """Describe one registered combination."""
-    cls = entry.cls
-    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
-    return CombinationInfo(
-        name=entry.name,
-        aliases=entry.aliases,
-        plugin=entry.source.plugin,
-        distribution=entry.source.distribution,
-        version=entry.source.version,
-        description=next((line.strip() for line in doc if line.strip()), ""),
-        parameters=tuple(ParameterInfo.of(n, f) for n, f in cls.Params.model_fields.items()),
-        supports_stream=all(
-            callable(getattr(cls, m, None)) for m in ("stream_terms", "stream_coefficients")
-        ),
-        deprecated_aliases=entry.deprecated,
-        combination_class=cls,
     )
