@@ -9,30 +9,39 @@ and cached until :func:`reload_registry`; a plugin module is imported only then.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import pydantic
 
-from combframe.core.combination import (
-    Combination,
-    normalize_name,
-    set_mtenn_call,
-    set_resolver,
-)
+from combframe.core.combination import Combination, normalize_name, set_mtenn_call, set_resolver
 from combframe.core.settings import checked_learn, validated
-from combframe.errors import CombinationError, InvalidPluginError
+from combframe.errors import (
+    AmbiguousCombinationError,
+    CombinationError,
+    InvalidPluginError,
+    PluginWarning,
+    UnknownCombinationError,
+    user_stacklevel,
+)
 from combframe.mtenn.function import mtenn_call
-from combframe.registry.info import CombinationInfo, ParameterInfo, PluginLoadError, _Source
 from combframe.registry.plugins import (
-    ENV_BLOCK,
-    ENV_STRICT,
-    Table,
+    CombinationInfo,
+    ParameterInfo,
+    PluginLoadError,
+    _claim,
     _class,
+    _info,
+    _qualname,
+    _RejectedError,
+    _Source,
+    classes_of,
     dist_of,
     entry_points,
 )
@@ -55,15 +64,130 @@ __all__ = [
     "reload_registry",
 ]
 
-#: Disables entry-point autoload when set (like ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``).
-ENV_AUTOLOAD: Final = "COMBFRAME_DISABLE_PLUGIN_AUTOLOAD"
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+#: Disables entry-point autoload when set (like ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``).
+ENV_AUTOLOAD: Final = "COMBFRAME_DISABLE_PLUGIN_AUTOLOAD"
+#: Comma-separated entry points not to load, each ``name``, ``distribution:name`` or
+#: ``distribution:*``.
+ENV_BLOCK: Final = "COMBFRAME_BLOCK_PLUGINS"
+#: Makes plugin load failures raise instead of warn.
+ENV_STRICT: Final = "COMBFRAME_STRICT_PLUGINS"
+
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class Table:
+    """One built registry: every name with the combinations that claim it, and failures.
+
+    A name claimed once is usable; a name that two installed plugins claim is ambiguous,
+    refused when used while every other name keeps working.
+    """
+
+    def __init__(self) -> None:
+        self.claims: dict[str, list[CombinationInfo]] = {}
+        self.errors: list[PluginLoadError] = []
+        self.schema_type: Any = None  # the config's schema union, built on first use
+
+    def add(self, plugin: object, source: _Source, *, strict: bool) -> None:
+        """Register ``plugin``, all of it or nothing; isolate (or raise) its own faults.
+
+        A name that another plugin already claims is a clash: between entry points (not
+        ``strict``) it makes the name ambiguous, with a warning; registered in-process or
+        when ``strict`` it raises :class:`~combframe.InvalidPluginError`.
+        """
+        new: dict[str, CombinationInfo] = {}
+        clashes: list[tuple[str, CombinationInfo]] = []
+        try:
+            for info in [_info(cls, source) for cls in classes_of(plugin)]:
+                for key in (info.name, *info.aliases, *info.deprecated_aliases):
+                    owner = [*self.claims.get(key, ()), new.get(key)][0]
+                    if owner is None:
+                        new[key] = info
+                    elif owner.combination_class is info.combination_class:
+                        continue  # the identical class, registered again
+                    elif key in new:
+                        raise _RejectedError(
+                            f"{_qualname(_class(owner))} and {_qualname(_class(info))} both "
+                            f"claim the name {key!r}"
+                        )
+                    elif source.distribution is None or strict:
+                        raise InvalidPluginError(
+                            info.combination_class,
+                            f"combination name {key!r} is claimed twice: {_claim(owner)} and "
+                            f"{_claim(info)}. Uninstall one of them, or block one with "
+                            f"{ENV_BLOCK}={source._block_key()}.",
+                        )
+                    else:
+                        clashes.append((key, info))
+        except _RejectedError as exc:
+            self.fail(plugin, source, str(exc), strict, exc)
+            return
+        self.claims.update((key, [info]) for key, info in new.items())
+        for key, info in clashes:
+            claimants = self.claims[key]
+            claimants.append(info)
+            text = (
+                f"combination name {key!r} is claimed twice: {_claim(claimants[0])} and "
+                f"{_claim(info)}; the name is ambiguous and refused when used, while the "
+                "other names of both plugins keep working"
+            )
+            blocks = " or ".join(f"{ENV_BLOCK}={c._block_key()}" for c in claimants)
+            self._skip(source, text, f"{text}. Uninstall one of them, or block one with {blocks}.")
+        self.schema_type = None
+
+    def fail(
+        self, plugin: object, source: _Source, text: str, strict: bool, cause: BaseException
+    ) -> None:
+        """Record a plugin that failed to load (with a warning), or raise when ``strict``."""
+        message = f"{source._who()} failed to load and was skipped: {text}"
+        if strict:
+            raise InvalidPluginError(plugin, message) from cause
+        self._skip(
+            source,
+            text,
+            f"{message}. Set {ENV_BLOCK}={source.plugin} to skip it quietly, or "
+            f"{ENV_STRICT}=1 to make this an error.",
+        )
+
+    def _skip(self, source: _Source, text: str, warning: str) -> None:
+        self.errors.append(
+            PluginLoadError(source.plugin, source.distribution, source.version, text)
+        )
+        warnings.warn(warning, PluginWarning, stacklevel=user_stacklevel())
+
+    def infos(self) -> list[CombinationInfo]:
+        """Return the usable combinations by name (one with an ambiguous name is left out)."""
+        return [c[0] for key, c in sorted(self.claims.items()) if [key] == [i.name for i in c]]
+
+    def find(self, name: str) -> CombinationInfo:
+        """Return the combination called ``name`` or an alias; a deprecated alias warns."""
+        if not isinstance(name, str):
+            raise TypeError(f"a combination name must be a string; got {name!r}")
+        key = normalize_name(name)
+        claims = self.claims.get(key, [])
+        if len(claims) == 1:
+            if key in claims[0].deprecated_aliases:
+                warnings.warn(
+                    f"combination name {name!r} is deprecated; use {claims[0].name!r} instead",
+                    FutureWarning,
+                    stacklevel=user_stacklevel(),
+                )
+            return claims[0]
+        names = [info.name for info in self.infos()]
+        if claims:
+            who, block = [_claim(c) for c in claims], [c._block_key() for c in claims]
+            raise AmbiguousCombinationError(name, who, block, names)
+        usable = {k: c[0].name for k, c in self.claims.items() if len(c) == 1}
+        close = difflib.get_close_matches(key, list(usable), n=1)
+        failed = tuple(e.plugin for e in self.errors)
+        raise UnknownCombinationError(
+            name, names, usable[close[0]] if close else None, failed=failed
+        )
 
 
 class Registry:
@@ -249,6 +373,7 @@ def _on_current(name: str, method: Callable[Concatenate[Registry, _P], _R]) -> C
     function.__signature__ = unbound  # type: ignore[attr-defined]  # read by inspect.signature
     function.__name__ = function.__qualname__ = name
     function.__doc__ = method.__doc__
+    function.__annotations__ = {k: v for k, v in method.__annotations__.items() if k != "self"}
     return function
 
 

@@ -1,41 +1,167 @@
-"""Plugins: the one plugin shape, each class checked, each plugin isolated, clashes kept apart.
+"""Plugins: the one plugin shape, each class checked and described, names and clashes.
 
-A plugin is a :class:`~combframe.Combination` subclass or a module of them (the subclasses
-its ``__all__`` lists or, without ``__all__``, those it defines). :class:`Table` is one
-built registry: every name with the combinations that claim it, and the plugins that
-failed. Its rules (what makes a class invalid, what a clash does) are the registry page's.
+A plugin is a :class:`~combframe.Combination` subclass or a module of them. :class:`Table`
+is one built registry: every name with the combinations that claim it, and the plugins
+that failed; the rules it applies are the registry page's.
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import importlib.metadata
 import inspect
 import re
 import types
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from combframe.core.combination import Combination, CombinationParams, normalize_name
-from combframe.errors import (
-    AmbiguousCombinationError,
-    InvalidPluginError,
-    PluginWarning,
-    UnknownCombinationError,
-    user_stacklevel,
-)
-from combframe.registry.info import CombinationInfo, ParameterInfo, PluginLoadError, _Source
+from pydantic.fields import FieldInfo
 
-__all__ = ["ENTRY_POINT_GROUP", "ENV_BLOCK", "ENV_STRICT", "Table", "dist_of", "entry_points"]
+from combframe.core.combination import Combination, CombinationParams, normalize_name
 
 #: Entry-point group that plugins declare.
 ENTRY_POINT_GROUP: Final = "combframe"
-#: Comma-separated entry points that are not loaded: ``name``, ``distribution:name`` or
-#: ``distribution:*``.
-ENV_BLOCK: Final = "COMBFRAME_BLOCK_PLUGINS"
-#: Makes plugin load failures raise instead of warn.
-ENV_STRICT: Final = "COMBFRAME_STRICT_PLUGINS"
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "multiple of"}
+_BOUNDS |= {"min_length": "length >=", "max_length": "length <="}
+
+
+class _Origin:
+    """Where a plugin comes from: mixed into the records with its name and distribution."""
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from (``distribution combframe 0.2.0``)."""
+        if self.distribution is None:
+            return "registered in-process"
+        return " ".join(filter(None, ("distribution", self.distribution, self.version)))
+
+    def _who(self) -> str:
+        return f"plugin {self.plugin!r} ({self.origin})"
+
+    def _block_key(self) -> str:
+        # for an installed plugin its distribution too: a plain entry-point name would
+        # also block another distribution's plugin of that name
+        return self.plugin if self.distribution is None else f"{self.distribution}:{self.plugin}"
+
+
+@dataclass(frozen=True)
+class _Source(_Origin):
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class PluginLoadError(_Origin):
+    """A plugin that failed to load or register and was skipped.
+
+    Attributes
+    ----------
+    plugin, distribution, version
+        The plugin's entry-point name, and the distribution (and its version) that
+        declares it, if known.
+    exception
+        The error, as ``"ExceptionType: message"``.
+    """
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+    exception: str
+
+    def __str__(self) -> str:
+        return f"{self._who()}: {self.exception}"
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of a combination, as its ``Params`` model declares it.
+
+    Attributes
+    ----------
+    name
+        Field name (the keyword of the combination and the key in a config).
+    type
+        The annotation, written as in source (``"float"``, ``"int | None"``).
+    default
+        The default value (``None`` when ``required``).
+    bounds
+        Constraints such as ``"> 0"`` or ``">= 0, < 1"``; ``None`` when unbounded.
+    description
+        The field's description, or ``""``.
+    required
+        Whether the parameter has no default.
+    """
+
+    name: str
+    type: str
+    default: Any
+    bounds: str | None
+    description: str
+    required: bool = False
+
+    @classmethod
+    def of(cls, name: str, field: FieldInfo) -> ParameterInfo:
+        """Describe the pydantic field ``name``."""
+        annotation = field.annotation
+        kind = re.sub(r"\b(typing|typing_extensions|builtins)\.", "", repr(annotation))
+        if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
+            kind = annotation.__name__
+        bounds = [
+            f"{op} {getattr(meta, attr)}"
+            for meta in field.metadata
+            for attr, op in _BOUNDS.items()
+            if getattr(meta, attr, None) is not None
+        ]
+        required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
+        return cls(
+            name, kind, default, ", ".join(bounds) or None, field.description or "", required
+        )
+
+
+@dataclass(frozen=True)
+class CombinationInfo(_Origin):
+    """What the registry knows about one installed combination.
+
+    Attributes
+    ----------
+    name, aliases, deprecated_aliases
+        The canonical name, the other accepted names, and the names still accepted with
+        a :class:`FutureWarning`; all normalized.
+    plugin, distribution, version
+        The plugin that registered it (its entry-point name, or the name given to
+        :func:`~combframe.register_plugin`), and the distribution that declares the entry
+        point and its version (``None`` for an in-process plugin).
+    description
+        The first line of the class docstring.
+    parameters
+        The parameters, in ``Params`` field order.
+    supports_stream
+        Whether the class implements ``stream_terms`` and ``stream_coefficients`` (the
+        ``"stream"`` strategy can run it).
+    combination_class
+        The class itself.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    plugin: str
+    distribution: str | None
+    version: str | None
+    description: str
+    parameters: tuple[ParameterInfo, ...]
+    supports_stream: bool
+    deprecated_aliases: tuple[str, ...] = ()
+    combination_class: type[Combination] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
+
 
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]*")
 _NAME_RULE: Final = "letters, digits, '_', '-' and '.', starting with a letter or digit"
@@ -147,115 +273,6 @@ def _info(cls: type[Combination], source: _Source) -> CombinationInfo:
         deprecated_aliases=deprecated,
         combination_class=cls,
     )
-
-
-class Table:
-    """One built registry: every name with the combinations that claim it, and failures.
-
-    A name claimed once is usable; a name that two installed plugins claim is ambiguous,
-    refused when used while every other name keeps working.
-    """
-
-    def __init__(self) -> None:
-        self.claims: dict[str, list[CombinationInfo]] = {}
-        self.errors: list[PluginLoadError] = []
-        self.schema_type: Any = None  # the config's schema union, built on first use
-
-    def add(self, plugin: object, source: _Source, *, strict: bool) -> None:
-        """Register ``plugin``, all of it or nothing; isolate (or raise) its own faults.
-
-        A name that another plugin already claims is a clash: between entry points (not
-        ``strict``) it makes the name ambiguous, with a warning; registered in-process or
-        when ``strict`` it raises :class:`~combframe.InvalidPluginError`.
-        """
-        new: dict[str, CombinationInfo] = {}
-        clashes: list[tuple[str, CombinationInfo]] = []
-        try:
-            for info in [_info(cls, source) for cls in classes_of(plugin)]:
-                for key in (info.name, *info.aliases, *info.deprecated_aliases):
-                    owner = [*self.claims.get(key, ()), new.get(key)][0]
-                    if owner is None:
-                        new[key] = info
-                    elif owner.combination_class is info.combination_class:
-                        continue  # the identical class, registered again
-                    elif key in new:
-                        raise _RejectedError(
-                            f"{_qualname(_class(owner))} and {_qualname(_class(info))} both "
-                            f"claim the name {key!r}"
-                        )
-                    elif source.distribution is None or strict:
-                        raise InvalidPluginError(
-                            info.combination_class,
-                            f"combination name {key!r} is claimed twice: {_claim(owner)} and "
-                            f"{_claim(info)}. Uninstall one of them, or block one with "
-                            f"{ENV_BLOCK}={source._block_key()}.",
-                        )
-                    else:
-                        clashes.append((key, info))
-        except _RejectedError as exc:
-            self.fail(plugin, source, str(exc), strict, exc)
-            return
-        self.claims.update((key, [info]) for key, info in new.items())
-        for key, info in clashes:
-            claimants = self.claims[key]
-            claimants.append(info)
-            text = (
-                f"combination name {key!r} is claimed twice: {_claim(claimants[0])} and "
-                f"{_claim(info)}; the name is ambiguous and refused when used, while the "
-                "other names of both plugins keep working"
-            )
-            blocks = " or ".join(f"{ENV_BLOCK}={c._block_key()}" for c in claimants)
-            self._skip(source, text, f"{text}. Uninstall one of them, or block one with {blocks}.")
-        self.schema_type = None
-
-    def fail(
-        self, plugin: object, source: _Source, text: str, strict: bool, cause: BaseException
-    ) -> None:
-        """Record a plugin that failed to load (with a warning), or raise when ``strict``."""
-        message = f"{source._who()} failed to load and was skipped: {text}"
-        if strict:
-            raise InvalidPluginError(plugin, message) from cause
-        self._skip(
-            source,
-            text,
-            f"{message}. Set {ENV_BLOCK}={source.plugin} to skip it quietly, or "
-            f"{ENV_STRICT}=1 to make this an error.",
-        )
-
-    def _skip(self, source: _Source, text: str, warning: str) -> None:
-        self.errors.append(
-            PluginLoadError(source.plugin, source.distribution, source.version, text)
-        )
-        warnings.warn(warning, PluginWarning, stacklevel=user_stacklevel())
-
-    def infos(self) -> list[CombinationInfo]:
-        """Return the usable combinations by name (one with an ambiguous name is left out)."""
-        return [c[0] for key, c in sorted(self.claims.items()) if [key] == [i.name for i in c]]
-
-    def find(self, name: str) -> CombinationInfo:
-        """Return the combination called ``name`` or an alias; a deprecated alias warns."""
-        if not isinstance(name, str):
-            raise TypeError(f"a combination name must be a string; got {name!r}")
-        key = normalize_name(name)
-        claims = self.claims.get(key, [])
-        if len(claims) == 1:
-            if key in claims[0].deprecated_aliases:
-                warnings.warn(
-                    f"combination name {name!r} is deprecated; use {claims[0].name!r} instead",
-                    FutureWarning,
-                    stacklevel=user_stacklevel(),
-                )
-            return claims[0]
-        names = [info.name for info in self.infos()]
-        if claims:
-            who, block = [_claim(c) for c in claims], [c._block_key() for c in claims]
-            raise AmbiguousCombinationError(name, who, block, names)
-        usable = {k: c[0].name for k, c in self.claims.items() if len(c) == 1}
-        close = difflib.get_close_matches(key, list(usable), n=1)
-        failed = tuple(e.plugin for e in self.errors)
-        raise UnknownCombinationError(
-            name, names, usable[close[0]] if close else None, failed=failed
-        )
 
 
 def entry_points() -> list[importlib.metadata.EntryPoint]:
