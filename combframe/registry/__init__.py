@@ -84,8 +84,7 @@ def _flag(name: str) -> bool:
 class Table:
     """One built registry: every name with the combinations that claim it, and failures.
 
-    A name claimed once is usable; a name that two installed plugins claim is ambiguous,
-    refused when used while every other name keeps working.
+    A name claimed once is usable; one claimed by two installed plugins is ambiguous.
     """
 
     def __init__(self) -> None:
@@ -96,9 +95,8 @@ class Table:
     def add(self, plugin: object, source: _Source, *, strict: bool) -> None:
         """Register ``plugin``, all of it or nothing; isolate (or raise) its own faults.
 
-        A name that another plugin already claims is a clash: between entry points (not
-        ``strict``) it makes the name ambiguous, with a warning; registered in-process or
-        when ``strict`` it raises :class:`~combframe.InvalidPluginError`.
+        A clash between entry points makes the name ambiguous, with a warning; registered
+        in-process or when ``strict`` it raises :class:`~combframe.InvalidPluginError`.
         """
         new: dict[str, CombinationInfo] = {}
         clashes: list[tuple[str, CombinationInfo]] = []
@@ -437,14 +435,25 @@ def create_combination(spec: Any, /, **params: Any) -> Combination:
             "a combination is given by a registered name, a {'name': ...} mapping, a "
             f"CombinationConfig or a combination module; got {type(spec).__name__}"
         )
-    cls = _CURRENT.get(spec)
-    learn = params.pop("learn", None)
-    # validate against Params first, so an unknown keyword is a pydantic error naming the
-    # field even when the class's own __init__ spells out its parameters
-    validated(cls.Params, params)
-    return (
-        cls(**params, learn=checked_learn(cls.name, cls.Params, learn)) if learn else cls(**params)
-    )
+    _, cls, _, learn = _checked(spec, params)
+    # built from the parameters as given: the class's own __init__ may spell them out
+    return cls(**params, learn=learn) if learn else cls(**params)
+
+
+def _checked(
+    name: str, params: dict[str, Any]
+) -> tuple[str, type[Combination], Any, tuple[str, ...]]:
+    """Resolve ``name`` and validate ``params`` against its class (the one home of both).
+
+    Returns the canonical name, the class, the validated ``Params`` and the learned
+    parameters (``learn``, popped from ``params``). Raises as :func:`create_combination`
+    says.
+    """
+    canonical, cls = _CURRENT.resolve(name)
+    learn = params.pop("learn", None) or ()
+    # Params first, so an unknown keyword is a pydantic error naming the field
+    values = validated(cls.Params, params)
+    return canonical, cls, values, checked_learn(canonical, cls.Params, learn)
 
 
 def hookimpl(function: _F) -> _F:

@@ -15,9 +15,9 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
 
 from combframe.core.combination import Combination, CombinationParams
-from combframe.core.settings import checked_learn, learnable_fields
-from combframe.errors import CombinationError, UnknownCombinationError
-from combframe.registry import CombinationInfo, create_combination, current_registry
+from combframe.core.settings import learnable_fields
+from combframe.errors import CombinationError, InvalidParametersError, UnknownCombinationError
+from combframe.registry import CombinationInfo, _checked, create_combination, current_registry
 from combframe.registry.plugins import _class
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
@@ -75,19 +75,20 @@ class CombinationConfig(BaseModel):
             installed = ", ".join(registry.names()) or "none"
             message = f"a combination config needs a 'name' (installed: {installed})"
             raise _error("name", "missing_combination_name", message, data)
-        name, learn = params.pop("name"), params.pop("learn", None) or ()
+        name = params.pop("name")
         if not isinstance(name, str):
             raise _error("name", "string_type", "the combination name must be a string", name)
         try:
-            canonical, combination = registry.resolve(name)
+            canonical, _, values, learned = _checked(name, params)
         except UnknownCombinationError as exc:
             raise _error("name", "unknown_combination", str(exc), name) from None
-        values = combination.Params.model_validate(params).model_dump()
-        try:
-            learned = checked_learn(canonical, combination.Params, learn)
+        except InvalidParametersError:
+            raise  # a ValidationError: pydantic keeps its fields' locations
         except CombinationError as exc:
+            learn = data.get("learn")
             raise _error("learn", "unknown_learned_parameter", str(exc), learn) from None
-        return {"name": canonical, **values, **({"learn": list(learned)} if learned else {})}
+        learn_key = {"learn": list(learned)} if learned else {}
+        return {"name": canonical, **values.model_dump(), **learn_key}
 
     @property
     def params(self) -> CombinationParams:
