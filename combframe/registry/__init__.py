@@ -103,6 +103,7 @@ class Table:
         try:
             for info in [_info(cls, source) for cls in classes_of(plugin)]:
                 for key in (info.name, *info.aliases, *info.deprecated_aliases):
+                    # who claims it: an earlier plugin (the first, if several), or this one
                     owner = [*self.claims.get(key, ()), new.get(key)][0]
                     if owner is None:
                         new[key] = info
@@ -160,7 +161,7 @@ class Table:
 
     def infos(self) -> list[CombinationInfo]:
         """Return the usable combinations by name (one with an ambiguous name is left out)."""
-        return [c[0] for key, c in sorted(self.claims.items()) if [key] == [i.name for i in c]]
+        return [c[0] for key, c in sorted(self.claims.items()) if len(c) == 1 and c[0].name == key]
 
     def find(self, name: str) -> CombinationInfo:
         """Return the combination called ``name`` or an alias; a deprecated alias warns."""
