@@ -450,30 +450,15 @@ def test_entry_point_clash_raises_when_strict(tmp_path: Path) -> None:
         combframe.list_combinations()
 
 
-TWINS = """
-class One(combframe.Combination):
-    name = "twin"
-
-    def value(self, preds):
-        return preds.mean()
-
-
-class Two(combframe.Combination):
-    name = "Twin"
-
-    def value(self, preds):
-        return preds.sum()
-"""
-
-
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_plugin_whose_own_classes_claim_one_name_is_isolated(
     tmp_path: Path, strict: bool
 ) -> None:
-    text = "twins_mod.One and twins_mod.Two both claim the name 'twin'"
+    twins = TWO_CLASSES.format(alias="twin", own="dup")  # both classes claim 'dup'
+    text = "twins_mod.Good and twins_mod.Own both claim the name 'dup'"
     with (
         isolated_registry(strict=strict),
-        _dist(tmp_path, "twins", "1.0", "twins", "twins_mod", TWINS),
+        _dist(tmp_path, "twins", "1.0", "twins", "twins_mod", twins),
     ):
         if strict:
             with pytest.raises(InvalidPluginError, match=text):
