@@ -35,15 +35,17 @@ from combframe.registry.plugins import (
     CombinationInfo,
     ParameterInfo,
     PluginLoadError,
-    _claim,
-    _class,
-    _info,
-    _qualname,
+    Source,
     _RejectedError,
-    _Source,
+    block_key,
+    checked_info,
+    claim,
+    class_of,
     classes_of,
     dist_of,
     entry_points,
+    qualname,
+    who,
 )
 
 __all__ = [
@@ -92,7 +94,7 @@ class Table:
         self.errors: list[PluginLoadError] = []
         self.schema_type: Any = None  # the config's schema union, built on first use
 
-    def add(self, plugin: object, source: _Source, *, strict: bool) -> None:
+    def add(self, plugin: object, source: Source, *, strict: bool) -> None:
         """Register ``plugin``, all of it or nothing; isolate (or raise) its own faults.
 
         A clash between entry points makes the name ambiguous, with a warning; registered
@@ -101,7 +103,7 @@ class Table:
         new: dict[str, CombinationInfo] = {}
         clashes: list[tuple[str, CombinationInfo]] = []
         try:
-            for info in [_info(cls, source) for cls in classes_of(plugin)]:
+            for info in [checked_info(cls, source) for cls in classes_of(plugin)]:
                 for key in (info.name, *info.aliases, *info.deprecated_aliases):
                     # who claims it: an earlier plugin (the first, if several), or this one
                     owner = [*self.claims.get(key, ()), new.get(key)][0]
@@ -111,15 +113,15 @@ class Table:
                         continue  # the identical class, registered again
                     elif key in new:
                         raise _RejectedError(
-                            f"{_qualname(_class(owner))} and {_qualname(_class(info))} both "
+                            f"{qualname(class_of(owner))} and {qualname(class_of(info))} both "
                             f"claim the name {key!r}"
                         )
                     elif source.distribution is None or strict:
                         raise InvalidPluginError(
                             info.combination_class,
-                            f"combination name {key!r} is claimed twice: {_claim(owner)} and "
-                            f"{_claim(info)}. Uninstall one of them, or block one with "
-                            f"{ENV_BLOCK}={source._block_key()}.",
+                            f"combination name {key!r} is claimed twice: {claim(owner)} and "
+                            f"{claim(info)}. Uninstall one of them, or block one with "
+                            f"{ENV_BLOCK}={block_key(source)}.",
                         )
                     else:
                         clashes.append((key, info))
@@ -131,19 +133,19 @@ class Table:
             claimants = self.claims[key]
             claimants.append(info)
             text = (
-                f"combination name {key!r} is claimed twice: {_claim(claimants[0])} and "
-                f"{_claim(info)}; the name is ambiguous and refused when used, while the "
+                f"combination name {key!r} is claimed twice: {claim(claimants[0])} and "
+                f"{claim(info)}; the name is ambiguous and refused when used, while the "
                 "other names of both plugins keep working"
             )
-            blocks = " or ".join(f"{ENV_BLOCK}={c._block_key()}" for c in claimants)
+            blocks = " or ".join(f"{ENV_BLOCK}={block_key(c)}" for c in claimants)
             self._skip(source, text, f"{text}. Uninstall one of them, or block one with {blocks}.")
         self.schema_type = None
 
     def fail(
-        self, plugin: object, source: _Source, text: str, strict: bool, cause: BaseException
+        self, plugin: object, source: Source, text: str, strict: bool, cause: BaseException
     ) -> None:
         """Record a plugin that failed to load (with a warning), or raise when ``strict``."""
-        message = f"{source._who()} failed to load and was skipped: {text}"
+        message = f"{who(source)} failed to load and was skipped: {text}"
         if strict:
             raise InvalidPluginError(plugin, message) from cause
         self._skip(
@@ -153,7 +155,7 @@ class Table:
             f"{ENV_STRICT}=1 to make this an error.",
         )
 
-    def _skip(self, source: _Source, text: str, warning: str) -> None:
+    def _skip(self, source: Source, text: str, warning: str) -> None:
         self.errors.append(
             PluginLoadError(source.plugin, source.distribution, source.version, text)
         )
@@ -179,8 +181,8 @@ class Table:
             return claims[0]
         names = [info.name for info in self.infos()]
         if claims:
-            who, block = [_claim(c) for c in claims], [c._block_key() for c in claims]
-            raise AmbiguousCombinationError(name, who, block, names)
+            claimants, block = [claim(c) for c in claims], [block_key(c) for c in claims]
+            raise AmbiguousCombinationError(name, claimants, block, names)
         usable = {k: c[0].name for k, c in self.claims.items() if len(c) == 1}
         close = difflib.get_close_matches(key, list(usable), n=1)
         failed = tuple(e.plugin for e in self.errors)
@@ -227,7 +229,7 @@ class Registry:
         blocked = {normalize_name(n) for n in given if n.strip()}
         table = Table()
         for ep in entry_points() if autoload else ():
-            source = _Source(ep.name, *dist_of(ep))
+            source = Source(ep.name, *dist_of(ep))
             dist, name = normalize_name(source.distribution or ""), normalize_name(ep.name)
             by_dist = {f"{dist}:{name}", f"{dist}:*"} if dist else set()
             if name in blocked or by_dist & blocked or ep.name in self._importing:
@@ -242,7 +244,7 @@ class Registry:
                 self._importing.discard(ep.name)
             table.add(plugin, source, strict=strict)
         for name, plugin in self._in_process.items():
-            table.add(plugin, _Source(name), strict=True)
+            table.add(plugin, Source(name), strict=True)
         return table
 
     def table(self) -> Table:
@@ -310,14 +312,14 @@ class Registry:
                     plugin, f"a plugin named {name!r} is already registered in-process; pass name="
                 )
             # build (if needed) and apply now, so that errors surface at this call
-            self.table().add(plugin, _Source(name), strict=True)
+            self.table().add(plugin, Source(name), strict=True)
             self._in_process[name] = plugin
             return name
 
     def resolve(self, name: str) -> tuple[str, type[Combination]]:
         """Canonical name and class for ``name`` or an alias (a deprecated alias warns)."""
         info = self.table().find(name)
-        return info.name, _class(info)
+        return info.name, class_of(info)
 
     def get(self, name: str) -> type[Combination]:
         """Return the class registered under ``name`` (normalized; aliases accepted).
@@ -331,7 +333,7 @@ class Registry:
             If no installed combination has that name; the message lists the installed
             ones and the closest match.
         """
-        return _class(self.table().find(name))
+        return class_of(self.table().find(name))
 
     def names(self) -> list[str]:
         """Sorted canonical names of the installed combinations."""

@@ -18,7 +18,7 @@ from combframe.core.combination import Combination, CombinationParams
 from combframe.core.settings import learnable_fields
 from combframe.errors import CombinationError, InvalidParametersError, UnknownCombinationError
 from combframe.registry import CombinationInfo, _checked, create_combination, current_registry
-from combframe.registry.plugins import _class
+from combframe.registry.plugins import class_of
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
 
@@ -133,7 +133,7 @@ class CombinationConfig(BaseModel):
 
 def _variant(info: CombinationInfo) -> Any:
     """Make the config model of one combination: its ``Params``, ``name`` and ``learn``."""
-    cls, names = _class(info), (info.name, *info.aliases)
+    cls, names = class_of(info), (info.name, *info.aliases)
     learnable = learnable_fields(cls.Params)
     fields: dict[str, Any] = {"name": (Literal.__getitem__(names), Field(description=_NAME))}
     if learnable:

@@ -40,17 +40,27 @@ class _Origin:
             return "registered in-process"
         return " ".join(filter(None, ("distribution", self.distribution, self.version)))
 
-    def _who(self) -> str:
-        return f"plugin {self.plugin!r} ({self.origin})"
 
-    def _block_key(self) -> str:
-        # for an installed plugin its distribution too: a plain entry-point name would
-        # also block another distribution's plugin of that name
-        return self.plugin if self.distribution is None else f"{self.distribution}:{self.plugin}"
+def who(plugin: _Origin) -> str:
+    """Say which plugin this is, for messages (``plugin 'max' (distribution ...)``)."""
+    return f"plugin {plugin.plugin!r} ({plugin.origin})"
+
+
+def block_key(plugin: _Origin) -> str:
+    """Return the ``COMBFRAME_BLOCK_PLUGINS`` value that blocks this plugin alone.
+
+    With its distribution when installed: a plain entry-point name would also block
+    another distribution's plugin of that name.
+    """
+    return (
+        plugin.plugin if plugin.distribution is None else f"{plugin.distribution}:{plugin.plugin}"
+    )
 
 
 @dataclass(frozen=True)
-class _Source(_Origin):
+class Source(_Origin):
+    """An installed plugin's entry-point name and distribution, or an in-process one's name."""
+
     plugin: str
     distribution: str | None = None
     version: str | None = None
@@ -75,7 +85,7 @@ class PluginLoadError(_Origin):
     exception: str
 
     def __str__(self) -> str:
-        return f"{self._who()}: {self.exception}"
+        return f"{who(self)}: {self.exception}"
 
 
 @dataclass(frozen=True)
@@ -171,16 +181,19 @@ class _RejectedError(Exception):
     """A plugin at fault: isolated (a warning) or, when strict, raised."""
 
 
-def _qualname(cls: type) -> str:
+def qualname(cls: type) -> str:
+    """Return ``module.Class``."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _class(info: CombinationInfo) -> type[Combination]:
-    return cast("type[Combination]", info.combination_class)  # set by the registry's _info
+def class_of(info: CombinationInfo) -> type[Combination]:
+    """Return the class of a combination the registry described (:func:`checked_info` sets it)."""
+    return cast("type[Combination]", info.combination_class)
 
 
-def _claim(info: CombinationInfo) -> str:
-    return f"{info._who()} registers {_qualname(_class(info))}"
+def claim(info: CombinationInfo) -> str:
+    """Say who claims a combination's names: its plugin and its class."""
+    return f"{who(info)} registers {qualname(class_of(info))}"
 
 
 def classes_of(plugin: object) -> list[type[Combination]]:
@@ -212,40 +225,40 @@ def classes_of(plugin: object) -> list[type[Combination]]:
 
 def _names(cls: type, attr: str, raw: object) -> tuple[str, ...]:
     if isinstance(raw, str) or not isinstance(raw, Sequence):
-        raise _RejectedError(f"{_qualname(cls)}.{attr} must be a tuple of strings; got {raw!r}")
+        raise _RejectedError(f"{qualname(cls)}.{attr} must be a tuple of strings; got {raw!r}")
     for alias in raw:
         if not isinstance(alias, str) or not _NAME_RE.fullmatch(normalize_name(alias)):
             raise _RejectedError(
-                f"{_qualname(cls)}.{attr} contains {alias!r}, which is not a valid "
+                f"{qualname(cls)}.{attr} contains {alias!r}, which is not a valid "
                 f"combination name ({_NAME_RULE})"
             )
     return tuple(dict.fromkeys(map(normalize_name, raw)))
 
 
-def _info(cls: type[Combination], source: _Source) -> CombinationInfo:
+def checked_info(cls: type[Combination], source: Source) -> CombinationInfo:
     """Check one class a plugin contributes and describe it; raise if it is unusable."""
     raw = getattr(cls, "name", None)
     if not isinstance(raw, str) or not raw.strip():
         raise _RejectedError(
-            f"{_qualname(cls)} has no name (got {raw!r}); set a class attribute such as "
+            f"{qualname(cls)} has no name (got {raw!r}); set a class attribute such as "
             "name = 'softmin'"
         )
     (name,) = _names(cls, "name", (raw,))
     params = getattr(cls, "Params", None)
     if not (isinstance(params, type) and issubclass(params, CombinationParams)):
         raise _RejectedError(
-            f"{_qualname(cls)}.Params must be a subclass of combframe.CombinationParams; "
+            f"{qualname(cls)}.Params must be a subclass of combframe.CombinationParams; "
             f"got {params!r}"
         )
     if "name" in params.model_fields:
         raise _RejectedError(
-            f"{_qualname(cls)}.Params declares a parameter called 'name', which is "
+            f"{qualname(cls)}.Params declares a parameter called 'name', which is "
             "reserved for the combination name in configs; rename the parameter"
         )
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise _RejectedError(
-            f"{_qualname(cls)} does not implement {missing}: a combination writes "
+            f"{qualname(cls)} does not implement {missing}: a combination writes "
             "value(preds), h of one compound's predictions"
         )
     # a subclass does not inherit its parent's aliases
@@ -255,7 +268,7 @@ def _info(cls: type[Combination], source: _Source) -> CombinationInfo:
     )
     if set(aliases) & set(deprecated):
         raise _RejectedError(
-            f"{_qualname(cls)} lists {sorted(set(aliases) & set(deprecated))} both as "
+            f"{qualname(cls)} lists {sorted(set(aliases) & set(deprecated))} both as "
             "aliases and as deprecated aliases"
         )
     doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
