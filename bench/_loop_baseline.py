@@ -49,6 +49,17 @@ def loop_step(
     """One training step (gradients left in ``.grad``) the published way; returns the loss."""
     model.zero_grad(set_to_none=True)
     preds, grad_dict = collect_grad_dict(model, poses)
+    return loop_backward(model, combination, preds, grad_dict, loss)
+
+
+def loop_backward(
+    model: nn.Module,
+    combination: nn.Module,
+    preds: Tensor,
+    grad_dict: dict[str, list[Tensor]],
+    loss: LossFn,
+) -> Tensor:
+    """The published backward from collected gradients: ``c`` by autograd, the loop, ``.grad``."""
     y = preds.clone().requires_grad_(True)
     value = loss(combination.value(y), y)  # type: ignore[operator]
     (coeffs,) = torch.autograd.grad(value, y)  # c_i = dL/dy_i through h and the pose terms

@@ -10,7 +10,9 @@ repeat, in one process):
 * ``store``: store with ``chunk_size > 1`` on a model ``torch.func.vmap`` can map
   (64 poses, chunks of 16), with the model's forward calls per step after the first;
 * ``overhead``: the Python bookkeeping per pose and per chunk, from a model that does
-  nothing (one parameter times the pose);
+  nothing (one parameter times the pose); ``--suite overhead`` measures it alone, for
+  tensor poses, dicts of four tensors of which one requires grad, and PyG data whose
+  positions require grad (the poses are rebuilt around stand-ins);
 * ``auto`` (``--suite auto``): every strategy and ``strategy="auto"`` (for a loss on the
   per-pose predictions too, and ``Auto(losses="combined")``) at one pose per pass and
   with chunks of 16, with what auto chose.
@@ -175,50 +177,100 @@ def chose_ratio(
 
 
 class _Nothing(nn.Module):
+    """One parameter times the pose: a model whose cost is combframe's bookkeeping."""
+
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Any) -> Tensor:
+        if isinstance(x, dict):  # x and a pose tensor that requires grad, among others
+            return (self.w * x["x"] + x["q"]).sum(-1)
+        if not isinstance(x, Tensor):  # a PyG batch: one sum per graph
+            per_atom = (self.w * x.x + x.pos).sum(-1)
+            return torch.zeros(x.num_graphs).index_add(0, x.batch, per_atom)
         return (self.w * x).sum(-1)
 
 
-def overhead_suite(reps: int, m: int = 256) -> dict[str, dict[str, float]]:
-    """Microseconds of bookkeeping per pose and per chunk, with a model that does nothing."""
-    poses = [torch.full((1,), float(i)) for i in range(m)]
+def _overhead_poses(kind: str, m: int) -> list[Any]:
+    """``m`` one-number poses: a tensor, a dict of four tensors (one requiring grad), or
+    PyG data whose positions require grad."""
+    if kind == "tensor":
+        return [torch.full((1,), float(i)) for i in range(m)]
+    if kind == "dict":
+        return [
+            {
+                "x": torch.full((1,), float(i)),
+                "q": torch.zeros(1, requires_grad=True),
+                "z": torch.ones(1, dtype=torch.long),
+                "mask": torch.ones(1, dtype=torch.bool),
+            }
+            for i in range(m)
+        ]
+    from torch_geometric.data import Data
+
+    return [
+        Data(x=torch.full((1, 1), float(i)), pos=torch.zeros(1, 1, requires_grad=True))
+        for i in range(m)
+    ]
+
+
+def overhead_suite(
+    reps: int, m: int = 256, kinds: tuple[str, ...] = ("tensor",)
+) -> dict[str, dict[str, float]]:
+    """Microseconds of bookkeeping per pose and per chunk, with a model that does nothing.
+
+    Keys are ``strategy`` for tensor poses and ``strategy/kind`` for the other ``kinds``.
+    """
     out: dict[str, dict[str, float]] = {}
-    for strategy in ("store", "recompute", "stream"):
-        model = _Nothing()
-        steps = {}
-        for chunk, n in ((1, m), (m, m), (m, m // 4)):
-            wrapped = combframe.MultiPoseModel(
-                model, "boltzmann", strategy=strategy, chunk_size=chunk
-            )
+    for kind in kinds:
+        poses = _overhead_poses(kind, m)
+        for strategy in ("store", "recompute", "stream"):
+            model = _Nothing()
+            steps = {}
+            for chunk, n in ((1, m), (m, m), (m, m // 4)):
+                wrapped = combframe.MultiPoseModel(
+                    model, "boltzmann", strategy=strategy, chunk_size=chunk
+                )
 
-            def step(wrapped: combframe.MultiPoseModel = wrapped, n: int = n) -> None:
-                wrapped.zero_grad(set_to_none=True)
-                _loss(wrapped(poses[:n])[0]).backward()
+                def step(wrapped: combframe.MultiPoseModel = wrapped, few: Any = poses[:n]) -> None:
+                    wrapped.zero_grad(set_to_none=True)
+                    _loss(wrapped(few)[0]).backward()
 
-            steps[f"{chunk}/{n}"] = step
-        med = _interleaved(steps, reps)
-        one, full, quarter = med[f"1/{m}"], med[f"{m}/{m}"], med[f"{m}/{m // 4}"]
-        out[strategy] = {
-            "per_pose_us": 1e6 * (full - quarter) / (m - m // 4),
-            "per_chunk_us": 1e6 * (one - full) / (m - 1),
-        }
+                steps[f"{chunk}/{n}"] = step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", combframe.StrategyWarning)
+                med = _interleaved(steps, reps)
+            one, full, quarter = med[f"1/{m}"], med[f"{m}/{m}"], med[f"{m}/{m // 4}"]
+            out[strategy if kind == "tensor" else f"{strategy}/{kind}"] = {
+                "per_pose_us": 1e6 * (full - quarter) / (m - m // 4),
+                "per_chunk_us": 1e6 * (one - full) / (m - 1),
+            }
     return out
+
+
+def _report_overhead(overhead: dict[str, dict[str, float]]) -> None:
+    print("\n| strategy | per pose (us) | per chunk (us) |\n|---|---|---|")
+    for s, o in overhead.items():
+        print(f"| {s} | {o['per_pose_us']:.1f} | {o['per_chunk_us']:.1f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--suite", choices=("core", "auto"), default="core")
+    parser.add_argument("--suite", choices=("core", "auto", "overhead"), default="core")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = 3 if args.quick else 7
     if args.suite == "auto":
         _report_auto(auto_suite(reps), args.json)
+        return
+    if args.suite == "overhead":
+        overhead = overhead_suite(reps, kinds=("tensor", "dict", "pyg"))
+        _report_overhead(overhead)
+        if args.json:
+            args.json.write_text(json.dumps({"torch": torch.__version__, "overhead": overhead}))
         return
     results = {
         "torch": torch.__version__,
@@ -235,9 +287,7 @@ def main() -> None:
             f"{r['stream']:.2f}x | {r['recompute']:.2f}x | {r['store']:.2f}x |"
         )
     print("\nstore, chunks of 16 (pointcloud, 64 poses):", json.dumps(results["store"]))
-    print("\n| strategy | per pose (us) | per chunk (us) |\n|---|---|---|")
-    for s, o in results["overhead"].items():
-        print(f"| {s} | {o['per_pose_us']:.1f} | {o['per_chunk_us']:.1f} |")
+    _report_overhead(results["overhead"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     sys.stdout.flush()

@@ -18,9 +18,10 @@ in a fresh subprocess per (model, method, N): on CPU the peak live tensor bytes 
 the torch profiler's memory events (what the targets use), and the growth of the peak
 resident set over the baseline after imports, model, poses and a warm-up step (which
 also counts the C allocator's caching); on CUDA ``torch.cuda.max_memory_allocated``
-over the allocated baseline. The combine step
-alone (store's matrix-vector product against the loop) is compared with the machine's
-streaming-read bandwidth, measured with a sum over a large tensor.
+over the allocated baseline. The combine step (store's backward: its matrix-vector
+product and the gradients written, against the loop's from the same gradients; alone
+with ``--suite combine``) is compared with the machine's streaming-read bandwidth,
+measured with a sum over a large tensor.
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _loop_baseline import loop_combine, loop_step
+from _loop_baseline import collect_grad_dict, loop_backward, loop_step
 from _models import MODELS, BenchModel
 from _timing import interleaved
 from torch import Tensor, nn
 
 import combframe
-from combframe.core.gradients import ParamLayout, StoredGradients
 from combframe.testing import full_graph_gradients, make_loss, peak_tensor_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,43 +273,48 @@ def read_bandwidth(device: torch.device, timer: Timer, reps: int) -> float:
 def time_combine(
     bench: BenchModel, ns: Sequence[int], timer: Timer, device: torch.device, reps: int
 ) -> dict[int, dict[str, float]]:
-    """Median seconds of store's contraction and of the loop, on the same gradients."""
-    params = [p for p in bench.build(0).to(device).parameters()]
-    layout = ParamLayout(params)
-    names = [f"p{i}" for i in range(len(params))]
+    """Median seconds of store's backward and of the loop's, from the same gradients.
+
+    store: ``loss.backward()`` after a forward of ``MultiPoseModel(strategy="store")``
+    run outside the timer, i.e. what a user's backward does: the loss's and the
+    combination's backward to the coefficients, the contraction of the ``(N, P)``
+    buffer with them, every parameter's ``.grad`` written. loop: the same from the
+    per-pose gradients the published loop collected (outside the timer): the
+    coefficients by autograd, its per-parameter, per-pose loop, ``.grad`` assigned.
+    """
+    combination = combframe.create_combination(COMBINATION)
+    model = bench.build(0).to(device)
+    wrapped = combframe.MultiPoseModel(model, combination, strategy="store")
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out: dict[int, dict[str, float]] = {}
     for n in ns:
-        gen = torch.Generator().manual_seed(n)
-        buffer = torch.randn((n, layout.numel), generator=gen).to(device)
-        stored = StoredGradients(layout, buffer)
-        grad_dict = {
-            name: [row.clone() for row in rows]
-            for name, rows in zip(
-                names, [v.unbind(0) for v in _columns(buffer, layout)], strict=True
-            )
-        }
-        coeffs = torch.softmax(torch.randn(n, generator=gen), 0).to(device)
-        got = torch.cat([g.reshape(-1) for g in stored.contract(coeffs) if g is not None])
-        want = torch.cat([t.reshape(-1) for t in loop_combine(grad_dict, coeffs).values()])
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), "contraction != loop"
+        poses = list(bench.poses(n, device))
+        preds, grad_dict = collect_grad_dict(model, poses)
+        loop = partial(loop_backward, model, combination, preds, grad_dict, LOSS)
+
+        def store_loss(poses: list[Tensor] = poses) -> Tensor:
+            model.zero_grad(set_to_none=True)
+            combined, per_pose = wrapped(poses)
+            loss: Tensor = LOSS(combined, per_pose)
+            return loss
+
+        store_loss().backward()
+        got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        loop()
+        want = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(map(partial(torch.allclose, rtol=1e-4, atol=1e-6), got, want)), "store != loop"
         t_store, t_loop = [], []
         for _ in range(reps):
-            t_store.append(timer(partial(stored.contract, coeffs)))
-            t_loop.append(timer(partial(loop_combine, grad_dict, coeffs)))
+            t_store.append(timer(store_loss().backward))  # the forward is outside the timer
+            model.zero_grad(set_to_none=True)
+            t_loop.append(timer(loop))
         out[n] = {
             "store": statistics.median(t_store),
             "loop": statistics.median(t_loop),
-            "bytes": float(n * layout.numel * 4),
+            "bytes": float(n * numel * 4),
         }
     return out
-
-
-def _columns(buffer: Tensor, layout: ParamLayout) -> list[Tensor]:
-    """The ``(N, numel)`` column block of each parameter, reshaped to ``(N, *shape)``."""
-    return [
-        chunk.reshape(buffer.shape[0], *shape)
-        for chunk, shape in zip(buffer.split(layout.sizes, dim=1), layout.shapes, strict=True)
-    ]
 
 
 # ---- report -----------------------------------------------------------------------------
@@ -364,23 +369,37 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         lines.append("")
         lines.append(f"![peak memory and step time vs N, model {key}]({key}.png)")
         lines.append("")
-    comb = results["combine"]
-    bw = results["bandwidth"]
-    lines += [
-        "## Combine step alone (model (a))",
+    lines += combine_section(results["combine"], results["bandwidth"])
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, ok in results["targets"]:
+        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+    lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    _plot(results, out)
+
+
+def combine_section(comb: dict[str, dict[str, float]], bw: float) -> list[str]:
+    """The Markdown section of the combine step: what is timed, and the table."""
+    lines = [
+        "## Combine step (model (a))",
         "",
         f"Streaming-read bandwidth (best of 9 `sum`s over a 256 MiB float32 tensor): "
-        f"**{bw / 1e9:.1f} GB/s**. Store's combine step is one matrix-vector product over "
-        "the `(N, P)` buffer (N·P·4 bytes read); the loop is the published "
-        "per-parameter, per-pose loop over a dict of gradient lists. Above 100% means the "
-        "product streams the buffer faster than one `sum` does, i.e. it runs at memory speed. "
-        "The loop moves the same bytes three to four times (a scaled copy, then an add, per "
-        "pose and parameter), so on a CPU, where both are limited by memory traffic, its "
-        "ratio to the product stays near that. On a GPU each of the loop's "
+        f"**{bw / 1e9:.1f} GB/s**. Store's combine step is timed as a user meets it: "
+        "`loss.backward()` after a store forward (run outside the timer), which takes the "
+        "loss and the combination back to the coefficients, multiplies the `(N, P)` buffer "
+        "by them (one matrix-vector product, N·P·4 bytes read) and writes every "
+        "parameter's `.grad`. The loop is the published per-parameter, per-pose loop over "
+        "a dict of gradient lists, timed the same way from the gradients it collected "
+        "(coefficients by autograd, the loop, `.grad` assigned). Store GB/s divides the "
+        "buffer's bytes by the whole backward's time, so it understates the product's own "
+        "speed; 100% means the backward streams the buffer as fast as one `sum` does, i.e. "
+        "at memory speed. The loop moves the same bytes three to four times (a scaled copy, "
+        "then an add, per pose and parameter), so on a CPU, where both are limited by "
+        "memory traffic, its ratio to store stays near that. On a GPU each of the loop's "
         "2·N·(parameter tensors) small kernels costs a launch, so the gap is expected to be "
         "much wider there (run this script on one to measure it).",
         "",
-        "| N | store (ms) | loop (ms) | loop / store | store GB/s | % of read bandwidth |",
+        "| N | store backward (ms) | loop (ms) | loop / store | store GB/s | % of read bandwidth |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for n_key, c in comb.items():
@@ -389,12 +408,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             f"| {n_key} | {1e3 * c['store']:.3f} | {1e3 * c['loop']:.3f} | "
             f"{c['loop'] / c['store']:.1f} | {gbs / 1e9:.1f} | {100 * gbs / bw:.0f}% |"
         )
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for name, measured, ok in results["targets"]:
-        lines.append(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
-    lines.append("")
-    (out / "results.md").write_text("\n".join(lines))
-    _plot(results, out)
+    return lines
 
 
 def _plot(results: dict[str, Any], out: Path) -> None:
@@ -495,10 +509,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     parser.add_argument(
         "--suite",
-        choices=("all", "per-pose", "batched"),
+        choices=("all", "per-pose", "batched", "combine"),
         default="all",
         help="per-pose: strategies against the per-pose full graph (results.md); batched: "
-        "chunks against the batched full graph (batched.md); all: both",
+        "chunks against the batched full graph (batched.md); all: both; combine: the "
+        "combine step alone, printed",
     )
     parser.add_argument(
         "--combination",
@@ -516,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.suite == "combine":
+        run_combine(args, device)
+        return
     if args.suite in ("all", "batched"):
         run_batched(args, device)
     if args.suite == "batched":
@@ -559,18 +577,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             },
         }
     print("combine step and read bandwidth", flush=True)
-    results["bandwidth"] = read_bandwidth(device, timer, reps=9)
-    combine_ns = (8, 32) if args.quick else (8, 32, 128)
-    results["combine"] = {
-        str(n): v
-        for n, v in time_combine(MODELS["pointcloud"], combine_ns, timer, device, 15).items()
-    }
+    results["bandwidth"], results["combine"] = measure_combine(args.quick, timer, device)
     results["targets"] = evaluate_targets(results)
     results["seconds"] = time.perf_counter() - t0
     write_report(results, out)
     print(f"wrote {out}/results.md in {results['seconds']:.0f} s")
     for name, measured, ok in results["targets"]:
         print(f"  {'met    ' if ok else 'NOT MET'} {name}: {measured}")
+
+
+def measure_combine(
+    quick: bool, timer: Timer, device: torch.device
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """The read bandwidth, and the combine step of model (a) at each N (see ``time_combine``)."""
+    bandwidth = read_bandwidth(device, timer, reps=9)
+    ns = (8, 32) if quick else (8, 32, 128)
+    comb = time_combine(MODELS["pointcloud"], ns, timer, device, 15)
+    return bandwidth, {str(n): v for n, v in comb.items()}
+
+
+def run_combine(args: argparse.Namespace, device: torch.device) -> None:
+    """The combine step alone, printed as its Markdown section."""
+    timer = Timer(device, args.clock or ("cpu" if args.threads == 1 else "wall"))
+    bandwidth, comb = measure_combine(args.quick, timer, device)
+    print(f"{_describe(device)}, torch {torch.__version__}, {args.threads} thread(s)\n")
+    print("\n".join(combine_section(comb, bandwidth)))
 
 
 def run_batched(args: argparse.Namespace, device: torch.device) -> None:

@@ -140,7 +140,7 @@ def test_each_pose_is_walked_once_per_forward(strategy: str) -> None:
 
     poses = make_poses(6)
     wrapped = combframe.MultiPoseModel(make_mlp(), "boltzmann", strategy=strategy)
-    with mock.patch.object(runner, "each_tensor", wraps=runner.each_tensor) as walk:
+    with mock.patch.object(runner, "flatten", wraps=runner.flatten) as walk:
         combined, _ = wrapped(poses)
         combined.backward()
     assert walk.call_count == len(poses)

@@ -182,6 +182,54 @@ def test_the_app_uses_only_the_public_api() -> None:
         assert not bad, f"{path.relative_to(ROOT)} reaches into {sorted(set(bad))}"
 
 
+#: What a benchmark may import from the library: the public API of ``combframe`` and of
+#: ``combframe.testing``, and the command line's modules (besides its own helpers).
+_BENCH_MODULES = ("combframe", "combframe.testing")
+
+
+def _bench_private_uses(path: Path) -> list[str]:
+    """What a benchmark takes besides :data:`_BENCH_MODULES` and ``combframe.app``.
+
+    Everything :func:`_private_uses` finds, any other module of the library (the core,
+    the registry), and the test suite's helpers (``tests``, ``conftest``).
+    """
+    bad = _private_uses(path)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        for name in names:
+            top = name.split(".")[0]
+            library = top == "combframe" and not name.startswith("combframe.app")
+            if (library and name not in _BENCH_MODULES) or top in ("tests", "conftest"):
+                bad.append(name)
+    return sorted(set(bad))
+
+
+def test_the_benchmarks_use_only_the_public_api_and_no_test_helper() -> None:
+    for path in _sources(ROOT / "bench"):
+        bad = _bench_private_uses(path)
+        assert not bad, f"{path.relative_to(ROOT)} reaches into {bad}"
+
+
+def test_the_benchmark_check_finds_core_registry_and_test_imports(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import combframe\nfrom combframe.testing import make_loss\n"
+        "from combframe.app.chem import conformer_poses\nimport torch, _models\n"
+        "from combframe.core.gradients import ParamLayout\n"
+        "from combframe.registry import create_combination\n"
+        "from tests.conftest import make_mlp\nimport conftest\n"
+    )
+    assert _bench_private_uses(probe) == [
+        "combframe.core.gradients",
+        "combframe.core.gradients.ParamLayout",
+        "combframe.registry",
+        "conftest",
+        "tests.conftest",
+    ]
+
+
 def test_the_public_api_check_finds_private_uses(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(

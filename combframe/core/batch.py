@@ -8,24 +8,15 @@ segment operations of :mod:`combframe.segment`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import sys
-from collections.abc import (
-    Callable,
-    Iterable,
-    Iterator,
-    Mapping,
-    MutableMapping,
-    Sequence,
-    Sized,
-)
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, final
 
 import torch
 from torch import Tensor
 
+from combframe.core.tree import flatten, init_fields, pyg_batch, same_mapping
 from combframe.errors import CombinationError
 
 __all__ = [
@@ -33,8 +24,6 @@ __all__ = [
     "Segments",
     "default_collate",
     "dtype_clash",
-    "each_tensor",
-    "map_tensors",
 ]
 
 
@@ -117,24 +106,6 @@ class Segments:
         return len(self.sizes)
 
 
-def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in nested tensors, mappings, lists, tuples and PyG data."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if _pyg_batch(obj) is not None:
-        return copy.copy(obj).apply(fn)  # a shallow copy: the pose itself is left alone
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: map_tensors(getattr(obj, f.name), fn) for f in _init_fields(obj)}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, Mapping):
-        return _same_mapping(obj, {k: map_tensors(v, fn) for k, v in obj.items()})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(map_tensors(v, fn) for v in obj))
-    if isinstance(obj, list | tuple):
-        return type(obj)(map_tensors(v, fn) for v in obj)
-    return obj
-
-
 def dtype_clash(
     batch: Any, params: Sequence[Tensor], what: str, exc: Exception
 ) -> CombinationError | None:
@@ -144,7 +115,7 @@ def dtype_clash(
     all of the parameters' dtypes (the model's error is then about something else).
     Poses are never cast.
     """
-    poses = {t.dtype for t in each_tensor(batch) if t.is_floating_point()}
+    poses = {t.dtype for t in flatten(batch)[0] if t.is_floating_point()}
     wanted = {t.dtype for t in params}
     if not poses or not wanted or poses <= wanted:
         return None
@@ -156,53 +127,6 @@ def dtype_clash(
     )
 
 
-def each_tensor(obj: Any) -> Iterable[Tensor]:
-    """Yield every tensor in nested tensors, mappings, lists, tuples and PyG data."""
-    if isinstance(obj, Tensor):
-        yield obj
-    elif _pyg_batch(obj) is not None:
-        for store in obj.stores:
-            for v in store.values():
-                yield from each_tensor(v)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from each_tensor(getattr(obj, f.name))
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from each_tensor(v)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            yield from each_tensor(v)
-
-
-def _same_mapping(like: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
-    """Return a mapping of ``like``'s type holding ``items``.
-
-    A shallow copy keeps what the constructor would lose (a ``defaultdict``'s factory, an
-    ``OrderedDict``'s order); an immutable mapping is rebuilt from the items.
-    """
-    if isinstance(like, MutableMapping):
-        out = copy.copy(like)
-        out.update(items)
-        return out
-    try:
-        return type(like)(items)  # type: ignore[call-arg]  # a Mapping's own constructor
-    except TypeError:
-        return items
-
-
-def _init_fields(obj: Any) -> list[dataclasses.Field[Any]]:
-    return [f for f in dataclasses.fields(obj) if f.init]
-
-
-def _pyg_batch(first: Any) -> Any:
-    """PyTorch Geometric's ``Batch`` class when ``first`` is one of its data objects."""
-    data = sys.modules.get("torch_geometric.data")
-    if data is not None and isinstance(first, data.Data | data.HeteroData):
-        return data.Batch
-    return None
-
-
 def collated_alone(pose: Any) -> bool:
     """Whether a pose is collated even when it runs alone: PyTorch Geometric data.
 
@@ -210,7 +134,7 @@ def collated_alone(pose: Any) -> bool:
     size. Any other pose that runs alone is passed as it is (a tensor model gets the
     tensor itself at ``chunk_size=1``, as it always has).
     """
-    return _pyg_batch(pose) is not None
+    return pyg_batch(pose) is not None
 
 
 def default_collate(poses: Sequence[Any]) -> Any:
@@ -232,7 +156,7 @@ def default_collate(poses: Sequence[Any]) -> Any:
     first = poses[0]
     if isinstance(first, Tensor):
         return _stack(poses, first)
-    pyg = _pyg_batch(first)
+    pyg = pyg_batch(first)
     if pyg is not None:
         return pyg.from_data_list(list(poses))
     if isinstance(first, Mapping):
@@ -267,7 +191,7 @@ def _collate_mappings(poses: Sequence[Any], first: Mapping[Any, Any]) -> Any:
                 f"the default collate needs every pose to have the keys {keys}; pose {k} "
                 f"of the chunk has {list(p) if isinstance(p, Mapping) else type(p).__name__}"
             )
-    return _same_mapping(first, {key: default_collate([p[key] for p in poses]) for key in keys})
+    return same_mapping(first, {key: default_collate([p[key] for p in poses]) for key in keys})
 
 
 def _collate_sequences(poses: Sequence[Any], first: list[Any] | tuple[Any, ...]) -> Any:
@@ -292,6 +216,6 @@ def _collate_dataclasses(poses: Sequence[Any], first: Any) -> Any:
                 f"pose {k} of the chunk is {type(p).__name__}"
             )
     fields = {
-        f.name: default_collate([getattr(p, f.name) for p in poses]) for f in _init_fields(first)
+        f.name: default_collate([getattr(p, f.name) for p in poses]) for f in init_fields(first)
     }
     return type(first)(**fields)

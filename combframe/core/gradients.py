@@ -19,13 +19,12 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, final
+from typing import final
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from combframe.core.batch import each_tensor
 from combframe.errors import CombinationError, StrategyError
 
 __all__ = [
@@ -167,15 +166,16 @@ class PoseGradients(ABC):
         #: ``(pose, tensor, version)`` of every tensor in the poses (see :meth:`watch`).
         self.pose_versions: tuple[tuple[int, Tensor, int], ...] = ()
 
-    def watch(self, poses: Sequence[Any]) -> None:
-        """Note the version counter of every tensor in ``poses``, as the forward left it.
+    def watch(self, leaves: Sequence[Sequence[Tensor]]) -> None:
+        """Note the version counter of every pose tensor, as the forward left it.
 
-        :meth:`check_unchanged` then refuses a pose tensor changed in place before the
-        backward, in every strategy: the gradients kept (or the re-runs made) describe the
-        values the forward saw.
+        ``leaves`` holds each pose's tensors (as :func:`combframe.core.tree.flatten`
+        found them). :meth:`check_unchanged` then refuses a pose tensor changed in place
+        before the backward, in every strategy: the gradients kept (or the re-runs made)
+        describe the values the forward saw.
         """
         self.pose_versions = tuple(
-            (i, t, t._version) for i, pose in enumerate(poses) for t in each_tensor(pose)
+            (i, t, t._version) for i, tensors in enumerate(leaves) for t in tensors
         )
 
     def prune(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:

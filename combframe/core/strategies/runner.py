@@ -8,19 +8,14 @@ for the chunk's gradients, weighted or batched.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import torch
 from torch import Tensor
 
-from combframe.core.batch import (
-    collated_alone,
-    default_collate,
-    dtype_clash,
-    each_tensor,
-    map_tensors,
-)
+from combframe.core.batch import collated_alone, default_collate, dtype_clash
 from combframe.core.gradients import GradTargets, ParamLayout, PoseGradients
 from combframe.core.strategies.chunk import Aliases, Chunk
 from combframe.core.strategies.graph import (
@@ -31,6 +26,7 @@ from combframe.core.strategies.graph import (
     _Watch,
 )
 from combframe.core.strategies.outputs import OutputShape, what
+from combframe.core.tree import Rebuild, flatten
 from combframe.errors import CombinationError
 
 #: The poses of a batch of compounds, flat.
@@ -87,8 +83,10 @@ class PoseRunner:
         self.batched = chunk_size > 1 or collate is not None
         self.collate = collate or default_collate
         self.pose_inputs: tuple[Tensor, ...] = ()
-        #: Each pose's tensors, flattened once by :meth:`scan`.
+        #: Each pose's tensors, flattened once by :meth:`scan`, and how to rebuild the
+        #: pose around others (stand-ins, tensors moved to the device).
         self.leaves: list[list[Tensor]] = []
+        self.rebuilds: list[Rebuild] = []
         self.targets = GradTargets(ParamLayout(self.params, device))
         self.discovered = False
         #: Ids of the targets some pose graph run so far has reached (see ``discover``).
@@ -123,7 +121,9 @@ class PoseRunner:
         inert: list[Tensor] = []
         params = {id(p) for p in self.params}
         grad = torch.is_grad_enabled()
-        self.leaves = [list(each_tensor(pose)) for pose in poses]
+        flat = [flatten(pose) for pose in poses]
+        self.leaves = [leaves for leaves, _ in flat]
+        self.rebuilds = [rebuild for _, rebuild in flat]
         for i, leaves in enumerate(self.leaves):
             for t in leaves:
                 if not self.move_poses:
@@ -355,15 +355,18 @@ class PoseRunner:
     def place(self, index: int, pose: Any, aliases: Aliases | None = None) -> Any:
         """Pose ``index`` as the model gets it: stand-ins substituted, moved to the device.
 
-        One walk of the pose, and none when there is nothing to substitute or move.
+        Rebuilt from the leaves :meth:`scan` found, and only when one of them changes:
+        otherwise ``pose`` itself.
         """
-        if aliases:
-            if self.move_poses:
-                return map_tensors(pose, lambda t: self._check_device(index, aliases.get(id(t), t)))
-            return map_tensors(pose, lambda t: aliases.get(id(t), t))
+        if not aliases and not self.move_poses:
+            return pose
+        leaves = self.leaves[index]
+        placed = [aliases.get(id(t), t) for t in leaves] if aliases else leaves
         if self.move_poses:
-            return map_tensors(pose, lambda t: self._check_device(index, t))
-        return pose
+            placed = [self._check_device(index, t) for t in placed]
+        if all(map(operator.is_, placed, leaves)):
+            return pose
+        return self.rebuilds[index](placed)
 
     def _check_device(self, index: int, t: Tensor) -> Tensor:
         if t.device == self.device:
