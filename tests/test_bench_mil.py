@@ -57,11 +57,12 @@ def test_cnn_and_attention_gradients_equal_the_full_graph(strategy: str, chunk: 
 def test_stream_runs_one_backward_per_sum_not_per_jacobian_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A chunk of 7 embeddings of d = 32 has 7 x 32 Jacobian rows but attention needs only
-    # 2d + 1 = 65 weighted sums: one backward each is the cheaper way.
+    # A chunk of 4 embeddings of d = 32 has 4 x 32 Jacobian rows but attention needs only
+    # 2d + 1 = 65 weighted sums: one backward each is the cheaper way. (A bag of 7 spans
+    # chunks of 4; a bag inside one chunk keeps no sums: it is re-run in the backward.)
     pool = mil.digit_pools(seed=0)[0]
     bag, _ = mil.make_bags(pool, 1, 7, torch.Generator().manual_seed(1))[0]
-    net = mil.build_arm("stream", seed=0, chunk=7)
+    net = mil.build_arm("stream", seed=0, chunk=4)
     calls = []
     grad = torch.autograd.grad
 
@@ -71,5 +72,8 @@ def test_stream_runs_one_backward_per_sum_not_per_jacobian_row(
 
     monkeypatch.setattr(torch.autograd, "grad", counted)
     net(bag)
-    # the 2d + 1 sums, and the attention's own gradient of its scores (grad_e a_i)
-    assert len(calls) == 2 * mil.DIM + 2
+    # per chunk: the 2d + 1 sums, and the attention's own gradient of its scores (grad_e a_i)
+    assert len(calls) == 2 * (2 * mil.DIM + 2)
+    calls.clear()
+    mil.build_arm("stream", seed=0, chunk=7)(bag)
+    assert not calls, "a bag inside one chunk runs no backward in the forward"

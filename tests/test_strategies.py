@@ -406,10 +406,12 @@ def test_stream_and_recompute_hold_state_independent_of_n(n: int) -> None:
     runner.scan(poses)
     one = Segments.from_sizes([n], torch.device("cpu"))
     _, streamed = resolve_strategy("stream").collect(runner, poses, one, BoltzmannCombination())
-    assert streamed.sums.acc.shape == (1, 2, numel)  # type: ignore[attr-defined]
+    # a compound of one pose lies in one chunk: re-run in the backward, no sums kept
+    sums = (1, 2, numel) if n > 1 else (0,)
+    assert streamed.sums.acc.shape == sums  # type: ignore[attr-defined]
     _, recomputed = resolve_strategy("recompute").collect(runner, poses, one, MeanCombination())
     # a model without randomness shares one RNG state across all poses
-    assert len({id(s) for s in recomputed.state.rng}) == 1  # type: ignore[attr-defined]
+    assert len({id(s) for s in recomputed.reruns.rng}) == 1  # type: ignore[attr-defined]
 
 
 # ---- strategy resolution ----------------------------------------------------------------
@@ -461,7 +463,8 @@ def test_peak_memory_is_flat_in_the_number_of_poses(
 ) -> None:
     """Nothing of a chunk (graph, gradients) may outlive it: the peak does not grow with N.
 
-    From two chunks on (one chunk holds no sums beside its gradients, see below).
+    Both sizes span chunks: a compound inside one chunk is re-run by stream (no sums),
+    and one chunk holds no sums beside its gradients in recompute (see below).
     """
     small = _peak_live_bytes(strategy, few, chunk_size)
     large = _peak_live_bytes(strategy, many, chunk_size)

@@ -110,7 +110,14 @@ class ParamLayout:
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         """Split a flat ``P``-vector into one gradient per parameter, in its own dtype."""
-        return [v.to(p.dtype) for v, p in zip(self.views(flat), self.params, strict=True)]
+        return self.own_dtypes(self.views(flat))
+
+    def own_dtypes(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """Return one gradient per parameter in that parameter's dtype (cast only if not)."""
+        return [
+            g if g.dtype == p.dtype else g.to(p.dtype)
+            for g, p in zip(grads, self.params, strict=True)
+        ]
 
 
 @final

@@ -147,7 +147,8 @@ def choose(
     if runner.batched:
         return Recompute(), (
             f"chunk_size={runner.chunk_size}: store would take per-sample gradients and "
-            "stream a backward per running sum, recompute is the fastest with chunks"
+            "stream re-runs compounds inside a chunk as recompute does (and takes a backward "
+            "per running sum for the others), recompute is the fastest with chunks"
         )
     layout = runner.targets.layout
     width = _width(runner, poses)

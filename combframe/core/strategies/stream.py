@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import functools
 from typing import final
 
 import torch
@@ -14,11 +14,13 @@ from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients, contract_rows
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.chunk import Chunk
-from combframe.core.strategies.per_sample import UPDATES_BUFFERS, PerSampleVerdicts, ragged
-from combframe.core.strategies.replay import BufferSnapshot, RngState, undo_side_effects
+from combframe.core.strategies.per_sample import PerSampleVerdicts
+from combframe.core.strategies.pieces import Piece, Plan, Split
+from combframe.core.strategies.rerun import Reruns
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
 from combframe.core.strategies.terms import StreamTerms
+from combframe.core.weights import combined_values
 from combframe.errors import StrategyError
 
 
@@ -30,9 +32,17 @@ class Stream(Strategy):
     :class:`~combframe.core.combination.StreamingCombination`. Exact for losses on the
     combined predictions; a loss on the per-pose predictions raises in backward.
 
-    For each compound, with log weights :math:`a_i`, features :math:`\phi_i` (centred on
-    the compound's first prediction) and running maximum :math:`m`, a chunk holding poses
-    :math:`i \in B` of the compound updates, as the online softmax of FlashAttention,
+    A compound whose poses all lie in one chunk of the runner keeps no sums: its chunk
+    runs without a graph (the last one with a graph kept for the backward) and is re-run
+    in the backward once :math:`\partial L/\partial G` is known, back-propagated once
+    with :math:`c_i = \partial L/\partial y_i` from autograd through the combination on
+    the detached predictions, built in the forward (as recompute does:
+    :mod:`combframe.core.strategies.rerun`).
+
+    For each compound whose poses span chunks, with log weights :math:`a_i`, features
+    :math:`\phi_i` (centred on the compound's first prediction) and running maximum
+    :math:`m`, a chunk holding poses :math:`i \in B` of the compound updates, as the
+    online softmax of FlashAttention,
 
     .. math::
 
@@ -52,12 +62,21 @@ class Stream(Strategy):
     with a gradient hook on an activation is refused. With ``d`` values per pose the
     sums are taken along per-pose directions in output space, an online softmax per
     column for a column-wise combination (:mod:`combframe.core.strategies.terms`).
+
+    Parameters
+    ----------
+    check
+        Compare every chunk re-run in the backward with the forward and raise
+        :class:`~combframe.StrategyError` before any gradient is returned if they differ,
+        as ``Recompute(check=True)`` does. Pass ``False`` for a model known to be
+        deterministic.
     """
 
     name = "stream"
     supports_pose_losses = False
 
-    def __init__(self) -> None:
+    def __init__(self, check: bool = True) -> None:
+        self.check = check
         self._verdicts = PerSampleVerdicts()
 
     @override
@@ -76,46 +95,106 @@ class Stream(Strategy):
         self.check_combination(combination)
         assert isinstance(combination, StreamingCombination)
         device = runner.device
-        sums = _StreamSums(segments.count, _scalar_dtype(device), device)
+        plan = Plan(segments, runner.chunk_size)
+        sums = _StreamSums(plan.spanning.count, _scalar_dtype(device), device)
+        reruns = None
+        if plan.deferred is not None:  # compounds inside one chunk: re-run in the backward
+            reruns = Reruns(runner, poses, ("stream", "Stream(check=False)"), self.check)
         preds: list[Tensor] = []
         # On the CPU reading a scalar costs nothing, so the bookkeeping runs on Python
         # floats there and backward rows whose weights are all zero (a sharp smooth-min
         # far from the best pose) are skipped.
-        on_host = _host_scalars(device)
-        split = _Split(self._verdicts, runner, poses, segments)
-        plan = split.plan()
+        host = _host_scalars(device) and not getattr(combination, "pools", False)
+        split = Split(self._verdicts, runner, poses, segments)
+        plan_pieces = plan.pieces(runner.chunks(len(poses)), split.allowed)
+        kept: Chunk | None = None
         k = 0
-        while k < len(plan):
-            s, e = plan[k]
-            lo, hi = segments.owner[s], segments.owner[e - 1] + 1
-            snapshot = split.snapshot(s, e)
-            chunk = (
-                self.first_chunk(runner, poses, s, e) if k == 0 else runner.run_chunk(poses, s, e)
-            )
-            if k == 0:
-                sums.allocate(runner.targets)
+        while k < len(plan_pieces):
+            piece = plan_pieces[k]
+            s, e, a, b = piece
+            spanning = a > s or b < e
+            # The last piece, deferred alone, runs with a graph kept for the backward
+            # (a batch of one chunk: one forward and one backward in all).
+            keep = not spanning and k == len(plan_pieces) - 1
+            snapshot = split.snapshot(piece)
+            run = functools.partial(self._run, runner, poses, s, e, spanning or keep)
+            chunk = run() if reruns is None else reruns.run(s, e, run, again=b > a)
+            kept = chunk if keep else None
+            if sums.terms is None:
                 sums.shape(StreamTerms(combination, runner.width or 1))
             if snapshot is not None and split.decide(chunk, snapshot):
-                plan[k + 1 :] = split.pieces(plan[k + 1 :])
+                rest = [(p[0], p[1]) for p in plan_pieces[k + 1 :]]
+                plan_pieces[k + 1 :] = plan.pieces(rest, True)
             y = chunk.pred.detach()
             preds.append(y)
-            if on_host and y.dim() == 1 and not getattr(combination, "pools", False):
-                fold = sums.update_host(combination, segments, s, y)
-            else:
-                fold = sums.update(segments, s, y, lo, hi, segments.index[s:e] - lo)
-            if fold.rows:
-                self._add(sums, fold, chunk, segments, s)
+            if spanning:
+                sums.allocate(runner.targets)  # found by the first run with a graph
+                self._fold(sums, plan, chunk, piece, combination if host else None)
             del chunk  # free before the next chunk's graph is built
             k += 1
         sums.finish()
-        source = _StreamedGradients(sums, runner.used)
+        stacked = torch.cat(preds)
+        if reruns is not None:
+            reruns.finish(stacked, kept)
+        source = _StreamedGradients(runner, sums, plan, reruns, (combination, stacked, segments))
         source.watch(runner.leaves)
-        return torch.cat(preds), source
+        return stacked, source
+
+    def _run(self, runner: PoseRunner, poses: Poses, start: int, stop: int, graph: bool) -> Chunk:
+        """Run a piece; the first run with a graph finds the targets."""
+        if graph and not runner.discovered:
+            return self.first_chunk(runner, poses, start, stop)
+        return runner.run_chunk(poses, start, stop, graph)
+
+    def _fold(
+        self,
+        sums: _StreamSums,
+        plan: Plan,
+        chunk: Chunk,
+        piece: Piece,
+        host: StreamingCombination | None,
+    ) -> None:
+        """Fold a piece's poses of spanning compounds into their sums.
+
+        ``host``: the combination, to keep the bookkeeping on Python floats (the CPU).
+        """
+        s, e, a, b = piece
+        y = chunk.pred.detach()
+        inside = None
+        if b > a:  # a chunk run whole: its spanning poses only
+            inside = torch.cat([torch.arange(0, a - s), torch.arange(b - s, e - s)])
+            y = y[inside.to(y.device)]
+        first, last = (s if a > s else b), (e - 1 if e > b else a - 1)
+        start, lo, hi = plan.where(first, last)
+        segs = plan.spanning
+        if host is not None and y.dim() == 1:
+            fold = sums.update_host(host, segs, start, y)
+        else:
+            local = segs.index[start : start + y.shape[0]] - lo
+            fold = sums.update(segs, start, y, lo, hi, local)
+        if fold.rows:
+            self._add(sums, fold, chunk, segs, start, inside)
 
     @staticmethod
-    def _add(sums: _StreamSums, fold: Fold, chunk: Chunk, segments: Segments, start: int) -> None:
-        """Add a chunk's gradients to the sums of its compounds."""
+    def _add(
+        sums: _StreamSums,
+        fold: Fold,
+        chunk: Chunk,
+        segments: Segments,
+        start: int,
+        inside: Tensor | None = None,
+    ) -> None:
+        """Add a chunk's gradients to the sums of its compounds.
+
+        ``inside``: the positions in the chunk of the poses folded (all when None).
+        """
         y = chunk.pred
+        if inside is not None:  # one backward per row, zero on the other poses
+            rows = fold.by_row.to(y.dtype)
+            full = rows.new_zeros((rows.shape[0], *y.shape))
+            full[:, inside.to(y.device)] = rows
+            sums.add_rows(fold.rows, *chunk.weighted_grads(full))
+            return
         b, values = y.shape[0], y[0].numel()
         # One backward per row of sums, or per row of the chunk's Jacobian: the fewer.
         if b * values >= len(fold.rows):
@@ -131,79 +210,7 @@ class Stream(Strategy):
         sums.add_poses(segments, start, fold.by_pose, per_pose.reshape(b, values, -1))
 
     def __repr__(self) -> str:
-        return "Stream()"
-
-
-@final
-class _Split:
-    """Whether chunks of several compounds may run one compound at a time.
-
-    A chunk of ``n`` compounds needs ``n k`` weighted sums of its poses' gradients: one
-    backward of the whole chunk each, or one backward of each compound's poses. The
-    second is allowed for a model that treats the poses of a batch independently: the
-    first chunk of several compounds run whole (with a graph) and one compound at a time
-    (without, leaving no trace) must give the same predictions, draw no random numbers
-    and write no buffer. Decided on the first step for a model, kept with its structure
-    (:class:`~combframe.core.strategies.per_sample.PerSampleVerdicts`).
-    """
-
-    def __init__(
-        self, verdicts: PerSampleVerdicts, runner: PoseRunner, poses: Poses, segments: Segments
-    ) -> None:
-        self.verdicts = verdicts
-        self.runner = runner
-        self.poses = poses
-        self.segments = segments
-        self.known, verdict = verdicts.get(runner, ragged(runner, 0, len(poses)))
-        self.allowed = self.known and verdict is None
-
-    def plan(self) -> list[tuple[int, int]]:
-        """Return the chunks to run: the runner's, split at compounds when allowed."""
-        chunks = self.runner.chunks(len(self.poses))
-        return self.pieces(chunks) if self.allowed else chunks
-
-    def pieces(self, chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Return ``chunks`` split where a compound starts."""
-        starts, owner, out = self.segments.starts, self.segments.owner, []
-        for s, e in chunks:
-            inside = starts[owner[s] + 1 : owner[e - 1] + 1]  # compounds that start in it
-            out += list(itertools.pairwise([s, *inside, e]))
-        return out
-
-    def snapshot(self, start: int, stop: int) -> BufferSnapshot | None:
-        """Return a snapshot before the chunk that decides (the first of several compounds)."""
-        owner = self.segments.owner
-        if self.known or owner[stop - 1] == owner[start]:
-            return None
-        return BufferSnapshot.of(self.runner.modules)
-
-    def decide(self, chunk: Chunk, snapshot: BufferSnapshot) -> bool:
-        """Decide on ``chunk`` (run whole); return whether later chunks may be split."""
-        runner, verdict = self.runner, None
-        if snapshot.changed():
-            verdict = UPDATES_BUFFERS
-        else:
-            with undo_side_effects(runner.modules, runner.device), torch.no_grad():
-                drawn = RngState.capture(runner.device)
-                alone = [
-                    runner.predict(self.poses[s:e], s)
-                    for s, e in self.pieces([(chunk.start, chunk.stop)])
-                ]
-                if RngState.capture(runner.device, drawn) is not drawn:
-                    verdict = "the model draws random numbers"
-            want = chunk.pred.detach()
-            got = torch.cat(alone).to(want.dtype)
-            tol = max(1e3 * torch.finfo(want.dtype).eps, 1e-9)
-            if verdict is None and not bool(
-                ((got - want).abs() <= tol * want.abs().clamp_min(1.0)).all()
-            ):
-                verdict = "the model mixes the poses of a batch"
-        seen = ragged(runner, chunk.start, chunk.stop)
-        self.verdicts.set(runner, verdict, seen)
-        # decided on poses of one shape: later chunks of other shapes are not covered
-        self.known = True
-        self.allowed = verdict is None and (seen or not ragged(runner, 0, len(self.poses)))
-        return self.allowed
+        return f"Stream(check={self.check})"
 
 
 def _contract(weights: Tensor, grads: Tensor) -> Tensor:
@@ -230,11 +237,25 @@ class _StreamedGradients(PoseGradients):
     supports_pose_losses = Stream.supports_pose_losses
     strategy = "stream"
 
-    def __init__(self, sums: _StreamSums, used: set[int]) -> None:
-        super().__init__(sums.targets, used)
+    def __init__(
+        self,
+        runner: PoseRunner,
+        sums: _StreamSums,
+        plan: Plan,
+        reruns: Reruns | None,
+        local: tuple[Combination, Tensor, Segments],
+    ) -> None:
+        super().__init__(runner.targets, runner.used)
         self.sums = sums
         self.terms: StreamTerms | None = sums.terms
         self.coefficients: Tensor | None = None
+        self.ids = plan.ids  # the compounds that span chunks
+        self.deferred = plan.deferred
+        self.reruns = reruns
+        #: The combination, the predictions and the segments, until ``settle``.
+        self.local: tuple[Combination, Tensor, Segments] | None = local
+        #: The detached predictions and the combined values made from them (deferred poses).
+        self.graph: tuple[Tensor, Tensor] | None = None
 
     def contract(self, coeffs: Tensor) -> list[Tensor | None]:  # pragma: no cover - guarded
         raise StrategyError(
@@ -247,23 +268,45 @@ class _StreamedGradients(PoseGradients):
         # The coefficients Lambda(G) with the combination as the forward used it: a
         # hyperparameter changed before backward (a schedule step) must not change them.
         sums = self.sums
-        assert self.terms is not None, "settle is called once, by the forward"
-        with torch.no_grad():
-            exact = combined.detach().to(sums.exact)
-            self.coefficients = self.terms.coefficients(exact, sums.center).to(sums.exact)
+        if self.terms is not None and self.ids.numel():
+            with torch.no_grad():
+                exact = combined.detach()[self.ids].to(sums.exact)
+                self.coefficients = self.terms.coefficients(exact, sums.center).to(sums.exact)
         self.terms = None
+        local, self.local = self.local, None
+        if self.reruns is None or local is None:
+            return
+        # The deferred poses' c_i = dL/dG dG/dy_i: autograd through the combination as
+        # the forward ran it, on a copy of the predictions (its parameters get their
+        # gradient through ``combined``, not from this graph).
+        combination, preds, segments = local
+        with torch.enable_grad():
+            y = preds.detach().to(torch.promote_types(preds.dtype, self.layout.dtype))
+            y.requires_grad_(True)
+            self.graph = (y, combined_values(combination, y, segments))
 
     def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
+        flat, pose = self._deferred(comb_grad)  # re-runs first: they may refuse
         sums = self.sums
-        assert self.coefficients is not None, "settle runs in the forward, before any backward"
-        lam = self.coefficients  # (C, G, k, d_out)
-        g = comb_grad.to(sums.exact).reshape(lam.shape[0], -1)  # (C, d_out)
-        coeffs = (lam @ g[:, None, :, None]).squeeze(-1) / sums.total[:, :, None]
-        coeffs = coeffs.reshape(lam.shape[0], -1)  # (C, R): one per running sum
-        grads: list[Tensor | None] = list(self.layout.unflatten(contract_rows(coeffs, sums.acc)))
-        pose: list[Tensor | None] = [None] * len(self.targets.pose_inputs)
-        for (c, slot), t in sums.pose_acc.items():
-            got = contract_rows(coeffs[c], t)
-            prev = pose[slot]
-            pose[slot] = got if prev is None else prev + got
+        if self.coefficients is not None:
+            lam = self.coefficients  # (C, G, k, d_out), C the spanning compounds
+            g = comb_grad[self.ids].to(sums.exact).reshape(lam.shape[0], -1)  # (C, d_out)
+            coeffs = (lam @ g[:, None, :, None]).squeeze(-1) / sums.total[:, :, None]
+            coeffs = coeffs.reshape(lam.shape[0], -1)  # (C, R): one per running sum
+            summed = contract_rows(coeffs, sums.acc)
+            flat = summed if flat is None else flat + summed.to(flat.dtype)
+            for (c, slot), t in sums.pose_acc.items():
+                got = contract_rows(coeffs[c], t)
+                prev = pose[slot]
+                pose[slot] = got if prev is None else prev + got
+        grads: list[Tensor | None] = [] if flat is None else list(self.layout.unflatten(flat))
         return grads + pose
+
+    def _deferred(self, comb_grad: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Return the deferred poses' part: their chunks re-run, each with its c_i."""
+        if self.reruns is None or self.graph is None or self.deferred is None:
+            return None, [None] * len(self.targets.pose_inputs)
+        y, combined = self.graph
+        (c,) = torch.autograd.grad(combined, y, comb_grad.to(combined.dtype), retain_graph=True)
+        c = c * self.deferred.reshape(-1, *(1,) * (c.dim() - 1)).to(c.dtype)
+        return self.reruns.contract(c)
