@@ -24,9 +24,9 @@ class Recompute(Strategy):
 
     Memory stays flat in the number of poses: one chunk graph and one ``P``-sized
     accumulator (none when a single chunk contributes: its gradients are returned as
-    ``autograd.grad`` gives them). The last chunk runs with a graph in the forward (to validate the
-    prediction and find what it depends on) and that graph is kept for the backward,
-    which starts with it; the other chunks are re-run. Each chunk's backward is one
+    ``autograd.grad`` gives them). The last chunk runs with a graph in the forward (to
+    validate the prediction and find what it depends on) and that graph is kept for the
+    backward, which starts with it; the other chunks are re-run. Each chunk's backward is one
     ``autograd.grad`` with
     ``grad_outputs`` = the chunk's coefficients :math:`c_i = \partial L/\partial y_i`
     (``(b, d)`` for ``d`` values per pose: one backward whatever ``d``).
