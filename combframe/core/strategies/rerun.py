@@ -165,18 +165,6 @@ class Reruns:
             self.kept = None  # the last chunk contributes nothing: free its graph
         return order, probe
 
-    def contract(self, coeffs: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` over the chunks' poses.
-
-        As :meth:`gradients`, with the parameters' gradients as one flat ``P``-vector.
-        """
-        params, pose = self.gradients(coeffs)
-        layout = self.runner.targets.layout
-        flat = layout.new_buffer(1)[0]
-        if params:
-            layout.flatten_into(params, flat)
-        return flat, pose
-
     def gradients(self, coeffs: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
         r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` over the chunks' poses.
 

@@ -286,27 +286,30 @@ class _StreamedGradients(PoseGradients):
             self.graph = (y, combined_values(combination, y, segments))
 
     def contract_combined(self, comb_grad: Tensor) -> list[Tensor | None]:
-        flat, pose = self._deferred(comb_grad)  # re-runs first: they may refuse
+        params, pose = self._deferred(comb_grad)  # re-runs first: they may refuse
         sums = self.sums
-        if self.coefficients is not None:
-            lam = self.coefficients  # (C, G, k, d_out), C the spanning compounds
-            g = comb_grad[self.ids].to(sums.exact).reshape(lam.shape[0], -1)  # (C, d_out)
-            coeffs = (lam @ g[:, None, :, None]).squeeze(-1) / sums.total[:, :, None]
-            coeffs = coeffs.reshape(lam.shape[0], -1)  # (C, R): one per running sum
-            summed = contract_rows(coeffs, sums.acc)
-            flat = summed if flat is None else flat + summed.to(flat.dtype)
-            for (c, slot), t in sums.pose_acc.items():
-                got = contract_rows(coeffs[c], t)
-                prev = pose[slot]
-                pose[slot] = got if prev is None else prev + got
-        grads: list[Tensor | None] = [] if flat is None else list(self.layout.unflatten(flat))
-        return grads + pose
+        if self.coefficients is None:  # every compound inside one chunk: no sums
+            return [*params, *pose]
+        lam = self.coefficients  # (C, G, k, d_out), C the spanning compounds
+        g = comb_grad[self.ids].to(sums.exact).reshape(lam.shape[0], -1)  # (C, d_out)
+        coeffs = (lam @ g[:, None, :, None]).squeeze(-1) / sums.total[:, :, None]
+        coeffs = coeffs.reshape(lam.shape[0], -1)  # (C, R): one per running sum
+        summed = list(self.layout.unflatten(contract_rows(coeffs, sums.acc)))
+        if params:  # the deferred compounds' part, added in the layout's dtype
+            torch._foreach_add_(
+                summed, [p.to(s.dtype) for p, s in zip(params, summed, strict=True)]
+            )
+        for (c, slot), t in sums.pose_acc.items():
+            got = contract_rows(coeffs[c], t)
+            prev = pose[slot]
+            pose[slot] = got if prev is None else prev + got
+        return [*summed, *pose]
 
-    def _deferred(self, comb_grad: Tensor) -> tuple[Tensor | None, list[Tensor | None]]:
+    def _deferred(self, comb_grad: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
         """Return the deferred poses' part: their chunks re-run, each with its c_i."""
         if self.reruns is None or self.graph is None or self.deferred is None:
-            return None, [None] * len(self.targets.pose_inputs)
+            return [], [None] * len(self.targets.pose_inputs)
         y, combined = self.graph
         (c,) = torch.autograd.grad(combined, y, comb_grad.to(combined.dtype), retain_graph=True)
         c = c * self.deferred.reshape(-1, *(1,) * (c.dim() - 1)).to(c.dtype)
-        return self.reruns.contract(c)
+        return self.reruns.gradients(c)
