@@ -89,6 +89,18 @@ SITUATIONS: list[tuple[str, Any, str, dict[str, Any], int, list[int], str, str]]
         "recompute",
         "over",
     ),
+    (
+        # 6 one-pose compounds and one of 2 (7 poses: store's buffer is over 5 rows);
+        # only the compound of 2 keeps sums (2 rows), the others are re-run
+        "one-pose-compounds-keep-no-sums",
+        make_mlp,
+        "boltzmann",
+        {"memory_budget": 5 * ROW, "losses": "combined"},
+        1,
+        [1, 1, 1, 1, 1, 1, 2],
+        "stream",
+        "running sums",
+    ),
     ("module-backward-hook", _backward_hooked, "mean", {}, 1, [5], "recompute", "backward hook"),
     ("hook-in-forward", _HookedInForward, "mean", {}, 1, [5], "recompute", "activation"),
 ]

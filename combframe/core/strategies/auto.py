@@ -14,8 +14,10 @@ The choice, read top-down (the table of ``docs/strategies.md``; the times are th
    the buffer is ``(M, d, P)`` (each pose's Jacobian); the first pose, run once without a
    graph before the choice, gives ``d``.
 4. Over the budget, ``losses="combined"``, a streaming combination and stream's
-   ``C x k x P`` running sums within it: **stream** (no per-pose gradients held; ``k``
-   per column for ``d`` values combined column-wise, ``2d + 1`` for attention).
+   ``C x k x P`` running sums within it, ``C`` the compounds of more than one pose (at
+   one pose per pass a compound of one pose lies inside its chunk and is re-run, not
+   summed): **stream** (no per-pose gradients held; ``k`` per column for ``d`` values
+   combined column-wise, ``2d + 1`` for attention).
 5. Otherwise **recompute** (one chunk graph and one ``P``-vector, any loss).
 """
 
@@ -112,7 +114,10 @@ class Auto(Strategy):
         self, runner: PoseRunner, poses: Poses, segments: Segments, combination: Combination
     ) -> Collected:
         """Choose, and run the first forward with the choice (recompute if a hook shows)."""
-        self._choose(*choose(runner, poses, segments.count, combination, self))
+        # stream is considered at one pose per pass only: a compound of several poses
+        # spans chunks (running sums), one of one pose is re-run
+        spanning = sum(n > 1 for n in segments.sizes)
+        self._choose(*choose(runner, poses, spanning, combination, self))
         assert self.chosen is not None
         if isinstance(self.chosen, Recompute):
             return self.chosen.collect(runner, poses, segments, combination)
@@ -141,7 +146,10 @@ class Auto(Strategy):
 def choose(
     runner: PoseRunner, poses: Poses, count: int, combination: Combination, auto: Auto
 ) -> tuple[Strategy, str]:
-    """Return the strategy for the poses of ``count`` compounds, and why (the table above)."""
+    """Return the strategy for the poses, and why (the table above).
+
+    ``count`` is the number of compounds stream would keep running sums for.
+    """
     if any(map(_module_backward_hooks, runner.modules)):
         return Recompute(), "the model has a module backward hook"
     if runner.batched:
