@@ -450,6 +450,26 @@ def test_entry_point_clash_raises_when_strict(tmp_path: Path) -> None:
         combframe.list_combinations()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_plugin_whose_own_classes_claim_one_name_is_isolated(
+    tmp_path: Path, strict: bool
+) -> None:
+    twins = TWO_CLASSES.format(alias="twin", own="dup")  # both classes claim 'dup'
+    text = "twins_mod.Good and twins_mod.Own both claim the name 'dup'"
+    with (
+        isolated_registry(strict=strict),
+        _dist(tmp_path, "twins", "1.0", "twins", "twins_mod", twins),
+    ):
+        if strict:
+            with pytest.raises(InvalidPluginError, match=text):
+                combframe.list_combinations()
+            return
+        with pytest.warns(PluginWarning, match=text):
+            assert combframe.list_combinations() == list(SHIPPED)  # the others keep working
+        (error,) = combframe.plugin_errors()
+        assert (error.plugin, error.distribution) == ("twins", "twins")
+
+
 # ---- broken plugins ---------------------------------------------------------------------
 
 BROKEN = {

@@ -1,9 +1,7 @@
-"""``CombinationConfig``: a combination chosen by name in a pydantic config.
+"""``CombinationConfig``: a combination chosen by name in a pydantic config, and its schema.
 
-The parameters are validated against the named plugin's own ``Params`` model, so a
-config accepts exactly what the installed combinations accept, including combinations
-that arrive with third-party plugins. The JSON schema is a discriminated union over the
-installed combinations, built from the registry at the time it is asked for.
+Both are built from the registry when used, so a third-party plugin's combinations are
+accepted (and appear in the schema) once it is installed.
 """
 
 from __future__ import annotations
@@ -17,31 +15,28 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError, core_schema
 
 from combframe.core.combination import Combination, CombinationParams
-from combframe.core.settings import checked_learn, learnable_fields
-from combframe.errors import CombinationError, UnknownCombinationError
-from combframe.registry import create_combination, current_registry
+from combframe.core.settings import learnable_fields
+from combframe.errors import CombinationError, InvalidParametersError, UnknownCombinationError
+from combframe.registry import CombinationInfo, _checked, create_combination, current_registry
+from combframe.registry.plugins import class_of
 
 __all__ = ["CombinationConfig", "combination_config_schema"]
 
+_NAME = "Registered name of the combination."
 
-def _error(loc: tuple[str, ...], kind: str, message: str, value: Any) -> ValidationError:
-    details = InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+def _error(loc: str, kind: str, message: str, value: Any) -> ValidationError:
+    details = InitErrorDetails(type=PydanticCustomError(kind, message), loc=(loc,), input=value)
     return ValidationError.from_exception_data("CombinationConfig", [details])
 
 
 class CombinationConfig(BaseModel):
     r"""A combination and its parameters: ``{"name": ..., <parameters>}``.
 
-    The name is looked up in the registry (case-insensitive, ``-`` and ``_`` alike,
-    aliases accepted) and the remaining keys are validated by that combination's
-    ``Params`` model: unknown keys are rejected and bounds enforced, with pydantic errors
-    that name the field. After validation the config holds the canonical name and every
-    parameter (defaults filled in), so it serializes to a complete description.
-
-    Works as a field in your own pydantic model and round-trips through JSON
-    (:meth:`model_dump_json` / :meth:`model_validate_json`) and YAML (:meth:`to_yaml` /
-    :meth:`from_yaml`). A combination object converts back with
-    :meth:`from_combination`; :meth:`build` makes the module.
+    The name is looked up in the registry (aliases accepted) and the other keys are
+    validated by that combination's ``Params`` (unknown keys rejected, bounds enforced);
+    the validated config holds the canonical name and every parameter. It round-trips
+    through JSON and YAML and works as a field of your own pydantic model.
 
     Examples
     --------
@@ -55,7 +50,7 @@ class CombinationConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    name: str = Field(description="Registered name of the combination.")
+    name: str = Field(description=_NAME)
 
     if TYPE_CHECKING:  # the parameters are extra keywords, checked at runtime
 
@@ -75,38 +70,31 @@ class CombinationConfig(BaseModel):
                 "combination's parameters; got {kind}",
                 {"kind": type(data).__name__},
             )
-        params = dict(data)
+        params, registry = dict(data), current_registry()
         if "name" not in params:
-            raise _error(
-                ("name",),
-                "missing_combination_name",
-                "a combination config needs a 'name' (installed: {})".format(
-                    ", ".join(current_registry().names()) or "none"
-                ),
-                data,
-            )
+            installed = ", ".join(registry.names()) or "none"
+            message = f"a combination config needs a 'name' (installed: {installed})"
+            raise _error("name", "missing_combination_name", message, data)
         name = params.pop("name")
         if not isinstance(name, str):
-            raise _error(("name",), "string_type", "the combination name must be a string", name)
-        registry = current_registry()
+            raise _error("name", "string_type", "the combination name must be a string", name)
         try:
-            canonical, cls_ = registry.resolve(name)
+            canonical, _, values, learned = _checked(name, params)
         except UnknownCombinationError as exc:
-            raise _error(("name",), "unknown_combination", str(exc), name) from None
-        learn = params.pop("learn", None) or ()
-        validated = cls_.Params.model_validate(params)
-        try:
-            learned = checked_learn(canonical, cls_.Params, learn)
+            raise _error("name", "unknown_combination", str(exc), name) from None
+        except InvalidParametersError:
+            raise  # a ValidationError: pydantic keeps its fields' locations
         except CombinationError as exc:
-            raise _error(("learn",), "unknown_learned_parameter", str(exc), learn) from None
-        return {"name": canonical, **validated.model_dump(), **_learn_key(learned)}
+            learn = data.get("learn")
+            raise _error("learn", "unknown_learned_parameter", str(exc), learn) from None
+        learn_key = {"learn": list(learned)} if learned else {}
+        return {"name": canonical, **values.model_dump(), **learn_key}
 
     @property
     def params(self) -> CombinationParams:
         """The validated parameters, as the combination's own ``Params`` model."""
-        cls_ = current_registry().get(self.name)
         extra = {k: v for k, v in (self.model_extra or {}).items() if k != "learn"}
-        return cls_.Params.model_validate(extra)
+        return current_registry().get(self.name).Params.model_validate(extra)
 
     @property
     def learn(self) -> tuple[str, ...]:
@@ -140,27 +128,14 @@ class CombinationConfig(BaseModel):
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         # In a user's model the field's schema is the union over installed combinations.
-        adapter = pydantic.TypeAdapter(_union_type())
-        return handler(adapter.core_schema)
+        return handler(pydantic.TypeAdapter(_union_type()).core_schema)
 
 
-def _learn_key(learned: tuple[str, ...]) -> dict[str, list[str]]:
-    """Return the ``learn`` key of a config: present only when a parameter is learned."""
-    return {"learn": list(learned)} if learned else {}
-
-
-def _variant(name: str, aliases: tuple[str, ...], combination: type[Combination]) -> Any:
-    """Make a pydantic model for one combination: its ``Params`` and a literal ``name``.
-
-    A combination with learnable parameters also gets ``learn``, a list of their names.
-    """
-    names = (name, *aliases)
-    literal: Any = Literal.__getitem__(names)
-    description = (combination.__doc__ or "").strip().splitlines()
-    learnable = learnable_fields(combination.Params)
-    fields: dict[str, Any] = {
-        "name": (literal, Field(description="Registered name of the combination.")),
-    }
+def _variant(info: CombinationInfo) -> Any:
+    """Make the config model of one combination: its ``Params``, ``name`` and ``learn``."""
+    cls, names = class_of(info), (info.name, *info.aliases)
+    learnable = learnable_fields(cls.Params)
+    fields: dict[str, Any] = {"name": (Literal.__getitem__(names), Field(description=_NAME))}
     if learnable:
         fields["learn"] = (
             list[Literal.__getitem__(learnable)],  # type: ignore[misc]  # built at runtime
@@ -169,32 +144,22 @@ def _variant(name: str, aliases: tuple[str, ...], combination: type[Combination]
                 description="Parameters to learn (an nn.Parameter each, kept in bounds).",
             ),
         )
+    doc = info.description or None
     return pydantic.create_model(
-        f"{combination.__name__}Config",
-        __base__=combination.Params,
-        __doc__=description[0] if description else None,
-        **fields,
+        f"{cls.__name__}Config", __base__=cls.Params, __doc__=doc, **fields
     )
 
 
 def _union_type() -> Any:
     """Return the discriminated union of every installed combination's config model."""
-    registry = current_registry()
-    table = registry.table()
+    table = current_registry().table()
     if table.schema_type is None:
-        infos = registry.describe()
-        variants = [
-            _variant(info.name, info.aliases, table.entries[info.name].cls) for info in infos
-        ]
+        variants = [_variant(info) for info in table.infos()]
         if not variants:
             raise UnknownCombinationError("<any>", [], None)
-        if len(variants) == 1:
-            table.schema_type = variants[0]
-        else:
-            table.schema_type = Annotated[
-                Union[tuple(variants)],  # noqa: UP007 - built at runtime
-                Field(discriminator="name"),
-            ]
+        union: Any = Union[tuple(variants)]  # noqa: UP007 - built at runtime
+        one = len(variants) == 1
+        table.schema_type = union if one else Annotated[union, Field(discriminator="name")]
     return table.schema_type
 
 
@@ -212,8 +177,5 @@ def combination_config_schema() -> dict[str, Any]:
     """
     schema: dict[str, Any] = pydantic.TypeAdapter(_union_type()).json_schema()
     schema.setdefault("title", "CombinationConfig")
-    schema.setdefault(
-        "description",
-        "A combframe combination chosen by name, with its parameters.",
-    )
+    schema.setdefault("description", "A combframe combination chosen by name, with its parameters.")
     return schema

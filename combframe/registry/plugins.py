@@ -1,87 +1,73 @@
-"""Loading plugins: one shape, each plugin validated and isolated.
+"""Plugins: the one plugin shape, each class checked and described, names and clashes.
 
-A plugin is what an entry point of the group ``combframe`` names, or what
-:func:`~combframe.register_plugin` is given: a :class:`~combframe.Combination` subclass,
-or a module of them (the subclasses it defines, or those its ``__all__`` lists).
-:class:`Table` is one built registry: the classes by name and alias, the names that two
-installed plugins claim, and the plugins that failed (isolated, or raised when strict).
+A plugin is a :class:`~combframe.Combination` subclass or a module of them. :class:`Table`
+is one built registry: every name with the combinations that claim it, and the plugins
+that failed; the rules it applies are the registry page's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 import re
 import types
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
+
+from pydantic.fields import FieldInfo
 
 from combframe.core.combination import Combination, CombinationParams, normalize_name
-from combframe.errors import InvalidPluginError, PluginWarning, user_stacklevel
-
-__all__ = [
-    "ENTRY_POINT_GROUP",
-    "ENV_BLOCK",
-    "ENV_STRICT",
-    "Entry",
-    "PluginLoadError",
-    "Source",
-    "Table",
-    "dist_of",
-    "entry_points",
-    "normalize_name",
-]
 
 #: Entry-point group that plugins declare.
 ENTRY_POINT_GROUP: Final = "combframe"
-#: Comma-separated entry points that are not loaded: ``name``, ``distribution:name`` or
-#: ``distribution:*``.
-ENV_BLOCK: Final = "COMBFRAME_BLOCK_PLUGINS"
-#: Makes plugin load failures raise instead of warn.
-ENV_STRICT: Final = "COMBFRAME_STRICT_PLUGINS"
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "multiple of"}
+_BOUNDS |= {"min_length": "length >=", "max_length": "length <="}
 
-_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]*")
-_NAME_RULE: Final = "letters, digits, '_', '-' and '.', starting with a letter or digit"
+
+class _Origin:
+    """Where a plugin comes from: mixed into the records with its name and distribution."""
+
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def origin(self) -> str:
+        """Where the plugin comes from (``distribution combframe 0.2.0``)."""
+        if self.distribution is None:
+            return "registered in-process"
+        return " ".join(filter(None, ("distribution", self.distribution, self.version)))
+
+
+def who(plugin: _Origin) -> str:
+    """Say which plugin this is, for messages (``plugin 'max' (distribution ...)``)."""
+    return f"plugin {plugin.plugin!r} ({plugin.origin})"
+
+
+def block_key(plugin: _Origin) -> str:
+    """Return the ``COMBFRAME_BLOCK_PLUGINS`` value that blocks this plugin alone.
+
+    With its distribution when installed: a plain entry-point name would also block
+    another distribution's plugin of that name.
+    """
+    return (
+        plugin.plugin if plugin.distribution is None else f"{plugin.distribution}:{plugin.plugin}"
+    )
 
 
 @dataclass(frozen=True)
-class Source:
-    """Where a plugin comes from: its name, and its distribution and version if any."""
+class Source(_Origin):
+    """An installed plugin's entry-point name and distribution, or an in-process one's name."""
 
     plugin: str
     distribution: str | None = None
     version: str | None = None
 
-    def origin(self) -> str:
-        """Say where the plugin comes from (``distribution combframe 0.1.0``)."""
-        if self.distribution is None:
-            return "registered in-process"
-        return " ".join(filter(None, ("distribution", self.distribution, self.version)))
-
-    def describe(self) -> str:
-        """Say which plugin this is, for messages."""
-        return f"plugin {self.plugin!r} ({self.origin()})"
-
-    def block_key(self) -> str:
-        """Return the ``COMBFRAME_BLOCK_PLUGINS`` value that blocks this plugin alone.
-
-        ``distribution:entry-point`` for an installed plugin (a plain entry-point name
-        would also block another distribution's plugin of the same name), the plugin's
-        name for one registered in-process.
-        """
-        return self.plugin if self.distribution is None else f"{self.distribution}:{self.plugin}"
-
-    def blocked_by(self, blocked: frozenset[str]) -> bool:
-        """Whether a normalized block list names this plugin, alone or by distribution."""
-        name, dist = normalize_name(self.plugin), normalize_name(self.distribution or "")
-        by_dist = {f"{dist}:{name}", f"{dist}:*"} if dist else set()
-        return name in blocked or bool(by_dist & blocked)
-
 
 @dataclass(frozen=True)
-class PluginLoadError:
+class PluginLoadError(_Origin):
     """A plugin that failed to load or register and was skipped.
 
     Attributes
@@ -98,52 +84,120 @@ class PluginLoadError:
     version: str | None
     exception: str
 
-    @property
-    def origin(self) -> str:
-        """Where the plugin comes from, as :meth:`Source.origin` says it."""
-        return Source(self.plugin, self.distribution, self.version).origin()
-
     def __str__(self) -> str:
-        return f"{Source(self.plugin, self.distribution, self.version).describe()}: " + (
-            self.exception
+        return f"{who(self)}: {self.exception}"
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of a combination, as its ``Params`` model declares it.
+
+    Attributes
+    ----------
+    name
+        Field name (the keyword of the combination and the key in a config).
+    type
+        The annotation, written as in source (``"float"``, ``"int | None"``).
+    default
+        The default value (``None`` when ``required``).
+    bounds
+        Constraints such as ``"> 0"`` or ``">= 0, < 1"``; ``None`` when unbounded.
+    description
+        The field's description, or ``""``.
+    required
+        Whether the parameter has no default.
+    """
+
+    name: str
+    type: str
+    default: Any
+    bounds: str | None
+    description: str
+    required: bool = False
+
+    @classmethod
+    def of(cls, name: str, field: FieldInfo) -> ParameterInfo:
+        """Describe the pydantic field ``name``."""
+        annotation = field.annotation
+        kind = re.sub(r"\b(typing|typing_extensions|builtins)\.", "", repr(annotation))
+        if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
+            kind = annotation.__name__
+        bounds = [
+            f"{op} {getattr(meta, attr)}"
+            for meta in field.metadata
+            for attr, op in _BOUNDS.items()
+            if getattr(meta, attr, None) is not None
+        ]
+        required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
+        return cls(
+            name, kind, default, ", ".join(bounds) or None, field.description or "", required
         )
 
 
 @dataclass(frozen=True)
-class Entry:
-    """One registered combination class, its normalized names and its source."""
+class CombinationInfo(_Origin):
+    """What the registry knows about one installed combination.
 
-    cls: type[Combination]
-    source: Source
+    Attributes
+    ----------
+    name, aliases, deprecated_aliases
+        The canonical name, the other accepted names, and the names still accepted with
+        a :class:`FutureWarning`; all normalized.
+    plugin, distribution, version
+        The plugin that registered it (its entry-point name, or the name given to
+        :func:`~combframe.register_plugin`), and the distribution that declares the entry
+        point and its version (``None`` for an in-process plugin).
+    description
+        The first line of the class docstring.
+    parameters
+        The parameters, in ``Params`` field order.
+    supports_stream
+        Whether the class implements ``stream_terms`` and ``stream_coefficients`` (the
+        ``"stream"`` strategy can run it).
+    combination_class
+        The class itself.
+    """
+
     name: str
     aliases: tuple[str, ...]
-    deprecated: tuple[str, ...]
+    plugin: str
+    distribution: str | None
+    version: str | None
+    description: str
+    parameters: tuple[ParameterInfo, ...]
+    supports_stream: bool
+    deprecated_aliases: tuple[str, ...] = ()
+    combination_class: type[Combination] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
-    def claim(self) -> str:
-        """Say who claims the names: the plugin and the class it registers."""
-        return f"{self.source.describe()} registers {_qualname(self.cls)}"
 
-    def names(self) -> list[tuple[str, bool]]:
-        """Every name it answers to, each with whether it is deprecated."""
-        plain = [(n, False) for n in (self.name, *self.aliases)]
-        return plain + [(n, True) for n in self.deprecated]
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.]*")
+_NAME_RULE: Final = "letters, digits, '_', '-' and '.', starting with a letter or digit"
 
 
 class _RejectedError(Exception):
     """A plugin at fault: isolated (a warning) or, when strict, raised."""
 
 
-def _qualname(cls: type) -> str:
+def qualname(cls: type) -> str:
+    """Return ``module.Class``."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def classes_of(plugin: object) -> list[type[Combination]]:
-    """Return the combination classes a plugin contributes (the one plugin shape).
+def class_of(info: CombinationInfo) -> type[Combination]:
+    """Return the class of a combination the registry described (:func:`checked_info` sets it)."""
+    return cast("type[Combination]", info.combination_class)
 
-    A :class:`~combframe.Combination` subclass contributes itself; a module contributes
-    the subclasses its ``__all__`` lists or, without ``__all__``, those it defines
-    (abstract bases without a ``name`` of their own are skipped).
-    """
+
+def claim(info: CombinationInfo) -> str:
+    """Say who claims a combination's names: its plugin and its class."""
+    return f"{who(info)} registers {qualname(class_of(info))}"
+
+
+def classes_of(plugin: object) -> list[type[Combination]]:
+    """Return the combination classes a plugin contributes (abstract bases skipped)."""
     if isinstance(plugin, type) and issubclass(plugin, Combination):
         return [plugin]
     if not isinstance(plugin, types.ModuleType):
@@ -152,10 +206,9 @@ def classes_of(plugin: object) -> list[type[Combination]]:
             "an entry point names the combination class or the module that defines it"
         )
     listed = getattr(plugin, "__all__", None)
-    names = list(vars(plugin) if listed is None else listed)
     found = [
         obj
-        for obj in (getattr(plugin, n, None) for n in names)
+        for obj in (getattr(plugin, n, None) for n in (vars(plugin) if listed is None else listed))
         if isinstance(obj, type)
         and issubclass(obj, Combination)
         and (listed is not None or obj.__module__ == plugin.__name__)
@@ -170,156 +223,69 @@ def classes_of(plugin: object) -> list[type[Combination]]:
     return list(dict.fromkeys(found))
 
 
-def _names(cls: type, attr: str) -> tuple[str, ...]:
-    raw = cls.__dict__.get(attr, ())  # a subclass does not inherit its parent's aliases
+def _names(cls: type, attr: str, raw: object) -> tuple[str, ...]:
     if isinstance(raw, str) or not isinstance(raw, Sequence):
-        raise _RejectedError(f"{_qualname(cls)}.{attr} must be a tuple of strings; got {raw!r}")
-    bad = [a for a in raw if not isinstance(a, str) or not _NAME_RE.fullmatch(normalize_name(a))]
-    if bad:
-        raise _RejectedError(
-            f"{_qualname(cls)}.{attr} contains {bad[0]!r}, which is not a valid "
-            f"combination name ({_NAME_RULE})"
-        )
+        raise _RejectedError(f"{qualname(cls)}.{attr} must be a tuple of strings; got {raw!r}")
+    for alias in raw:
+        if not isinstance(alias, str) or not _NAME_RE.fullmatch(normalize_name(alias)):
+            raise _RejectedError(
+                f"{qualname(cls)}.{attr} contains {alias!r}, which is not a valid "
+                f"combination name ({_NAME_RULE})"
+            )
     return tuple(dict.fromkeys(map(normalize_name, raw)))
 
 
-def _entry(cls: type[Combination], source: Source) -> Entry:
-    """Check one class a plugin contributes; raise :class:`_RejectedError` if unusable."""
-    raw = cls.__dict__.get("name", getattr(cls, "name", None))
+def checked_info(cls: type[Combination], source: Source) -> CombinationInfo:
+    """Check one class a plugin contributes and describe it; raise if it is unusable."""
+    raw = getattr(cls, "name", None)
     if not isinstance(raw, str) or not raw.strip():
         raise _RejectedError(
-            f"{_qualname(cls)} has no name (got {raw!r}); set a class attribute such as "
+            f"{qualname(cls)} has no name (got {raw!r}); set a class attribute such as "
             "name = 'softmin'"
         )
-    name = normalize_name(raw)
-    if not _NAME_RE.fullmatch(name):
-        raise _RejectedError(
-            f"{_qualname(cls)}.name {raw!r} is not a valid combination name ({_NAME_RULE})"
-        )
+    (name,) = _names(cls, "name", (raw,))
     params = getattr(cls, "Params", None)
     if not (isinstance(params, type) and issubclass(params, CombinationParams)):
         raise _RejectedError(
-            f"{_qualname(cls)}.Params must be a subclass of combframe.CombinationParams; "
+            f"{qualname(cls)}.Params must be a subclass of combframe.CombinationParams; "
             f"got {params!r}"
         )
     if "name" in params.model_fields:
         raise _RejectedError(
-            f"{_qualname(cls)}.Params declares a parameter called 'name', which is "
+            f"{qualname(cls)}.Params declares a parameter called 'name', which is "
             "reserved for the combination name in configs; rename the parameter"
         )
     if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise _RejectedError(
-            f"{_qualname(cls)} does not implement "
-            + ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
-            + ": a combination writes value(preds), h of one compound's predictions"
+            f"{qualname(cls)} does not implement {missing}: a combination writes "
+            "value(preds), h of one compound's predictions"
         )
-    aliases = tuple(a for a in _names(cls, "aliases") if a != name)
-    deprecated = tuple(a for a in _names(cls, "deprecated_aliases") if a != name)
+    # a subclass does not inherit its parent's aliases
+    aliases, deprecated = (
+        tuple(a for a in _names(cls, attr, cls.__dict__.get(attr, ())) if a != name)
+        for attr in ("aliases", "deprecated_aliases")
+    )
     if set(aliases) & set(deprecated):
         raise _RejectedError(
-            f"{_qualname(cls)} lists {sorted(set(aliases) & set(deprecated))} both as "
+            f"{qualname(cls)} lists {sorted(set(aliases) & set(deprecated))} both as "
             "aliases and as deprecated aliases"
         )
-    return Entry(cls, source, name, aliases, deprecated)
-
-
-class Table:
-    """One built registry: the combinations by name, the ambiguous names, the failures."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
-        # normalized name or alias -> (its entry, deprecated?)
-        self.lookup: dict[str, tuple[Entry, bool]] = {}
-        self.errors: list[PluginLoadError] = []
-        # name -> every entry that claims it (clashes between installed plugins)
-        self.ambiguous: dict[str, list[Entry]] = {}
-        self.schema_type: Any = None
-
-    def add(self, plugin: object, source: Source, *, strict: bool) -> None:
-        """Register ``plugin``; isolate (or, when ``strict``, raise) its own failures.
-
-        A name that another plugin already claims is a clash. Between plugins loaded
-        from entry points (and not ``strict``) it makes that name ambiguous: using it
-        raises :class:`~combframe.errors.AmbiguousCombinationError` naming both sides,
-        and every other name of both plugins keeps working. Registered in-process or
-        when ``strict``, a clash raises and registers nothing: keeping whichever came
-        first would be a silent choice.
-        """
-        try:
-            entries = [_entry(cls, source) for cls in classes_of(plugin)]
-        except _RejectedError as exc:
-            self.fail(plugin, source, str(exc), strict, exc)
-            return
-        clashes: list[tuple[str, Entry, Entry]] = []
-        lookup: dict[str, tuple[Entry, bool]] = {}
-        for entry in entries:
-            known = self.entries.get(entry.name)
-            if known is not None and known.cls is entry.cls:
-                continue  # the identical class, registered again: nothing to do
-            for key, deprecated in entry.names():
-                owner = self._owner(key) or lookup.get(key, (None,))[0]
-                if owner is None:
-                    lookup[key] = (entry, deprecated)
-                elif source.distribution is not None and not strict and owner.source != source:
-                    clashes.append((key, owner, entry))
-                else:
-                    raise InvalidPluginError(
-                        entry.cls,
-                        f"combination name {key!r} is claimed twice: {owner.claim()} and "
-                        f"{entry.claim()}. Uninstall one of them, or block one with "
-                        f"{ENV_BLOCK}={source.block_key()}.",
-                    )
-        self.lookup.update(lookup)
-        self.entries.update((key, e) for key, (e, _) in lookup.items() if key == e.name)
-        for key, owner, entry in clashes:
-            self._make_ambiguous(key, owner, entry)
-        self.schema_type = None
-
-    def _owner(self, key: str) -> Entry | None:
-        """Return the entry that already claims ``key`` (the first one if ambiguous)."""
-        if key in self.ambiguous:
-            return self.ambiguous[key][0]
-        return self.lookup.get(key, (None,))[0]
-
-    def _make_ambiguous(self, key: str, owner: Entry, entry: Entry) -> None:
-        """Take ``key`` away from every claimant and record the clash (with a warning)."""
-        claimants = self.ambiguous.setdefault(key, [owner])
-        claimants.append(entry)
-        self.lookup.pop(key, None)
-        if self.entries.get(key) is owner:
-            del self.entries[key]  # still reachable through its aliases, if it has any
-        text = (
-            f"combination name {key!r} is claimed twice: {owner.claim()} and "
-            f"{entry.claim()}; the name is ambiguous and refused when used, while the "
-            "other names of both plugins keep working"
-        )
-        self._record(entry.source, text)
-        blocks = " or ".join(f"{ENV_BLOCK}={c.source.block_key()}" for c in claimants)
-        warnings.warn(
-            f"{text}. Uninstall one of them, or block one with {blocks}.",
-            PluginWarning,
-            stacklevel=user_stacklevel(),
-        )
-
-    def _record(self, source: Source, text: str) -> None:
-        self.errors.append(
-            PluginLoadError(source.plugin, source.distribution, source.version, text)
-        )
-
-    def fail(
-        self, plugin: object, source: Source, text: str, strict: bool, cause: BaseException
-    ) -> None:
-        """Record a plugin that failed to load (with a warning), or raise when ``strict``."""
-        message = f"{source.describe()} failed to load and was skipped: {text}"
-        if strict:
-            raise InvalidPluginError(plugin, message) from cause
-        self._record(source, text)
-        warnings.warn(
-            f"{message}. Set {ENV_BLOCK}={source.plugin} to skip it quietly, or "
-            f"{ENV_STRICT}=1 to make this an error.",
-            PluginWarning,
-            stacklevel=user_stacklevel(),
-        )
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
+    return CombinationInfo(
+        name=name,
+        aliases=aliases,
+        plugin=source.plugin,
+        distribution=source.distribution,
+        version=source.version,
+        description=next((line.strip() for line in doc if line.strip()), ""),
+        parameters=tuple(ParameterInfo.of(n, f) for n, f in params.model_fields.items()),
+        supports_stream=all(
+            callable(getattr(cls, m, None)) for m in ("stream_terms", "stream_coefficients")
+        ),
+        deprecated_aliases=deprecated,
+        combination_class=cls,
+    )
 
 
 def entry_points() -> list[importlib.metadata.EntryPoint]:
