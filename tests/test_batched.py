@@ -293,6 +293,43 @@ def test_store_vmaps_stackable_poses_without_a_warning() -> None:
         )[0].backward()
 
 
+class ScaledByPose(torch.nn.Module):
+    """Features scaled by a tensor of the pose: the model's own ``scale`` in some poses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 1).double()
+        self.scale = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+    def forward(self, pose: tuple[Tensor, Tensor]) -> Tensor:
+        x, s = pose
+        out: Tensor = self.lin((x * (1 + s.reshape(*x.shape[:-2], 1, 4))).reshape(-1, 4))
+        return out.reshape(-1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_parameter_held_by_some_poses_gets_its_gradient_through_them(strategy: str) -> None:
+    """Not only when pose 0 holds it: store's per-sample pass would not see that path."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 4, generator=gen, dtype=torch.float64) for _ in range(5)]
+
+    def poses(net: ScaledByPose) -> list[tuple[Tensor, Tensor]]:
+        none = torch.zeros(4, dtype=torch.float64)
+        return [(x, net.scale if i in (1, 3) else none) for i, x in enumerate(xs)]
+
+    ref = ScaledByPose()
+    loss = make_loss("combined")
+    want = full_graph_gradients(ref, MeanCombination(), poses(ref), loss, chunk_size=2)
+    net = ScaledByPose()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", combframe.errors.StrategyWarning)
+        got = multipose_gradients(net, MeanCombination(), poses(net), loss, strategy, chunk_size=2)
+    assert net.scale.grad is not None
+    for g, w in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=0)
+
+
 def _graph_store() -> combframe.MultiPoseModel:
     return combframe.MultiPoseModel(
         graph_model(), "mean", strategy="store", chunk_size=3, collate=graph_collate

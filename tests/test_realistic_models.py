@@ -252,11 +252,13 @@ def test_recompute_honours_hooks_on_activations(hook: str, chunk: int) -> None:
     assert rel_err(grads(plain), grads(ref)) > 1e-3
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
 @pytest.mark.parametrize("hook", ["tensor", "module"])
 @pytest.mark.parametrize("strategy", ["store", "stream"])
-def test_store_and_stream_refuse_hooks_on_activations(strategy: str, hook: str) -> None:
+def test_store_and_stream_refuse_hooks_on_activations(strategy: str, hook: str, chunk: int) -> None:
+    """With chunks too: store's pose run alone says it is the hook, not a batch of one."""
     net = Plain(hook)
-    model = combframe.MultiPoseModel(net, "max", strategy=strategy)
+    model = combframe.MultiPoseModel(net, "max", strategy=strategy, chunk_size=chunk)
     with pytest.raises(combframe.StrategyError, match=rf"hook .*{strategy}.*recompute"):
         model(row_poses(4))
     assert all(p.grad is None for p in net.parameters())

@@ -362,6 +362,47 @@ def test_recompute_reruns_only_poses_with_a_nonzero_coefficient(
     assert_grads_close(got[2], want[2])
 
 
+class TwoHeads(torch.nn.Module):
+    """A head per pose kind (the flag in the pose), as for poses from two docking programs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 1).double()
+        self.b = torch.nn.Linear(4, 1).double()
+
+    def forward(self, pose: dict[str, Tensor]) -> Tensor:
+        head = self.b if bool(pose["flag"].reshape(-1)[0]) else self.a
+        out: Tensor = head(pose["x"].reshape(-1, 4)).reshape(-1)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("strategy", ["recompute", "stream"])
+def test_a_parameter_only_poses_of_weight_zero_reach_gets_zeros(strategy: str, chunk: int) -> None:
+    """As in the full graph: zeros (weight decay and momentum still apply), not None.
+
+    The masked poses are not re-run for their gradient; one of them runs forward once to
+    show that its graph reaches the head.
+    """
+    flags = [1, 1, 0, 0, 0]
+    gen = torch.Generator().manual_seed(1)
+    poses = [
+        {"x": torch.randn(1, 4, generator=gen, dtype=torch.float64), "flag": torch.tensor(f)}
+        for f in flags
+    ]
+    mask = 1.0 - torch.tensor(flags, dtype=torch.float64)
+    ref = TwoHeads()
+    ys = torch.cat([ref(p) for p in poses])
+    MeanCombination().value(ys, prior=mask.log()).backward()
+    net = TwoHeads()
+    model = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)
+    model(poses, mask=mask)[0].backward()
+    for got, want in zip(net.parameters(), ref.parameters(), strict=True):
+        assert got.grad is not None and want.grad is not None
+        torch.testing.assert_close(got.grad, want.grad, rtol=RTOL, atol=0)
+
+
 def _backward_op_count(strategy: str, n: int) -> int:
     model = make_mlp(hidden=8)
     combined, per_pose = combframe.MultiPoseModel(model, "boltzmann", strategy=strategy)(

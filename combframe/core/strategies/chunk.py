@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, final
 import torch
 from torch import Tensor
 
+from combframe.errors import StrategyError
+
 if TYPE_CHECKING:
     from combframe.core.strategies.runner import PoseRunner
 
@@ -55,7 +57,24 @@ class Chunk:
         flat = layout.new_buffer(rows)
         pose: dict[int, list[Tensor]] = {}
         for r in range(rows):
-            params, got = self.grads(None if weights is None else weights[r], retain=r < rows - 1)
+            try:
+                params, got = self.grads(
+                    None if weights is None else weights[r], retain=r < rows - 1
+                )
+            except RuntimeError as exc:
+                # torch's message for a compiled backward that frees its saved tensors
+                if "donated buffers" not in str(exc):
+                    raise
+                raise StrategyError(
+                    f"this step back-propagates one chunk {rows} times (stream: once per "
+                    "running sum of a compound whose poses span chunks; store: once per "
+                    "value of a vector prediction), but the model's backward allows one "
+                    "pass: it was compiled with torch.compile, whose backward frees its "
+                    "saved tensors (donated buffers). Set "
+                    "torch._functorch.config.donated_buffer = False before the first call "
+                    "of the compiled model, or use strategy='recompute', which "
+                    "back-propagates each chunk once"
+                ) from exc
             layout.flatten_into(params, flat[r])
             for slot, g in got:
                 pose.setdefault(slot, []).append(g)

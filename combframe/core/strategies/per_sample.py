@@ -128,7 +128,7 @@ def obstacle(runner: PoseRunner) -> str | None:
     """Why per-sample gradients cannot serve this call, from what is known without a run."""
     if runner.collate is not default_collate:
         return "a custom collate (poses of different sizes cannot be vmapped)"
-    if runner.pose_inputs:
+    if runner.pose_inputs or runner.params_in_poses:
         return "pose tensors require grad"
     if len(runner.targets.layout.params) != len(_named_trainable(runner.model)):
         return "parameters outside the model (a readout module or a closure) require grad"

@@ -165,6 +165,21 @@ class Reruns:
             self.kept = None  # the last chunk contributes nothing: free its graph
         return order, probe
 
+    def _probe_unreached(self, done: list[int]) -> None:
+        """Run skipped chunks forward while a parameter is reached by no graph yet.
+
+        A parameter that only poses of coefficient zero reach (a head for masked poses)
+        gets a gradient of zeros, as in the full graph, not ``None``; the probes stop
+        as soon as every parameter has been reached.
+        """
+        runner = self.runner
+        params = runner.targets.layout.params
+        skipped = set(range(len(self.chunks))).difference(done)
+        for k in sorted(skipped):
+            if all(id(p) in runner.used for p in params):
+                return
+            self._rerun(k)  # its graph is walked (the targets it reaches), then freed
+
     def gradients(self, coeffs: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
         r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` over the chunks' poses.
 
@@ -192,6 +207,7 @@ class Reruns:
                     prev = pose_acc[slot]
                     pose_acc[slot] = g if prev is None else prev + g
                 del params, pose, chunk  # free before the next chunk's graph
+            self._probe_unreached(order)
             self._verify()
         finally:
             self.deviation = []

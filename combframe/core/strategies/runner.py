@@ -96,6 +96,9 @@ class PoseRunner:
         self._mark = 0
         self.readers: list[list[int]] = []
         self.inert: tuple[Tensor, ...] = ()
+        #: Whether some pose holds a trainable parameter (its gradient then also flows
+        #: through the pose, out of ``torch.func``'s sight).
+        self.params_in_poses = False
         #: Whether a run with a graph met a gradient hook on a tensor other than a
         #: parameter (``Tensor.register_hook`` inside forward, a module backward hook).
         self.activation_hooks = False
@@ -131,7 +134,9 @@ class PoseRunner:
             for t in leaves:
                 if check and t.device != device:
                     self._check_device(i, t)  # raises
-                if grad and t.requires_grad and id(t) not in params:
+                if grad and id(t) in params:
+                    self.params_in_poses = True
+                elif grad and t.requires_grad:
                     found.setdefault(id(t), t)
                     mine = readers.setdefault(id(t), [])
                     if not mine or mine[-1] != i:

@@ -31,7 +31,7 @@ from combframe.core.strategies.per_sample import (
 )
 from combframe.core.strategies.replay import BufferSnapshot
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
-from combframe.errors import CombinationError, StrategyWarning, user_stacklevel
+from combframe.errors import CombframeError, CombinationError, StrategyWarning, user_stacklevel
 
 
 @final
@@ -223,7 +223,7 @@ def _one_pose_errors(runner: PoseRunner, index: int) -> Iterator[None]:
     """Say why store ran a pose alone when the model fails on a batch of one."""
     try:
         yield
-    except CombinationError:
+    except CombframeError:  # already says what is wrong (a refused hook, a bad prediction)
         raise
     except Exception as exc:
         if not runner.batched:
