@@ -5,9 +5,10 @@ Every case is compared in float64 with the full graph of the same chunks."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
@@ -435,3 +436,124 @@ def test_peak_memory_does_not_grow_with_compounds_inside_chunks() -> None:
     """
     few, many = _peak_bytes(8), _peak_bytes(32)
     assert many <= 1.02 * few, f"peak {many} B for 32 compounds vs {few} B for 8"
+
+
+# ---- chunks aligned to compounds, once the model is known to treat poses independently
+
+
+class Sizes(torch.nn.Module):
+    """Records the number of poses of each call (one call per piece run)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.append(x.shape[0])
+        out: Tensor = self.inner(x)
+        return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chunk=st.integers(2, 8),
+    data=st.data(),
+    kind=st.sampled_from(["prior", "masked", "vector", "attention", "learned"]),
+)
+def test_second_step_packs_compounds_into_aligned_chunks_exactly(
+    chunk: int, data: st.DataObject, kind: str
+) -> None:
+    """On the second step (verdict known) every piece holds whole compounds of at most
+    ``chunk`` poses, or part of a larger one alone; gradients equal the full graph's."""
+    sizes = data.draw(st.lists(st.integers(1, 2 * chunk), min_size=1, max_size=12))
+    outputs = 2 if kind in ("vector", "attention") else 1
+    model = Sizes(random_model(1, 5, outputs=outputs))
+    torch.manual_seed(0)
+    combination: combframe.Combination = {
+        "attention": lambda: GatedAttention(dim=outputs, hidden=4, gated=True).double(),
+        "learned": LearnedBoltzmann,
+    }.get(kind, lambda: BoltzmannCombination(kT=0.6))()
+    prior = None if kind == "learned" else _prior(sizes, masked=kind != "prior")
+    strategy = combframe.Stream()
+    with _plans() as plans:
+        for _ in range(2):  # the first step decides the verdict, the second uses it
+            model.calls.clear()
+            _parity(combination, sizes, chunk, model=model, prior=prior, strategy=strategy)
+    # forward and backward: no piece of more than ``chunk`` poses
+    assert max(model.calls) <= chunk
+    # only the compounds of more than ``chunk`` poses span chunks (keep sums)
+    assert plans[-1].spans == [n > chunk for n in sizes]
+
+
+@contextlib.contextmanager
+def _plans() -> Iterator[list[Any]]:
+    """Within it, the :class:`Plan` of every stream forward, in order."""
+    seen: list[Any] = []
+    real = stream_module.Plan
+
+    def plan(*args: Any) -> Any:
+        seen.append(real(*args))
+        return seen[-1]
+
+    with mock.patch.object(stream_module, "Plan", side_effect=plan):
+        yield seen
+
+
+def test_no_sums_for_compounds_of_at_most_a_chunk_from_the_second_step() -> None:
+    """Runner's chunks on the first step (3 compounds span), aligned on the second (1)."""
+    sizes, chunk = [3, 3, 3, 9, 2], 4
+    model = Sizes(random_model(1, 5))
+    wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy="stream", chunk_size=chunk)
+    poses = make_poses(sum(sizes), seed=2)
+    cut = [0, *itertools.accumulate(sizes)]
+    compounds = [poses[a:b] for a, b in itertools.pairwise(cut)]
+    with _plans() as plans:
+        for _ in range(2):
+            model.calls.clear()
+            wrapped(compounds=compounds).combined.sum().backward()
+    assert [sum(p.spans) for p in plans] == [3, 1]
+    assert max(model.calls) <= chunk
+
+
+def _packed_peak_bytes(count: int) -> int:
+    """Peak live tensor bytes of a second step of ``count`` compounds of 3 poses, chunks of 16."""
+    from tests.test_strategies import Gated
+
+    gen = torch.Generator().manual_seed(0)
+    model = Gated(width=32).double()
+    poses = [torch.randn(10, 8, generator=gen, dtype=torch.float64) for _ in range(3 * count)]
+    compounds = [poses[k : k + 3] for k in range(0, len(poses), 3)]
+    wrapped = combframe.MultiPoseModel(model, "boltzmann", strategy="stream", chunk_size=16)
+    wrapped(compounds=compounds).combined.sum().backward()  # .grad allocated, verdict known
+
+    def step() -> None:
+        wrapped(compounds=compounds).combined.sum().backward()
+
+    return peak_tensor_bytes(step)
+
+
+def test_peak_memory_of_a_packed_batch_does_not_grow_with_its_compounds() -> None:
+    """256 compounds of 3 poses in chunks of 16: no running sums, so about 32's peak."""
+    few, many = _packed_peak_bytes(32), _packed_peak_bytes(256)
+    assert many <= 1.1 * few, f"peak {many} B for 256 compounds vs {few} B for 32"
+
+
+def test_a_model_that_mixes_poses_keeps_the_runners_chunks() -> None:
+    """Batch norm in train mode: two steps, the same predictions and chunks as recompute."""
+    sizes, chunk = [3, 3, 3, 9, 2], 4
+    poses = make_poses(sum(sizes), seed=2)
+    cut = [0, *itertools.accumulate(sizes)]
+    compounds = [poses[a:b] for a, b in itertools.pairwise(cut)]
+    model = Sizes(Normed())
+    reference = copy.deepcopy(model)
+    out: dict[str, list[Any]] = {"stream": [], "recompute": []}
+    for net, strategy in ((model, "stream"), (reference, "recompute")):
+        wrapped = combframe.MultiPoseModel(net, "mean", strategy=strategy, chunk_size=chunk)
+        for _ in range(2):
+            net.calls.clear()
+            result = wrapped(compounds=compounds)
+            out[strategy] += [result.per_pose.detach(), list(net.calls)]
+            result.combined.sum().backward()
+    assert out["stream"][1] == out["stream"][3] == [chunk] * 5  # the runner's chunks
+    torch.testing.assert_close(out["stream"], out["recompute"], rtol=0, atol=0)

@@ -1,16 +1,19 @@
 r"""How stream runs the poses of a batch: which compounds span chunks, and the pieces run.
 
-A compound whose poses all lie in one chunk of the runner is *deferred*: its chunk is
-re-run in the backward, once :math:`\partial L/\partial G` is known, like recompute's.
-A compound whose poses span chunks keeps running sums. :class:`Plan` says which is which
-and cuts the chunks into pieces; :class:`Split` says whether a chunk of several compounds
-may run one piece at a time.
+A compound whose poses all lie in one chunk is *deferred*: its chunk is re-run in the
+backward, once :math:`\partial L/\partial G` is known, like recompute's. A compound whose
+poses span chunks keeps running sums. :class:`Plan` says which is which and cuts the
+chunks into pieces; :class:`Split` says whether a chunk of several compounds may run one
+piece at a time, and then :func:`aligned_chunks` gives chunks that cut no compound of at
+most a chunk's poses.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from typing import final
 
 import torch
@@ -35,8 +38,9 @@ class Plan:
     ----------
     segments
         The compounds of the batch.
-    step
-        The runner's chunk size.
+    chunks
+        ``(start, stop)`` of each chunk run, in order, covering the batch's poses: a
+        compound *spans* when it crosses a boundary between two of them.
 
     Attributes
     ----------
@@ -47,10 +51,14 @@ class Plan:
         ``(M,)``: whether each pose belongs to a deferred compound; None if none does.
     """
 
-    def __init__(self, segments: Segments, step: int) -> None:
+    def __init__(self, segments: Segments, chunks: Sequence[tuple[int, int]]) -> None:
         self.segments = segments
         starts, sizes = segments.starts, segments.sizes
-        self.spans = [s // step != (s + n - 1) // step for s, n in zip(starts, sizes, strict=True)]
+        cuts = [e for _, e in chunks[:-1]]  # ascending
+        self.spans = [
+            (k := bisect.bisect_right(cuts, s)) < len(cuts) and cuts[k] < s + n
+            for s, n in zip(starts, sizes, strict=True)
+        ]
         ids = [c for c, spans in enumerate(self.spans) if spans]
         #: Each spanning compound's rank among them and its first pose in their list.
         self.rank: dict[int, tuple[int, int]] = {}
@@ -100,6 +108,45 @@ class Plan:
         owner, starts = self.segments.owner, self.segments.starts
         rank, place = self.rank[owner[first]]
         return place + first - starts[owner[first]], rank, self.rank[owner[last]][0] + 1
+
+
+def aligned_chunks(sizes: Sequence[int], step: int) -> list[tuple[int, int]]:
+    """Return chunks of at most ``step`` poses that cut no compound of at most ``step``.
+
+    Greedily, a chunk takes whole compounds, in order, while they fit in ``step`` poses;
+    a compound of more than ``step`` poses runs alone, cut into chunks of ``step`` poses
+    (the last one shorter), and the compounds after it start a new chunk. Only for a
+    model that treats the poses of a batch independently (:class:`Split`), whose
+    predictions do not depend on which poses share a chunk.
+
+    Parameters
+    ----------
+    sizes
+        The number of poses of each compound, in order.
+    step
+        The chunk size, at least 1.
+
+    Returns
+    -------
+    list of tuple of int
+        ``(start, stop)`` of each chunk, covering ``sum(sizes)`` poses in order.
+
+    Examples
+    --------
+    >>> aligned_chunks([3, 3, 3, 7, 2], 6)
+    [(0, 6), (6, 9), (9, 15), (15, 16), (16, 18)]
+    """
+    out: list[tuple[int, int]] = []
+    start = stop = 0  # the open chunk
+    for n in sizes:
+        if stop + n - start > step and stop > start:  # does not fit: close it
+            out.append((start, stop))
+            start = stop
+        stop += n
+        if n > step:  # alone, in chunks of step poses
+            out += [(s, min(s + step, stop)) for s in range(start, stop, step)]
+            start = stop
+    return [*out, (start, stop)] if stop > start else out
 
 
 @final

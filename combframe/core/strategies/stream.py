@@ -15,7 +15,7 @@ from combframe.core.gradients import PoseGradients, contract_rows
 from combframe.core.strategies.base import Strategy
 from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.per_sample import PerSampleVerdicts
-from combframe.core.strategies.pieces import Piece, Plan, Split
+from combframe.core.strategies.pieces import Piece, Plan, Split, aligned_chunks
 from combframe.core.strategies.rerun import Reruns
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
 from combframe.core.strategies.sums import Fold, _StreamSums
@@ -32,12 +32,15 @@ class Stream(Strategy):
     :class:`~combframe.core.combination.StreamingCombination`. Exact for losses on the
     combined predictions; a loss on the per-pose predictions raises in backward.
 
-    A compound whose poses all lie in one chunk of the runner keeps no sums: its chunk
-    runs without a graph (the last one with a graph kept for the backward) and is re-run
-    in the backward once :math:`\partial L/\partial G` is known, back-propagated once
-    with :math:`c_i = \partial L/\partial y_i` from autograd through the combination on
-    the detached predictions, built in the forward (as recompute does:
-    :mod:`combframe.core.strategies.rerun`).
+    A compound whose poses all lie in one chunk keeps no sums: its chunk runs without a
+    graph (the last one with a graph kept for the backward) and is re-run in the
+    backward once :math:`\partial L/\partial G` is known, back-propagated once with
+    :math:`c_i = \partial L/\partial y_i` from autograd through the combination on the
+    detached predictions, built in the forward (as recompute does:
+    :mod:`combframe.core.strategies.rerun`). The chunks are the runner's, or, once the
+    model is known to treat the poses of a batch independently, chunks of whole
+    compounds (:func:`~combframe.core.strategies.pieces.aligned_chunks`): then only a
+    compound of more than ``chunk_size`` poses keeps sums.
 
     For each compound whose poses span chunks, with log weights :math:`a_i`, features
     :math:`\phi_i` (centred on the compound's first prediction) and running maximum
@@ -95,7 +98,14 @@ class Stream(Strategy):
         self.check_combination(combination)
         assert isinstance(combination, StreamingCombination)
         device = runner.device
-        plan = Plan(segments, runner.chunk_size)
+        split = Split(self._verdicts, runner, poses, segments)
+        # Poses known to be independent: chunks that cut no compound of at most a chunk
+        chunks = (
+            aligned_chunks(segments.sizes, runner.chunk_size)
+            if split.allowed
+            else runner.chunks(len(poses))
+        )
+        plan = Plan(segments, chunks)
         sums = _StreamSums(plan.spanning.count, _scalar_dtype(device), device)
         reruns = None
         if plan.deferred is not None:  # compounds inside one chunk: re-run in the backward
@@ -105,8 +115,7 @@ class Stream(Strategy):
         # floats there and backward rows whose weights are all zero (a sharp smooth-min
         # far from the best pose) are skipped.
         host = _host_scalars(device) and not getattr(combination, "pools", False)
-        split = Split(self._verdicts, runner, poses, segments)
-        plan_pieces = plan.pieces(runner.chunks(len(poses)), split.allowed)
+        plan_pieces = plan.pieces(chunks, split.allowed)
         kept: Chunk | None = None
         k = 0
         while k < len(plan_pieces):
