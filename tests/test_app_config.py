@@ -100,3 +100,14 @@ def test_train_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) -
         "(default: max, negate_preds=true)",
     ):
         assert row in flat, f"{row!r} not in train --help"
+
+
+@pytest.mark.parametrize("given", ["Stream", " STREAM ", "stream"])
+def test_strategy_names_are_not_case_sensitive(given: str) -> None:
+    # MultiPoseModel(strategy="Stream") is accepted; the config used to refuse it
+    assert load_config(None, [f"strategy={given}"]).strategy == "stream"
+
+
+def test_an_unknown_strategy_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config(None, ["strategy=streamed"])

@@ -518,3 +518,13 @@ def test_recompute_one_chunk_returns_its_gradients_without_a_sum() -> None:
     one = _peak_live_bytes("recompute", 1)
     two = _peak_live_bytes("recompute", 2)
     assert two - one >= 0.9 * size, f"peak {one} B with one chunk vs {two} B with two"
+
+
+@pytest.mark.parametrize("cls", [combframe.Recompute, combframe.Stream])
+@pytest.mark.parametrize("value", ["no", "false", 0, None])
+def test_check_takes_a_bool_only(cls: Any, value: object) -> None:
+    # Stream(check="no") used to be accepted: its repr read as off while the check ran
+    with pytest.raises(
+        TypeError, match=f"{cls.__name__}\\(check=...\\) takes True or False; got {value!r}"
+    ):
+        cls(check=value)

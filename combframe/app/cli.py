@@ -144,7 +144,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for info in infos:
         _print_combination(info)
     if errors:
-        print("plugins that failed to load:")
+        print("plugin problems (a plugin skipped, or a name two plugins claim):")
     for err in errors:
         print(f"    {err.plugin} ({err.origin}): {err.exception}")
     return EXIT_OK

@@ -370,6 +370,12 @@ class TrainConfig(BaseModel):
             return text
         raise ValueError(f"must be 'cpu', 'cuda', 'cuda:N' or 'auto'; got {value!r}")
 
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_case(cls, value: Any) -> Any:
+        # as MultiPoseModel(strategy="Stream") does: names are not case-sensitive
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:

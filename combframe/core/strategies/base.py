@@ -69,3 +69,13 @@ class Strategy(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def check_flag(owner: str, value: object) -> bool:
+    """Return ``value`` if it is a bool; raise naming ``owner`` and the value otherwise.
+
+    ``Recompute(check="no")`` would otherwise read as off in its repr and stay on.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}(check=...) takes True or False; got {value!r}")
+    return value

@@ -12,7 +12,7 @@ from typing_extensions import override
 from combframe.core.batch import Segments
 from combframe.core.combination import Combination
 from combframe.core.gradients import PoseGradients
-from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.base import Strategy, check_flag
 from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.rerun import Reruns
 from combframe.core.strategies.runner import Collected, PoseRunner, Poses
@@ -57,7 +57,7 @@ class Recompute(Strategy):
     activation_hooks = True
 
     def __init__(self, check: bool = True) -> None:
-        self.check = check
+        self.check = check_flag("Recompute", check)
 
     @override
     def collect(

@@ -12,7 +12,7 @@ from typing_extensions import override
 from combframe.core.batch import Segments
 from combframe.core.combination import Combination, StreamingCombination
 from combframe.core.gradients import PoseGradients, contract_rows
-from combframe.core.strategies.base import Strategy
+from combframe.core.strategies.base import Strategy, check_flag
 from combframe.core.strategies.chunk import Chunk
 from combframe.core.strategies.per_sample import PerSampleVerdicts
 from combframe.core.strategies.pieces import Piece, Plan, Split, aligned_chunks
@@ -79,7 +79,7 @@ class Stream(Strategy):
     supports_pose_losses = False
 
     def __init__(self, check: bool = True) -> None:
-        self.check = check
+        self.check = check_flag("Stream", check)
         self._verdicts = PerSampleVerdicts()
 
     @override
