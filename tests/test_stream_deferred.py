@@ -460,12 +460,15 @@ class Sizes(torch.nn.Module):
     chunk=st.integers(2, 8),
     data=st.data(),
     kind=st.sampled_from(["prior", "masked", "vector", "attention", "learned"]),
+    host=st.booleans(),
 )
 def test_second_step_packs_compounds_into_aligned_chunks_exactly(
-    chunk: int, data: st.DataObject, kind: str
+    chunk: int, data: st.DataObject, kind: str, host: bool
 ) -> None:
     """On the second step (verdict known) every piece holds whole compounds of at most
-    ``chunk`` poses, or part of a larger one alone; gradients equal the full graph's."""
+    ``chunk`` poses, or part of a larger one alone; gradients equal the full graph's.
+
+    ``host``: the CPU's bookkeeping on Python floats, else the tensor one a GPU runs."""
     sizes = data.draw(st.lists(st.integers(1, 2 * chunk), min_size=1, max_size=12))
     outputs = 2 if kind in ("vector", "attention") else 1
     model = Sizes(random_model(1, 5, outputs=outputs))
@@ -476,7 +479,7 @@ def test_second_step_packs_compounds_into_aligned_chunks_exactly(
     }.get(kind, lambda: BoltzmannCombination(kT=0.6))()
     prior = None if kind == "learned" else _prior(sizes, masked=kind != "prior")
     strategy = combframe.Stream()
-    with _plans() as plans:
+    with _plans() as plans, mock.patch.object(stream_module, "_host_scalars", return_value=host):
         for _ in range(2):  # the first step decides the verdict, the second uses it
             model.calls.clear()
             _parity(combination, sizes, chunk, model=model, prior=prior, strategy=strategy)
