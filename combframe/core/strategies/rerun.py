@@ -173,12 +173,13 @@ class Reruns:
         as soon as every parameter has been reached.
         """
         runner = self.runner
-        params = runner.targets.layout.params
-        skipped = set(range(len(self.chunks))).difference(done)
-        for k in sorted(skipped):
-            if all(id(p) in runner.used for p in params):
+        used = runner.used
+        unreached = [p for p in runner.targets.layout.params if id(p) not in used]
+        for k in sorted(set(range(len(self.chunks))).difference(done)):
+            if not unreached:
                 return
             self._rerun(k)  # its graph is walked (the targets it reaches), then freed
+            unreached = [p for p in unreached if id(p) not in used]
 
     def gradients(self, coeffs: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
         r"""Return :math:`\sum_i c_i\,\partial y_i/\partial x` over the chunks' poses.
